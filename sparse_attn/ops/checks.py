@@ -1,0 +1,68 @@
+"""Argument checks shared by every entry point: collect every reason, raise one message."""
+from __future__ import annotations
+
+import torch
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def attention_input_reasons(q, k, v) -> list[str]:
+    """Reasons why (q, k, v) are not valid BHLD attention inputs; empty when they are."""
+    reasons = []
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            reasons.append(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        elif t.dim() != 4:
+            reasons.append(f"{name} must be 4-d [batch, heads, seq_len, head_dim] (BHLD), got shape {tuple(t.shape)}")
+        elif t.dtype not in _FLOATS:
+            reasons.append(f"{name} must be a floating tensor (fp16, bf16, fp32, fp64), got {t.dtype}")
+    if reasons:
+        return reasons
+    if len({q.device, k.device, v.device}) > 1:
+        reasons.append(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if len({q.dtype, k.dtype, v.dtype}) > 1:
+        reasons.append(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, Hq, Lq, D = q.shape
+    if k.shape != v.shape:
+        reasons.append(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    Bk, Hkv, Lk, Dk = k.shape
+    if Bk != B:
+        reasons.append(f"k batch ({Bk}) must equal q batch ({B})")
+    if Dk != D:
+        reasons.append(f"k head_dim ({Dk}) must equal q head_dim ({D})")
+    if Hkv == 0 or Hq % Hkv != 0:
+        reasons.append(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv}) (MHA, GQA or MQA)")
+    if Lq > Lk:
+        reasons.append(f"q seq_len ({Lq}) must be <= k seq_len ({Lk}): queries are the last Lq positions")
+    if Lk == 0:
+        reasons.append("k seq_len must be >= 1")
+    return reasons
+
+
+def check_attention_inputs(q, k, v) -> None:
+    reasons = attention_input_reasons(q, k, v)
+    if reasons:
+        raise ValueError("invalid attention inputs: " + "; ".join(reasons))
+
+
+def check_layout_matches(layout, q, k) -> None:
+    """Raise ValueError if ``layout`` was not built for these q/k shapes."""
+    B, Hq, Lq, _ = q.shape
+    Lk = k.shape[2]
+    reasons = []
+    if (layout.batch, layout.heads) != (B, Hq):
+        reasons.append(f"layout is for batch={layout.batch}, heads={layout.heads}; q has batch={B}, heads={Hq}")
+    if (layout.q_len, layout.k_len) != (Lq, Lk):
+        reasons.append(f"layout is for q_len={layout.q_len}, k_len={layout.k_len}; inputs have {Lq}, {Lk}")
+    if layout.device != q.device:
+        reasons.append(f"layout is on {layout.device}, q on {q.device}")
+    if reasons:
+        raise ValueError("layout does not match the inputs: " + "; ".join(reasons))
+
+
+def resolve_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return head_dim ** -0.5
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
+        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    return float(scale)

@@ -1,0 +1,69 @@
+"""What every pattern provides, and the helpers their estimators share."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from ..layout import SparseLayout
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Base of the pattern dataclasses.  A subclass implements `build`, which makes the layout of a group of
+    query heads that all use patterns of that subclass (budgets may differ per head)."""
+
+    def __post_init__(self):
+        reasons = self.invalid_reasons()
+        if reasons:
+            raise ValueError(f"invalid {type(self).__name__}: " + "; ".join(reasons))
+
+    def invalid_reasons(self) -> list[str]:
+        reasons = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None or isinstance(value, bool):
+                continue
+            if isinstance(value, (int, float)) and value < 0:
+                reasons.append(f"{f.name} must be >= 0, got {value!r}")
+        return reasons
+
+    def group_key(self):
+        """Heads whose patterns share this key are estimated together by one `build` call."""
+        return (type(self),)
+
+    @classmethod
+    def build(cls, patterns: list, heads: torch.Tensor, q, k, *, causal: bool, scale: float,
+              block_m: int, block_n: int) -> SparseLayout:
+        """Layout of the query heads ``heads`` (long [Hs]) of ``q [B, Hq, Lq, D]`` over ``k [B, Hkv, Lk, D]``,
+        ``patterns[i]`` applying to ``heads[i]``."""
+        raise NotImplementedError
+
+
+def per_head(patterns: list, name: str, device) -> torch.Tensor:
+    """One field of the group's patterns as a long tensor [Hs] (metadata, not a hot loop)."""
+    return torch.tensor([getattr(p, name) for p in patterns], dtype=torch.long, device=device)
+
+
+def layout_from_ranges(starts, ends, columns, column_keep, *, q_len, k_len, block_m, block_n, max_tiles):
+    """Layout of tiles covering key ranges ``[starts, ends)`` [B, Hs, nQb, R] plus the columns
+    ``columns [B, Hs, nQb, V]`` (where ``column_keep``) that no tile covers."""
+    from ..layout import keys_in_tiles
+    from ..ops.index_build import compact, ranges_to_tiles
+
+    count, offsets = ranges_to_tiles(starts, ends, block_n, max_tiles)
+    if columns is None or columns.shape[-1] == 0:
+        B, H, n_qb = count.shape
+        empty = torch.zeros(B, H, n_qb, 0, dtype=torch.int32, device=count.device)
+        return SparseLayout(count, offsets, torch.zeros_like(count), empty, q_len=q_len, k_len=k_len,
+                            block_m=block_m, block_n=block_n)
+    used = torch.arange(offsets.shape[-1], device=offsets.device) < count[..., None]
+    inside = keys_in_tiles(columns, offsets, used, block_n)
+    col_count, col_index = compact(columns, column_keep & ~inside, columns.shape[-1])
+    return SparseLayout(count, offsets, col_count, col_index, q_len=q_len, k_len=k_len, block_m=block_m,
+                        block_n=block_n)
+
+
+def tile_bound(k_len: int, block_n: int) -> int:
+    """Disjoint tiles of width block_n starting inside [0, k_len) number at most this."""
+    return -(-k_len // block_n)

@@ -1,0 +1,121 @@
+"""Prefill: estimate a layout per head, then run attention over it on the chosen backend."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .layout import SparseLayout, concat_heads
+from .ops.checks import check_attention_inputs, check_layout_matches, resolve_scale
+from .ops.torch_sparse import torch_sparse_attention
+from .patterns import Dense, Pattern, VerticalSlash
+
+#: Pattern used when ``pattern=None``: cumulative-mass vertical-slash, capped at MInference's budgets.
+DEFAULT_PATTERN = VerticalSlash(vertical=1000, slash=6096, gamma=0.95)
+#: Key lengths below this run dense attention in `sparse_prefill` (sparse would not pay for its estimate).
+DENSE_BELOW = 4096
+BACKENDS = ("auto", "torch")
+
+
+def _patterns_per_head(pattern, n_heads: int) -> list[Pattern]:
+    if pattern is None:
+        pattern = DEFAULT_PATTERN
+    if isinstance(pattern, Pattern):
+        return [pattern] * n_heads
+    if isinstance(pattern, Sequence) and not isinstance(pattern, str):
+        if len(pattern) != n_heads:
+            raise ValueError(f"pattern: a per-head list must have one pattern per query head ({n_heads}), "
+                             f"got {len(pattern)}")
+        bad = [i for i, p in enumerate(pattern) if not isinstance(p, Pattern)]
+        if bad:
+            raise ValueError(f"pattern: entries {bad} are not patterns (AShape, VerticalSlash, BlockSparse, Dense)")
+        return list(pattern)
+    raise ValueError(f"pattern must be a Pattern, a list of one Pattern per query head, or None; got "
+                     f"{type(pattern).__name__}")
+
+
+def _check_block(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def estimate(q, k, pattern=None, *, causal: bool = True, scale=None, block_m: int = 64,
+             block_n: int = 64) -> SparseLayout:
+    """Estimate the SparseLayout of ``pattern`` (one for all heads, or a list of one per query head) from
+    ``q [B, Hq, Lq, D]`` and ``k [B, Hkv, Lk, D]``.  Heads are handled together per pattern family."""
+    check_attention_inputs(q, k, k)
+    _check_block("block_m", block_m)
+    _check_block("block_n", block_n)
+    patterns = _patterns_per_head(pattern, q.shape[1])
+    scale = resolve_scale(scale, q.shape[-1])
+    groups: dict = {}
+    for head, p in enumerate(patterns):
+        groups.setdefault(p.group_key(), []).append(head)
+    layouts, order = [], []
+    for heads in groups.values():
+        family = type(patterns[heads[0]])
+        index = torch.tensor(heads, dtype=torch.long, device=q.device)
+        layouts.append(family.build([patterns[h] for h in heads], index, q, k, causal=causal, scale=scale,
+                                    block_m=block_m, block_n=block_n))
+        order.extend(heads)
+    layout = layouts[0] if len(layouts) == 1 else concat_heads(layouts)
+    if order != sorted(order):
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        layout = layout.select_heads(inverse.to(q.device))
+    return layout
+
+
+def sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True, scale=None, backend: str = "auto",
+                     return_lse: bool = False, check_layout: bool = True):
+    """Attention of ``q [B, Hq, Lq, D]`` over ``k, v [B, Hkv, Lk, D]``, each query block seeing only the keys its
+    ``layout`` lists (and, with ``causal``, only keys at or before its position; queries are the last Lq keys).
+
+    Returns ``out [B, Hq, Lq, D]`` in q's dtype, and with ``return_lse`` also the natural-log LSE ``[B, Hq, Lq]``
+    (fp32; -inf and output 0 for a row that sees no key).  ``check_layout`` validates the indices (one host sync);
+    layouts from `estimate` are valid by construction."""
+    check_attention_inputs(q, k, v)
+    if not isinstance(layout, SparseLayout):
+        raise ValueError(f"layout must be a SparseLayout, got {type(layout).__name__}")
+    check_layout_matches(layout, q, k)
+    if check_layout:
+        layout.check_indices()
+    scale = resolve_scale(scale, q.shape[-1])
+    _resolve_backend(backend, q)
+    return torch_sparse_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse)
+
+
+def sparse_prefill(q, k, v, pattern=None, *, causal: bool = True, scale=None, backend: str = "auto",
+                   dense_below: int | None = None):
+    """Estimate per-head layouts and run sparse attention: ``out [B, Hq, Lq, D]``.
+
+    Key lengths below ``dense_below`` (default `DENSE_BELOW`) and all-`Dense` patterns run dense attention."""
+    check_attention_inputs(q, k, v)
+    patterns = _patterns_per_head(pattern, q.shape[1])
+    threshold = DENSE_BELOW if dense_below is None else dense_below
+    _resolve_backend(backend, q)
+    if k.shape[2] < threshold or all(isinstance(p, Dense) for p in patterns):
+        return dense_attention(q, k, v, causal=causal, scale=scale)
+    layout = estimate(q, k, patterns, causal=causal, scale=scale)
+    return sparse_attention(q, k, v, layout, causal=causal, scale=scale, backend=backend, check_layout=False)
+
+
+def dense_attention(q, k, v, *, causal: bool = True, scale=None):
+    """Dense attention through PyTorch SDPA, bottom-right causal, GQA without repeating KV."""
+    check_attention_inputs(q, k, v)
+    Lq, Lk = q.shape[2], k.shape[2]
+    mask = None
+    if causal and Lq != Lk:
+        from torch.nn.attention.bias import causal_lower_right
+        mask = causal_lower_right(Lq, Lk)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and Lq == Lk,
+                                          scale=resolve_scale(scale, q.shape[-1]),
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _resolve_backend(backend: str, q) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return "torch"
