@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 
 from ..layout import SparseLayout
+from .merge import merge_partials
 
 
-def _key_union_bitmap(layout: SparseLayout, items: torch.Tensor, blocks_per_item: int, causal: bool):
-    """Bool [n_items, Lk]: keys listed by any query block of each item, cut at the item's last visible key."""
-    bc, bo, cc, ci, limit = _item_views(layout, items, blocks_per_item, causal)
+def _key_union_bitmap(layout: SparseLayout, items: torch.Tensor, blocks_per_item: int, causal: bool, limit):
+    """Bool [n_items, Lk]: keys listed by any query block of each item, cut at ``limit [n_items]``."""
+    bc, bo, cc, ci, _ = _item_views(layout, items, blocks_per_item, causal)
     n, Lk, bn = items.shape[0], layout.k_len, layout.block_n
     used_t = torch.arange(bo.shape[-1], device=bo.device) < bc[..., None]
     diff = torch.zeros(n, Lk + 1, dtype=torch.int32, device=bo.device)
@@ -68,10 +69,10 @@ def _pack_union(union: torch.Tensor):
 
 
 def _membership(layout, keys, valid, bc, bo, cc, ci):
-    """Bool [n, C, U]: whether query block c of each item lists key u (tile or column)."""
+    """Bool [n, C, U]: whether query block c of each item lists key ``keys[n, (C,) U]`` (tile or column)."""
     n, C = bc.shape
     big = torch.iinfo(torch.int64).max
-    k = keys[:, None, :].expand(n, C, keys.shape[1]).contiguous()
+    k = (keys[:, None, :].expand(n, C, keys.shape[-1]) if keys.dim() == 2 else keys).contiguous()
     used_t = torch.arange(bo.shape[-1], device=bo.device) < bc[..., None]
     offsets = torch.where(used_t, bo, big).sort(-1).values
     member = layout.covered_by_tiles(k, offsets, offsets != big)
@@ -80,16 +81,42 @@ def _membership(layout, keys, valid, bc, bo, cc, ci):
         cols = torch.where(used_c, ci, big).sort(-1).values.contiguous()
         pos = torch.searchsorted(cols, k).clamp(max=cols.shape[-1] - 1)
         member |= cols.gather(-1, pos) == k
-    return member & valid[:, None, :]
+    return member & (valid[:, None, :] if valid.dim() == 2 else valid)
+
+
+def _attend(q, k_sel, v_sel, member, scale):
+    """Attention of ``q [n, C, bm, D]`` (fp32/fp64) over ``k_sel, v_sel [n, U, D]`` where ``member [n, C, U]``:
+    (out [n, C, bm, D], lse [n, C, bm]); rows with no member key give 0 and -inf.  On the CPU this is PyTorch's
+    fused flash kernel with a broadcast mask (scores never leave cache); elsewhere plain matmul + softmax."""
+    n, C, bm, D = q.shape
+    U = k_sel.shape[1]
+    bias = torch.zeros(n, C, 1, U, dtype=q.dtype, device=q.device).masked_fill_(~member[:, :, None], float("-inf"))
+    if q.device.type == "cpu" and q.dtype == torch.float32 and hasattr(torch.ops.aten,
+                                                                      "_scaled_dot_product_flash_attention_for_cpu"):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k_sel[:, None].expand(n, C, U, D), v_sel[:, None].expand(n, C, U, D),
+            attn_mask=bias.expand(n, C, bm, U), scale=scale)
+    else:
+        scores = torch.matmul(q, k_sel.transpose(1, 2)[:, None]).mul_(scale).add_(bias)
+        lse = torch.logsumexp(scores, -1)
+        out = torch.matmul(torch.exp(scores - lse[..., None]), v_sel[:, None])
+    empty = ~member.any(-1)[..., None]                                                   # [n, C, 1]
+    out = out.masked_fill(empty[..., None], 0.0)
+    lse = lse.float().masked_fill(empty, float("-inf"))
+    return out, lse
 
 
 def torch_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True, scale: float,
-                           return_lse: bool = False, rows_per_item: int = 256, chunk_bytes: int = 24 << 20):
+                           return_lse: bool = False, rows_per_item: int = 256, chunk_bytes: int = 32 << 20):
     """Attention of ``q [B, Hq, Lq, D]`` over the keys of ``layout`` in ``k, v [B, Hkv, Lk, D]``.
 
     Inputs are assumed checked (see `prefill.sparse_attention`).  Computes in fp32 (fp64 for fp64 inputs) and
     returns the output in q's dtype and, with ``return_lse``, the LSE [B, Hq, Lq] in fp32 (-inf, output 0, for a
-    row with no visible key)."""
+    row with no visible key).
+
+    With ``causal``, keys up to each block's first row are attended as one part with a per-block mask, and the
+    keys after it (the diagonal triangle, at most block_m - 1 contiguous keys) as a second, row-masked part; the
+    two are merged by LSE."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     bm = layout.block_m
@@ -100,43 +127,40 @@ def torch_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True
     n_items = B * Hq * n_per_head
     group = Hq // Hkv
 
-    q_items = torch.nn.functional.pad(q.to(work), (0, 0, 0, n_per_head * rows - Lq))
-    q_items = q_items.reshape(n_items, rows, D)
+    q_items = torch.nn.functional.pad(q.to(work), (0, 0, 0, n_per_head * rows - Lq)).reshape(n_items, C, bm, D)
     k_rows = k.to(work).reshape(B * Hkv * Lk, D)
     v_rows = v.to(work).reshape(B * Hkv * Lk, D)
-    out = torch.zeros(n_items, rows, D, dtype=work, device=q.device)
-    lse = torch.full((n_items, rows), float("-inf"), dtype=torch.float32, device=q.device)
+    out = torch.empty(n_items, C, bm, D, dtype=work, device=q.device)
+    lse = torch.empty(n_items, C, bm, dtype=torch.float32, device=q.device)
 
-    # Chunks of items small enough to keep their scores in cache; the union bitmap is O(chunk x Lk).
-    budget_items = max(1, chunk_bytes // (4 * rows * max(int(layout.key_counts(causal).max()) * 2, 64)))
-    budget_items = min(budget_items, max(1, (64 << 20) // (Lk + 1)))
+    widest = int(layout.key_counts(causal).max()) if layout.num_query_blocks else 1
+    per_chunk = max(1, chunk_bytes // (8 * D * max(2 * widest, 64)))
+    per_chunk = min(per_chunk, max(1, (64 << 20) // (Lk + 1)))
     all_items = torch.arange(n_items, device=q.device)
-    row_pos = torch.arange(rows, device=q.device)
-    for first in range(0, n_items, budget_items):
-        items = all_items[first:first + budget_items]
+    first_pos = torch.arange(C, device=q.device) * bm + (Lk - Lq)            # block first row, minus item start
+    tri = torch.arange(1, bm, device=q.device)                                # diagonal keys: first row + tri
+    for first in range(0, n_items, per_chunk):
+        items = all_items[first:first + per_chunk]
+        n = items.shape[0]
         bc, bo, cc, ci, limit = _item_views(layout, items, C, causal)
-        keys, valid = _pack_union(_key_union_bitmap(layout, items, C, causal))
-        member = _membership(layout, keys, valid, bc, bo, cc, ci)           # [n, C, U]
         bh = items // n_per_head
         kv_base = ((bh // Hq) * Hkv + (bh % Hq) // group) * Lk
-        flat = (kv_base[:, None] + keys).reshape(-1)
-        n, U = keys.shape
-        k_sel = k_rows.index_select(0, flat).view(n, U, D)
-        v_sel = v_rows.index_select(0, flat).view(n, U, D)
-        scores = torch.matmul(q_items[first:first + n].view(n, C, bm, D), k_sel.transpose(1, 2)[:, None])
-        scores.mul_(scale)
-        scores.masked_fill_(~member[:, :, None, :], float("-inf"))
+        p0 = (items % n_per_head)[:, None] * rows + first_pos                  # [n, C]
+        if causal:   # the first part sees keys up to each block's first row
+            limit = torch.minimum(limit, p0[:, -1] + 1)
+        keys, valid = _pack_union(_key_union_bitmap(layout, items, C, causal, limit))
+        member = _membership(layout, keys, valid, bc, bo, cc, ci)
         if causal:
-            _mask_causal_suffix(scores.view(n, rows, U), keys, valid, items, n_per_head, rows, row_pos, Lq, Lk)
-        scores = scores.view(n, rows, U)
-        m = scores.amax(-1, keepdim=True)
-        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-        scores.sub_(m).exp_()
-        denom = scores.sum(-1, keepdim=True)
-        o = torch.matmul(scores, v_sel)
-        out[first:first + n] = o / denom.clamp(min=torch.finfo(work).tiny)
-        if return_lse:
-            lse[first:first + n] = (m + denom.log()).squeeze(-1).float()
+            member &= keys[:, None, :] <= p0[..., None]
+        flat = (kv_base[:, None] + keys).reshape(-1)
+        U = keys.shape[1]
+        o, l = _attend(q_items[first:first + n], k_rows.index_select(0, flat).view(n, U, D),
+                       v_rows.index_select(0, flat).view(n, U, D), member, scale)
+        if causal:
+            o, l = _merge_diagonal(o, l, q_items[first:first + n], k_rows, v_rows, layout, p0, tri, kv_base,
+                                   (bc, bo, cc, ci), scale, Lk)
+        out[first:first + n] = o
+        lse[first:first + n] = l
 
     out = out.view(B, Hq, n_per_head * rows, D)[:, :, :Lq].to(q.dtype)
     if not return_lse:
@@ -144,14 +168,19 @@ def torch_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True
     return out, lse.view(B, Hq, n_per_head * rows)[:, :, :Lq]
 
 
-def _mask_causal_suffix(scores, keys, valid, items, n_per_head, rows, row_pos, Lq, Lk):
-    """Mask keys after each query row's position.  Keys are sorted and already cut at the item's last row, so
-    only the suffix of keys after the item's first row can be masked: touch that slice only."""
-    first_pos = (items % n_per_head) * rows + (Lk - Lq)
-    after_first = keys > first_pos[:, None]
-    start = int((valid & ~after_first).sum(1).min())
-    if start >= keys.shape[1]:
-        return
-    tail = keys[:, None, start:]
-    pos = first_pos[:, None, None] + row_pos[None, :, None]
-    scores[:, :, start:].masked_fill_(tail > pos, float("-inf"))
+def _merge_diagonal(o, l, q, k_rows, v_rows, layout, p0, tri, kv_base, index, scale, Lk):
+    """Add the keys after each block's first row (row-masked causal triangle) to (o, l) by LSE merge."""
+    n, C, bm, D = q.shape
+    keys = p0[..., None] + tri                                                     # [n, C, bm - 1]
+    inside = keys < Lk
+    member = _membership(layout, keys.clamp(max=Lk - 1), inside, *index)
+    flat = (kv_base[:, None, None] + keys.clamp(max=Lk - 1)).reshape(-1)
+    k_d = k_rows.index_select(0, flat).view(n, C, bm - 1, D)
+    v_d = v_rows.index_select(0, flat).view(n, C, bm - 1, D)
+    scores = torch.matmul(q, k_d.transpose(-1, -2)).mul_(scale)                   # [n, C, bm, bm - 1]
+    visible = member[:, :, None, :] & (tri[None, :] <= torch.arange(bm, device=q.device)[:, None])
+    scores.masked_fill_(~visible, float("-inf"))
+    l_d = torch.logsumexp(scores, -1)
+    p = torch.exp(scores - torch.where(torch.isinf(l_d), 0.0, l_d)[..., None])
+    o_d = torch.matmul(p, v_d)
+    return merge_partials([o, o_d], [l, l_d.float()])

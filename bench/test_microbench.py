@@ -1,0 +1,33 @@
+"""pytest-benchmark microbenchmarks: `python -m pytest bench/ --benchmark-only` (not part of the test run)."""
+import pytest
+import torch
+
+import sparse_attn as sa
+from sparse_attn.synthetic import Workload, make_qkv
+
+L = 8192
+PATTERNS = {"ashape": sa.AShape(sink=128, local=1024), "vs": sa.VerticalSlash(vertical=512, slash=1024),
+            "vs-gamma": sa.VerticalSlash(gamma=0.95), "block": sa.BlockSparse(top_k=16)}
+
+
+@pytest.fixture(scope="module")
+def qkv():
+    return make_qkv(Workload(seq_len=L))
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_estimate(benchmark, qkv, name):
+    q, k, _ = qkv
+    benchmark(sa.estimate, q, k, PATTERNS[name])
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_attention_torch(benchmark, qkv, name):
+    q, k, v = qkv
+    layout = sa.estimate(q, k, PATTERNS[name])
+    benchmark(sa.sparse_attention, q, k, v, layout, backend="torch", check_layout=False)
+
+
+def test_dense_sdpa(benchmark, qkv):
+    q, k, v = qkv
+    benchmark(sa.dense_attention, q, k, v)

@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+extras = {
+    "hf": ["transformers>=4.53"],
+    "retrieval": ["faiss-cpu", "numpy"],
+    "cuda": ["triton", "cupy-cuda12x"],
+    "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
+    "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy"],
+}
+extras["all"] = sorted({pkg for group in extras.values() for pkg in group})
+
+setup(
+    name="sparse_attn",
+    version="0.1.0",
+    description="Dynamic sparse attention for long-context LLM inference: estimators, kernels, integrations",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["sparse_attn", "sparse_attn.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.5", "einops"],
+    extras_require=extras,
+)

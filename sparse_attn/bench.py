@@ -1,0 +1,96 @@
+"""`python -m sparse_attn bench`: estimate + attention vs dense SDPA (and compiled FlexAttention on the same
+layout) on the synthetic workload; one table, ratios measured side by side in one run."""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from .layout import SparseLayout
+from .ops.metrics import attention_recall, relative_error
+from .patterns import AShape, BlockSparse, VerticalSlash
+from .prefill import DEFAULT_PATTERN, dense_attention, estimate, sparse_attention
+from .synthetic import Workload, make_qkv
+
+PATTERNS = {
+    "ashape": lambda: AShape(sink=128, local=1024),
+    "vs": lambda: VerticalSlash(vertical=512, slash=1024),
+    "vs-gamma": lambda: VerticalSlash(gamma=0.95),
+    "block": lambda: BlockSparse(top_k=16),
+    "default": lambda: DEFAULT_PATTERN,
+}
+
+
+def _timed(fn, repeat: int):
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def _flex_time(q, k, v, layout: SparseLayout, repeat: int):
+    """Compiled FlexAttention on the layout's aligned cover: (seconds, compile seconds, its density)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    block_mask = layout.to_flex_block_mask(cover=True)
+    flex = torch.compile(flex_attention, dynamic=False)
+    start = time.perf_counter()
+    flex(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    compile_s = time.perf_counter() - start
+    seconds, _ = _timed(lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1]), repeat)
+    cover = SparseLayout.from_block_mask(layout.to_block_mask(causal=True), layout.q_len, layout.k_len,
+                                         layout.block_m, layout.block_n)
+    return seconds, compile_s, cover.density()
+
+
+def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=True, quality=True, out=print):
+    out(f"# sparse_attn bench: B=1 Hq={heads} Hkv={kv_heads} D={head_dim} fp32, {platform.processor() or 'cpu'}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    header = (f"{'pattern':<10} {'L':>6} {'density':>8} {'est ms':>8} {'attn ms':>9} {'dense ms':>9} "
+              f"{'speedup':>8} {'attn/ideal':>10} {'recall':>7} {'rel err':>8}")
+    out(header)
+    rows = []
+    for L in lengths:
+        q, k, v = make_qkv(Workload(q_heads=heads, kv_heads=kv_heads, seq_len=L, head_dim=head_dim))
+        dense_s, ref = _timed(lambda: dense_attention(q, k, v), repeat)
+        for name in patterns:
+            pattern = PATTERNS[name]()
+            est_s, layout = _timed(lambda: estimate(q, k, pattern), repeat)
+            attn_s, o = _timed(lambda: sparse_attention(q, k, v, layout, check_layout=False), repeat)
+            density = layout.density()
+            recall = attention_recall(q, k, layout) if quality else float("nan")
+            row = dict(pattern=name, L=L, density=density, est_ms=est_s * 1e3, attn_ms=attn_s * 1e3,
+                       dense_ms=dense_s * 1e3, speedup=dense_s / (est_s + attn_s),
+                       attn_vs_ideal=attn_s / (dense_s * density), recall=recall, rel_err=relative_error(o, ref))
+            rows.append(row)
+            out(f"{name:<10} {L:>6} {density:>8.3f} {row['est_ms']:>8.1f} {row['attn_ms']:>9.1f} "
+                f"{row['dense_ms']:>9.1f} {row['speedup']:>7.2f}x {row['attn_vs_ideal']:>10.2f} {recall:>7.3f} "
+                f"{row['rel_err']:>8.4f}")
+            if flex and name == patterns[0]:
+                flex_s, compile_s, flex_density = _flex_time(q, k, v, layout, repeat)
+                out(f"{'  flex':<10} {L:>6} {flex_density:>8.3f} {'':>8} {flex_s * 1e3:>9.1f} {dense_s * 1e3:>9.1f} "
+                    f"{dense_s / flex_s:>7.2f}x {'':>10} {'':>7} {'':>8}   (FlexAttention compiled on the "
+                    f"{name} layout's block cover; compile {compile_s:.1f} s)")
+    out("speedup = dense / (estimate + attention); attn/ideal = attention time / (dense time x density); "
+        "recall = attention mass kept (mean over query rows); rel err = ||out - dense|| / ||dense||")
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m sparse_attn bench", description=__doc__)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192])
+    parser.add_argument("--patterns", nargs="+", default=["ashape", "vs", "vs-gamma", "block"],
+                        choices=sorted(PATTERNS))
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=1, help="best of N timings")
+    parser.add_argument("--no-flex", action="store_true", help="skip the compiled FlexAttention peer row")
+    parser.add_argument("--no-quality", action="store_true", help="skip the attention-mass recall")
+    args = parser.parse_args(argv)
+    run(args.lengths, args.patterns, args.heads, args.kv_heads, args.head_dim, args.repeat, not args.no_flex,
+        not args.no_quality)

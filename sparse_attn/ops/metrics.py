@@ -1,0 +1,47 @@
+"""Quality metrics of a layout against dense attention, computed a chunk of query blocks at a time (never L x L)."""
+from __future__ import annotations
+
+import torch
+
+from ..layout import SparseLayout, keys_in_tiles
+
+
+def _chunk_membership(layout: SparseLayout, blocks: slice) -> torch.Tensor:
+    """Bool [B, H, n_blocks_in_slice, Lk]: keys listed by each query block of the slice."""
+    offsets, valid_o = layout.sorted_offsets()
+    columns, valid_c = layout.sorted_columns()
+    offsets, valid_o, columns, valid_c = (t[:, :, blocks] for t in (offsets, valid_o, columns, valid_c))
+    B, H, n = offsets.shape[:3]
+    keys = torch.arange(layout.k_len, device=layout.device).expand(B, H, n, layout.k_len)
+    member = keys_in_tiles(keys, offsets, valid_o, layout.block_n)
+    cols = torch.zeros(B, H, n, layout.k_len + 1, dtype=torch.bool, device=layout.device)
+    cols.scatter_(-1, torch.where(valid_c, columns, layout.k_len), True)
+    return member | cols[..., :layout.k_len]
+
+
+def attention_recall(q, k, layout: SparseLayout, *, causal: bool = True, scale=None, rows_per_chunk: int = 512):
+    """Mean over query rows (and heads, batch) of the dense attention mass that falls on the layout's keys."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    g = Hq // Hkv
+    bm = layout.block_m
+    step = max(bm, rows_per_chunk // bm * bm)
+    total = 0.0
+    for r0 in range(0, Lq, step):
+        r1 = min(Lq, r0 + step)
+        qc = q[:, :, r0:r1].float().reshape(B, Hkv, g, r1 - r0, D)
+        logits = torch.einsum("bhgqd,bhkd->bhgqk", qc, k.float()).reshape(B, Hq, r1 - r0, Lk) * scale
+        if causal:
+            pos = torch.arange(r0, r1, device=q.device) + (Lk - Lq)
+            logits.masked_fill_(torch.arange(Lk, device=q.device) > pos[:, None], float("-inf"))
+        probs = torch.softmax(logits, -1)
+        member = _chunk_membership(layout, slice(r0 // bm, -(-r1 // bm)))
+        member = member.repeat_interleave(bm, dim=2)[:, :, :r1 - r0]
+        total += float((probs * member).sum())
+    return total / (B * Hq * Lq)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in fp32."""
+    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30))

@@ -1,0 +1,83 @@
+"""Synthetic long-context workload with the attention structure sparse estimators were designed for.
+
+Queries and keys are built in RoPE's rotating frame, so the dot product of query i and key j depends on i - j:
+* a *local band* that decays smoothly with distance (shared components on RoPE's standard frequencies);
+* *periodic diagonals* (a comb from harmonics of a period, like repeated structure in a document);
+* *attention sinks* (the first keys) and a few *needle* columns (keys every query looks at), both on
+  non-rotating components;
+* Gaussian noise drawn differently for queries and keys (their distributions differ, as in real models).
+Each head mixes these with its own weights, so heads differ the way real heads do.  No weights, no downloads."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Workload:
+    batch: int = 1
+    q_heads: int = 8
+    kv_heads: int = 2
+    seq_len: int = 8192
+    head_dim: int = 128
+    q_len: int | None = None          # None: queries at every position (prefill); else the last q_len positions
+    sinks: int = 4
+    needles: int = 16
+    period: int = 997
+    seed: int = 0
+    dtype: torch.dtype = torch.float32
+
+
+def make_qkv(w: Workload = Workload(), device="cpu"):
+    """``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, L, D]`` of the synthetic workload (deterministic in ``w.seed``)."""
+    if w.head_dim < 32 or w.head_dim % 2:
+        raise ValueError(f"head_dim must be an even number >= 32, got {w.head_dim}")
+    if w.q_heads % w.kv_heads:
+        raise ValueError(f"q_heads ({w.q_heads}) must be a multiple of kv_heads ({w.kv_heads})")
+    gen = torch.Generator().manual_seed(w.seed)
+    B, Hq, Hkv, L, D = w.batch, w.q_heads, w.kv_heads, w.seq_len, w.head_dim
+    g = Hq // Hkv
+    pairs = D // 2
+    n_comb, n_flat = 8, 2                                   # pairs for the periodic comb, non-rotating pairs
+    n_local = pairs - n_comb - n_flat
+    theta = torch.cat([10000.0 ** (-torch.arange(n_local) / n_local),
+                       2 * math.pi * torch.arange(1, n_comb + 1) / w.period, torch.zeros(n_flat)])
+    # Per-head weights of each structure (query heads of one KV group differ only in how they weigh them).
+    mix = torch.rand(B, Hq, 4, generator=gen)
+    local_w = 0.6 + 1.6 * mix[..., 0]
+    comb_w = 1.2 * mix[..., 1] ** 2
+    sink_w = 1.0 + 1.5 * mix[..., 2]
+    needle_w = 0.8 + 1.2 * mix[..., 3]
+
+    k_pre = torch.randn(B, Hkv, L, pairs, 2, generator=gen) * 0.5
+    q_pre = torch.randn(B, Hq, L, pairs, 2, generator=gen) * 0.35 + 0.1
+    scale = D ** 0.25                                       # logits are divided by sqrt(D) later
+    k_pre[..., :n_local, 0] += 1.0 * scale / math.sqrt(n_local) * 3
+    k_pre[..., n_local:n_local + n_comb, 0] += scale / math.sqrt(n_comb) * 3
+    pos_all = torch.arange(L)
+    needle_pos = torch.randint(w.sinks + 1, max(L, w.sinks + 2), (B, Hkv, w.needles), generator=gen)
+    flat0, flat1 = n_local + n_comb, n_local + n_comb + 1
+    k_pre[..., :w.sinks, flat0, 0] += 4.0 * scale
+    k_pre[..., flat1, 0].scatter_add_(-1, needle_pos.clamp(max=L - 1), torch.full(needle_pos.shape, 4.0 * scale))
+    q_pre[..., :n_local, 0] += (local_w * scale / math.sqrt(n_local) * 3)[..., None, None]
+    q_pre[..., n_local:n_local + n_comb, 0] += (comb_w * scale / math.sqrt(n_comb) * 3)[..., None, None]
+    q_pre[..., flat0, 0] += (sink_w * scale)[..., None]
+    q_pre[..., flat1, 0] += (needle_w * scale)[..., None]
+
+    q_len = L if w.q_len is None else w.q_len
+    q = _rotate(q_pre[:, :, L - q_len:], theta, pos_all[L - q_len:])
+    k = _rotate(k_pre, theta, pos_all)
+    v = torch.randn(B, Hkv, L, D, generator=gen)
+    del g
+    return (q.to(device=device, dtype=w.dtype), k.to(device=device, dtype=w.dtype),
+            v.to(device=device, dtype=w.dtype))
+
+
+def _rotate(x: torch.Tensor, theta: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Apply RoPE: rotate pair f of position p by p * theta[f]; [..., L, pairs, 2] -> [..., L, 2 * pairs]."""
+    angle = pos[:, None].double() * theta[None, :].double()
+    cos, sin = angle.cos().float(), angle.sin().float()
+    x0, x1 = x[..., 0], x[..., 1]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2)

@@ -1,0 +1,275 @@
+"""Estimators: every pattern's layout is valid, keeps what the pattern promises, stays within its budget, and
+does not mix batch rows or heads."""
+import pytest
+import torch
+
+import sparse_attn as sa
+from conftest import causal_mask, make_qkv, pattern_cases, per_head_mix, resolve_pattern
+
+SHAPES = [(1, 1), (63, 63), (65, 65), (113, 113), (1000, 1000), (65, 300), (1, 130)]
+PATTERN_NAMES = list(pattern_cases())
+
+
+def _visible(lq, lk, causal):
+    return causal_mask(lq, lk) if causal else torch.ones(lq, lk, dtype=torch.bool)
+
+
+# ---------------------------------------------------------------------------------------------------- validity
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lq,lk", SHAPES)
+@pytest.mark.parametrize("name", PATTERN_NAMES)
+def test_estimate_gives_a_valid_layout(name, lq, lk, causal):
+    hq, hkv = (4, 2) if lq % 2 else (4, 1)
+    q, k, _ = make_qkv(2, hq, hkv, lq, lk, 64, seed=lq + 3 * lk, contiguity="blhd", structured=True)
+    layout = sa.estimate(q, k, resolve_pattern(name, hq), causal=causal)
+    assert isinstance(layout, sa.SparseLayout)
+    layout.check()
+    assert (layout.batch, layout.heads, layout.q_len, layout.k_len) == (2, hq, lq, lk)
+    assert layout.num_query_blocks == -(-lq // 64)
+    for name_ in ("block_count", "block_offset", "column_count", "column_index"):
+        assert getattr(layout, name_).dtype == torch.int32
+    d = layout.density(causal)
+    assert 0 < d <= 1 + 1e-12
+    if lq == 1000 and name != "dense":
+        assert d < 0.9, f"{name} at L=1000 should be sparse, density {d}"
+
+
+@pytest.mark.parametrize("block_m,block_n", [(32, 16), (128, 64), (16, 64)])
+@pytest.mark.parametrize("name", PATTERN_NAMES)
+def test_estimate_with_other_block_sizes(name, block_m, block_n):
+    q, k, _ = make_qkv(2, 4, 2, 150, 310, 64, seed=7)
+    layout = sa.estimate(q, k, resolve_pattern(name, 4), block_m=block_m, block_n=block_n).check()
+    assert (layout.block_m, layout.block_n) == (block_m, block_n)
+    assert layout.num_query_blocks == -(-150 // block_m)
+    # every causal row sees at least its own key with these patterns (the diagonal is always kept)
+    assert (layout.to_mask() & torch.eye(310, dtype=torch.bool)[-150:]).any(-1).all()
+
+
+# ---------------------------------------------------------------------------------------------------- A-shape
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lq,lk,sink,local", [(1000, 1000, 8, 64), (1000, 1000, 100, 130), (65, 300, 4, 1),
+                                              (113, 113, 0, 50), (200, 700, 130, 0)])
+def test_ashape_keeps_sink_and_window_and_little_else(lq, lk, sink, local, causal):
+    q, k, _ = make_qkv(1, 2, 1, lq, lk, 32, seed=1)
+    layout = sa.estimate(q, k, sa.AShape(sink=sink, local=local), causal=causal).check()
+    mask = layout.to_mask()[0, 0]
+    keys = torch.arange(lk)[None, :]
+    pos = torch.arange(lq)[:, None] + lk - lq
+    required = (keys < sink) | ((keys > pos - local) & (keys <= pos))
+    assert (mask | ~required).all(), "a sink or local-window key is missing"
+    # widened to the query block and rounded to tiles: nothing beyond one tile width past each range
+    first = (torch.arange(lq) // 64 * 64)[:, None] + lk - lq
+    last = torch.clamp(first + 63, max=lk - 1)
+    allowed = (keys < sink + 63) | ((keys > first - local) & (keys < last + 64))
+    if sink == 0:
+        allowed = (keys > first - local) & (keys < last + 64)
+    if local == 0:
+        allowed = keys < sink + 63
+    assert not (mask & ~allowed).any(), "A-shape lists keys far from its sink and window"
+    assert layout.column_count.sum() == 0
+
+
+def test_ashape_empty_budget_lists_nothing():
+    q, k, _ = make_qkv(1, 2, 2, 100, 100, 32)
+    layout = sa.estimate(q, k, sa.AShape(sink=0, local=0)).check()
+    assert not layout.to_mask().any() and layout.density() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------- vertical-slash
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lq,lk", [(1000, 1000), (65, 300), (113, 113)])
+def test_vertical_slash_keeps_sink_local_and_respects_budgets(lq, lk, causal):
+    p = sa.VerticalSlash(vertical=24, slash=128, sink=8, local=70)
+    q, k, _ = make_qkv(2, 4, 2, lq, lk, 64, seed=lq, structured=True)
+    layout = sa.estimate(q, k, p, causal=causal).check()
+    mask = layout.to_mask()
+    keys = torch.arange(lk)[None, :]
+    pos = torch.arange(lq)[:, None] + lk - lq
+    required = (keys < p.sink) | ((pos - keys >= 0) & (pos - keys < p.local))
+    if causal:
+        required &= keys <= pos
+    assert (mask | ~required).all()
+    assert int(layout.column_count.max()) <= p.vertical
+    n_groups = -(-p.slash // 64)
+    # each diagonal group of one query block spans block_m + block_n - 1 keys: at most 2 tiles
+    assert int(layout.block_count.max()) <= 2 * n_groups
+    if lq == 1000:
+        assert layout.density(causal) < 0.5
+
+
+def _heavy_columns(k, q, n):
+    """The n key columns with the most attention from the last 64 queries (per batch row and KV head)."""
+    g = q.shape[1] // k.shape[1]
+    s = q[:, :, -64:].float() @ k.float().repeat_interleave(g, 1).transpose(-1, -2) / q.shape[-1] ** 0.5
+    s = s.masked_fill(~causal_mask(q.shape[2], k.shape[2])[-64:], float("-inf"))
+    return s.softmax(-1).sum(-2).topk(n, dim=-1).indices        # [B, Hq, n]
+
+
+def test_vertical_slash_finds_heavy_columns_per_batch_row():
+    q, k, _ = make_qkv(2, 2, 2, 1000, 1000, 64, seed=3, structured=True)
+    layout = sa.estimate(q, k, sa.VerticalSlash(vertical=64, slash=128, sink=8, local=64))
+    heavy = _heavy_columns(k, q, 10)
+    last_rows = layout.to_mask()[:, :, -1]                        # the last query sees every kept column
+    assert last_rows.gather(-1, heavy).all(), "a top-attended column of the sample is missing"
+    assert not torch.equal(layout.to_mask()[0], layout.to_mask()[1]), "batch rows should get different layouts"
+
+
+@pytest.mark.xfail(strict=True, reason="VerticalSlash(gamma=...) compares gamma * n_rows with the running sum of "
+                   "column masses AND diagonal masses in one list (_cheapest_mass); each attention entry is counted "
+                   "once as a column and once as a diagonal (total 2 * n_rows), so it stops early and the layout "
+                   "covers well under gamma of the attention of the very rows it was estimated from")
+@pytest.mark.parametrize("gamma", [0.8, 0.95])
+@pytest.mark.parametrize("structured", [False, True])
+def test_vertical_slash_gamma_reaches_gamma_on_the_sample_rows(gamma, structured):
+    lq = 1000
+    q, k, _ = make_qkv(2, 2, 1, lq, lq, 64, seed=5, structured=structured)
+    p = sa.VerticalSlash(vertical=lq, slash=1024, gamma=gamma, sink=8, local=64, last_q=64)
+    layout = sa.estimate(q, k, p)
+    g = 2
+    s = q[:, :, -64:] @ k.repeat_interleave(g, 1).transpose(-1, -2) / 8
+    probs = s.masked_fill(~causal_mask(lq, lq)[-64:], float("-inf")).softmax(-1)
+    recall = (probs * layout.to_mask()[:, :, -64:]).sum(-1).mean(-1)     # [B, H]
+    assert layout.density() < 0.99
+    assert (recall >= gamma - 5e-3).all(), f"recall {recall.min().item():.3f} < gamma {gamma}"
+
+
+@pytest.mark.parametrize("family", ["vslash", "block"])
+def test_gamma_budgets_are_monotone(family):
+    q, k, _ = make_qkv(2, 4, 2, 700, 700, 64, seed=8, structured=True)
+    if family == "vslash":
+        make = lambda g: sa.VerticalSlash(vertical=200, slash=512, gamma=g, sink=8, local=64)  # noqa: E731
+        cap = sa.VerticalSlash(vertical=200, slash=512, sink=8, local=64)
+    else:
+        make = lambda g: sa.BlockSparse(top_k=8, gamma=g)  # noqa: E731
+        cap = sa.BlockSparse(top_k=8)
+    masks = [sa.estimate(q, k, make(g)).to_mask() for g in (0.3, 0.6, 0.9)] + [sa.estimate(q, k, cap).to_mask()]
+    for small, big in zip(masks, masks[1:]):
+        assert (big | ~small).all(), "a larger gamma (or the cap alone) must keep at least the same keys"
+    assert masks[0].sum() < masks[-1].sum(), "gamma should make a difference here"
+
+
+# ---------------------------------------------------------------------------------------------------- block-sparse
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lq,lk,top_k", [(1000, 1000, 3), (1000, 1000, 5), (65, 300, 3), (300, 300, 4),
+                                         (113, 113, 2)])
+def test_block_sparse_top_k(lq, lk, top_k, causal):
+    q, k, _ = make_qkv(2, 4, 2, lq, lk, 64, seed=lk + top_k)
+    layout = sa.estimate(q, k, sa.BlockSparse(top_k=top_k), causal=causal).check()
+    assert layout.is_block_aligned()
+    assert int(layout.block_count.max()) <= top_k
+    blocks = layout.to_block_mask()
+    n_qb, n_kb = blocks.shape[2:]
+    first = torch.arange(n_qb) * 64 + lk - lq
+    last = torch.clamp(first + 63, max=lk - 1)
+    if causal:   # nothing wholly after the block's last visible key
+        assert not (blocks & (torch.arange(n_kb)[None, :] * 64 > last[:, None])).any()
+    forced = torch.zeros(n_qb, n_kb, dtype=torch.bool)
+    forced[:, 0] = True
+    for m in range(n_qb):
+        forced[m, first[m] // 64:last[m] // 64 + 1] = True
+    if int(forced.sum(-1).max()) <= top_k:
+        assert (blocks | ~forced).all(), "the sink block and the diagonal block(s) must be kept"
+    # every chosen non-forced block scores at least as high as every dropped candidate (pooled logits)
+    if lq == 1000 and not causal:
+        assert layout.density(causal) < 0.5
+
+
+@pytest.mark.xfail(strict=True, reason="BlockSparse(top_k=1) keeps only one block per query block although its "
+                   "docstring says the sink block and the diagonal block(s) are always kept: the forced blocks are "
+                   "ranked first but then cut by rank < top_k, so query blocks > 0 lose their diagonal block")
+def test_block_sparse_top_k_1_keeps_sink_and_diagonal():
+    q, k, _ = make_qkv(1, 2, 2, 300, 300, 64, seed=1)
+    blocks = sa.estimate(q, k, sa.BlockSparse(top_k=1)).to_block_mask()
+    n_qb = blocks.shape[2]
+    assert blocks[..., 0].all()
+    assert blocks[..., torch.arange(n_qb), torch.arange(n_qb)].all()
+
+
+def test_block_sparse_picks_the_blocks_with_the_highest_pooled_scores():
+    q, k, _ = make_qkv(1, 2, 2, 512, 512, 64, seed=2)
+    gen = torch.Generator().manual_seed(0)
+    boost = torch.randn(1, 2, 1, 64, generator=gen)
+    hot = 3                                            # make key block 3 attractive to every query
+    k = k.clone()
+    k[:, :, hot * 64:(hot + 1) * 64] += 3 * boost
+    q = q + boost
+    layout = sa.estimate(q, k, sa.BlockSparse(top_k=3))
+    blocks = layout.to_block_mask()
+    assert blocks[:, :, hot + 1:, hot].all(), "the hot block should be chosen by every later query block"
+
+
+# ---------------------------------------------------------------------------------------------------- dense
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lq,lk", [(1, 1), (63, 63), (65, 300), (113, 113), (1, 130)])
+def test_dense_pattern_covers_everything(lq, lk, causal):
+    q, k, _ = make_qkv(2, 2, 1, lq, lk, 32, seed=5)
+    layout = sa.estimate(q, k, sa.Dense(), causal=causal).check()
+    visible = _visible(lq, lk, causal)
+    assert (layout.to_mask() | ~visible).all()
+    assert layout.density(causal) == pytest.approx(1.0, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------- heads and batch
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n_heads,hkv", [(3, 3), (4, 2), (6, 1), (6, 3)])
+def test_per_head_list_equals_each_pattern_alone(n_heads, hkv, causal):
+    q, k, _ = make_qkv(2, n_heads, hkv, 400, 460, 64, seed=n_heads, structured=True)
+    patterns = per_head_mix(n_heads, 400)
+    mixed = sa.estimate(q, k, patterns, causal=causal).check()
+    mask = mixed.to_mask()
+    for h, p in enumerate(patterns):
+        alone = sa.estimate(q, k, p, causal=causal).to_mask()[:, h]
+        assert torch.equal(mask[:, h], alone), f"head {h} ({p}) differs from its pattern estimated alone"
+
+
+@pytest.mark.parametrize("name", ["vslash", "vslash_gamma", "block_topk", "block_gamma", "mix"])
+def test_batch_rows_are_estimated_independently(name):
+    q, k, _ = make_qkv(2, 4, 2, 500, 500, 64, seed=21, structured=True)
+    pattern = resolve_pattern(name, 4)
+    layout = sa.estimate(q, k, pattern)
+    for b in range(2):
+        alone = sa.estimate(q[b:b + 1], k[b:b + 1], pattern)
+        assert torch.equal(layout.to_mask()[b:b + 1], alone.to_mask())
+
+
+@pytest.mark.parametrize("name", ["vslash", "vslash_gamma", "block_topk", "block_gamma", "mix"])
+def test_gqa_estimate_equals_repeated_kv(name):
+    q, k, _ = make_qkv(2, 4, 2, 300, 300, 64, seed=13, structured=True)
+    pattern = resolve_pattern(name, 4)
+    gqa = sa.estimate(q, k, pattern).to_mask()
+    mha = sa.estimate(q, k.repeat_interleave(2, 1), pattern).to_mask()
+    assert torch.equal(gqa, mha)
+
+
+def test_pattern_none_is_the_default_pattern():
+    q, k, _ = make_qkv(1, 2, 2, 300, 300, 64, seed=3)
+    assert torch.equal(sa.estimate(q, k, None).to_mask(), sa.estimate(q, k, sa.DEFAULT_PATTERN).to_mask())
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("make,name", [
+    (lambda: sa.AShape(sink=-1), "sink"),
+    (lambda: sa.AShape(local=-5), "local"),
+    (lambda: sa.VerticalSlash(vertical=-1), "vertical"),
+    (lambda: sa.VerticalSlash(slash=-64), "slash"),
+    (lambda: sa.VerticalSlash(last_q=0), "last_q"),
+    (lambda: sa.VerticalSlash(sink=-2, vertical=10), "sink"),
+    (lambda: sa.VerticalSlash(vertical=10, sink=20), "sink"),
+    (lambda: sa.VerticalSlash(slash=32, local=64), "local"),
+    (lambda: sa.VerticalSlash(gamma=0.0), "gamma"),
+    (lambda: sa.VerticalSlash(gamma=1.5), "gamma"),
+    (lambda: sa.VerticalSlash(gamma=-0.1), "gamma"),
+    (lambda: sa.VerticalSlash(min_vertical=2000), "min_vertical"),
+    (lambda: sa.BlockSparse(top_k=0), "top_k"),
+    (lambda: sa.BlockSparse(top_k=-3), "top_k"),
+    (lambda: sa.BlockSparse(gamma=0), "gamma"),
+    (lambda: sa.BlockSparse(gamma=1.01), "gamma"),
+])
+def test_invalid_patterns_are_rejected(make, name):
+    with pytest.raises(ValueError, match=name):
+        make()
+
+
+def test_gamma_one_is_allowed():
+    sa.VerticalSlash(gamma=1.0)
+    sa.BlockSparse(gamma=1.0)
