@@ -277,16 +277,29 @@ class SparseLayout:
             raise ValueError("to_flex_block_mask: the layout has unaligned tiles or columns, which a BlockMask "
                              "cannot express; pass cover=True for the aligned cover")
         blocks = self.to_block_mask(causal=causal)
-        count = blocks.sum(-1, dtype=torch.int32)
-        indices = torch.sort((~blocks).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
-        shift = self.k_len - self.q_len
+        n_kb = blocks.shape[-1]
+        bm, bn, shift = self.block_m, self.block_n, self.k_len - self.q_len
+        # Blocks wholly at or before each query block's first row need no mask (FlexAttention's "full" blocks);
+        # the rest get the mask_mod, which also carries the block membership so eager FlexAttention (which
+        # evaluates mask_mod everywhere) computes the same thing.
+        first_row = torch.arange(self.num_query_blocks, device=self.device) * bm + shift
+        key_end = (torch.arange(n_kb, device=self.device) + 1) * bn - 1
+        no_mask = (key_end[None, :] <= first_row[:, None]) if causal else torch.ones(
+            self.num_query_blocks, n_kb, dtype=torch.bool, device=self.device)
+        full, partial = blocks & no_mask, blocks & ~no_mask
 
-        def bottom_right_causal(b, h, q_idx, kv_idx):
-            return kv_idx <= q_idx + shift
+        def as_indices(mask):
+            order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+            return mask.sum(-1, dtype=torch.int32), order.contiguous()
 
-        return BlockMask.from_kv_blocks(count, indices.contiguous(), BLOCK_SIZE=(self.block_m, self.block_n),
-                                        mask_mod=bottom_right_causal if causal else None,
-                                        seq_lengths=(self.q_len, self.k_len))
+        def block_membership(b, h, q_idx, kv_idx):
+            listed = blocks[b, h, q_idx // bm, kv_idx // bn]
+            return listed & (kv_idx <= q_idx + shift) if causal else listed
+
+        count, indices = as_indices(partial)
+        full_count, full_indices = as_indices(full)
+        return BlockMask.from_kv_blocks(count, indices, full_count, full_indices, BLOCK_SIZE=(bm, bn),
+                                        mask_mod=block_membership, seq_lengths=(self.q_len, self.k_len))
 
     @classmethod
     def from_flex_block_mask(cls, block_mask) -> "SparseLayout":

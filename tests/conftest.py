@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 try:
     from hypothesis import HealthCheck, settings
 
-    settings.register_profile("sparse_attn", deadline=None, max_examples=40, derandomize=True,
+    settings.register_profile("sparse_attn", deadline=None, max_examples=40, derandomize=True, database=None,
                               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "sparse_attn"))
 except ImportError:  # pragma: no cover - hypothesis is a test dependency
@@ -255,7 +255,7 @@ def pattern_cases():
         "vslash": sa.VerticalSlash(vertical=32, slash=128, sink=8, local=64),
         "vslash_gamma": sa.VerticalSlash(vertical=64, slash=256, gamma=0.9, sink=8, local=64),
         "block_topk": sa.BlockSparse(top_k=3),
-        "block_gamma": sa.BlockSparse(gamma=0.9),
+        "block_gamma": sa.BlockSparse(gamma=0.5),
         "dense": sa.Dense(),
         "mix": "mix",
     }
@@ -264,3 +264,28 @@ def pattern_cases():
 def resolve_pattern(name, n_heads, L=1000):
     p = pattern_cases()[name]
     return per_head_mix(n_heads, L) if p == "mix" else p
+
+
+def pattern_strategy():
+    """Hypothesis strategy for any valid pattern with small, random budgets."""
+    from hypothesis import strategies as st
+
+    import sparse_attn as sa
+
+    gammas = st.one_of(st.none(), st.floats(0.05, 1.0))
+
+    @st.composite
+    def vertical_slash(draw):
+        vertical, slash = draw(st.integers(0, 300)), draw(st.integers(0, 400))
+        return sa.VerticalSlash(vertical=vertical, slash=slash, sink=draw(st.integers(0, vertical)),
+                                local=draw(st.integers(0, slash)), last_q=draw(st.integers(1, 100)),
+                                gamma=draw(gammas), min_vertical=draw(st.integers(0, vertical)),
+                                min_slash=draw(st.integers(0, slash)))
+
+    @st.composite
+    def block_sparse(draw):
+        top_k, gamma = draw(st.one_of(st.none(), st.integers(1, 12))), draw(gammas)
+        return sa.BlockSparse(top_k=top_k, gamma=gamma)
+
+    ashape = st.builds(sa.AShape, sink=st.integers(0, 200), local=st.integers(0, 300))
+    return st.one_of(ashape, vertical_slash(), block_sparse(), st.just(sa.Dense()))

@@ -10,49 +10,55 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import SparseLayout
+from ..layout import SparseLayout, keys_in_tiles
 from .merge import merge_partials
 
 
-def _key_union_bitmap(layout: SparseLayout, items: torch.Tensor, blocks_per_item: int, causal: bool, limit):
-    """Bool [n_items, Lk]: keys listed by any query block of each item, cut at ``limit [n_items]``."""
-    bc, bo, cc, ci, _ = _item_views(layout, items, blocks_per_item, causal)
-    n, Lk, bn = items.shape[0], layout.k_len, layout.block_n
-    used_t = torch.arange(bo.shape[-1], device=bo.device) < bc[..., None]
-    diff = torch.zeros(n, Lk + 1, dtype=torch.int32, device=bo.device)
-    start = torch.where(used_t, bo, Lk).reshape(n, -1)
-    end = torch.where(used_t, (bo + bn).clamp(max=Lk), Lk).reshape(n, -1)
-    ones = torch.ones_like(start, dtype=torch.int32)
-    diff.scatter_add_(1, start, ones).scatter_add_(1, end, -ones)
-    union = diff.cumsum(1, dtype=torch.int32)[:, :Lk] > 0
-    if ci.shape[-1]:
-        used_c = torch.arange(ci.shape[-1], device=ci.device) < cc[..., None]
-        cols = torch.zeros(n, Lk + 1, dtype=torch.bool, device=ci.device)
-        cols.scatter_(1, torch.where(used_c, ci, Lk).reshape(n, -1), True)
-        union |= cols[:, :Lk]
-    union &= torch.arange(Lk, device=bo.device) < limit[:, None]
-    return union
+_BIG = 1 << 62     # exactly representable as a float (F.pad takes its value as one)
 
 
-def _item_views(layout: SparseLayout, items: torch.Tensor, blocks_per_item: int, causal: bool):
-    """Index data of the query blocks of each item: counts [n, C], offsets [n, C, MB], column counts [n, C],
-    columns [n, C, MC] (int64), and one past the last key the item may see [n]."""
-    B, H, n_qb = layout.block_count.shape
-    C = blocks_per_item
-    n_items_per_head = -(-n_qb // C)
-    pad = n_items_per_head * C - n_qb
+class _ItemIndex:
+    """The layout regrouped by item (``C`` consecutive query blocks of one batch row and head), computed once:
+    tile offsets [N, C, MB] and columns [N, C, MC], each sorted per block with padding = _BIG at the end."""
 
-    def per_item(t):
-        t = t.reshape(B * H, n_qb, *t.shape[3:])
-        if pad:
-            t = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
-        return t.reshape(B * H * n_items_per_head, C, *t.shape[2:]).index_select(0, items)
+    def __init__(self, layout: SparseLayout, C: int):
+        B, H, n_qb = layout.block_count.shape
+        self.per_head = -(-n_qb // C)
+        pad = self.per_head * C - n_qb
 
-    bc, cc = per_item(layout.block_count).long(), per_item(layout.column_count).long()
-    bo, ci = per_item(layout.block_offset).long(), per_item(layout.column_index).long()
-    last_row = ((items % n_items_per_head + 1) * C * layout.block_m).clamp(max=layout.q_len) - 1
-    limit = last_row + (layout.k_len - layout.q_len) + 1 if causal else torch.full_like(items, layout.k_len)
-    return bc, bo, cc, ci, limit
+        def regroup(values, valid):
+            width = max(int(valid.sum(-1).max()) if valid.numel() else 0, 1)
+            t = torch.where(valid, values, _BIG)[..., :width]
+            t = torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=_BIG).reshape(B * H, n_qb, width)
+            t = torch.nn.functional.pad(t, (0, 0, 0, pad), value=_BIG)
+            return t.reshape(B * H * self.per_head, C, width)
+
+        self.offsets = regroup(*layout.sorted_offsets())
+        self.columns = regroup(*layout.sorted_columns())
+
+    def union_bitmap(self, items, limit, k_len: int, block_n: int):
+        """Bool [n, Lk]: keys listed by any block of each item, cut at ``limit [n]``."""
+        n = items.shape[0]
+        offsets, columns = self.offsets[items].reshape(n, -1), self.columns[items].reshape(n, -1)
+        used = offsets < _BIG
+        diff = torch.zeros(n, k_len + 1, dtype=torch.int32, device=items.device)
+        ones = used.to(torch.int32)
+        diff.scatter_add_(1, torch.where(used, offsets, k_len), ones)
+        diff.scatter_add_(1, torch.where(used, (offsets + block_n).clamp(max=k_len), k_len), -ones)
+        union = torch.zeros(n, k_len + 1, dtype=torch.bool, device=items.device)
+        union.scatter_(1, torch.where(columns < _BIG, columns, k_len), True)
+        union = union[:, :k_len] | (diff.cumsum(1, dtype=torch.int32)[:, :k_len] > 0)
+        return union & (torch.arange(k_len, device=items.device) < limit[:, None])
+
+    def membership(self, items, keys, valid, block_n: int):
+        """Bool [n, C, U]: whether block c of each item lists ``keys`` ([n, U] shared or [n, C, U])."""
+        offsets, columns = self.offsets[items], self.columns[items]
+        n, C = offsets.shape[:2]
+        k = (keys[:, None, :].expand(n, C, keys.shape[-1]) if keys.dim() == 2 else keys).contiguous()
+        member = keys_in_tiles(k, offsets, offsets < _BIG, block_n)
+        pos = torch.searchsorted(columns, k).clamp(max=columns.shape[-1] - 1)
+        member |= columns.gather(-1, pos) == k
+        return member & (valid[:, None, :] if valid.dim() == 2 else valid)
 
 
 def _pack_union(union: torch.Tensor):
@@ -66,22 +72,6 @@ def _pack_union(union: torch.Tensor):
     packed[rows, slot] = keys
     valid = torch.arange(width, device=union.device) < counts[:, None]
     return packed, valid
-
-
-def _membership(layout, keys, valid, bc, bo, cc, ci):
-    """Bool [n, C, U]: whether query block c of each item lists key ``keys[n, (C,) U]`` (tile or column)."""
-    n, C = bc.shape
-    big = torch.iinfo(torch.int64).max
-    k = (keys[:, None, :].expand(n, C, keys.shape[-1]) if keys.dim() == 2 else keys).contiguous()
-    used_t = torch.arange(bo.shape[-1], device=bo.device) < bc[..., None]
-    offsets = torch.where(used_t, bo, big).sort(-1).values
-    member = layout.covered_by_tiles(k, offsets, offsets != big)
-    if ci.shape[-1]:
-        used_c = torch.arange(ci.shape[-1], device=ci.device) < cc[..., None]
-        cols = torch.where(used_c, ci, big).sort(-1).values.contiguous()
-        pos = torch.searchsorted(cols, k).clamp(max=cols.shape[-1] - 1)
-        member |= cols.gather(-1, pos) == k
-    return member & (valid[:, None, :] if valid.dim() == 2 else valid)
 
 
 def _attend(q, k_sel, v_sel, member, scale):
@@ -102,7 +92,7 @@ def _attend(q, k_sel, v_sel, member, scale):
         out = torch.matmul(torch.exp(scores - lse[..., None]), v_sel[:, None])
     empty = ~member.any(-1)[..., None]                                                   # [n, C, 1]
     out = out.masked_fill(empty[..., None], 0.0)
-    lse = lse.float().masked_fill(empty, float("-inf"))
+    lse = lse.to(q.dtype).masked_fill(empty, float("-inf"))
     return out, lse
 
 
@@ -131,8 +121,9 @@ def torch_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True
     k_rows = k.to(work).reshape(B * Hkv * Lk, D)
     v_rows = v.to(work).reshape(B * Hkv * Lk, D)
     out = torch.empty(n_items, C, bm, D, dtype=work, device=q.device)
-    lse = torch.empty(n_items, C, bm, dtype=torch.float32, device=q.device)
+    lse = torch.empty(n_items, C, bm, dtype=work, device=q.device)
 
+    index = _ItemIndex(layout, C)
     widest = int(layout.key_counts(causal).max()) if layout.num_query_blocks else 1
     per_chunk = max(1, chunk_bytes // (8 * D * max(2 * widest, 64)))
     per_chunk = min(per_chunk, max(1, (64 << 20) // (Lk + 1)))
@@ -142,14 +133,13 @@ def torch_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True
     for first in range(0, n_items, per_chunk):
         items = all_items[first:first + per_chunk]
         n = items.shape[0]
-        bc, bo, cc, ci, limit = _item_views(layout, items, C, causal)
         bh = items // n_per_head
         kv_base = ((bh // Hq) * Hkv + (bh % Hq) // group) * Lk
         p0 = (items % n_per_head)[:, None] * rows + first_pos                  # [n, C]
-        if causal:   # the first part sees keys up to each block's first row
-            limit = torch.minimum(limit, p0[:, -1] + 1)
-        keys, valid = _pack_union(_key_union_bitmap(layout, items, C, causal, limit))
-        member = _membership(layout, keys, valid, bc, bo, cc, ci)
+        # With causal, this part sees keys up to each block's first row; the rest is the diagonal part.
+        limit = p0[:, -1] + 1 if causal else torch.full_like(items, Lk)
+        keys, valid = _pack_union(index.union_bitmap(items, limit, Lk, layout.block_n))
+        member = index.membership(items, keys, valid, layout.block_n)
         if causal:
             member &= keys[:, None, :] <= p0[..., None]
         flat = (kv_base[:, None] + keys).reshape(-1)
@@ -157,23 +147,23 @@ def torch_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True
         o, l = _attend(q_items[first:first + n], k_rows.index_select(0, flat).view(n, U, D),
                        v_rows.index_select(0, flat).view(n, U, D), member, scale)
         if causal:
-            o, l = _merge_diagonal(o, l, q_items[first:first + n], k_rows, v_rows, layout, p0, tri, kv_base,
-                                   (bc, bo, cc, ci), scale, Lk)
+            o, l = _merge_diagonal(o, l, q_items[first:first + n], k_rows, v_rows, index, items, p0, tri,
+                                   kv_base, scale, Lk, layout.block_n)
         out[first:first + n] = o
         lse[first:first + n] = l
 
     out = out.view(B, Hq, n_per_head * rows, D)[:, :, :Lq].to(q.dtype)
     if not return_lse:
         return out
-    return out, lse.view(B, Hq, n_per_head * rows)[:, :, :Lq]
+    return out, lse.view(B, Hq, n_per_head * rows)[:, :, :Lq].float()
 
 
-def _merge_diagonal(o, l, q, k_rows, v_rows, layout, p0, tri, kv_base, index, scale, Lk):
+def _merge_diagonal(o, l, q, k_rows, v_rows, index, items, p0, tri, kv_base, scale, Lk, block_n):
     """Add the keys after each block's first row (row-masked causal triangle) to (o, l) by LSE merge."""
     n, C, bm, D = q.shape
     keys = p0[..., None] + tri                                                     # [n, C, bm - 1]
     inside = keys < Lk
-    member = _membership(layout, keys.clamp(max=Lk - 1), inside, *index)
+    member = index.membership(items, keys.clamp(max=Lk - 1), inside, block_n)
     flat = (kv_base[:, None, None] + keys.clamp(max=Lk - 1)).reshape(-1)
     k_d = k_rows.index_select(0, flat).view(n, C, bm - 1, D)
     v_d = v_rows.index_select(0, flat).view(n, C, bm - 1, D)
@@ -183,4 +173,4 @@ def _merge_diagonal(o, l, q, k_rows, v_rows, layout, p0, tri, kv_base, index, sc
     l_d = torch.logsumexp(scores, -1)
     p = torch.exp(scores - torch.where(torch.isinf(l_d), 0.0, l_d)[..., None])
     o_d = torch.matmul(p, v_d)
-    return merge_partials([o, o_d], [l, l_d.float()])
+    return merge_partials([o, o_d], [l, l_d])

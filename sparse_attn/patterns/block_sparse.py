@@ -15,8 +15,9 @@ from .base import Pattern, per_head
 @dataclass(frozen=True)
 class BlockSparse(Pattern):
     """Key blocks ranked by mean-pooled query-block . key-block scores, block-causal; the sink block and the
-    diagonal block(s) are always kept.  ``top_k`` blocks per query block, or with ``gamma`` the fewest blocks
-    whose estimated mass reaches gamma (``top_k`` then caps it).  ``BlockSparse()`` means ``top_k=100``."""
+    diagonal block(s) are always kept, on top of the budget.  ``top_k`` blocks per query block (forced ones
+    included when they fit), or with ``gamma`` the fewest blocks whose estimated mass reaches gamma (``top_k`` then
+    caps the rest).  ``BlockSparse()`` means ``top_k=100``."""
 
     top_k: int | None = None
     gamma: float | None = None
@@ -54,12 +55,12 @@ class BlockSparse(Pattern):
             logits = logits.masked_fill(~allowed, -math.inf)
             ranked = torch.where(forced, math.inf, logits).sort(-1, descending=True)
             rank = torch.arange(n_kb, device=dev)
-            keep = (rank < top_k[:, None, None]) & (ranked.values > -math.inf)
+            is_forced = ranked.values == math.inf
+            keep = ((rank < top_k[:, None, None]) & (ranked.values > -math.inf)) | is_forced
             if any(p.gamma is not None for p in patterns):
                 probs = torch.softmax(logits, -1).gather(-1, ranked.indices)
                 before = probs.cumsum(-1) - probs
-                in_mass = (before < gamma[:, None, None]) | forced.expand_as(logits).gather(-1, ranked.indices)
-                keep = keep & in_mass
+                keep = keep & ((before < gamma[:, None, None]) | is_forced)
             chosen = torch.zeros_like(keep).scatter_(-1, ranked.indices, keep)        # by key block, ascending
             width = max(int(chosen.sum(-1).max()), 1)
             c, o = compact(kb.expand_as(chosen) * block_n, chosen, width)

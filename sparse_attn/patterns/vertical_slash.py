@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.index_build import block_row_positions
-from ..ops.scores import sample_masses
+from ..ops.scores import column_mass, diagonal_mass, last_query_probs
 from .base import Pattern, layout_from_ranges, per_head, tile_bound
 
 
@@ -51,33 +51,41 @@ class VerticalSlash(Pattern):
         return (type(self), self.last_q)
 
     @classmethod
-    def build(cls, patterns, heads, q, k, *, causal, scale, block_m, block_n):
-        B, Lq, Lk, dev = q.shape[0], q.shape[2], k.shape[2], q.device
-        col, diag, n_rows = sample_masses(q, k, patterns[0].last_q, scale, causal)
-        col, diag = col.index_select(1, heads), diag.index_select(1, heads)          # [B, Hs, Lk]
+    def build(cls, patterns, heads, q, k, *, causal, scale, block_m, block_n, max_bytes=256 << 20):
+        B, Hq, Lq, _ = q.shape
+        Hkv, Lk, dev = k.shape[1], k.shape[2], q.device
         n_buckets = -(-Lk // block_n)
-        bucket = torch.nn.functional.pad(diag, (0, n_buckets * block_n - Lk)).reshape(*diag.shape[:2], -1,
-                                                                                      block_n).sum(-1)
-        keys, dists = torch.arange(Lk, device=dev), torch.arange(n_buckets, device=dev) * block_n
-        force_v = keys < per_head(patterns, "sink", dev)[:, None]                     # [Hs, Lk]
-        force_s = dists < per_head(patterns, "local", dev)[:, None]                   # [Hs, nB]
-        max_v = per_head(patterns, "vertical", dev).clamp(max=Lk)
-        max_s = (per_head(patterns, "slash", dev) + block_n - 1) // block_n
-        min_v = per_head(patterns, "min_vertical", dev)
-        min_s = (per_head(patterns, "min_slash", dev) + block_n - 1) // block_n
-        chosen_v = chosen_s = None
-        gammas = [p.gamma for p in patterns]
-        if any(g is not None for g in gammas):
-            gamma = torch.tensor([2.0 if g is None else g for g in gammas], device=dev)   # 2.0: fixed budget
-            chosen_v, chosen_s = _cheapest_mass(col, bucket, block_n, gamma[:, None] * n_rows, force_v, force_s)
-        verticals, v_ok = _top_within(col, force_v, max_v, min_v, chosen_v)
-        buckets, s_ok = _top_within(bucket, force_s, max_s.clamp(max=n_buckets), min_s, chosen_s)
+        prm = {name: per_head(patterns, name, dev) for name in ("sink", "local", "vertical", "min_vertical")}
+        prm["slash"] = (per_head(patterns, "slash", dev) + block_n - 1) // block_n          # in diagonal groups
+        prm["min_slash"] = (per_head(patterns, "min_slash", dev) + block_n - 1) // block_n
+        prm["gamma"] = torch.tensor([2.0 if p.gamma is None else p.gamma for p in patterns], device=dev)
+        width_v = max(1, min(int(prm["vertical"].max()), Lk))
+        width_s = max(1, min(int(prm["slash"].max()), n_buckets))
+
+        # The sample's probabilities are [B, heads, last_q, Lk]: go a chunk of KV heads at a time.
+        g, n = Hq // Hkv, min(patterns[0].last_q, Lq)
+        per_kv = max(1, max_bytes // max(B * g * n * Lk * 4 * 3, 1))
+        where = {h: i for i, h in enumerate(heads.tolist())}
+        parts, order = [], []
+        for kv0 in range(0, Hkv, per_kv):
+            kv1 = min(Hkv, kv0 + per_kv)
+            mine = [h for h in range(kv0 * g, kv1 * g) if h in where]
+            if not mine:
+                continue
+            probs, pos = last_query_probs(q[:, kv0 * g:kv1 * g], k[:, kv0:kv1], n, scale, causal)
+            probs = probs[:, [h - kv0 * g for h in mine]]
+            idx = torch.tensor([where[h] for h in mine], device=dev)
+            parts.append(_select(probs, pos, {name: t[idx] for name, t in prm.items()}, block_n, n_buckets,
+                                 width_v, width_s))
+            order.extend(where[h] for h in mine)
+        inverse = torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=dev)
+        verticals, v_ok, buckets, s_ok = (torch.cat(t, 1).index_select(1, inverse) for t in zip(*parts))
 
         first, last = block_row_positions(Lq, Lk, block_m, dev)                       # [nQb]
         d0 = (buckets * block_n)[:, :, None, :]                                        # [B, Hs, 1, nb]
         starts = (first[:, None] - d0 - block_n + 1).clamp(min=0)
         ends = (last[:, None] - d0 + 1).clamp(max=Lk)
-        ends = torch.where(s_ok[:, :, None, :], ends, starts)                          # unused bucket: empty
+        ends = torch.where(s_ok[:, :, None, :], ends, starts)                          # unused group: empty
         big = torch.iinfo(torch.int64).max
         verticals = torch.where(v_ok, verticals, big).sort(-1).values                  # ascending, padding last
         cols = verticals[:, :, None, :].expand(-1, -1, first.shape[0], -1)
@@ -86,13 +94,62 @@ class VerticalSlash(Pattern):
             keep = keep & (cols <= last[:, None])
         cols = torch.where(keep, cols, 0)
         return layout_from_ranges(starts, ends, cols, keep, q_len=Lq, k_len=Lk, block_m=block_m, block_n=block_n,
-                                  max_tiles=min(2 * buckets.shape[-1], tile_bound(Lk, block_n)))
+                                  max_tiles=min(buckets.shape[-1] * _tiles_per_group(block_m, block_n),
+                                                tile_bound(Lk, block_n)))
 
 
-def _top_within(score, forced, max_budget, min_budget, chosen):
-    """Top ``max(max_budget)`` indices of ``score [B, Hs, N]`` (forced entries first) and which are kept:
-    rank < the head's max budget, and (forced, rank < min budget, or chosen by the mass budget)."""
-    width = max(int(max_budget.max()) if max_budget.numel() else 0, 1)
+def _select(probs, pos, prm, block_n, n_buckets, width_v, width_s):
+    """Diagonal groups, then columns, for the sample ``probs [B, h, n, Lk]`` at key positions ``pos [n]``.
+
+    Diagonal groups come first (by mass, or with gamma by the cheapest-mass order over both kinds), then columns
+    by mass; with gamma the columns are added until the mass *not already on a chosen diagonal* completes gamma,
+    so the union reaches gamma of the sample's mass exactly (within the budgets).  Returns (verticals [B, h, width_v], kept, groups
+    [B, h, width_s], kept)."""
+    B, h, n, Lk = probs.shape
+    keys = torch.arange(Lk, device=probs.device)
+    dist = pos[:, None] - keys                                                         # [n, Lk]
+    sink, local = prm["sink"][:, None], prm["local"][:, None]
+    force_v = keys < sink                                                              # [h, Lk]
+    force_s = torch.arange(n_buckets, device=probs.device) * block_n < local           # [h, nB]
+    near = (dist >= 0) & (dist < local[:, :, None])                                    # [h, n, Lk]
+    diag = diagonal_mass(probs.masked_fill(force_v[:, None, :], 0.0), pos)
+    group_mass = torch.nn.functional.pad(diag, (0, n_buckets * block_n - Lk)).reshape(B, h, -1, block_n).sum(-1)
+    gamma_mode = bool((prm["gamma"] <= 1).any())
+    target = prm["gamma"] * n                                                          # [h]
+    col = column_mass(probs.masked_fill(near, 0.0))                                    # [B, h, Lk]
+    chosen_s = None
+    if gamma_mode:
+        chosen_s = _cheapest_slashes(col, group_mass, block_n, target[:, None], force_v, force_s)
+    groups, s_ok = _top_within(group_mass, force_s, prm["slash"], prm["min_slash"], chosen_s, width_s)
+    chosen_v = None
+    if gamma_mode:
+        # Columns keep their mass ranking (a column's mass elsewhere in the sequence is not on these diagonals),
+        # but count only the mass no chosen diagonal holds, so the union reaches gamma of the sample exactly.
+        group_of = torch.where(dist >= 0, dist // block_n, n_buckets).clamp(max=n_buckets)  # [n, Lk]
+        picked = torch.zeros(B, h, n_buckets + 1, dtype=torch.bool, device=probs.device)
+        picked.scatter_(-1, torch.where(s_ok, groups, n_buckets), True)
+        picked[..., n_buckets] = False
+        on_slash = picked.gather(-1, group_of.reshape(1, 1, -1).expand(B, h, -1)).view(B, h, n, Lk)
+        residual = column_mass(probs.masked_fill(on_slash, 0.0))
+        covered = (probs * on_slash).sum((-1, -2))                                     # [B, h]
+        order = torch.where(force_v, math.inf, col).argsort(-1, descending=True)
+        mass = residual.gather(-1, order)
+        reached = (mass.cumsum(-1) - mass) < (target - covered)[..., None]
+        chosen_v = torch.zeros_like(reached).scatter_(-1, order, reached)
+    verticals, v_ok = _top_within(col, force_v, prm["vertical"], prm["min_vertical"], chosen_v, width_v)
+    return verticals, v_ok, groups, s_ok
+
+
+def _tiles_per_group(block_m: int, block_n: int) -> int:
+    """Most tiles one diagonal group adds to a query block.  Alone it spans block_m + block_n - 1 keys; in a
+    merged run, consecutive groups are at most floor((block_m + 2 block_n - 2) / block_n) groups apart (else the
+    gap is >= block_n and they are not merged), and each adds that many block_n steps of span."""
+    return max((block_m + 2 * block_n - 2) // block_n, -(-(block_m + block_n - 1) // block_n))
+
+
+def _top_within(score, forced, max_budget, min_budget, chosen, width):
+    """Top ``width`` indices of ``score [B, h, N]`` (forced entries first) and which are kept: rank < the head's
+    max budget, and (forced, rank < min budget, or ``chosen`` by the mass budget when given)."""
     width = min(width, score.shape[-1])
     ranked = torch.where(forced, math.inf, score).topk(width, dim=-1)
     rank = torch.arange(width, device=score.device)
@@ -103,15 +160,14 @@ def _top_within(score, forced, max_budget, min_budget, chosen):
     return ranked.indices, keep
 
 
-def _cheapest_mass(col, bucket, block_n, target, force_v, force_s):
-    """Smallest set of columns (cost 1 key per row) and diagonal groups (cost block_n) whose mass reaches
-    ``target [Hs, 1]``, taking the most mass per key first; forced entries come first.  Bool masks over columns
-    [B, Hs, Lk] and groups [B, Hs, nB]."""
-    mass = torch.cat([col, bucket], -1)
-    value = torch.cat([torch.where(force_v, math.inf, col), torch.where(force_s, math.inf, bucket / block_n)], -1)
+def _cheapest_slashes(col, group_mass, block_n, target, force_v, force_s):
+    """Diagonal groups [B, h, nB] (bool) of the smallest set of columns (cost 1 key per row) and diagonal groups
+    (cost block_n) whose mass reaches ``target [h, 1]``, taking the most mass per key first, forced ones first."""
+    mass = torch.cat([col, group_mass], -1)
+    value = torch.cat([torch.where(force_v, math.inf, col), torch.where(force_s, math.inf, group_mass / block_n)],
+                      -1)
     order = value.argsort(-1, descending=True)
     sorted_mass = mass.gather(-1, order)
-    before = sorted_mass.cumsum(-1) - sorted_mass
-    keep_sorted = before < target
+    keep_sorted = (sorted_mass.cumsum(-1) - sorted_mass) < target
     keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
-    return keep[..., :col.shape[-1]], keep[..., col.shape[-1]:]
+    return keep[..., col.shape[-1]:]
