@@ -38,39 +38,43 @@ def make_qkv(w: Workload = Workload(), device="cpu"):
         raise ValueError(f"q_heads ({w.q_heads}) must be a multiple of kv_heads ({w.kv_heads})")
     gen = torch.Generator().manual_seed(w.seed)
     B, Hq, Hkv, L, D = w.batch, w.q_heads, w.kv_heads, w.seq_len, w.head_dim
-    g = Hq // Hkv
     pairs = D // 2
     n_comb, n_flat = 8, 2                                   # pairs for the periodic comb, non-rotating pairs
     n_local = pairs - n_comb - n_flat
     theta = torch.cat([10000.0 ** (-torch.arange(n_local) / n_local),
                        2 * math.pi * torch.arange(1, n_comb + 1) / w.period, torch.zeros(n_flat)])
-    # Per-head weights of each structure (query heads of one KV group differ only in how they weigh them).
-    mix = torch.rand(B, Hq, 4, generator=gen)
-    local_w = 0.6 + 1.6 * mix[..., 0]
-    comb_w = 1.2 * mix[..., 1] ** 2
-    sink_w = 1.0 + 1.5 * mix[..., 2]
-    needle_w = 0.8 + 1.2 * mix[..., 3]
 
-    k_pre = torch.randn(B, Hkv, L, pairs, 2, generator=gen) * 0.5
-    q_pre = torch.randn(B, Hq, L, pairs, 2, generator=gen) * 0.35 + 0.1
-    scale = D ** 0.25                                       # logits are divided by sqrt(D) later
-    k_pre[..., :n_local, 0] += 1.0 * scale / math.sqrt(n_local) * 3
-    k_pre[..., n_local:n_local + n_comb, 0] += scale / math.sqrt(n_comb) * 3
-    pos_all = torch.arange(L)
-    needle_pos = torch.randint(w.sinks + 1, max(L, w.sinks + 2), (B, Hkv, w.needles), generator=gen)
+    def amplitude(logit: float, n_pairs: int) -> float:
+        """Per-pair amplitude (same for q and k) giving ``logit`` after the 1/sqrt(D) scaling, at zero phase."""
+        return math.sqrt(logit * math.sqrt(D) / n_pairs)
+
+    # Peak logits of each structure; each query head weighs them (0..1) its own way, as real heads do.
+    a_local, a_comb = amplitude(14.0, n_local), amplitude(10.0, n_comb)
+    a_sink, a_needle = amplitude(16.0, 1), amplitude(13.0, 1)
+    mix = torch.rand(B, Hq, 4, generator=gen)
+    local_w = 0.55 + 0.45 * mix[..., 0]
+    comb_w = torch.where(mix[..., 1] < 0.5, 0.0, 0.6 + 0.8 * (mix[..., 1] - 0.5))
+    sink_w = 0.75 + 0.25 * mix[..., 2]
+    needle_w = 0.6 + 0.4 * mix[..., 3]
+
+    k_pre = torch.randn(B, Hkv, L, pairs, 2, generator=gen) * 0.35
+    q_pre = torch.randn(B, Hq, L, pairs, 2, generator=gen) * 0.45
     flat0, flat1 = n_local + n_comb, n_local + n_comb + 1
-    k_pre[..., :w.sinks, flat0, 0] += 4.0 * scale
-    k_pre[..., flat1, 0].scatter_add_(-1, needle_pos.clamp(max=L - 1), torch.full(needle_pos.shape, 4.0 * scale))
-    q_pre[..., :n_local, 0] += (local_w * scale / math.sqrt(n_local) * 3)[..., None, None]
-    q_pre[..., n_local:n_local + n_comb, 0] += (comb_w * scale / math.sqrt(n_comb) * 3)[..., None, None]
-    q_pre[..., flat0, 0] += (sink_w * scale)[..., None]
-    q_pre[..., flat1, 0] += (needle_w * scale)[..., None]
+    k_pre[..., :n_local, 0] += a_local
+    k_pre[..., n_local:flat0, 0] += a_comb
+    k_pre[..., :w.sinks, flat0, 0] += a_sink
+    needle_pos = torch.randint(w.sinks + 1, max(L, w.sinks + 2), (B, Hkv, w.needles), generator=gen)
+    k_pre[..., flat1, 0].scatter_add_(-1, needle_pos.clamp(max=L - 1), torch.full(needle_pos.shape, a_needle))
+    q_pre[..., :n_local, 0] += (local_w * a_local)[..., None, None]
+    q_pre[..., n_local:flat0, 0] += (comb_w * a_comb)[..., None, None]
+    q_pre[..., flat0, 0] += (sink_w * a_sink)[..., None]
+    q_pre[..., flat1, 0] += (needle_w * a_needle)[..., None]
+    pos_all = torch.arange(L)
 
     q_len = L if w.q_len is None else w.q_len
     q = _rotate(q_pre[:, :, L - q_len:], theta, pos_all[L - q_len:])
     k = _rotate(k_pre, theta, pos_all)
     v = torch.randn(B, Hkv, L, D, generator=gen)
-    del g
     return (q.to(device=device, dtype=w.dtype), k.to(device=device, dtype=w.dtype),
             v.to(device=device, dtype=w.dtype))
 

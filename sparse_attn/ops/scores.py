@@ -21,44 +21,17 @@ def last_query_probs(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float
     return torch.softmax(logits, dim=-1), pos
 
 
-def sample_masses(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float, causal: bool = True,
-                  sink=None, local=None, max_bytes: int = 256 << 20):
-    """Column mass and diagonal mass ([B, Hq, Lk] each, fp32) of the last ``last_q`` queries, and the sample size.
-
-    ``sink`` / ``local`` (long [Hq], optional): per head, the column mass leaves out the ``local`` nearest
-    diagonals and the diagonal mass leaves out the first ``sink`` keys, so an entry kept anyway is not also
-    counted for the other kind (columns and diagonals then add up to at most the sample's mass).  Computed a chunk
-    of KV heads at a time so the sample's probabilities stay under ``max_bytes``."""
-    B, Hq, Lq, _ = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    g, n = Hq // Hkv, min(last_q, Lq)
-    zeros = torch.zeros(Hq, dtype=torch.long, device=q.device)
-    sink = zeros if sink is None else sink
-    local = zeros if local is None else local
-    per_kv = max(1, max_bytes // max(B * g * n * Lk * 4, 1))
-    keys = torch.arange(Lk, device=q.device)
-    cols, diags = [], []
-    for kv0 in range(0, Hkv, per_kv):
-        kv1 = min(Hkv, kv0 + per_kv)
-        heads = slice(kv0 * g, kv1 * g)
-        probs, pos = last_query_probs(q[:, heads], k[:, kv0:kv1], last_q, scale, causal)
-        dist = pos[:, None] - keys                                                   # [n, Lk]
-        near = (dist >= 0) & (dist < local[heads, None, None])                       # [h, n, Lk]
-        cols.append(column_mass(probs.masked_fill(near, 0.0)))
-        diags.append(diagonal_mass(probs.masked_fill(keys < sink[heads, None, None], 0.0), pos))
-    return torch.cat(cols, 1), torch.cat(diags, 1), n
-
-
 def column_mass(probs: torch.Tensor) -> torch.Tensor:
     """Attention mass per key column, summed over the sample rows: [B, H, Lk]."""
     return probs.sum(-2)
 
 
-def diagonal_mass(probs: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Attention mass per distance ``d = query position - key`` (d >= 0), summed over sample rows: [B, H, Lk]."""
-    Lk = probs.shape[-1]
-    dist = pos[:, None] - torch.arange(Lk, device=probs.device)              # [n, Lk]
-    index = torch.where(dist >= 0, dist, Lk).expand_as(probs)
+def diagonal_mass(probs: torch.Tensor, pos: torch.Tensor, n_dist: int | None = None) -> torch.Tensor:
+    """Attention mass per distance ``d = query position - key`` (d >= 0), summed over sample rows, for
+    ``probs [B, H, n, K]`` over keys ``0..K-1``: [B, H, n_dist] (default n_dist = K)."""
+    Lk = probs.shape[-1] if n_dist is None else n_dist
+    dist = pos[:, None] - torch.arange(probs.shape[-1], device=probs.device)  # [n, K]
+    index = torch.where((dist >= 0) & (dist < Lk), dist, Lk).expand_as(probs)
     out = torch.zeros(*probs.shape[:2], Lk + 1, dtype=probs.dtype, device=probs.device)
     out.scatter_add_(-1, index.reshape(*probs.shape[:2], -1), probs.reshape(*probs.shape[:2], -1))
     return out[..., :Lk]

@@ -17,8 +17,9 @@ class VerticalSlash(Pattern):
     """Columns (verticals) and diagonals (slashes) with the most attention mass in the last ``last_q`` queries.
 
     * ``vertical`` / ``slash``: budgets (numbers of key columns / diagonals).  With ``gamma`` they are the maximum
-      and ``min_vertical`` / ``min_slash`` the minimum; in between, the smallest set whose estimated attention mass
-      reaches ``gamma`` (FlexPrefill's cumulative budget), taking the cheapest mass first.
+      and ``min_vertical`` / ``min_slash`` (clamped to them) the minimum; in between, the smallest set whose
+      estimated attention mass reaches ``gamma`` (FlexPrefill's cumulative budget), taking the cheapest mass first.
+      The minimum guards against a sample of ``last_q`` rows that sees less structure than the other rows need.
     * the first ``sink`` columns and the ``local`` nearest diagonals are always kept.
     * diagonals are chosen in groups of ``block_n`` neighbours (so ``slash`` is rounded up to a multiple of it): a
       rectangular tile computes a band of 64 diagonals anyway, so a lone diagonal would cost as much as its group.
@@ -28,8 +29,8 @@ class VerticalSlash(Pattern):
     slash: int = 6096
     last_q: int = 64
     gamma: float | None = None
-    min_vertical: int = 0
-    min_slash: int = 0
+    min_vertical: int = 128
+    min_slash: int = 512
     sink: int = 64
     local: int = 64
 
@@ -43,8 +44,6 @@ class VerticalSlash(Pattern):
             reasons.append(f"sink ({self.sink}) must be <= vertical ({self.vertical})")
         if self.local > self.slash:
             reasons.append(f"local ({self.local}) must be <= slash ({self.slash})")
-        if self.min_vertical > self.vertical or self.min_slash > self.slash:
-            reasons.append("min_vertical / min_slash must not exceed vertical / slash")
         return reasons
 
     def group_key(self):
@@ -73,13 +72,21 @@ class VerticalSlash(Pattern):
             if not mine:
                 continue
             probs, pos = last_query_probs(q[:, kv0 * g:kv1 * g], k[:, kv0:kv1], n, scale, causal)
-            probs = probs[:, [h - kv0 * g for h in mine]]
+            if len(mine) < (kv1 - kv0) * g:
+                probs = probs[:, [h - kv0 * g for h in mine]]
             idx = torch.tensor([where[h] for h in mine], device=dev)
             parts.append(_select(probs, pos, {name: t[idx] for name, t in prm.items()}, block_n, n_buckets,
                                  width_v, width_s))
             order.extend(where[h] for h in mine)
         inverse = torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=dev)
         verticals, v_ok, buckets, s_ok = (torch.cat(t, 1).index_select(1, inverse) for t in zip(*parts))
+
+        # Keep only as many slots as the fullest head uses (one sync): per-block work below scales with them.
+        n_v, n_s = max(int(v_ok.sum(-1).max()), 1), max(int(s_ok.sum(-1).max()), 1)
+        v_first = torch.sort((~v_ok).to(torch.int8), dim=-1, stable=True).indices[..., :n_v]
+        s_first = torch.sort((~s_ok).to(torch.int8), dim=-1, stable=True).indices[..., :n_s]
+        verticals, v_ok = verticals.gather(-1, v_first), v_ok.gather(-1, v_first)
+        buckets, s_ok = buckets.gather(-1, s_first), s_ok.gather(-1, s_first)
 
         first, last = block_row_positions(Lq, Lk, block_m, dev)                       # [nQb]
         d0 = (buckets * block_n)[:, :, None, :]                                        # [B, Hs, 1, nb]
@@ -106,17 +113,24 @@ def _select(probs, pos, prm, block_n, n_buckets, width_v, width_s):
     so the union reaches gamma of the sample's mass exactly (within the budgets).  Returns (verticals [B, h, width_v], kept, groups
     [B, h, width_s], kept)."""
     B, h, n, Lk = probs.shape
-    keys = torch.arange(Lk, device=probs.device)
-    dist = pos[:, None] - keys                                                         # [n, Lk]
+    dev = probs.device
+    keys = torch.arange(Lk, device=dev)
     sink, local = prm["sink"][:, None], prm["local"][:, None]
     force_v = keys < sink                                                              # [h, Lk]
-    force_s = torch.arange(n_buckets, device=probs.device) * block_n < local           # [h, nB]
-    near = (dist >= 0) & (dist < local[:, :, None])                                    # [h, n, Lk]
-    diag = diagonal_mass(probs.masked_fill(force_v[:, None, :], 0.0), pos)
+    force_s = torch.arange(n_buckets, device=dev) * block_n < local                    # [h, nB]
+    col_all = column_mass(probs)
+    # Column mass without the forced local band, diagonal mass without the forced sink columns, so an entry kept
+    # anyway is not counted for the other kind too.  Both bands are narrow: work on those slices only.
+    tail = max(0, int(pos[0]) - int(prm["local"].max()) + 1)
+    dist_tail = pos[:, None] - keys[tail:]
+    near = (dist_tail >= 0) & (dist_tail < local[:, :, None])                          # [h, n, Lk - tail]
+    col = col_all.clone()
+    col[..., tail:] -= column_mass(probs[..., tail:] * near)
+    n_sink = min(int(prm["sink"].max()), Lk)
+    diag = diagonal_mass(probs, pos) - diagonal_mass(probs[..., :n_sink] * force_v[:, None, :n_sink], pos, Lk)
     group_mass = torch.nn.functional.pad(diag, (0, n_buckets * block_n - Lk)).reshape(B, h, -1, block_n).sum(-1)
     gamma_mode = bool((prm["gamma"] <= 1).any())
     target = prm["gamma"] * n                                                          # [h]
-    col = column_mass(probs.masked_fill(near, 0.0))                                    # [B, h, Lk]
     chosen_s = None
     if gamma_mode:
         chosen_s = _cheapest_slashes(col, group_mass, block_n, target[:, None], force_v, force_s)
@@ -125,13 +139,14 @@ def _select(probs, pos, prm, block_n, n_buckets, width_v, width_s):
     if gamma_mode:
         # Columns keep their mass ranking (a column's mass elsewhere in the sequence is not on these diagonals),
         # but count only the mass no chosen diagonal holds, so the union reaches gamma of the sample exactly.
+        dist = pos[:, None] - keys
         group_of = torch.where(dist >= 0, dist // block_n, n_buckets).clamp(max=n_buckets)  # [n, Lk]
-        picked = torch.zeros(B, h, n_buckets + 1, dtype=torch.bool, device=probs.device)
+        picked = torch.zeros(B, h, n_buckets + 1, dtype=torch.bool, device=dev)
         picked.scatter_(-1, torch.where(s_ok, groups, n_buckets), True)
         picked[..., n_buckets] = False
-        on_slash = picked.gather(-1, group_of.reshape(1, 1, -1).expand(B, h, -1)).view(B, h, n, Lk)
-        residual = column_mass(probs.masked_fill(on_slash, 0.0))
-        covered = (probs * on_slash).sum((-1, -2))                                     # [B, h]
+        on_slash_cols = column_mass(probs * picked[:, :, group_of])                    # [B, h, Lk]
+        residual = col_all - on_slash_cols
+        covered = on_slash_cols.sum(-1)                                                # [B, h]
         order = torch.where(force_v, math.inf, col).argsort(-1, descending=True)
         mass = residual.gather(-1, order)
         reached = (mass.cumsum(-1) - mass) < (target - covered)[..., None]
