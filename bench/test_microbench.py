@@ -7,7 +7,8 @@ from sparse_attn.synthetic import Workload, make_qkv
 
 L = 8192
 PATTERNS = {"ashape": sa.AShape(sink=128, local=1024), "vs": sa.VerticalSlash(vertical=512, slash=1024),
-            "vs-gamma": sa.VerticalSlash(gamma=0.95), "block": sa.BlockSparse(top_k=16)}
+            "default": sa.DEFAULT_PATTERN,
+            "block": sa.BlockSparse(top_k=16)}
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from .synthetic import Workload, make_qkv
 PATTERNS = {
     "ashape": lambda: AShape(sink=128, local=1024),
     "vs": lambda: VerticalSlash(vertical=512, slash=1024),
-    "vs-gamma": lambda: VerticalSlash(gamma=0.95),
     "block": lambda: BlockSparse(top_k=16),
     "default": lambda: DEFAULT_PATTERN,
 }
@@ -47,10 +46,31 @@ def _flex_time(q, k, v, layout: SparseLayout, repeat: int):
     return seconds, compile_s, cover.density()
 
 
-def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=True, quality=True, out=print):
+def peak_memory_mb(fn):
+    """Peak resident memory added while ``fn`` runs, in MiB (Linux: resets VmHWM first); None elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kb("VmRSS")
+        fn()
+        return (_status_kb("VmHWM") - before) / 1024
+    except OSError:
+        return None
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(field)
+
+
+def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=True, quality=True, memory=False,
+        out=print):
     out(f"# sparse_attn bench: B=1 Hq={heads} Hkv={kv_heads} D={head_dim} fp32, {platform.processor() or 'cpu'}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    header = (f"{'pattern':<10} {'L':>6} {'density':>8} {'est ms':>8} {'attn ms':>9} {'dense ms':>9} "
+    header = (f"{'pattern':<10} {'L':>6} {'density':>8} {'est ms':>8} {'est %':>6} {'attn ms':>9} {'dense ms':>9} "
               f"{'speedup':>8} {'attn/ideal':>10} {'recall':>7} {'rel err':>8}")
     out(header)
     rows = []
@@ -67,14 +87,25 @@ def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=Tru
                        dense_ms=dense_s * 1e3, speedup=dense_s / (est_s + attn_s),
                        attn_vs_ideal=attn_s / (dense_s * density), recall=recall, rel_err=relative_error(o, ref))
             rows.append(row)
-            out(f"{name:<10} {L:>6} {density:>8.3f} {row['est_ms']:>8.1f} {row['attn_ms']:>9.1f} "
+            out(f"{name:<10} {L:>6} {density:>8.3f} {row['est_ms']:>8.1f} {100 * est_s / (est_s + attn_s):>5.1f}% "
+                f"{row['attn_ms']:>9.1f} "
                 f"{row['dense_ms']:>9.1f} {row['speedup']:>7.2f}x {row['attn_vs_ideal']:>10.2f} {recall:>7.3f} "
                 f"{row['rel_err']:>8.4f}")
             if flex and name == patterns[0]:
                 flex_s, compile_s, flex_density = _flex_time(q, k, v, layout, repeat)
-                out(f"{'  flex':<10} {L:>6} {flex_density:>8.3f} {'':>8} {flex_s * 1e3:>9.1f} {dense_s * 1e3:>9.1f} "
+                out(f"{'  flex':<10} {L:>6} {flex_density:>8.3f} {'':>8} {'':>6} {flex_s * 1e3:>9.1f} "
+                    f"{dense_s * 1e3:>9.1f} "
                     f"{dense_s / flex_s:>7.2f}x {'':>10} {'':>7} {'':>8}   (FlexAttention compiled on the "
                     f"{name} layout's block cover; compile {compile_s:.1f} s)")
+    if memory:
+        L = max(lengths)
+        q, k, v = make_qkv(Workload(q_heads=heads, kv_heads=kv_heads, seq_len=L, head_dim=head_dim))
+        from .prefill import sparse_prefill
+        sparse_mb = peak_memory_mb(lambda: sparse_prefill(q, k, v, PATTERNS[patterns[0]]()))
+        dense_mb = peak_memory_mb(lambda: dense_attention(q, k, v))
+        out(f"peak memory added at L={L}: sparse_prefill ({patterns[0]}) {sparse_mb:.0f} MiB, dense SDPA "
+            f"{dense_mb:.0f} MiB; inputs {3 * q.numel() * 4 / 2 ** 20:.0f} MiB; one L x L fp32 score matrix "
+            f"{L * L * 4 / 2 ** 20:.0f} MiB")
     out("speedup = dense / (estimate + attention); attn/ideal = attention time / (dense time x density); "
         "recall = attention mass kept (mean over query rows); rel err = ||out - dense|| / ||dense||")
     return rows
@@ -83,7 +114,7 @@ def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=Tru
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m sparse_attn bench", description=__doc__)
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192])
-    parser.add_argument("--patterns", nargs="+", default=["ashape", "vs", "vs-gamma", "block"],
+    parser.add_argument("--patterns", nargs="+", default=["vs", "default", "ashape", "block"],
                         choices=sorted(PATTERNS))
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=2)
@@ -91,6 +122,7 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=1, help="best of N timings")
     parser.add_argument("--no-flex", action="store_true", help="skip the compiled FlexAttention peer row")
     parser.add_argument("--no-quality", action="store_true", help="skip the attention-mass recall")
+    parser.add_argument("--memory", action="store_true", help="peak memory of sparse_prefill vs dense at max L")
     args = parser.parse_args(argv)
     run(args.lengths, args.patterns, args.heads, args.kv_heads, args.head_dim, args.repeat, not args.no_flex,
-        not args.no_quality)
+        not args.no_quality, args.memory)

@@ -11,8 +11,8 @@ from .ops.checks import check_attention_inputs, check_layout_matches, resolve_sc
 from .ops.torch_sparse import torch_sparse_attention
 from .patterns import Dense, Pattern, VerticalSlash
 
-#: Pattern used when ``pattern=None``: cumulative-mass vertical-slash, capped at MInference's budgets.
-DEFAULT_PATTERN = VerticalSlash(vertical=1000, slash=6096, gamma=0.95)
+#: Pattern used when ``pattern=None``: cumulative-mass vertical-slash (gamma 0.95), within MInference's budgets.
+DEFAULT_PATTERN = VerticalSlash(gamma=0.95)
 #: Key lengths below this run dense attention in `sparse_prefill` (sparse would not pay for its estimate).
 DENSE_BELOW = 4096
 BACKENDS = ("auto", "torch")

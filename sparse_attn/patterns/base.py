@@ -5,7 +5,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ..layout import SparseLayout
+from ..layout import SparseLayout, keys_in_tiles
+from ..ops.index_build import compact, ranges_to_tiles
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,6 @@ def per_head(patterns: list, name: str, device) -> torch.Tensor:
 def layout_from_ranges(starts, ends, columns, column_keep, *, q_len, k_len, block_m, block_n, max_tiles):
     """Layout of tiles covering key ranges ``[starts, ends)`` [B, Hs, nQb, R] plus the columns
     ``columns [B, Hs, nQb, V]`` (where ``column_keep``) that no tile covers."""
-    from ..layout import keys_in_tiles
-    from ..ops.index_build import compact, ranges_to_tiles
-
     count, offsets = ranges_to_tiles(starts, ends, block_n, max_tiles)
     if columns is None or columns.shape[-1] == 0:
         B, H, n_qb = count.shape
