@@ -321,3 +321,10 @@ def test_invalid_patterns_are_rejected(make, name):
 def test_gamma_one_is_allowed():
     sa.VerticalSlash(gamma=1.0)
     sa.BlockSparse(gamma=1.0)
+
+
+def test_ranges_to_tiles_with_no_ranges():
+    from sparse_attn.ops.index_build import ranges_to_tiles
+    empty = torch.zeros(2, 0, dtype=torch.long)
+    count, offsets = ranges_to_tiles(empty, empty, 64, 3)
+    assert count.tolist() == [0, 0] and offsets.shape == (2, 3)

@@ -311,3 +311,11 @@ def test_no_quadratic_allocation(pattern):
     assert layout.density() < 0.1
     # an L x L matrix of any dtype, even bool, is >= L * L bytes; O(L x budget) work stays far below that
     assert probe.largest < L * L, f"{probe.op} returned {probe.largest / 2 ** 20:.0f} MiB (L x L bool = 64 MiB)"
+
+
+def test_empty_query_gives_empty_output():
+    q, k, v = make_qkv(1, 2, 1, 0, 10, 16)
+    zero = torch.zeros(1, 2, 0, dtype=torch.int32)
+    layout = sa.SparseLayout(zero, zero[..., None], zero, zero[..., None], q_len=0, k_len=10)
+    out, lse = sa.sparse_attention(q, k, v, layout, return_lse=True)
+    assert out.shape == (1, 2, 0, 16) and lse.shape == (1, 2, 0)

@@ -17,6 +17,9 @@ def ranges_to_tiles(starts: torch.Tensor, ends: torch.Tensor, block_n: int, max_
     must bound the true count (e.g. ``ceil(k_len / block_n) + 1``); extra tiles would be dropped."""
     lead = starts.shape[:-1]
     R = starts.shape[-1]
+    if R == 0 or max_tiles == 0:
+        return (torch.zeros(lead, dtype=torch.int32, device=starts.device),
+                torch.zeros(*lead, max_tiles, dtype=torch.int32, device=starts.device))
     valid = ends > starts
     s = torch.where(valid, starts, _BIG)
     order = s.argsort(-1)
@@ -35,9 +38,9 @@ def ranges_to_tiles(starts: torch.Tensor, ends: torch.Tensor, block_n: int, max_
     g_start, g_end = g_start[..., :R], g_end[..., :R]
     n_tiles = torch.where(g_start < _BIG, (g_end - g_start + block_n - 1) // block_n, 0)
     cum = n_tiles.cumsum(-1)
-    total = cum[..., -1] if R else torch.zeros(lead, dtype=s.dtype, device=s.device)
+    total = cum[..., -1]
     p = torch.arange(max_tiles, device=s.device).expand(*lead, max_tiles).contiguous()
-    g = torch.searchsorted(cum.contiguous(), p, right=True).clamp(max=max(R - 1, 0))
+    g = torch.searchsorted(cum.contiguous(), p, right=True).clamp(max=R - 1)
     first_tile = cum.gather(-1, g) - n_tiles.gather(-1, g)
     offsets = g_start.gather(-1, g) + block_n * (p - first_tile)
     used = p < total[..., None]

@@ -50,6 +50,9 @@ def torch_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     dev = q.device
     n_blocks = B * Hq * n_qb
+    if n_blocks == 0:
+        out = q.new_zeros(B, Hq, Lq, D)
+        return (out, torch.full((B, Hq, Lq), float("-inf"), device=dev)) if return_lse else out
 
     q_blocks = torch.nn.functional.pad(q.to(work), (0, 0, 0, n_qb * bm - Lq)).reshape(n_blocks, bm, D)
     k_rows = k.to(work).reshape(B * Hkv * Lk, D)
