@@ -15,7 +15,7 @@ from .patterns import Dense, Pattern, VerticalSlash
 DEFAULT_PATTERN = VerticalSlash(gamma=0.95)
 #: Key lengths below this run dense attention in `sparse_prefill` (sparse would not pay for its estimate).
 DENSE_BELOW = 4096
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "flex")
 
 
 def _patterns_per_head(pattern, n_heads: int) -> list[Pattern]:
@@ -83,7 +83,9 @@ def sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True, scal
     if check_layout:
         layout.check_indices()
     scale = resolve_scale(scale, q.shape[-1])
-    _resolve_backend(backend, q)
+    if _resolve_backend(backend, q) == "flex":
+        from .ops.flex import flex_sparse_attention
+        return flex_sparse_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse)
     return torch_sparse_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse)
 
 
@@ -116,6 +118,7 @@ def dense_attention(q, k, v, *, causal: bool = True, scale=None):
 
 
 def _resolve_backend(backend: str, q) -> str:
+    """"auto" -> "torch" (the GPU kernels are not there yet; "flex" compiles per shape, so it is opt-in)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return "torch"
+    return "torch" if backend == "auto" else backend
