@@ -167,15 +167,18 @@ class SparseLayout:
         if (q_len, k_len) != (self.q_len, self.k_len):
             raise ValueError(f"to_mask: layout was built for q_len={self.q_len}, k_len={self.k_len}, "
                              f"got q_len={q_len}, k_len={k_len}")
-        B, H, n_qb = self.block_count.shape
-        keys = torch.arange(k_len, device=self.device)
-        offsets, valid_o = self.sorted_offsets()
-        in_tile = self.covered_by_tiles(keys.expand(B, H, n_qb, k_len), offsets, valid_o)
-        columns, valid_c = self.sorted_columns()
-        in_col = torch.zeros(B, H, n_qb, k_len + 1, dtype=torch.bool, device=self.device)
-        in_col.scatter_(-1, torch.where(valid_c, columns, k_len), True)
-        block_mask = in_tile | in_col[..., :k_len]
-        return block_mask.repeat_interleave(self.block_m, dim=2)[:, :, :q_len]
+        return self.block_key_mask().repeat_interleave(self.block_m, dim=2)[:, :, :q_len]
+
+    def block_key_mask(self, blocks: slice = slice(None)) -> torch.Tensor:
+        """Bool ``[B, H, n, k_len]``: the keys each query block of ``blocks`` lists (tiles and columns, without
+        the causal mask).  O(n x k_len) memory: pass a slice of blocks to bound it."""
+        offsets, valid_o = _sorted_valid(self.block_offset[:, :, blocks], self.block_count[:, :, blocks])
+        columns, valid_c = _sorted_valid(self.column_index[:, :, blocks], self.column_count[:, :, blocks])
+        B, H, n = offsets.shape[:3]
+        keys = torch.arange(self.k_len, device=self.device).expand(B, H, n, self.k_len)
+        in_col = torch.zeros(B, H, n, self.k_len + 1, dtype=torch.bool, device=self.device)
+        in_col.scatter_(-1, torch.where(valid_c, columns, self.k_len), True)
+        return self.covered_by_tiles(keys, offsets, valid_o) | in_col[..., :self.k_len]
 
     def key_counts(self, causal: bool = True) -> torch.Tensor:
         """Keys each query block computes, int64 ``[B, H, nQb]``: tile keys within the sequence plus columns,
@@ -257,7 +260,7 @@ class SparseLayout:
                              f"block sizes ({block_m}, {block_n}); got {tuple(block_mask.shape)}")
         mask = block_mask.bool()
         count = mask.sum(-1, dtype=torch.int32)
-        order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices   # chosen blocks first, ascending
+        order = kept_first(mask)                                   # chosen blocks first, ascending
         max_blocks = max(int(count.max().item()) if count.numel() else 0, 1)
         offsets = (order[..., :max_blocks] * block_n).to(torch.int32)
         B, H = mask.shape[:2]
@@ -289,7 +292,7 @@ class SparseLayout:
         full, partial = blocks & no_mask, blocks & ~no_mask
 
         def as_indices(mask):
-            order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+            order = kept_first(mask).to(torch.int32)
             return mask.sum(-1, dtype=torch.int32), order.contiguous()
 
         def block_membership(b, h, q_idx, kv_idx):
@@ -344,6 +347,13 @@ def keys_in_tiles(keys: torch.Tensor, offsets: torch.Tensor, valid: torch.Tensor
     pos_c = pos.clamp(min=0)
     start = offsets.gather(-1, pos_c)
     return (pos >= 0) & valid.gather(-1, pos_c) & (keys >= start) & (keys < start + block_n)
+
+
+def kept_first(keep: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """Indices along the last dim that put the True entries of ``keep`` first, each group in its original order
+    (cut to ``width``)."""
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices
+    return order if width is None else order[..., :width]
 
 
 def _sorted_valid(values: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ..layout import kept_first
+
 _BIG = torch.iinfo(torch.int64).max // 4
 
 
@@ -51,7 +53,7 @@ def ranges_to_tiles(starts: torch.Tensor, ends: torch.Tensor, block_n: int, max_
 def compact(values: torch.Tensor, keep: torch.Tensor, width: int):
     """Move the kept entries of ``values [..., n]`` to the front (order kept) and cut to ``width``: returns
     ``count [...]`` (int32) and ``values [..., width]`` (int32, padding 0)."""
-    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :width]
+    order = kept_first(keep, width)
     kept = keep.gather(-1, order)
     count = keep.sum(-1).clamp(max=width).to(torch.int32)
     return count, torch.where(kept, values.gather(-1, order), 0).to(torch.int32)

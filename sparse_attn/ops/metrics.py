@@ -3,20 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import SparseLayout, keys_in_tiles
-
-
-def _chunk_membership(layout: SparseLayout, blocks: slice) -> torch.Tensor:
-    """Bool [B, H, n_blocks_in_slice, Lk]: keys listed by each query block of the slice."""
-    offsets, valid_o = layout.sorted_offsets()
-    columns, valid_c = layout.sorted_columns()
-    offsets, valid_o, columns, valid_c = (t[:, :, blocks] for t in (offsets, valid_o, columns, valid_c))
-    B, H, n = offsets.shape[:3]
-    keys = torch.arange(layout.k_len, device=layout.device).expand(B, H, n, layout.k_len)
-    member = keys_in_tiles(keys, offsets, valid_o, layout.block_n)
-    cols = torch.zeros(B, H, n, layout.k_len + 1, dtype=torch.bool, device=layout.device)
-    cols.scatter_(-1, torch.where(valid_c, columns, layout.k_len), True)
-    return member | cols[..., :layout.k_len]
+from ..layout import SparseLayout
 
 
 def attention_recall(q, k, layout: SparseLayout, *, causal: bool = True, scale=None, rows_per_chunk: int = 512):
@@ -36,7 +23,7 @@ def attention_recall(q, k, layout: SparseLayout, *, causal: bool = True, scale=N
             pos = torch.arange(r0, r1, device=q.device) + (Lk - Lq)
             logits.masked_fill_(torch.arange(Lk, device=q.device) > pos[:, None], float("-inf"))
         probs = torch.softmax(logits, -1)
-        member = _chunk_membership(layout, slice(r0 // bm, -(-r1 // bm)))
+        member = layout.block_key_mask(slice(r0 // bm, -(-r1 // bm)))
         member = member.repeat_interleave(bm, dim=2)[:, :, :r1 - r0]
         total += float((probs * member).sum())
     return total / (B * Hq * Lq)

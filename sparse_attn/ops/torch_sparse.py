@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import SparseLayout
+from ..layout import SparseLayout, kept_first
 from .merge import merge_partials
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -114,7 +114,7 @@ def _main_keys(blocks, offsets, tile_count, columns, col_count, limit, kv_base, 
     allowed &= (keys < limit[blocks, None]) & (keys < Lk)
     counts = allowed.sum(1)
     width = max(int(counts.max()), 1)
-    keep = torch.sort((~allowed).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    keep = kept_first(allowed, width)
     keys, allowed = keys.gather(1, keep), allowed.gather(1, keep)
     flat = kv_base[blocks, None] + keys.clamp(min=0, max=Lk - 1)          # padding may hold any value
     bias = torch.zeros(allowed.shape, dtype=work, device=dev).masked_fill_(~allowed, float("-inf"))

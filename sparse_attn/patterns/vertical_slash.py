@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..layout import kept_first
 from ..ops.index_build import block_row_positions
 from ..ops.scores import column_mass, diagonal_mass, last_query_probs
 from .base import Pattern, layout_from_ranges, per_head, tile_bound
@@ -83,8 +84,8 @@ class VerticalSlash(Pattern):
 
         # Keep only as many slots as the fullest head uses (one sync): per-block work below scales with them.
         n_v, n_s = max(int(v_ok.sum(-1).max()), 1), max(int(s_ok.sum(-1).max()), 1)
-        v_first = torch.sort((~v_ok).to(torch.int8), dim=-1, stable=True).indices[..., :n_v]
-        s_first = torch.sort((~s_ok).to(torch.int8), dim=-1, stable=True).indices[..., :n_s]
+        v_first = kept_first(v_ok, n_v)
+        s_first = kept_first(s_ok, n_s)
         verticals, v_ok = verticals.gather(-1, v_first), v_ok.gather(-1, v_first)
         buckets, s_ok = buckets.gather(-1, s_first), s_ok.gather(-1, s_first)
 
