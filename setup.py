@@ -1,11 +1,13 @@
 from setuptools import find_packages, setup
 
 extras = {
-    "hf": ["transformers>=4.53"],
+    "hf": ["transformers>=4.53", "tqdm"],
     "retrieval": ["faiss-cpu", "numpy"],
     "cuda": ["triton", "cupy-cuda12x"],
     "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
-    "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy"],
+    # the test run covers every optional path that works without a GPU (Triton runs under TRITON_INTERPRET=1)
+    "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy", "transformers>=4.53", "triton", "faiss-cpu",
+             "tqdm", "matplotlib"],
 }
 extras["all"] = sorted({pkg for group in extras.values() for pkg in group})
 

@@ -1,19 +1,34 @@
-"""Command line: ``python -m sparse_attn bench [options]``."""
+"""Command line: ``python -m sparse_attn <command> [options]``.
+
+Each command lives in its own module with a ``main(argv)``; it is imported only when asked for, so a command's
+optional dependencies (transformers, faiss) are never needed by the others.
+"""
+import importlib
 import sys
+
+#: command -> (module relative to this package, one-line help)
+COMMANDS = {
+    "bench": (".bench", "sparse vs dense attention on the synthetic workload (a table)"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: python -m sparse_attn <command> [options]   (<command> --help for its options)"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m sparse_attn bench [--lengths L ...] [--patterns ...] [--no-flex]\n"
-              "  bench   sparse vs dense attention on the synthetic workload (a table)")
+        print(_usage())
         return 0
-    if argv[0] == "bench":
-        from .bench import main as bench_main
-        bench_main(argv[1:])
-        return 0
-    print(f"unknown command {argv[0]!r}; try: python -m sparse_attn bench", file=sys.stderr)
-    return 2
+    if argv[0] not in COMMANDS:
+        print(f"unknown command {argv[0]!r}\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[argv[0]][0], __package__)
+    result = module.main(argv[1:])
+    return 0 if result is None else result
 
 
 if __name__ == "__main__":
