@@ -1,9 +1,9 @@
 """Sparse attention over a SparseLayout with plain torch ops: the CPU path (and a fallback on any device).
 
 Each query block (``block_m`` rows of one batch row and head) gathers the keys its tiles and columns list and
-attends to them in one fused call.  With ``causal`` this *main part* takes the keys up to the block's first row
-(the same for every row, so a per-block mask suffices) and a *diagonal part* takes the at most ``block_m - 1``
-contiguous keys after it with a per-row mask; the two are merged by LSE.  Blocks are processed in chunks sorted
+attends to them in one fused call.  With ``causal`` this *main part* takes the keys before the block's first row
+(the same for every row, so a per-block mask suffices) and a *diagonal part* takes the ``block_m`` contiguous
+keys from there on with the causal triangle; the two are merged by LSE.  Blocks are processed in chunks sorted
 by key count, so the padding of a chunk is small; memory is O(chunk x keys per block), never O(Lq x Lk).
 The readable per-key definition is `ops.reference.reference_attention` with `SparseLayout.to_mask`.
 """
@@ -17,24 +17,34 @@ from .merge import merge_partials
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def _attend(q, k_sel, v_sel, bias, scale):
+def _attend(q, k_sel, v_sel, bias, scale, empty=None):
     """Attention of ``q [n, bm, D]`` over ``k_sel, v_sel [n, U, D]`` with additive mask ``bias`` (0 / -inf,
-    [n, U] or [n, bm, U]): (out [n, bm, D], lse [n, bm]); rows with no allowed key give 0 and -inf.  On the CPU
-    this is PyTorch's fused flash kernel with a broadcast mask (scores stay in cache); elsewhere matmul +
-    softmax."""
+    [n, U] or [n, bm, U]; None with ``U == bm`` for the top-left causal triangle, row r seeing keys 0..r):
+    (out [n, bm, D], lse [n, bm]); rows with no allowed key give 0 and -inf.  ``empty [n, bm]`` marks those rows
+    when the caller knows them (else they are found from ``bias``).  On the CPU this is PyTorch's fused flash
+    kernel with a broadcast mask (scores stay in cache); elsewhere matmul + softmax."""
     n, bm, D = q.shape
     U = k_sel.shape[1]
-    bias = bias if bias.dim() == 3 else bias[:, None, :]
+    if bias is not None and bias.dim() == 2:
+        bias = bias[:, None, :]
+    if empty is None:
+        empty = (torch.zeros(n, bm, dtype=torch.bool, device=q.device) if bias is None
+                 else torch.isinf(bias).all(-1).expand(n, bm))
     if _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype == torch.float32:
-        out, lse = _FLASH_CPU(q[:, None], k_sel[:, None], v_sel[:, None],
-                              attn_mask=bias[:, None].expand(n, 1, bm, U), scale=scale)
-        out, lse = out[:, 0], lse[:, 0]
-    else:
-        scores = torch.matmul(q, k_sel.transpose(1, 2)).mul_(scale).add_(bias)
-        lse = torch.logsumexp(scores, -1)
-        out = torch.matmul(torch.exp(scores - lse[..., None]), v_sel)
-    empty = torch.isinf(bias).all(-1).expand(n, bm)
-    return out.masked_fill(empty[..., None], 0.0), lse.to(q.dtype).masked_fill(empty, float("-inf"))
+        # the kernel returns output 0 (and lse 0) for a row with every key masked: only the lse needs fixing
+        if bias is None:
+            out, lse = _FLASH_CPU(q[:, None], k_sel[:, None], v_sel[:, None], is_causal=True, scale=scale)
+        else:
+            out, lse = _FLASH_CPU(q[:, None], k_sel[:, None], v_sel[:, None],
+                                  attn_mask=bias[:, None].expand(n, 1, bm, U), scale=scale)
+        return out[:, 0], lse[:, 0].masked_fill(empty, float("-inf"))
+    if bias is None:
+        bias = torch.zeros(bm, U, dtype=q.dtype, device=q.device).masked_fill_(
+            torch.ones(bm, U, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
+    scores = torch.matmul(q, k_sel.transpose(1, 2)).mul_(scale).add_(bias)
+    lse = torch.logsumexp(scores, -1)
+    out = torch.matmul(torch.exp(scores - lse[..., None]), v_sel)
+    return out.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, float("-inf"))
 
 
 def torch_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True, scale: float,
@@ -60,7 +70,7 @@ def torch_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True
     bh = torch.arange(B * Hq, device=dev).repeat_interleave(n_qb)
     kv_base = ((bh // Hq) * Hkv + (bh % Hq) // (Hq // Hkv)) * Lk                    # first key row, per block
     first_pos = (torch.arange(n_qb, device=dev) * bm + (Lk - Lq)).repeat(B * Hq)     # position of row 0
-    limit = first_pos + 1 if causal else torch.full_like(first_pos, Lk)              # main part: keys < limit
+    limit = first_pos if causal else torch.full_like(first_pos, Lk)                  # main part: keys < limit
     tile_count = layout.block_count.reshape(-1).long()
     col_count = layout.column_count.reshape(-1).long()
     offsets = layout.block_offset.reshape(n_blocks, -1).long()
@@ -76,8 +86,9 @@ def torch_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True
         # Index work for a batch of blocks at once (bounded memory), then small gather + kernel steps that keep
         # the gathered keys in cache.
         batch = order[start:start + max(1, (64 << 20) // (16 * max(widths[start], 1)))]
-        flat, bias, counts = _main_keys(batch, offsets, tile_count, columns, col_count, limit, kv_base, Lk, bn,
-                                        work)
+        flat, bias, count_t = _main_keys(batch, offsets, tile_count, columns, col_count, limit, kv_base, Lk, bn,
+                                         work)
+        counts = count_t.tolist()
         s = 0
         while s < batch.shape[0]:
             n = max(1, chunk_bytes // (2 * 4 * D * counts[s] + 4 * bm * D))
@@ -85,12 +96,13 @@ def torch_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True
             n = blocks.shape[0]
             width = max(max(counts[s:s + n]), 1)
             idx = flat[s:s + n, :width].reshape(-1)
+            empty = (count_t[s:s + n] == 0)[:, None].expand(n, bm)
             out[blocks], lse[blocks] = _attend(q_blocks[blocks], k_rows.index_select(0, idx).view(n, width, D),
                                                v_rows.index_select(0, idx).view(n, width, D),
-                                               bias[s:s + n, :width], scale)
+                                               bias[s:s + n, :width], scale, empty)
             s += n
         start += batch.shape[0]
-    if causal and bm > 1:
+    if causal:
         out, lse = _add_diagonal(out, lse, q_blocks, k_rows, v_rows, layout, kv_base, first_pos, scale,
                                  chunk_bytes)
 
@@ -103,7 +115,7 @@ def torch_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True
 def _main_keys(blocks, offsets, tile_count, columns, col_count, limit, kv_base, Lk, bn, work):
     """For each block: the key rows to gather (flat indices into the [B * Hkv * Lk] key rows) and the additive
     mask (0 / -inf) of the main part, compacted so that only keys some row may see come first: ([n, W], [n, W],
-    the number of such keys per block as a list)."""
+    the number of such keys per block [n])."""
     dev = blocks.device
     nt, nc = int(tile_count[blocks].max()), int(col_count[blocks].max())
     tile_keys = (offsets[blocks, :nt, None] + torch.arange(bn, device=dev)).reshape(blocks.shape[0], -1)
@@ -118,33 +130,46 @@ def _main_keys(blocks, offsets, tile_count, columns, col_count, limit, kv_base, 
     keys, allowed = keys.gather(1, keep), allowed.gather(1, keep)
     flat = kv_base[blocks, None] + keys.clamp(min=0, max=Lk - 1)          # padding may hold any value
     bias = torch.zeros(allowed.shape, dtype=work, device=dev).masked_fill_(~allowed, float("-inf"))
-    return flat, bias, counts.tolist()
+    return flat, bias, counts
 
 
 def _add_diagonal(out, lse, q_blocks, k_rows, v_rows, layout, kv_base, first_pos, scale, chunk_bytes):
-    """Merge in, per block, the listed keys after its first row (row r sees those at or before its position)."""
+    """Merge in, per block, the listed keys from its first row's position on (row r sees those at or before
+    its own position, first_pos + r).  Blocks that list all of these keys (the common case: a local band) take
+    the kernel's own causal mask; the others a per-row mask."""
     n_blocks, bm, D = q_blocks.shape
     Lk, dev = layout.k_len, q_blocks.device
     offsets, valid_o = layout.sorted_offsets()
     columns, valid_c = layout.sorted_columns()
     offsets, valid_o = offsets.reshape(n_blocks, -1), valid_o.reshape(n_blocks, -1)
     columns, valid_c = columns.reshape(n_blocks, -1), valid_c.reshape(n_blocks, -1)
-    step = torch.arange(1, bm, device=dev)
-    visible = step[None, :] <= torch.arange(bm, device=dev)[:, None]                 # [bm, bm - 1]
+    step = torch.arange(bm, device=dev)
+    visible = step[None, :] <= step[:, None]                                         # [bm, bm]: key u <= row r
     per_chunk = max(1, chunk_bytes // (4 * bm * bm * 4))
     for s in range(0, n_blocks, per_chunk):
         sl = slice(s, s + per_chunk)
-        keys = first_pos[sl, None] + step                                             # [n, bm - 1]
+        keys = first_pos[sl, None] + step                                             # [n, bm]
         listed = layout.covered_by_tiles(keys, offsets[sl], valid_o[sl])
         if columns.shape[-1]:
             pos = torch.searchsorted(columns[sl].contiguous(), keys).clamp(max=columns.shape[-1] - 1)
             listed |= valid_c[sl].gather(-1, pos) & (columns[sl].gather(-1, pos) == keys)
-        listed &= keys < Lk
+        beyond = keys >= Lk                               # seen by padding rows only: any value will do
+        full = (listed | beyond).all(-1)
+        listed &= ~beyond
         flat = (kv_base[sl, None] + keys.clamp(max=Lk - 1)).reshape(-1)
         n = keys.shape[0]
-        allowed = listed[:, None, :] & visible
-        bias = torch.zeros(allowed.shape, dtype=q_blocks.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
-        o, l = _attend(q_blocks[sl], k_rows.index_select(0, flat).view(n, bm - 1, D),
-                       v_rows.index_select(0, flat).view(n, bm - 1, D), bias, scale)
+        k_sel, v_sel = k_rows.index_select(0, flat).view(n, bm, D), v_rows.index_select(0, flat).view(n, bm, D)
+        q_sel = q_blocks[sl]
+        if bool(full.all()):
+            o, l = _attend(q_sel, k_sel, v_sel, None, scale)
+        else:
+            o = torch.empty(n, bm, D, dtype=q_blocks.dtype, device=dev)
+            l = torch.empty(n, bm, dtype=q_blocks.dtype, device=dev)
+            whole, partial = full.nonzero().squeeze(1), (~full).nonzero().squeeze(1)
+            if whole.numel():
+                o[whole], l[whole] = _attend(q_sel[whole], k_sel[whole], v_sel[whole], None, scale)
+            allowed = listed[partial, None, :] & visible
+            bias = torch.zeros(allowed.shape, dtype=o.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
+            o[partial], l[partial] = _attend(q_sel[partial], k_sel[partial], v_sel[partial], bias, scale)
         out[sl], lse[sl] = merge_partials([out[sl], o], [lse[sl], l])
     return out, lse
