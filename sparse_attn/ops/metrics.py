@@ -32,3 +32,37 @@ def attention_recall(q, k, layout: SparseLayout, *, causal: bool = True, scale=N
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in fp32."""
     return float((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30))
+
+
+def attention_recall_per_head(q, k, layouts, *, causal: bool = True, scale=None, max_bytes: int = 128 << 20):
+    """Dense attention mass on each layout's keys, per query head: fp32 ``[len(layouts), Hq]``, the mean over batch
+    rows and query rows.  ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]``; every layout is ``[B, Hq]`` over (Lq, Lk)
+    with the same ``block_m``.  The dense probabilities of a chunk of query blocks (at most ``max_bytes`` of them)
+    are computed once and summed per query block, so each layout costs one ``[B, Hq, blocks, Lk]`` product."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if not layouts:
+        return torch.zeros(0, Hq, device=q.device)
+    bm = layouts[0].block_m
+    if any(lay.block_m != bm or (lay.q_len, lay.k_len) != (Lq, Lk) for lay in layouts):
+        raise ValueError(f"layouts must all have block_m={bm} and (q_len, k_len)=({Lq}, {Lk})")
+    scale = D ** -0.5 if scale is None else scale
+    g = Hq // Hkv
+    step = max(1, max_bytes // max(B * Hq * bm * Lk * 4, 1)) * bm
+    total = torch.zeros(len(layouts), Hq, dtype=torch.float64, device=q.device)
+    kf = k.float()
+    for r0 in range(0, Lq, step):
+        r1 = min(Lq, r0 + step)
+        n = r1 - r0
+        qc = q[:, :, r0:r1].float().reshape(B, Hkv, g, n, D)
+        logits = torch.einsum("bhgqd,bhkd->bhgqk", qc, kf).reshape(B, Hq, n, Lk) * scale
+        if causal:
+            pos = torch.arange(r0, r1, device=q.device) + (Lk - Lq)
+            logits.masked_fill_(torch.arange(Lk, device=q.device) > pos[:, None], float("-inf"))
+        probs = torch.softmax(logits, -1)
+        blocks = -(-n // bm)
+        probs = torch.nn.functional.pad(probs, (0, 0, 0, blocks * bm - n)).reshape(B, Hq, blocks, bm, Lk).sum(3)
+        chunk = slice(r0 // bm, r0 // bm + blocks)
+        for i, lay in enumerate(layouts):
+            total[i] += (probs * lay.block_key_mask(chunk)).sum((0, 2, 3)).double()
+    return (total / max(B * Lq, 1)).float()
