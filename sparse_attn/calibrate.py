@@ -273,7 +273,8 @@ def capture_attention(model, on_layer):
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "_attn_implementation"):
         raise ValueError(f"model ({type(model).__name__}) is not a transformers model with an attention registry")
-    if hasattr(model, "_can_set_attn_implementation") and not model._can_set_attn_implementation():
+    can_set = getattr(type(model), "_can_set_attn_implementation", None)
+    if not getattr(model, "_supports_attention_backend", True) or (can_set is not None and not can_set()):
         raise ValueError(f"{type(model).__name__} does not dispatch attention through transformers' "
                          f"AttentionInterface, so its queries and keys cannot be recorded")
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
@@ -301,7 +302,9 @@ def capture_attention(model, on_layer):
 
 
 def _set_implementation(model, name):
-    if hasattr(model, "set_attn_implementation"):
+    if name is None:                                      # the model had not resolved one yet: leave it unresolved
+        model.config._attn_implementation_internal = None
+    elif hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(name)
     else:                                                 # older transformers: the config decides per call
         model.config._attn_implementation = name
@@ -310,7 +313,7 @@ def _set_implementation(model, name):
 def model_shape(model) -> tuple[int, int]:
     """(layers, query heads per layer) of a transformers decoder model, from its (text) config."""
     cfg = model.config
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    cfg = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
     return cfg.num_hidden_layers, cfg.num_attention_heads
 
 
@@ -406,7 +409,8 @@ def main(argv=None):
     parser.add_argument("--fallback", choices=("dense", "best"), default="dense",
                         help="a head no candidate serves: run it dense, or take the best-recall candidate")
     parser.add_argument("--block-size", type=int, default=64, help="block_m = block_n of the layouts")
-    parser.add_argument("--no-length-scaling", action="store_true", help="write fixed budgets (no reference_length)")
+    parser.add_argument("--no-length-scaling", action="store_true",
+                        help="write fixed budgets (no reference_length; always so with --format minference)")
     parser.add_argument("-o", "--output", default="sparse_config.json")
     parser.add_argument("--format", choices=("sparse_attn", "minference"), default="sparse_attn")
     parser.add_argument("--plot", help="write a PNG of the chosen patterns per layer/head")
@@ -419,8 +423,10 @@ def main(argv=None):
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     candidates = parse_candidates(args.candidates) if args.candidates else None
+    # The MInference schema has no reference length: its budgets are fixed.
+    scale_with_length = not args.no_length_scaling and args.format == "sparse_attn"
     common = dict(target=args.target, fallback=args.fallback, block_m=args.block_size, block_n=args.block_size,
-                  scale_with_length=not args.no_length_scaling, progress=not args.no_progress)
+                  scale_with_length=scale_with_length, progress=not args.no_progress)
 
     if args.synthetic:
         from .synthetic import Workload, make_qkv
