@@ -59,3 +59,53 @@ def test_unsupported_specialisation_fails_to_compile(tmp_path):
            "-o", str(tmp_path / "x.ptx")]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode != 0 and "multiple of 16" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- NVRTC
+def _nvrtc():
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+        nvrtc.getVersion()
+        return nvrtc
+    except Exception:                     # CuPy or libnvrtc absent
+        return None
+
+
+needs_nvrtc = pytest.mark.skipif(_nvrtc() is None, reason="CuPy's NVRTC is not loadable (install cupy-cuda12x "
+                                                           "and nvidia-cuda-nvrtc-cu12): NVRTC compile check skipped")
+
+
+@needs_nvrtc
+def test_every_specialisation_compiles_with_nvrtc():
+    """What the loader runs on a GPU machine: NVRTC, no headers (-G: unoptimised PTX, fast; same front end)."""
+    nvrtc = _nvrtc()
+    failed = []
+    for name, specs in kernel_specialisations().items():
+        source = (CSRC / name).read_text()
+        for defines in specs:
+            program = nvrtc.createProgram(source, name, (), ())
+            try:
+                nvrtc.compileProgram(program, (*define_options(defines), "-arch=compute_90", "-G"))
+                ptx = nvrtc.getPTX(program)
+                ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+                assert f".entry {KERNELS[name]}(" in ptx
+            except nvrtc.NVRTCError:
+                failed.append(f"{name} {defines}: {nvrtc.getProgramLog(program)[-400:]}")
+            finally:
+                nvrtc.destroyProgram(program)
+    assert not failed, "\n".join(failed)
+
+
+@needs_nvrtc
+def test_loader_compiles_a_cubin_through_its_cache(tmp_path):
+    from sparse_attn.ops.cuda import nvrtc_compile
+    from sparse_attn.ops.cuda_cache import KernelCache
+
+    cache = KernelCache(nvrtc_compile, lambda path: Path(path).read_bytes(), directory=tmp_path)
+    source = (CSRC / "vertical_slash_index.cu").read_text()
+    binary = cache.load("vertical_slash_index.cu", source, {}, "90")
+    assert binary.startswith(b"\x7fELF")                               # a cubin for sm_90
+    ptx = nvrtc_compile(source, (), "999")                              # an arch NVRTC does not know: PTX
+    assert b".entry vertical_slash_to_layout(" in ptx
+    with pytest.raises(RuntimeError, match="NVRTC could not compile"):
+        nvrtc_compile("extern \"C\" __global__ void f() { undefined_call(); }", (), "90")

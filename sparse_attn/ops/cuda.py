@@ -82,11 +82,24 @@ def _raise_if(reasons: list[str], what: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------- loader
 def nvrtc_compile(source: str, options: tuple, arch: str) -> bytes:
-    """Compile with CuPy's NVRTC wrapper: a cubin for ``arch`` (PTX where NVRTC does not know the arch)."""
-    from cupy.cuda import compiler
+    """Compile with NVRTC (CuPy's bindings; no GPU needed): a cubin for ``arch`` when NVRTC knows it, else PTX
+    for the newest arch it knows below (the driver JIT-compiles that)."""
+    from cupy_backends.cuda.libs import nvrtc
 
-    binary, _ = compiler.compile_using_nvrtc(source, tuple(options), arch=arch)
-    return binary
+    known = sorted(int(a) for a in nvrtc.getSupportedArchs())
+    cubin = int(arch) in known
+    target = f"sm_{arch}" if cubin else f"compute_{max([a for a in known if a <= int(arch)] or known[:1])}"
+    program = nvrtc.createProgram(source, "sparse_attn.cu", (), ())
+    try:
+        try:
+            nvrtc.compileProgram(program, (*options, f"-arch={target}"))
+        except nvrtc.NVRTCError as e:
+            raise RuntimeError(f"NVRTC could not compile with {(*options, f'-arch={target}')}:\n"
+                               f"{nvrtc.getProgramLog(program)}") from e
+        binary = nvrtc.getCUBIN(program) if cubin else nvrtc.getPTX(program)
+    finally:
+        nvrtc.destroyProgram(program)
+    return binary.encode() if isinstance(binary, str) else bytes(binary)
 
 
 def load_raw_module(path: str):
@@ -110,14 +123,8 @@ def kernel_cache() -> KernelCache:
 
 
 def _arch(device_index: int) -> str:
-    cupy = _import_cupy()
-    arch = cupy.cuda.Device(device_index).compute_capability
-    try:                                   # NVRTC older than the GPU: compile for the newest arch it knows
-        from cupy.cuda import compiler
-        arch = min(arch, compiler._get_max_compute_capability(), key=int)
-    except Exception:
-        pass
-    return arch
+    cc = _import_cupy().cuda.Device(device_index).compute_capability     # e.g. "90"
+    return str(cc)
 
 
 def get_kernel(source_name: str, kernel_name: str, defines: dict, device_index: int):
