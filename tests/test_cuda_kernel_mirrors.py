@@ -1,7 +1,9 @@
-"""The algorithms of the CUDA kernels, transcribed step by step into Python, checked on the CPU against the torch
-implementations and the dense oracle.  A GPU run (tests/test_cuda_gpu.py) checks the compiled kernels themselves;
-these mirrors check the logic (tile/column walks, passes, chunking, masking, online softmax) where no GPU is.
-Keep them in step with csrc/: each block below names the kernel lines it mirrors."""
+"""The CUDA backend end to end on the CPU: the real launchers (`ops.cuda`) run unchanged, and each kernel launch
+runs a step-by-step Python transcription of the kernel on what the launch arguments say (pointers, strides,
+sizes, flags, grid, shared memory).  Checked against the torch index conversion and the dense fp32 oracle.
+A GPU run (tests/test_cuda_gpu.py) checks the compiled kernels themselves; this checks the algorithms (tile and
+column walks, row passes, key chunks, masking, online softmax) and the launch glue where no GPU is.  Keep the
+transcriptions in step with csrc/."""
 import math
 import random
 
@@ -11,37 +13,35 @@ import torch
 import sparse_attn as sa
 from sparse_attn.integrations import convert_vertical_slash_indexes
 from sparse_attn.ops import cuda
-from sparse_attn.ops.vertical_slash_args import vertical_slash_output_sizes
 
-from conftest import assert_close, assert_lse_close, lse_fp64, random_layout
+from conftest import assert_close, assert_lse_close, lse_fp64, make_qkv, random_layout
+from test_cuda_loader import kernel_parameters
 
 NEG_INF = float("-inf")
 
 
 # ---------------------------------------------------------------------------------------------------- index kernel
-def mirror_vertical_slash(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes, context_size, bm, bn, causal):
-    """csrc/vertical_slash_index.cu, one 'thread' per (b, h, m), after the launcher's sorting."""
-    batch, heads, nnz_v = vertical_indexes.shape
-    nnz_s = slash_indexes.shape[2]
-    n_rows, max_tiles = vertical_slash_output_sizes(context_size, bm, bn, nnz_s)
-    block_count = torch.zeros(batch, heads, n_rows, dtype=torch.int32)
-    block_offset = torch.zeros(batch, heads, n_rows, max_tiles, dtype=torch.int32)
-    column_count = torch.zeros(batch, heads, n_rows, dtype=torch.int32)
-    column_index = torch.zeros(batch, heads, n_rows, nnz_v, dtype=torch.int32)
-    verticals = vertical_indexes.long().sort(-1).values.tolist()
-    slashes = slash_indexes.long().sort(-1, descending=True).values.tolist()
+def index_kernel(q_lens, kv_lens, verticals, slashes, block_count, block_offset, column_count, column_index, *,
+                 heads, n_rows, nnz_v, nnz_s, max_tiles, block_m, block_n, causal):
+    """csrc/vertical_slash_index.cu, one 'thread' per (b, h, m), on the launcher's prepared inputs (flat views)."""
+    bm, bn = block_m, block_n
+    batch = q_lens.numel()
     for b in range(batch):
-        q_len, kv_len = int(q_seqlens[b]), int(kv_seqlens[b])
+        q_len, kv_len = int(q_lens[b]), int(kv_lens[b])
         n_qb = -(-q_len // bm)
         for h in range(heads):
+            bh = b * heads + h
+            vs = verticals[bh * nnz_v:(bh + 1) * nnz_v].tolist()
+            ss = slashes[bh * nnz_s:(bh + 1) * nnz_s].tolist()
             for m in range(min(n_rows, n_qb)):
+                row = bh * n_rows + m
                 shift = kv_len - q_len
                 p0 = m * bm + shift
                 p1 = min((m + 1) * bm, q_len) - 1 + shift
                 limit = p1 + 1 if causal else kv_len
                 key_end = min(limit, kv_len)
                 offsets, is_open, g_start, g_end = [], False, 0, 0
-                for s in slashes[b][h]:
+                for s in ss:
                     start, end = max(p0 - s, 0), min(p1 - s + 1, key_end)
                     if end <= start:
                         continue
@@ -54,9 +54,9 @@ def mirror_vertical_slash(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes
                 if is_open:
                     offsets += list(range(g_start, g_end, bn))
                 offsets = offsets[:max_tiles]
-                block_count[b, h, m] = len(offsets)
-                block_offset[b, h, m, :len(offsets)] = torch.tensor(offsets, dtype=torch.int32)
-                cols, t, vs = [], 0, verticals[b][h]
+                block_count[row] = len(offsets)
+                block_offset[row * max_tiles:row * max_tiles + len(offsets)] = torch.tensor(offsets, dtype=torch.int32)
+                cols, t = [], 0
                 for i, v in enumerate(vs):
                     if i > 0 and v == vs[i - 1]:
                         continue
@@ -69,9 +69,94 @@ def mirror_vertical_slash(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes
                     if t < len(offsets) and offsets[t] <= v:
                         continue
                     cols.append(v)
-                column_count[b, h, m] = len(cols)
-                column_index[b, h, m, :len(cols)] = torch.tensor(cols, dtype=torch.int32)
-    return block_count, block_offset, column_count, column_index
+                column_count[row] = len(cols)
+                column_index[row * nnz_v:row * nnz_v + len(cols)] = torch.tensor(cols, dtype=torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------------- emulation
+class EmulatedDevice:
+    """Stands in for CuPy and the GPU: the launchers run unchanged on CPU tensors, and each launch runs the
+    kernel's mirror on what the launch arguments say (pointers resolved to the tensors behind them, strides,
+    sizes and flags taken from the arguments, grid / block / shared memory checked against the kernel)."""
+
+    def __init__(self, monkeypatch):
+        self.tensors, self.launches = {}, []
+        monkeypatch.setattr(cuda, "cuda_unavailable_reasons", lambda tensors=None: [])
+        monkeypatch.setattr(cuda, "get_kernel", lambda source, name, defines, device: (source, name, defines))
+        monkeypatch.setattr(cuda, "_launch", self.launch)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        for spied in ("attention_launch_args", "vertical_slash_launch_args"):
+            monkeypatch.setattr(cuda, spied, self.spy(getattr(cuda, spied)))
+
+    def spy(self, build_args):
+        def wrapper(*args, **kwargs):
+            for a in list(args) + list(kwargs.values()):
+                for t in (a if isinstance(a, tuple) else (a,)):
+                    if isinstance(t, torch.Tensor):
+                        self.tensors[t.data_ptr()] = t
+            return build_args(*args, **kwargs)
+        return wrapper
+
+    def buffer(self, pointer, size, stride=None, dtype=None):
+        """The memory at ``pointer`` seen as ``size`` with ``stride`` (contiguous when None)."""
+        if math.prod(size) == 0:                          # nothing is read (empty tensors may share address 0)
+            return torch.empty(size, dtype=dtype)
+        base = self.tensors[int(pointer)]
+        if dtype is not None:
+            assert base.dtype == dtype, f"kernel reads {dtype}, tensor is {base.dtype}"
+        if stride is None:
+            stride = torch.empty(size, device="meta").stride()
+        return base.as_strided(size, stride, base.storage_offset())
+
+    def launch(self, kernel, grid, block, args, device_index, shared_mem=0):
+        source, name, defines = kernel
+        named = {n: a.item() for (n, _), a in zip(kernel_parameters(source, name), args)}
+        self.launches.append((name, grid, block, shared_mem, defines))
+        if name == cuda.ATTENTION_KERNEL:
+            self.attention(grid, block, shared_mem, defines, named)
+        else:
+            self.index(grid, block, named)
+
+    def attention(self, grid, block, shared_mem, defines, a):
+        D = defines["SA_HEAD_DIM"]
+        dtype = {code: dt for dt, code in cuda.ATTENTION_DTYPES.items()}[defines["SA_DTYPE"]]
+        n_qb, Hq, B = grid
+        assert block == (cuda._ATT_THREADS,) and shared_mem == cuda.attention_shared_bytes(D)
+        assert (n_qb, Hq) == (a["n_qb"], a["q_heads"])
+        Hkv, Lq, Lk = Hq // a["group_size"], a["q_len"], a["k_len"]
+        q = self.buffer(a["q"], (B, Hq, Lq, D), [a[f"sq{d}"] for d in "bhld"], dtype)
+        k = self.buffer(a["k"], (B, Hkv, Lk, D), [a[f"sk{d}"] for d in "bhld"], dtype)
+        v = self.buffer(a["v"], (B, Hkv, Lk, D), [a[f"sv{d}"] for d in "bhld"], dtype)
+        index = [self.buffer(a[n], (B, Hq, n_qb, *w), dtype=torch.int32) for n, w in (
+            ("block_count", ()), ("block_offset", (a["max_blocks"],)), ("column_count", ()),
+            ("column_index", (a["max_columns"],)))]
+        layout = sa.SparseLayout(*index, q_len=Lq, k_len=Lk, block_m=a["block_m"], block_n=a["block_n"])
+        out, lse = mirror_sparse_attention(q, k, v, layout, causal=bool(a["causal"]),
+                                           scale=a["scale_log2"] / 1.4426950408889634)
+        self.buffer(a["out"], (B, Hq, Lq, D), dtype=dtype).copy_(out)
+        if a["write_lse"]:
+            self.buffer(a["lse"], (B, Hq, Lq), dtype=torch.float32).copy_(lse)
+        else:
+            assert a["lse"] == 0
+
+    def index(self, grid, block, a):
+        B = self.tensors[int(a["q_seqlens"])].numel()
+        heads, n_rows, nnz_v, nnz_s, max_tiles = (a[n] for n in ("heads", "n_rows", "nnz_v", "nnz_s", "max_tiles"))
+        assert block == (cuda._INDEX_THREADS,) and grid == (-(-n_rows // cuda._INDEX_THREADS), heads, B)
+        flat = lambda name, n, dtype: self.buffer(a[name], (n,), dtype=dtype)          # noqa: E731
+        index_kernel(flat("q_seqlens", B, torch.int32), flat("kv_seqlens", B, torch.int32),
+                     flat("vertical", B * heads * nnz_v, torch.int64), flat("slash", B * heads * nnz_s, torch.int64),
+                     flat("block_count", B * heads * n_rows, torch.int32),
+                     flat("block_offset", B * heads * n_rows * max_tiles, torch.int32),
+                     flat("column_count", B * heads * n_rows, torch.int32),
+                     flat("column_index", B * heads * n_rows * nnz_v, torch.int32),
+                     heads=heads, n_rows=n_rows, nnz_v=nnz_v, nnz_s=nnz_s, max_tiles=max_tiles,
+                     block_m=a["block_m"], block_n=a["block_n"], causal=a["causal"])
+
+
+@pytest.fixture
+def emulated_device(monkeypatch):
+    return EmulatedDevice(monkeypatch)
 
 
 def random_index_case(rng, causal):
@@ -95,14 +180,15 @@ def random_index_case(rng, causal):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_index_kernel_logic_equals_torch_conversion(causal):
+def test_index_kernel_equals_torch_conversion(emulated_device, causal):
     rng = random.Random(7 + causal)
     for _ in range(60):
         case = random_index_case(rng, causal)
         expected = convert_vertical_slash_indexes(*case[:7], causal=causal)
-        got = mirror_vertical_slash(*case)
+        got = cuda.cuda_convert_vertical_slash_indexes(*case[:7], causal=causal)
         for name, e, g in zip(("block_count", "block_offset", "column_count", "column_index"), expected, got):
             assert torch.equal(e, g), f"{name} differs for case {case}"
+    assert len(emulated_device.launches) >= 50                  # empty cases return before launching
 
 
 # ---------------------------------------------------------------------------------------------------- attention
@@ -167,42 +253,59 @@ def _attend_chunk(sq, kh, vh, key_pos, pos, causal, state):
     state[2] = acc * alpha[:, None] + p @ sv
 
 
+# output rounding is the only low-precision step (inputs are read exactly, math is fp32): half an ulp of the dtype
+ROUNDING = {torch.float32: 2e-6, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -8}
+
+
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,bm,bn", [
-    (2, 4, 2, 65, 113, 16, 64, 64),     # GQA, Lq < Lk, partial last block
-    (1, 3, 1, 130, 130, 8, 100, 40),    # MQA, block_m > ROWS: two passes per block; block_n > KEYS
-    (2, 2, 2, 63, 1000, 8, 16, 8),      # MHA, long keys: many tiles, > KEYS columns per block
-    (1, 2, 1, 1, 63, 16, 64, 64),       # a single query row
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,bm,bn,dtype,contiguity", [
+    (2, 4, 2, 65, 113, 64, 64, torch.float16, "contiguous"),   # GQA, Lq < Lk, partial last block
+    (1, 3, 1, 130, 130, 100, 40, torch.bfloat16, "blhd"),      # MQA, block_m > ROWS: 2 passes; block_n > KEYS
+    (2, 2, 2, 63, 400, 16, 8, torch.float32, "strided"),       # MHA, many tiles, > KEYS columns per block
+    (1, 2, 1, 1, 63, 64, 64, torch.float16, "strided"),        # a single query row
 ])
-def test_attention_kernel_logic_matches_oracle(causal, B, Hq, Hkv, Lq, Lk, D, bm, bn):
+def test_cuda_attention_launch_matches_oracle(emulated_device, causal, B, Hq, Hkv, Lq, Lk, bm, bn, dtype,
+                                              contiguity):
     rng = random.Random(B * 1000 + Lq + Lk + causal)
-    q, k, v = (torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(s))
-               for s, (H, L) in enumerate(((Hq, Lq), (Hkv, Lk), (Hkv, Lk))))
+    q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, 64, dtype=dtype, seed=Lk, contiguity=contiguity)
+    v = v.contiguous() if contiguity != "contiguous" else v.transpose(1, 2).contiguous().transpose(1, 2)
     layout, _, _ = random_layout(rng, B, Hq, Lq, Lk, bm, bn, p_column=0.5)
-    layout.check_indices()
-    scale = D ** -0.5
-    out, lse = mirror_sparse_attention(q, k, v, layout, causal=causal, scale=scale)
+    scale = 0.1
+    out, lse = cuda.cuda_sparse_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=True)
+    assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous() and lse.dtype == torch.float32
     mask = layout.to_mask()
-    ref, ref_lse = sa.reference_attention(q, k, v, mask, causal=causal, return_lse=True)
-    assert_close(out, ref, atol=2e-5, rtol=2e-5)
-    assert_lse_close(lse, lse_fp64(q, k, mask, causal=causal).float(), atol=2e-5, rtol=2e-5)
-    assert bool(torch.isneginf(lse).any()) == bool((~(mask & sa_causal(Lq, Lk, causal))).all(-1).any())
+    ref = sa.reference_attention(q.float(), k.float(), v.float(), mask, causal=causal, scale=scale)
+    assert_close(out, ref, atol=2e-5, rtol=ROUNDING[dtype])
+    assert_lse_close(lse, lse_fp64(q.float(), k.float(), mask, causal=causal, scale=scale).float(), atol=2e-5,
+                     rtol=2e-5)
+    visible = mask & causal_or_all(Lq, Lk, causal)
+    assert torch.equal(torch.isneginf(lse), ~visible.any(-1))
+    ((name, grid, _, _, defines),) = emulated_device.launches
+    assert grid == (layout.num_query_blocks, Hq, B) and defines["SA_HEAD_DIM"] == 64
+    assert sa.sparse_attention(q, k, v, layout, causal=causal, scale=scale, backend="cuda").dtype == dtype
 
 
-def sa_causal(Lq, Lk, causal):
+def causal_or_all(Lq, Lk, causal):
     rows = torch.arange(Lq)[:, None] + (Lk - Lq)
     return torch.arange(Lk)[None, :] <= rows if causal else torch.ones(Lq, Lk, dtype=torch.bool)
 
 
-def test_attention_kernel_logic_empty_rows_and_empty_layout():
-    q, k, v = torch.randn(1, 2, 40, 8), torch.randn(1, 1, 100, 8), torch.randn(1, 1, 100, 8)
+def test_cuda_attention_launch_empty_rows_and_layouts(emulated_device):
+    q, k, v = make_qkv(1, 2, 1, 40, 100, 64, seed=5)
     z3, z4 = torch.zeros(1, 2, 1, dtype=torch.int32), torch.zeros(1, 2, 1, 1, dtype=torch.int32)
     layout = sa.SparseLayout(z3, z4, z3, z4, q_len=40, k_len=100)
-    out, lse = mirror_sparse_attention(q, k, v, layout, causal=True, scale=0.3)
+    out, lse = cuda.cuda_sparse_attention(q, k, v, layout, return_lse=True)
     assert torch.equal(out, torch.zeros_like(out)) and bool(torch.isneginf(lse).all())
     # a tile partly after the rows' positions under causal: the early rows see nothing (0, -inf), as in torch
     late = sa.SparseLayout(torch.ones_like(z3), torch.full_like(z4, 90), z3, z4, q_len=40, k_len=100, block_m=64)
-    out, lse = mirror_sparse_attention(q, k, v, late, causal=True, scale=0.3)
+    out, lse = cuda.cuda_sparse_attention(q, k, v, late, causal=True, scale=0.3, return_lse=True)
     t_out, t_lse = sa.sparse_attention(q, k, v, late, causal=True, scale=0.3, backend="torch", return_lse=True)
     assert_close(out, t_out, atol=1e-6)
     assert_lse_close(lse, t_lse)
+    # no query rows: nothing to launch
+    n_launches = len(emulated_device.launches)
+    empty = sa.SparseLayout(torch.zeros(1, 2, 0, dtype=torch.int32), torch.zeros(1, 2, 0, 1, dtype=torch.int32),
+                            torch.zeros(1, 2, 0, dtype=torch.int32), torch.zeros(1, 2, 0, 1, dtype=torch.int32),
+                            q_len=0, k_len=100)
+    out, lse = cuda.cuda_sparse_attention(q[:, :, :0], k, v, empty, return_lse=True)
+    assert out.shape == (1, 2, 0, 64) and lse.shape == (1, 2, 0) and len(emulated_device.launches) == n_launches
