@@ -94,12 +94,22 @@ def _error_note(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- timing
-def timer(device: torch.device, repeat: int):
-    """Median ms of ``fn`` after one warmup call: CUDA events on a GPU, perf_counter on the CPU."""
+def timer(device: torch.device, repeat: int, seconds: float = 1.0):
+    """Median ms of ``fn`` after two warmup calls (the first compiles, the second sizes the run): CUDA events on a
+    GPU, perf_counter on the CPU; at most ``repeat`` timed calls, fewer when they would take over ``seconds``."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     def measure(fn):
+        fn()                                     # compiles, autotunes, fills caches
+        sync()
+        t0 = time.perf_counter()
         fn()
+        sync()
+        warm = time.perf_counter() - t0
         times = []
-        for _ in range(repeat):
+        for _ in range(max(1, min(repeat, int(seconds / max(warm, 1e-6))))):
             if device.type == "cuda":
                 start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
