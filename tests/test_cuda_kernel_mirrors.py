@@ -172,7 +172,8 @@ def random_index_case(rng, causal):
     vert = torch.tensor([[[rng.randint(-5, context + 5) for _ in range(nnz_v)] for _ in range(heads)]
                          for _ in range(batch)], dtype=torch.int64).reshape(batch, heads, nnz_v)
     slash = torch.tensor([[[rng.choice([rng.randint(-3, 5), rng.randint(0, context + 10)]) for _ in range(nnz_s)]
-                           for _ in range(heads)] for _ in range(batch)], dtype=torch.int64).reshape(batch, heads, nnz_s)
+                           for _ in range(heads)] for _ in range(batch)], dtype=torch.int64)
+    slash = slash.reshape(batch, heads, nnz_s)
     dtype = rng.choice([torch.int32, torch.int64])
     q_lens = torch.tensor([q for q, _ in lens], dtype=torch.int32)
     kv_lens = torch.tensor([kv for _, kv in lens], dtype=torch.int32)
