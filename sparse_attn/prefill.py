@@ -15,7 +15,7 @@ from .patterns import Dense, Pattern, VerticalSlash
 DEFAULT_PATTERN = VerticalSlash(gamma=0.95)
 #: Key lengths below this run dense attention in `sparse_prefill` (sparse would not pay for its estimate).
 DENSE_BELOW = 4096
-BACKENDS = ("auto", "torch", "flex")
+BACKENDS = ("auto", "torch", "flex", "cuda")
 
 
 def _patterns_per_head(pattern, n_heads: int) -> list[Pattern]:
@@ -86,6 +86,9 @@ def sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True, scal
     if _resolve_backend(backend, q) == "flex":
         from .ops.flex import flex_sparse_attention
         return flex_sparse_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse)
+    if _resolve_backend(backend, q) == "cuda":
+        from .ops.cuda import cuda_sparse_attention
+        return cuda_sparse_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse)
     return torch_sparse_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse)
 
 

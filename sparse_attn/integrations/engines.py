@@ -5,7 +5,7 @@
 * `sparse_attn_varlen_func` -- the same on packed (``cu_seqlens``) tensors, one index entry per sequence.
 * `sparse_prefill_varlen` -- estimate + attend each packed sequence separately with a `Pattern`.
 * `convert_vertical_slash_indexes` -- vertical (key position) / slash (diagonal distance) indexes to the block
-  index above, computed with tensor ops.
+  index above, computed with tensor ops (with the CUDA kernel of ``csrc/`` on CUDA tensors when CuPy works).
 
 Everything runs the torch backend for now (no GPU kernel exists yet).  Tensors are converted between BLHD and the
 package's canonical BHLD with transposes at the boundary (views, no copies, no repeated KV heads).
@@ -16,6 +16,7 @@ import torch
 
 from ..layout import SparseLayout, keys_in_tiles
 from ..ops.index_build import block_row_positions, compact, ranges_to_tiles
+from ..ops.vertical_slash_args import check_vertical_slash_args, vertical_slash_output_sizes
 from ..prefill import sparse_attention, sparse_prefill
 
 #: Block sizes of the engines' ``sparse_attn_func`` (fixed there too).
@@ -222,13 +223,6 @@ def sparse_prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
 
 
 # ---------------------------------------------------------------------------------------------------- indexes
-def _check_int_tensor(name: str, t, ndim: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in (torch.int32, torch.int64) or t.dim() != ndim:
-        raise ValueError(f"{name} must be a {ndim}-d int32 (or int64) tensor, got {t.dtype} {tuple(t.shape)}")
-
-
 def convert_vertical_slash_indexes(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes, context_size,
                                    block_size_M, block_size_N, causal=True):
     """Vertical / slash indexes to the block index of `sparse_attn_func` (vLLM / SGLang's function of that name).
@@ -252,31 +246,18 @@ def convert_vertical_slash_indexes(q_seqlens, kv_seqlens, vertical_indexes, slas
     block_size_M)`` (rows past an entry's query blocks are empty) and ``NB = max(1, min(ceil(context_size /
     block_size_N) + 1, NNZ_S * (ceil(block_size_M / block_size_N) + 1)))``, a bound on the tile count (vLLM uses
     ``NNZ_S``, which can be too few when ``block_size_M > block_size_N``).  Padding entries are 0."""
-    _check_int_tensor("q_seqlens", q_seqlens, 1)
-    _check_int_tensor("kv_seqlens", kv_seqlens, 1)
-    _check_int_tensor("vertical_indexes", vertical_indexes, 3)
-    _check_int_tensor("slash_indexes", slash_indexes, 3)
-    for name, value in (("context_size", context_size), ("block_size_M", block_size_M),
-                        ("block_size_N", block_size_N)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    q_lens, kv_lens = check_vertical_slash_args(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes,
+                                                context_size, block_size_M, block_size_N)
+    if vertical_indexes.is_cuda:
+        from ..ops.cuda import cuda_unavailable_reasons, vertical_slash_kernel
+        if not cuda_unavailable_reasons():                  # the CUDA kernel when CuPy works; torch otherwise
+            return vertical_slash_kernel(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes, context_size,
+                                         block_size_M, block_size_N, causal)
     batch, heads = vertical_indexes.shape[:2]
-    if tuple(slash_indexes.shape[:2]) != (batch, heads):
-        raise ValueError(f"slash_indexes must have leading shape {(batch, heads)} like vertical_indexes, got "
-                         f"{tuple(slash_indexes.shape)}")
-    for name, t in (("q_seqlens", q_seqlens), ("kv_seqlens", kv_seqlens)):
-        if t.shape[0] != batch:
-            raise ValueError(f"{name} must have {batch} entries (the batch of vertical_indexes), got {t.shape[0]}")
-    q_lens, kv_lens = q_seqlens.tolist(), kv_seqlens.tolist()
-    bad = [b for b in range(batch) if not 0 <= q_lens[b] <= kv_lens[b] <= context_size]
-    if bad:
-        raise ValueError(f"q_seqlens / kv_seqlens: entries {bad} break 0 <= q_seqlen <= kv_seqlen <= context_size "
-                         f"({context_size})")
     dev = vertical_indexes.device
     bm, bn = block_size_M, block_size_N
-    n_rows = _ceil_div(context_size, bm)
     nnz_v, nnz_s = vertical_indexes.shape[2], slash_indexes.shape[2]
-    max_tiles = max(1, min(_ceil_div(context_size, bn) + 1, nnz_s * (_ceil_div(bm, bn) + 1)))
+    n_rows, max_tiles = vertical_slash_output_sizes(context_size, bm, bn, nnz_s)
     block_count = torch.zeros(batch, heads, n_rows, dtype=torch.int32, device=dev)
     block_offset = torch.zeros(batch, heads, n_rows, max_tiles, dtype=torch.int32, device=dev)
     column_count = torch.zeros(batch, heads, n_rows, dtype=torch.int32, device=dev)

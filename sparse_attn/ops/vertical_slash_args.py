@@ -1,0 +1,51 @@
+"""Argument checks and output sizes of the vertical/slash -> SparseLayout index conversion, shared by the torch
+implementation (`integrations.engines.convert_vertical_slash_indexes`) and its CUDA kernel (`ops.cuda`)."""
+from __future__ import annotations
+
+import torch
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_int_tensor(name: str, t, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64) or t.dim() != ndim:
+        raise ValueError(f"{name} must be a {ndim}-d int32 (or int64) tensor, got {t.dtype} {tuple(t.shape)}")
+
+
+def check_vertical_slash_args(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes, context_size, block_size_M,
+                              block_size_N) -> tuple[list[int], list[int]]:
+    """Raise ValueError naming the bad argument; return the per-entry (q lengths, kv lengths) as lists (one host
+    sync: the lengths decide the work)."""
+    _check_int_tensor("q_seqlens", q_seqlens, 1)
+    _check_int_tensor("kv_seqlens", kv_seqlens, 1)
+    _check_int_tensor("vertical_indexes", vertical_indexes, 3)
+    _check_int_tensor("slash_indexes", slash_indexes, 3)
+    for name, value in (("context_size", context_size), ("block_size_M", block_size_M),
+                        ("block_size_N", block_size_N)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    batch, heads = vertical_indexes.shape[:2]
+    if tuple(slash_indexes.shape[:2]) != (batch, heads):
+        raise ValueError(f"slash_indexes must have leading shape {(batch, heads)} like vertical_indexes, got "
+                         f"{tuple(slash_indexes.shape)}")
+    for name, t in (("q_seqlens", q_seqlens), ("kv_seqlens", kv_seqlens)):
+        if t.shape[0] != batch:
+            raise ValueError(f"{name} must have {batch} entries (the batch of vertical_indexes), got {t.shape[0]}")
+    q_lens, kv_lens = q_seqlens.tolist(), kv_seqlens.tolist()
+    bad = [b for b in range(batch) if not 0 <= q_lens[b] <= kv_lens[b] <= context_size]
+    if bad:
+        raise ValueError(f"q_seqlens / kv_seqlens: entries {bad} break 0 <= q_seqlen <= kv_seqlen <= context_size "
+                         f"({context_size})")
+    return q_lens, kv_lens
+
+
+def vertical_slash_output_sizes(context_size: int, block_size_M: int, block_size_N: int, nnz_s: int):
+    """(query block rows ``nR``, tile slots ``NB``) of the outputs; ``NB`` bounds the tile count of any row."""
+    n_rows = _ceil_div(context_size, block_size_M)
+    max_tiles = max(1, min(_ceil_div(context_size, block_size_N) + 1,
+                           nnz_s * (_ceil_div(block_size_M, block_size_N) + 1)))
+    return n_rows, max_tiles
