@@ -18,7 +18,10 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    packages=find_packages(include=["sparse_attn", "sparse_attn.*"]),
+    # csrc/ ships inside the package (sparse_attn/csrc/*.cu) so the CuPy loader finds it in a wheel install too
+    packages=find_packages(include=["sparse_attn", "sparse_attn.*"]) + ["sparse_attn.csrc"],
+    package_dir={"sparse_attn.csrc": "csrc"},
+    package_data={"sparse_attn.csrc": ["*.cu", "*.cuh", "*.md"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.5", "einops"],
     extras_require=extras,
