@@ -22,7 +22,8 @@ from .hf_attention import STATE_ATTR, sparse_attention_forward
 #: Name of our entry in transformers' attention and mask registries.
 IMPLEMENTATION = "sparse_attn"
 #: patch(**options) defaults; `pattern` is the online pattern of every head when no config is given.
-DEFAULT_OPTIONS = {"dense_below": prefill.DENSE_BELOW, "backend": "auto", "pattern": None, "on_layout": None}
+DEFAULT_OPTIONS = {"dense_below": prefill.DENSE_BELOW, "dense_above": 0.3, "backend": "auto", "pattern": None,
+                   "on_layout": None}
 
 
 @dataclass
@@ -50,8 +51,10 @@ def patch(model, config=None, **options):
     ``config``: None (the online ``pattern`` on every head), a Pattern, a list of one Pattern per query head, a
     `sparse_attn.config.SparseConfig`, a path to a config JSON (ours or MInference's), or a parsed JSON object.
     ``options``: ``dense_below`` (key lengths below it run dense; default `sparse_attn.prefill.DENSE_BELOW`),
-    ``backend`` (as in `sparse_attn.sparse_prefill`), ``pattern`` (the online default when ``config`` is None),
-    ``on_layout`` (callable(layer_idx, SparseLayout) called with each estimated layout; for measuring density).
+    ``dense_above`` (a layer whose estimated layout is denser than this fraction runs dense instead, since the
+    sparse kernel costs a few times dense attention per computed entry; 1.0: never), ``backend`` (as in
+    `sparse_attn.sparse_attention`), ``pattern`` (the online default when ``config`` is None), ``on_layout``
+    (callable(layer_idx, layout, density) called with each estimated layout; for measuring density).
     Patching a patched model replaces its config and options.  Returns ``model``."""
     _check_model(model)
     opts = _check_options(options)
@@ -154,13 +157,16 @@ def _check_options(options: dict) -> dict:
     below = opts["dense_below"]
     if not isinstance(below, int) or isinstance(below, bool) or below < 0:
         reasons.append(f"dense_below must be an int >= 0, got {below!r}")
+    above = opts["dense_above"]
+    if not isinstance(above, (int, float)) or isinstance(above, bool) or not 0 < above <= 1:
+        reasons.append(f"dense_above must be a number in (0, 1], got {above!r}")
     if opts["backend"] not in prefill.BACKENDS:
         reasons.append(f"backend must be one of {prefill.BACKENDS}, got {opts['backend']!r}")
     if opts["pattern"] is not None and not isinstance(opts["pattern"], Pattern):
         reasons.append(f"pattern must be a Pattern (AShape, VerticalSlash, BlockSparse, Dense) or None, "
                        f"got {type(opts['pattern']).__name__}")
     if opts["on_layout"] is not None and not callable(opts["on_layout"]):
-        reasons.append(f"on_layout must be callable(layer_idx, layout) or None, got {type(opts['on_layout']).__name__}")
+        reasons.append(f"on_layout must be callable(layer_idx, layout, density) or None, got {type(opts['on_layout']).__name__}")
     if reasons:
         raise ValueError("patch: " + "; ".join(reasons))
     return opts

@@ -8,7 +8,8 @@ transformers' flash-attention mask function for our name, ``attention_mask`` is 
 None)``.
 
 Routing: prefill (Lq > 1) of a causal full-attention layer runs the layer's per-head patterns through
-`sparse_attn.sparse_prefill` (dense below ``dense_below`` keys); decode steps (Lq == 1), sliding-window layers whose
+`sparse_attn.estimate` + `sparse_attn.sparse_attention` (dense below ``dense_below`` keys and above
+``dense_above`` density); decode steps (Lq == 1), sliding-window layers whose
 window is shorter than the keys, non-causal modules and modules without patch state run exact dense attention.
 Left-padded batches run row by row over each row's valid (right-aligned) keys; any other padding runs dense.
 """
@@ -92,19 +93,21 @@ def _check_not_packed(position_ids) -> None:
 
 def _sparse(state, module, q, k, v, scale):
     """Sparse prefill of unpadded rows: ``q [B, Hq, Lq, D]`` over ``k, v [B, Hkv, Lk, D]`` -> [B, Hq, Lq, D],
-    with the module's layer patterns for Lk keys (dense where the config keeps the layer dense)."""
+    with the module's layer patterns for Lk keys.  Dense where the config keeps the layer dense, below
+    ``dense_below`` keys, for all-`Dense` patterns, and where the estimated layout is denser than ``dense_above``
+    (there the sparse kernel would cost more than dense attention)."""
     options = state.options
-    patterns = state.patterns(getattr(module, "layer_idx", None), k.shape[2])
-    if patterns is None:
-        return dense_attention(q, k, v, causal=True, scale=scale)
-    if options["on_layout"] is None:
-        return prefill.sparse_prefill(q, k, v, patterns, causal=True, scale=scale, backend=options["backend"],
-                                      dense_below=options["dense_below"])
-    # Same routing as sparse_prefill, with the estimated layout handed to the caller's hook.
-    if k.shape[2] < options["dense_below"] or all(isinstance(p, prefill.Dense) for p in patterns):
+    layer_idx = getattr(module, "layer_idx", None)
+    patterns = state.patterns(layer_idx, k.shape[2])
+    if (patterns is None or k.shape[2] < options["dense_below"]
+            or all(isinstance(p, prefill.Dense) for p in patterns)):
         return dense_attention(q, k, v, causal=True, scale=scale)
     layout = prefill.estimate(q, k, patterns, causal=True, scale=scale)
-    options["on_layout"](getattr(module, "layer_idx", None), layout)
+    density = layout.density() if options["dense_above"] < 1 or options["on_layout"] is not None else None
+    if options["on_layout"] is not None:
+        options["on_layout"](layer_idx, layout, density)
+    if density is not None and density > options["dense_above"]:
+        return dense_attention(q, k, v, causal=True, scale=scale)
     return prefill.sparse_attention(q, k, v, layout, causal=True, scale=scale, backend=options["backend"],
                                     check_layout=False)
 

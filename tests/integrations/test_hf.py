@@ -69,7 +69,7 @@ def test_full_budget_equals_dense(arch):
     model = ARCHS[arch]()
     single, (batch, mask) = _ids(), _padded_batch()
     dense_single, dense_batch = _logits(model, single), _logits(model, batch, mask)
-    sah.patch(model, FULL, dense_below=0)
+    sah.patch(model, FULL, dense_below=0, dense_above=1.0)
     assert model.config._attn_implementation == sah.IMPLEMENTATION
     torch.testing.assert_close(_logits(model, single), dense_single, rtol=1e-4, atol=1e-4)
     keep = mask.bool()
@@ -82,7 +82,7 @@ def test_mixed_per_head_full_budgets_equal_dense():
     ids = _ids()
     dense = _logits(model, ids)
     heads = [FULL, sa.AShape(sink=10**6, local=10**6), sa.Dense(), sa.BlockSparse(top_k=10**6)]
-    sah.patch(model, heads, dense_below=0)
+    sah.patch(model, heads, dense_below=0, dense_above=1.0)
     torch.testing.assert_close(_logits(model, ids), dense, rtol=1e-4, atol=1e-4)
 
 
@@ -91,60 +91,75 @@ def test_sliding_window_layers_equal_dense():
     model = _small("Mistral", sliding_window=48)
     (batch, mask), single = _padded_batch(), _ids()
     dense_single, dense_batch = _logits(model, single), _logits(model, batch, mask)
-    sah.patch(model, FULL, dense_below=0)
+    sah.patch(model, FULL, dense_below=0, dense_above=1.0)
     torch.testing.assert_close(_logits(model, single), dense_single, rtol=1e-4, atol=1e-4)
     keep = mask.bool()
     torch.testing.assert_close(_logits(model, batch, mask)[keep], dense_batch[keep], rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------ the sparse path runs
-def test_real_budget_runs_sparse_prefill(monkeypatch):
+def _spy_sparse_attention(monkeypatch):
+    calls = []
+    real = prefill.sparse_attention
+
+    def spy(q, k, v, layout, **kw):
+        calls.append((tuple(q.shape), tuple(k.shape)))
+        return real(q, k, v, layout, **kw)
+
+    monkeypatch.setattr(prefill, "sparse_attention", spy)
+    return calls
+
+
+def test_real_budget_runs_the_sparse_kernel(monkeypatch):
     model = ARCHS["qwen2"]()
     ids = _ids()
     dense = _logits(model, ids)
-    calls = []
-    real = prefill.sparse_prefill
-
-    def spy(q, k, v, pattern=None, **kw):
-        calls.append((tuple(q.shape), tuple(k.shape), kw["dense_below"]))
-        return real(q, k, v, pattern, **kw)
-
-    monkeypatch.setattr(prefill, "sparse_prefill", spy)
-    sah.patch(model, SPARSE, dense_below=0)
+    calls = _spy_sparse_attention(monkeypatch)
+    sah.patch(model, SPARSE, dense_below=0, dense_above=1.0)
     out = _logits(model, ids)
-    assert calls == [((1, HEADS, L, 16), (1, KV_HEADS, L, 16), 0)] * LAYERS     # KV heads not repeated
+    assert calls == [((1, HEADS, L, 16), (1, KV_HEADS, L, 16))] * LAYERS     # KV heads not repeated
     assert torch.isfinite(out).all()
     assert (out - dense).abs().max() > 1e-3
     # A left-padded batch runs row by row over each row's own keys (not the dense fallback).
     calls.clear()
     batch, mask = _padded_batch()
     assert torch.isfinite(_logits(model, batch, mask)).all()
-    assert [(q[2], k[2]) for q, k, _ in calls] == [(L, L), (L - 37, L - 37)] * LAYERS
+    assert [(q[2], k[2]) for q, k in calls] == [(L, L), (L - 37, L - 37)] * LAYERS
+
+
+def test_dense_above_runs_dense_layouts_densely(monkeypatch):
+    """A layout denser than dense_above runs dense attention (exact), never the sparse kernel."""
+    model = ARCHS["llama"]()
+    ids = _ids()
+    dense = _logits(model, ids)
+    calls = _spy_sparse_attention(monkeypatch)
+    sah.patch(model, FULL, dense_below=0, dense_above=0.5)
+    torch.testing.assert_close(_logits(model, ids), dense, rtol=1e-4, atol=1e-4)
+    assert calls == []
 
 
 def test_dense_below_and_decode_skip_the_sparse_path(monkeypatch):
-    """Decode steps (one query) never reach sparse_prefill; prompts under dense_below never reach the estimator."""
+    """Decode steps (one query) never reach the estimator; prompts under dense_below never do either."""
     model = ARCHS["llama"]()
-    query_lengths, estimates = [], []
-    real_prefill, real_estimate = prefill.sparse_prefill, prefill.estimate
-    monkeypatch.setattr(prefill, "sparse_prefill",
-                        lambda q, *a, **k: query_lengths.append(q.shape[2]) or real_prefill(q, *a, **k))
-    monkeypatch.setattr(prefill, "estimate", lambda *a, **k: estimates.append(1) or real_estimate(*a, **k))
-    sah.patch(model, SPARSE)               # default dense_below (4096) > 50
+    query_lengths = []
+    real_estimate = prefill.estimate
+    monkeypatch.setattr(prefill, "estimate",
+                        lambda q, *a, **k: query_lengths.append(q.shape[2]) or real_estimate(q, *a, **k))
+    calls = _spy_sparse_attention(monkeypatch)
+    sah.patch(model, SPARSE, dense_above=1.0)               # default dense_below (4096) > 50
     with torch.no_grad():
         model.generate(_ids(length=50), max_new_tokens=3, do_sample=False)
-    assert query_lengths == [50] * LAYERS and estimates == []
-    sah.patch(model, SPARSE, dense_below=40)
-    query_lengths.clear()
+    assert query_lengths == [] and calls == []
+    sah.patch(model, SPARSE, dense_below=40, dense_above=1.0)
     with torch.no_grad():
         model.generate(_ids(length=50), max_new_tokens=3, do_sample=False)
-    assert query_lengths == [50] * LAYERS and len(estimates) == LAYERS
+    assert query_lengths == [50] * LAYERS and len(calls) == LAYERS
 
 
 def test_on_layout_reports_densities():
     model = ARCHS["llama"]()
     seen = []
-    sah.patch(model, SPARSE, dense_below=0, on_layout=lambda layer, layout: seen.append((layer, layout.density())))
+    sah.patch(model, SPARSE, dense_below=0, on_layout=lambda layer, layout, density: seen.append((layer, density)))
     _logits(model, _ids())
     assert [layer for layer, _ in seen] == list(range(LAYERS))
     assert all(0 < d < 1 for _, d in seen)
@@ -158,9 +173,9 @@ def test_generate_and_unpatch_restore_outputs(padded):
     before = _logits(model, ids, mask)
     with torch.no_grad():
         dense_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-        sah.patch(model, FULL, dense_below=0)
+        sah.patch(model, FULL, dense_below=0, dense_above=1.0)
         sparse_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-        sah.patch(model, SPARSE, dense_below=0)                              # patching twice is safe
+        sah.patch(model, SPARSE, dense_below=0, dense_above=1.0)                              # patching twice is safe
         sparse_real = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(sparse_tokens, dense_tokens)
     assert sparse_real.shape == dense_tokens.shape
@@ -184,7 +199,7 @@ def test_chunked_prefill_equals_dense():
     model = ARCHS["mistral"]()
     ids = _ids()
     dense = _logits(model, ids)
-    sah.patch(model, FULL, dense_below=0)
+    sah.patch(model, FULL, dense_below=0, dense_above=1.0)
     cache = transformers.DynamicCache(config=model.config)
     with torch.no_grad():
         first = model(ids[:, :120], past_key_values=cache, use_cache=True).logits
@@ -212,6 +227,7 @@ def test_bad_models_are_rejected():
     ("not a config", {}, ValueError, "config"),
     (None, {"dense_below": -1}, ValueError, "dense_below"),
     (None, {"backend": "nope"}, ValueError, "backend"),
+    (None, {"dense_above": 0}, ValueError, "dense_above"),
     (None, {"pattern": "vertical_slash"}, ValueError, "pattern"),
     (None, {"no_such_option": 1}, TypeError, "no_such_option"),
     (FULL, {"pattern": FULL}, ValueError, "either config or the pattern"),
