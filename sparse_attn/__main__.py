@@ -9,6 +9,7 @@ import sys
 #: command -> (module relative to this package, one-line help)
 COMMANDS = {
     "bench": (".bench", "sparse vs dense attention on the synthetic workload (a table)"),
+    "calibrate": (".calibrate", "per-head pattern search on a model's calibration input -> a config JSON"),
 }
 
 
