@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import prefill
+from ..config import resolve_config
 from ..patterns import Pattern
 from .hf_attention import STATE_ATTR, sparse_attention_forward
 
@@ -62,7 +63,7 @@ def patch(model, config=None, **options):
     num_layers, num_heads = text_config.num_hidden_layers, text_config.num_attention_heads
     if config is not None and opts["pattern"] is not None:
         raise ValueError("patch: give either config or the pattern option, not both")
-    resolved = _resolve_config(config, num_layers, num_heads)
+    resolved = resolve_config(config, num_layers, num_heads)
     attention_modules = _attention_modules(model)
 
     _register()
@@ -170,34 +171,3 @@ def _check_options(options: dict) -> dict:
     if reasons:
         raise ValueError("patch: " + "; ".join(reasons))
     return opts
-
-
-def _resolve_config(config, num_layers: int, num_heads: int):
-    try:
-        from ..config import resolve_config
-    except ImportError:
-        resolve_config = _resolve_config_shim
-    return resolve_config(config, num_layers, num_heads)
-
-
-class _UniformShim:
-    """Until sparse_attn.config lands: the same patterns on every layer."""
-
-    def __init__(self, patterns):
-        self._patterns = patterns
-
-    def patterns_for_layer(self, layer_idx, seq_len):
-        return self._patterns
-
-
-def _resolve_config_shim(config, num_layers, num_heads):
-    if config is None:
-        return None
-    if isinstance(config, Pattern):
-        return _UniformShim([config] * num_heads)
-    if isinstance(config, (list, tuple)) and all(isinstance(p, Pattern) for p in config):
-        if len(config) != num_heads:
-            raise ValueError(f"config: a per-head list needs one pattern per query head ({num_heads}), "
-                             f"got {len(config)}")
-        return _UniformShim(list(config))
-    raise ValueError(f"config must be None, a Pattern or a list of per-head Patterns, got {type(config).__name__}")

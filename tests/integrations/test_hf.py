@@ -10,6 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import sparse_attn as sa  # noqa: E402
+import sparse_attn.config  # noqa: E402,F401
 import sparse_attn.hf as sah  # noqa: E402
 from sparse_attn import prefill  # noqa: E402
 from sparse_attn.integrations.hf_attention import STATE_ATTR, masked_dense_attention  # noqa: E402
@@ -224,7 +225,11 @@ def test_bad_models_are_rejected():
 
 @pytest.mark.parametrize("config, options, error, match", [
     ([FULL] * (HEADS - 1), {}, ValueError, "head"),
-    ("not a config", {}, ValueError, "config"),
+    (sa.config.SparseConfig.uniform(FULL, LAYERS + 1, HEADS), {}, ValueError, "layers"),
+    ({"format": "sparse_attn.config", "version": 1, "num_layers": LAYERS, "num_heads": HEADS,
+      "layers": [[{"pattern": "no_such_pattern"}] * HEADS] * LAYERS}, {}, ValueError, "unknown pattern"),
+    ([[0, "vertical_and_slash"]], {}, ValueError, "config"),
+    (42, {}, TypeError, "config"),
     (None, {"dense_below": -1}, ValueError, "dense_below"),
     (None, {"backend": "nope"}, ValueError, "backend"),
     (None, {"dense_above": 0}, ValueError, "dense_above"),
@@ -276,3 +281,39 @@ def test_masked_dense_matches_reference(Lq, Lk, window):
     torch.testing.assert_close(out[sees.expand_as(out[..., 0])], ref[sees.expand_as(ref[..., 0])],
                                rtol=1e-5, atol=1e-5)
     assert torch.equal(out[~sees.expand_as(out[..., 0])], torch.zeros_like(out[~sees.expand_as(out[..., 0])]))
+
+
+# ------------------------------------------------------------------------------------ configs from files
+def test_minference_json_drives_patch(tmp_path):
+    """A MInference / vLLM `sparse_attention_config` ([{head: [type, vertical, slash, score]}] per layer) loads from
+    a file; with budgets covering everything the patched model equals dense."""
+    import json
+
+    model = ARCHS["llama"]()
+    ids = _ids()
+    dense = _logits(model, ids)
+    layer = {str(h): ["vertical_and_slash", 10**6, 10**6, 0.9] for h in range(HEADS)}
+    path = tmp_path / "minference.json"
+    path.write_text(json.dumps([layer] * LAYERS))
+    sah.patch(model, str(path), dense_below=0, dense_above=1.0)
+    torch.testing.assert_close(_logits(model, ids), dense, rtol=1e-4, atol=1e-4)
+
+
+def test_calibrated_config_drives_patch(tmp_path, monkeypatch):
+    from sparse_attn.calibrate import calibrate_model
+    from sparse_attn.config import SparseConfig
+
+    model = ARCHS["llama"]()
+    ids = _ids()
+    result = calibrate_model(model, ids, target=0.5, progress=False)
+    result.config.save(tmp_path / "calibrated.json")
+    config = SparseConfig.load(tmp_path / "calibrated.json")
+    used = []
+    real_estimate = prefill.estimate
+    monkeypatch.setattr(prefill, "estimate", lambda q, k, patterns, **kw: used.append(patterns) or
+                        real_estimate(q, k, patterns, **kw))
+    sah.patch(model, tmp_path / "calibrated.json", dense_below=0, dense_above=1.0)
+    assert torch.isfinite(_logits(model, ids)).all()
+    expected = [config.patterns_for_layer(i, L) for i in range(LAYERS)]
+    assert used == [p for p in expected if p is not None and not all(isinstance(h, sa.Dense) for h in p)]
+    assert used, "calibration at target 0.5 should pick some sparse heads"
