@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import prefill
+from ..ops.checks import resolve_scale
+from ..ops.scores import last_query_probs
 from ..prefill import dense_attention
 
 #: Attribute holding the patch state on each attention module (and on the model).
@@ -102,6 +104,8 @@ def _sparse(state, module, q, k, v, scale):
     if (patterns is None or k.shape[2] < options["dense_below"]
             or all(isinstance(p, prefill.Dense) for p in patterns)):
         return dense_attention(q, k, v, causal=True, scale=scale)
+    if options["dense_above"] < 1 and _mass_needs_dense(q, k, patterns, scale, options["dense_above"]):
+        return dense_attention(q, k, v, causal=True, scale=scale)
     layout = prefill.estimate(q, k, patterns, causal=True, scale=scale)
     density = layout.density() if options["dense_above"] < 1 or options["on_layout"] is not None else None
     if options["on_layout"] is not None:
@@ -110,6 +114,23 @@ def _sparse(state, module, q, k, v, scale):
         return dense_attention(q, k, v, causal=True, scale=scale)
     return prefill.sparse_attention(q, k, v, layout, causal=True, scale=scale, backend=options["backend"],
                                     check_layout=False)
+
+
+def _mass_needs_dense(q, k, patterns, scale, dense_above: float, rows: int = 16) -> bool:
+    """Cheap pre-check for cumulative-mass (``gamma``) patterns, whose budget grows with how diffuse attention is:
+    for the last ``rows`` queries, the share of their visible keys needed to reach ``gamma`` of their attention
+    mass, averaged over rows and heads.  When that share exceeds ``dense_above``, no layout reaching gamma would be
+    sparse enough to pay, so the layer runs dense without the (much dearer) full estimate.  Only ever chooses
+    exact dense attention, so it cannot make a result wrong."""
+    gammas = [getattr(p, "gamma", None) for p in patterns]
+    if any(g is None for g in gammas):
+        return False
+    probs, pos = last_query_probs(q, k, rows, resolve_scale(scale, q.shape[-1]))     # [B, Hq, n, Lk], [n]
+    mass = probs.sort(-1, descending=True).values.cumsum_(-1)
+    gamma = torch.tensor(gammas, dtype=mass.dtype, device=mass.device)[None, :, None, None]
+    needed = (mass < gamma).sum(-1) + 1                                                # [B, Hq, n] keys
+    share = needed.to(torch.float32) / (pos + 1).to(torch.float32)
+    return bool(share.mean() > dense_above)
 
 
 def _sparse_padded(state, module, q, k, v, key_keep, scale):

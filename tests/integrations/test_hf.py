@@ -317,3 +317,28 @@ def test_calibrated_config_drives_patch(tmp_path, monkeypatch):
     expected = [config.patterns_for_layer(i, L) for i in range(LAYERS)]
     assert used == [p for p in expected if p is not None and not all(isinstance(h, sa.Dense) for h in p)]
     assert used, "calibration at target 0.5 should pick some sparse heads"
+
+
+def test_diffuse_attention_skips_the_gamma_estimate(monkeypatch):
+    """Cumulative-mass patterns on diffuse (random-weight) attention: the cheap mass check picks exact dense
+    attention before the full estimate; peaked attention passes the check."""
+    from sparse_attn.integrations.hf_attention import _mass_needs_dense
+
+    model = ARCHS["llama"]()
+    ids = _ids()
+    dense = _logits(model, ids)
+    estimates = []
+    real_estimate = prefill.estimate
+    monkeypatch.setattr(prefill, "estimate", lambda *a, **k: estimates.append(1) or real_estimate(*a, **k))
+    sah.patch(model, sa.VerticalSlash(gamma=0.95), dense_below=0, dense_above=0.3)
+    torch.testing.assert_close(_logits(model, ids), dense, rtol=1e-4, atol=1e-4)
+    assert estimates == []
+
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 2, 300, 16, generator=gen)
+    q = torch.randn(1, 4, 300, 16, generator=gen)
+    q[:, :, :] = 30 * k[:, :1, 5:6]                      # every query attends to key 5 (a sink) and little else
+    pattern = [sa.VerticalSlash(gamma=0.9)] * 4
+    assert not _mass_needs_dense(q, k, pattern, None, 0.3)
+    assert _mass_needs_dense(torch.zeros_like(q), k, pattern, None, 0.3)     # uniform attention
+    assert not _mass_needs_dense(torch.zeros_like(q), k, [sa.VerticalSlash(vertical=64, slash=64)] * 4, None, 0.3)
