@@ -51,8 +51,11 @@ def main(argv=None):
     times["default"] = prefill_seconds(model, ids, args.repeats)
     sah.unpatch(model)
     above = sah.DEFAULT_OPTIONS["dense_above"]
-    print(f"default config: estimated densities {[round(d, 3) for d in densities]}; layers above dense_above="
-          f"{above} ran dense")
+    if densities:
+        print(f"default config: estimated densities {[round(d, 3) for d in densities]}; layers above "
+              f"dense_above={above} ran dense")
+    else:
+        print("default config: every layer was sent to dense by the mass pre-check (diffuse attention)")
     print(f"tiny Llama (4 layers, hidden 512, 8 heads, 2 KV heads, fp32), {args.tokens} tokens, "
           f"torch threads {torch.get_num_threads()}, best of {args.repeats}")
     print(f"  {'variant':<12} {'wall s':>8} {'cpu s':>8} {'wall ratio':>11} {'cpu ratio':>10}   (ratio = sdpa / variant)")
