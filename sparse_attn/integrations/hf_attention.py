@@ -15,6 +15,7 @@ Left-padded batches run row by row over each row's valid (right-aligned) keys; a
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -118,19 +119,20 @@ def _sparse(state, module, q, k, v, scale):
 
 def _mass_needs_dense(q, k, patterns, scale, dense_above: float, rows: int = 16) -> bool:
     """Cheap pre-check for cumulative-mass (``gamma``) patterns, whose budget grows with how diffuse attention is:
-    for the last ``rows`` queries, the share of their visible keys needed to reach ``gamma`` of their attention
-    mass, averaged over rows and heads.  When that share exceeds ``dense_above``, no layout reaching gamma would be
-    sparse enough to pay, so the layer runs dense without the (much dearer) full estimate.  Only ever chooses
-    exact dense attention, so it cannot make a result wrong."""
+    for each of the last ``rows`` queries and each head, do its top ``dense_above`` share of the keys hold less
+    than ``gamma`` of its attention?  Then any layout reaching gamma for that row is denser than ``dense_above``;
+    when most (row, head) pairs are like that, the layer runs dense without the (much dearer) full estimate.  Only
+    ever chooses exact dense attention, so it cannot make a result wrong."""
     gammas = [getattr(p, "gamma", None) for p in patterns]
     if any(g is None for g in gammas):
         return False
     probs, pos = last_query_probs(q, k, rows, resolve_scale(scale, q.shape[-1]))     # [B, Hq, n, Lk], [n]
-    mass = probs.sort(-1, descending=True).values.cumsum_(-1)
-    gamma = torch.tensor(gammas, dtype=mass.dtype, device=mass.device)[None, :, None, None]
-    needed = (mass < gamma).sum(-1) + 1                                                # [B, Hq, n] keys
-    share = needed.to(torch.float32) / (pos + 1).to(torch.float32)
-    return bool(share.mean() > dense_above)
+    top = max(1, math.ceil(dense_above * (int(pos[-1]) + 1)))
+    if top >= probs.shape[-1]:
+        return False
+    mass = probs.topk(top, dim=-1, sorted=False).values.sum(-1)                      # [B, Hq, n]
+    gamma = torch.tensor(gammas, dtype=mass.dtype, device=mass.device)[None, :, None]
+    return bool((mass < gamma).float().mean() > 0.5)
 
 
 def _sparse_padded(state, module, q, k, v, key_keep, scale):
