@@ -244,3 +244,29 @@ def test_cli_synthetic_and_command_table(tmp_path):
     out = tmp_path / "syn.json"
     assert main(["--synthetic", "--layers", "1", "--seq-len", "512", "-o", str(out), "--no-progress"]) == 0
     assert SparseConfig.load(out).num_heads == 4
+
+
+def test_calibrated_config_drives_hf_patch(tiny, tmp_path):
+    """Once the HF integration is merged: a calibrated config loads into `patch`; an all-dense calibration (target
+    1.0) reproduces the dense logits, a sparse one changes them, and unpatch restores the model."""
+    hf = pytest.importorskip("sparse_attn.integrations.hf", reason="sparse_attn.integrations.hf not merged yet")
+    model, ids = tiny
+    ids = ids[:1]
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+    outputs = {}
+    for target in (1.0, 0.7):
+        result = calibrate_model(model, ids, CANDIDATES[:3], target=target, block_m=64, block_n=64, progress=False)
+        path = tmp_path / f"t{target}.json"
+        result.config.save(path)
+        hf.patch(model, config=str(path), dense_below=1)
+        try:
+            with torch.no_grad():
+                outputs[target] = model(input_ids=ids).logits
+        finally:
+            hf.unpatch(model)
+        assert result.config.dense_layers == ([0, 1] if target == 1.0 else [])
+    torch.testing.assert_close(outputs[1.0], dense, atol=1e-5, rtol=1e-5)
+    assert (outputs[0.7] - dense).abs().max() > 1e-3
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, dense)
