@@ -49,8 +49,8 @@ def main(argv=None):
     densities = []
     sah.patch(model, None, on_layout=lambda layer, layout, density: densities.append(density))
     times["default"] = prefill_seconds(model, ids, args.repeats)
+    above = model._sparse_attn_state.options["dense_above"]
     sah.unpatch(model)
-    above = sah.DEFAULT_OPTIONS["dense_above"]
     if densities:
         print(f"default config: estimated densities {[round(d, 3) for d in densities]}; layers above "
               f"dense_above={above} ran dense")

@@ -86,7 +86,7 @@ def main(argv=None):
     sah.patch(model, pattern_of(args.pattern), **options,
               on_layout=lambda layer, layout, density: densities.setdefault(layer, density))
     sparse_s, sparse_logits, sparse_new = run(model, ids, args.new_tokens)
-    above = sah.DEFAULT_OPTIONS["dense_above"] if args.dense_above is None else args.dense_above
+    above = model._sparse_attn_state.options["dense_above"]
     sah.unpatch(model)
 
     diff = (sparse_logits - dense_logits).abs().max().item()

@@ -23,8 +23,11 @@ from .hf_attention import STATE_ATTR, sparse_attention_forward
 #: Name of our entry in transformers' attention and mask registries.
 IMPLEMENTATION = "sparse_attn"
 #: patch(**options) defaults; `pattern` is the online pattern of every head when no config is given.
-DEFAULT_OPTIONS = {"dense_below": prefill.DENSE_BELOW, "dense_above": 0.3, "backend": "auto", "pattern": None,
+DEFAULT_OPTIONS = {"dense_below": prefill.DENSE_BELOW, "dense_above": None, "backend": "auto", "pattern": None,
                    "on_layout": None}
+#: dense_above when it is not given and no config is: the online defaults must never cost more than dense (the CPU
+#: kernel costs ~3x dense attention per computed entry).  With a config the user's patterns are honoured (1.0).
+ONLINE_DENSE_ABOVE = 0.3
 
 
 @dataclass
@@ -53,7 +56,8 @@ def patch(model, config=None, **options):
     `sparse_attn.config.SparseConfig`, a path to a config JSON (ours or MInference's), or a parsed JSON object.
     ``options``: ``dense_below`` (key lengths below it run dense; default `sparse_attn.prefill.DENSE_BELOW`),
     ``dense_above`` (a layer whose estimated layout is denser than this fraction runs dense instead, since the
-    sparse kernel costs a few times dense attention per computed entry; 1.0: never), ``backend`` (as in
+    sparse kernel costs a few times dense attention per computed entry; 1.0: never; default `ONLINE_DENSE_ABOVE`
+    without a config, 1.0 with one, so a given config is followed as written), ``backend`` (as in
     `sparse_attn.sparse_attention`), ``pattern`` (the online default when ``config`` is None), ``on_layout``
     (callable(layer_idx, layout, density) called with each estimated layout; for measuring density).
     Patching a patched model replaces its config and options.  Returns ``model``."""
@@ -63,6 +67,8 @@ def patch(model, config=None, **options):
     num_layers, num_heads = text_config.num_hidden_layers, text_config.num_attention_heads
     if config is not None and opts["pattern"] is not None:
         raise ValueError("patch: give either config or the pattern option, not both")
+    if opts["dense_above"] is None:
+        opts["dense_above"] = ONLINE_DENSE_ABOVE if config is None else 1.0
     resolved = resolve_config(config, num_layers, num_heads)
     attention_modules = _attention_modules(model)
 
@@ -159,8 +165,8 @@ def _check_options(options: dict) -> dict:
     if not isinstance(below, int) or isinstance(below, bool) or below < 0:
         reasons.append(f"dense_below must be an int >= 0, got {below!r}")
     above = opts["dense_above"]
-    if not isinstance(above, (int, float)) or isinstance(above, bool) or not 0 < above <= 1:
-        reasons.append(f"dense_above must be a number in (0, 1], got {above!r}")
+    if above is not None and (not isinstance(above, (int, float)) or isinstance(above, bool) or not 0 < above <= 1):
+        reasons.append(f"dense_above must be a number in (0, 1], or None, got {above!r}")
     if opts["backend"] not in prefill.BACKENDS:
         reasons.append(f"backend must be one of {prefill.BACKENDS}, got {opts['backend']!r}")
     if opts["pattern"] is not None and not isinstance(opts["pattern"], Pattern):

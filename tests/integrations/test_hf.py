@@ -342,3 +342,13 @@ def test_diffuse_attention_skips_the_gamma_estimate(monkeypatch):
     assert not _mass_needs_dense(q, k, pattern, None, 0.3)
     assert _mass_needs_dense(torch.zeros_like(q), k, pattern, None, 0.3)     # uniform attention
     assert not _mass_needs_dense(torch.zeros_like(q), k, [sa.VerticalSlash(vertical=64, slash=64)] * 4, None, 0.3)
+
+
+def test_dense_above_defaults_guard_online_patterns_and_honour_configs():
+    model = ARCHS["llama"]()
+    sah.patch(model)
+    assert getattr(model, STATE_ATTR).options["dense_above"] == sah.ONLINE_DENSE_ABOVE
+    sah.patch(model, SPARSE)
+    assert getattr(model, STATE_ATTR).options["dense_above"] == 1.0
+    sah.patch(model, SPARSE, dense_above=0.5)
+    assert getattr(model, STATE_ATTR).options["dense_above"] == 0.5
