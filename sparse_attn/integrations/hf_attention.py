@@ -1,0 +1,187 @@
+"""The attention function transformers calls for a model patched by `sparse_attn.hf.patch`.
+
+transformers (4.53+/5.x, `AttentionInterface`) calls it once per layer with inputs after RoPE and the cache update:
+``query [B, Hq, Lq, D]``, ``key, value [B, Hkv, Lk, D]`` (KV heads not repeated), the queries being the last Lq
+positions of the keys (bottom-right causal alignment, also in chunked prefill).  Because the patch registers
+transformers' flash-attention mask function for our name, ``attention_mask`` is ``None`` without padding, or a bool
+``[B, Lk]`` key mask (True = keep) with padding; no ``[Lq, Lk]`` mask is ever built.  Returns ``(out [B, Lq, Hq, D],
+None)``.
+
+Routing: prefill (Lq > 1) of a causal full-attention layer runs the layer's per-head patterns through
+`sparse_attn.estimate` + `sparse_attn.sparse_attention` (dense below ``dense_below`` keys and above
+``dense_above`` density); decode steps (Lq == 1), sliding-window layers whose
+window is shorter than the keys, non-causal modules and modules without patch state run exact dense attention.
+Left-padded batches run row by row over each row's valid (right-aligned) keys; any other padding runs dense.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .. import prefill
+from ..ops.checks import resolve_scale
+from ..ops.scores import last_query_probs
+from ..prefill import dense_attention
+
+#: Attribute holding the patch state on each attention module (and on the model).
+STATE_ATTR = "_sparse_attn_state"
+#: Elements of one [B, H, rows, keys] score block in the masked dense path (bounds its memory, never O(L^2)).
+_SCORE_BLOCK_ELEMENTS = 1 << 25
+_warned: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def sparse_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                             sliding_window=None, is_causal=None, **kwargs):
+    """transformers attention-function signature; see the module docstring for shapes and routing."""
+    for name in ("softcap", "s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"sparse_attn: attention with `{name}` is not supported; "
+                                      f"unpatch the model (sparse_attn.hf.unpatch) to use its own attention")
+    if dropout and module.training:
+        raise ValueError("sparse_attn: attention dropout > 0 in training mode is not supported; call model.eval() "
+                         "or unpatch the model")
+    state = getattr(module, STATE_ATTR, None)
+    causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
+    key_keep, key, value = _key_mask(attention_mask, key, value)
+    Lq, Lk = query.shape[2], key.shape[2]
+    window = sliding_window if sliding_window is not None and causal and sliding_window < Lk else None
+    if key_keep is None and causal and Lq == Lk > 1:
+        _check_not_packed(kwargs.get("position_ids"))
+
+    if state is None or not causal or window is not None or Lq == 1:
+        out = masked_dense_attention(query, key, value, key_keep, causal=causal, scale=scaling, window=window)
+    elif key_keep is None:
+        out = _sparse(state, module, query, key, value, scaling)
+    else:
+        out = _sparse_padded(state, module, query, key, value, key_keep, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _key_mask(attention_mask, key, value):
+    """The bool [B, Lk] key mask (True = keep), or None when every key is kept; keys past a shorter mask (a static
+    cache's unfilled slots) are dropped so the queries stay the last positions of the keys."""
+    if attention_mask is None:
+        return None, key, value
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+        raise ValueError(f"sparse_attn: expected attention_mask None or a [batch, kv_len] padding mask (the mask "
+                         f"function registered by sparse_attn.hf.patch), got {shape}; patch the model with "
+                         f"sparse_attn.hf.patch instead of setting the implementation by hand")
+    keep = attention_mask.to(torch.bool)
+    Lk = key.shape[2]
+    if keep.shape[1] < Lk:
+        key, value = key[:, :, :keep.shape[1]], value[:, :, :keep.shape[1]]
+    elif keep.shape[1] > Lk:
+        keep = keep[:, -Lk:]
+    return keep, key, value
+
+
+def _check_not_packed(position_ids) -> None:
+    """Packed sequences (position ids restarting inside a row, no mask) would need a block-diagonal mask."""
+    if position_ids is None or position_ids.shape[-1] < 2:
+        return
+    if bool((position_ids[..., 1:] - position_ids[..., :-1] != 1).any()):
+        raise ValueError("sparse_attn: packed sequences (position_ids restarting inside a row without an "
+                         "attention_mask) are not supported; pass an attention_mask or unpatch the model")
+
+
+def _sparse(state, module, q, k, v, scale):
+    """Sparse prefill of unpadded rows: ``q [B, Hq, Lq, D]`` over ``k, v [B, Hkv, Lk, D]`` -> [B, Hq, Lq, D],
+    with the module's layer patterns for Lk keys.  Dense where the config keeps the layer dense, below
+    ``dense_below`` keys, for all-`Dense` patterns, and where the estimated layout is denser than ``dense_above``
+    (there the sparse kernel would cost more than dense attention)."""
+    options = state.options
+    layer_idx = getattr(module, "layer_idx", None)
+    patterns = state.patterns(layer_idx, k.shape[2])
+    if (patterns is None or k.shape[2] < options["dense_below"]
+            or all(isinstance(p, prefill.Dense) for p in patterns)):
+        return dense_attention(q, k, v, causal=True, scale=scale)
+    if options["dense_above"] < 1 and _mass_needs_dense(q, k, patterns, scale, options["dense_above"]):
+        return dense_attention(q, k, v, causal=True, scale=scale)
+    layout = prefill.estimate(q, k, patterns, causal=True, scale=scale)
+    density = layout.density() if options["dense_above"] < 1 or options["on_layout"] is not None else None
+    if options["on_layout"] is not None:
+        options["on_layout"](layer_idx, layout, density)
+    if density is not None and density > options["dense_above"]:
+        return dense_attention(q, k, v, causal=True, scale=scale)
+    return prefill.sparse_attention(q, k, v, layout, causal=True, scale=scale, backend=options["backend"],
+                                    check_layout=False)
+
+
+def _mass_needs_dense(q, k, patterns, scale, dense_above: float, rows: int = 16) -> bool:
+    """Cheap pre-check for cumulative-mass (``gamma``) patterns, whose budget grows with how diffuse attention is:
+    for each of the last ``rows`` queries and each head, do its top ``dense_above`` share of the keys hold less
+    than ``gamma`` of its attention?  Then any layout reaching gamma for that row is denser than ``dense_above``;
+    when most (row, head) pairs are like that, the layer runs dense without the (much dearer) full estimate.  Only
+    ever chooses exact dense attention, so it cannot make a result wrong."""
+    gammas = [getattr(p, "gamma", None) for p in patterns]
+    if any(g is None for g in gammas):
+        return False
+    probs, pos = last_query_probs(q, k, rows, resolve_scale(scale, q.shape[-1]))     # [B, Hq, n, Lk], [n]
+    top = max(1, math.ceil(dense_above * (int(pos[-1]) + 1)))
+    if top >= probs.shape[-1]:
+        return False
+    mass = probs.topk(top, dim=-1, sorted=False).values.sum(-1)                      # [B, Hq, n]
+    gamma = torch.tensor(gammas, dtype=mass.dtype, device=mass.device)[None, :, None]
+    return bool((mass < gamma).float().mean() > 0.5)
+
+
+def _sparse_padded(state, module, q, k, v, key_keep, scale):
+    """Rows of a left-padded batch, each over its own valid keys (right-aligned, so a slice); pad queries get 0."""
+    B, Hq, Lq, D = q.shape
+    Lk = k.shape[2]
+    n_valid = key_keep.sum(1)                                                  # [B]
+    left_padded = torch.arange(Lk, device=k.device)[None, :] >= (Lk - n_valid)[:, None]
+    if not bool((left_padded == key_keep).all()):
+        _warn_once("padding", "sparse_attn: the attention mask is not left padding; running dense attention "
+                              "for these batches")
+        return masked_dense_attention(q, k, v, key_keep, causal=True, scale=scale)
+    out = q.new_zeros(B, Hq, Lq, D)
+    for row, n in enumerate(n_valid.tolist()):
+        first_query = max(0, Lq - n)
+        if n == 0 or first_query == Lq:
+            continue
+        rows = slice(row, row + 1)
+        out[rows, :, first_query:] = _sparse(state, module, q[rows, :, first_query:], k[rows, :, Lk - n:],
+                                             v[rows, :, Lk - n:], scale)
+    return out
+
+
+def masked_dense_attention(q, k, v, key_keep=None, *, causal=True, scale=None, window=None):
+    """Exact dense attention of ``q [B, Hq, Lq, D]`` over ``k, v [B, Hkv, Lk, D]`` (queries = last Lq keys) with an
+    optional bool key mask ``key_keep [B, Lk]`` and sliding ``window`` (a query sees keys ``pos - window < j <=
+    pos``).  Chunked over queries so scores stay O(rows x keys); rows that see no key give 0 (not NaN)."""
+    if key_keep is None and window is None:
+        return dense_attention(q, k, v, causal=causal, scale=scale)
+    B, Hq, Lq, D = q.shape
+    Lk = k.shape[2]
+    shift = Lk - Lq
+    rows_per_chunk = max(1, _SCORE_BLOCK_ELEMENTS // max(1, B * Hq * Lk))
+    out = []
+    for start in range(0, Lq, rows_per_chunk):
+        stop = min(Lq, start + rows_per_chunk)
+        pos = torch.arange(start, stop, device=q.device) + shift                      # [c] query positions
+        k_lo = 0 if window is None or not causal else max(0, start + shift - window + 1)
+        k_hi = stop + shift if causal else Lk
+        keys = torch.arange(k_lo, k_hi, device=q.device)
+        mask = torch.ones(stop - start, k_hi - k_lo, dtype=torch.bool, device=q.device)
+        if causal:
+            mask = keys[None, :] <= pos[:, None]
+            if window is not None:
+                mask = mask & (keys[None, :] > pos[:, None] - window)
+        mask = mask[None, None]
+        if key_keep is not None:
+            mask = mask & key_keep[:, None, None, k_lo:k_hi]
+        chunk = F.scaled_dot_product_attention(q[:, :, start:stop], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi],
+                                               attn_mask=mask, scale=scale, enable_gqa=Hq != k.shape[1])
+        out.append(torch.where(mask.any(-1, keepdim=True), chunk, 0.0).to(q.dtype))
+    return torch.cat(out, 2) if len(out) > 1 else out[0]

@@ -1,0 +1,75 @@
+"""`python -m sparse_attn needle` and `demo`: mechanics on tiny random models (scores are meaningless there)."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from sparse_attn import needle  # noqa: E402
+from sparse_attn.__main__ import main as cli  # noqa: E402
+
+
+def _tokenizer():
+    """A byte-free BPE trained on the filler, the needle and the question (digits are single tokens)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["[PAD]", "[UNK]", "[EOS]"],
+                                  initial_alphabet=list("0123456789"))
+    tok.train_from_iterator(list(needle.FILLER) + [needle.NEEDLE.format(value=1234567), needle.QUESTION], trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                                eos_token="[EOS]")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_lm")
+    tokenizer = _tokenizer()
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                                      eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("length, depth", [(97, 0.0), (150, 0.5), (150, 1.0)])
+def test_prompt_has_the_length_and_the_needle_at_its_depth(length, depth):
+    tok = _tokenizer()
+    value = "7654321"
+    ids, at = needle.build_prompt(tok, length, depth, needle.NEEDLE.format(value=value))
+    needle_ids = tok.encode(" " + needle.NEEDLE.format(value=value), add_special_tokens=False)
+    question_ids = tok.encode(needle.QUESTION, add_special_tokens=False)
+    assert len(ids) == length
+    assert ids[at:at + len(needle_ids)] == needle_ids
+    assert ids[-len(question_ids):] == question_ids
+    room = length - len(needle_ids) - len(question_ids)
+    assert at == round(depth * room)
+    with pytest.raises(ValueError, match="too short"):
+        needle.build_prompt(tok, 10, depth, needle.NEEDLE.format(value=value))
+
+
+def test_is_correct_and_table():
+    assert needle.is_correct("1234567", " 123 4567.") and not needle.is_correct("1234567", "1234568")
+    table = needle.format_table([100, 200], [0.0, 1.0], [[1, 0], [1, 1]], [[0, 0], [1, 1]])
+    assert "1/0" in table and "accuracy: dense 0.750, sparse 0.500" in table
+
+
+def test_needle_cli_on_a_tiny_model(tiny_dir, tmp_path, capsys):
+    png = tmp_path / "needle.png"
+    assert cli(["needle", "--model", str(tiny_dir), "--lengths", "96", "160", "--depths", "0", "1",
+                "--max-new-tokens", "3", "--dense-below", "0", "--dense-above", "1", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "meaningless" in out
+    assert "accuracy: dense" in out and len([line for line in out.splitlines() if " | " in line]) == 3
+    assert png.exists() and png.stat().st_size > 0
+
+
+def test_demo_cli_runs(capsys):
+    assert cli(["demo", "--length", "300", "--new-tokens", "2", "--layers", "2", "--hidden", "64",
+                "--dense-below", "0", "--dense-above", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "speedup" in out and "density  L0:" in out and "same new tokens" in out
