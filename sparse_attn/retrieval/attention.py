@@ -79,7 +79,8 @@ def retrieval_attention(q, cache, top_k: int, *, scale=None, return_lse: bool = 
         ids, scanned = cache.index.search(rows.detach().float().cpu(), top_k)      # [S, m, k]
         stats["scanned"] = scanned
         k_eff = ids.shape[-1]
-        valid = ids >= 0
+        # offloaded token i sits at position n_sink + i; rows may not see keys after them (only when Lq > window)
+        valid = (ids >= 0) & (ids + cache.window.n_sink <= q_pos.cpu()[None, :, None])
         keys, values = cache.gather(ids.clamp(min=0).view(S, -1))
         keys = keys.view(S, g * Lq, k_eff, D).to(q.device)
         values = values.view(S, g * Lq, k_eff, D).to(q.device)
