@@ -47,6 +47,10 @@ class RetrievalKVCache:
                  keys_on_ssd: bool = False, layer: int = 0, page_tokens: int = 16, cache_pages: int = 4096):
         self.window = DeviceWindow(sink, window)
         self.index = make_index(index)
+        if getattr(self.index, "_sparse_attn_owned", False):
+            raise ValueError("index: this index object already serves another cache (layer); pass a new index "
+                             "object or a name per cache")
+        self.index._sparse_attn_owned = True
         self.storage_dtype, self.layer = storage_dtype, layer
         self.ssd_dir = None if ssd_dir is None else check_writable_dir(ssd_dir, "ssd_dir")
         self.keys_on_ssd, self.page_tokens, self.cache_pages = keys_on_ssd, page_tokens, cache_pages

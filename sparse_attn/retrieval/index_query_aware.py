@@ -78,13 +78,16 @@ class QueryAwareIndex(IVFIndex):
         """Nearest centroid in L2 (the k-means rule): argmax of ``k' . c - |c|^2 / 2``."""
         return _chunked_argmax(keys_mapped, self.centroids, -0.5 * (self.centroids ** 2).sum(-1))
 
-    def _probe_scores(self, q_mapped: torch.Tensor) -> torch.Tensor:
+    def _index(self, keys: torch.Tensor) -> None:
+        super()._index(keys)
         n = self.list_sizes.clamp(min=1).double()
         mean = self.list_sum / n[..., None]                                     # [S, C, D']
         var = (self.list_sq / n[..., None] - mean ** 2).clamp(min=0)
-        qd = q_mapped.double()
-        score = torch.bmm(qd, mean.transpose(1, 2))
+        self._mean_t = mean.transpose(1, 2).float().contiguous()               # cached until lists change
+        self._var_t = (var * (2 * torch.log1p(n))[..., None]).transpose(1, 2).float().contiguous()
+
+    def _probe_scores(self, q_mapped: torch.Tensor) -> torch.Tensor:
+        score = torch.bmm(q_mapped, self._mean_t)
         if self.beta:
-            spread = torch.bmm(qd ** 2, var.transpose(1, 2)).clamp(min=0).sqrt()
-            score = score + self.beta * torch.sqrt(2 * torch.log1p(n))[:, None, :] * spread
-        return score.float()
+            score += self.beta * torch.bmm(q_mapped ** 2, self._var_t).clamp_(min=0).sqrt_()
+        return score

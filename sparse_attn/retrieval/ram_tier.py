@@ -33,8 +33,9 @@ class RamTier:
 
     def gather(self, idx: torch.Tensor) -> torch.Tensor:
         """``idx [S, m]`` int64 positions -> ``[S, m, D]`` (one batched index op over all streams)."""
-        rows = torch.arange(self.streams)[:, None].expand_as(idx)
-        return self.data[rows, idx]
+        cap = self.data.shape[1]
+        flat = (idx + torch.arange(self.streams)[:, None] * cap).flatten()       # index_select beats fancy indexing
+        return self.data.view(-1, self.dim).index_select(0, flat).view(*idx.shape, self.dim)
 
     def nbytes(self) -> int:
         """Bytes held (allocated capacity, not just the valid part)."""
