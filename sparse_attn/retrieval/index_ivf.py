@@ -171,7 +171,7 @@ class IVFIndex:
         total = 0 if self.tail is None else self.tail.numel() * 4
         if self.trained:
             D = self.centroids.shape[-1]
-            total += self.n_indexed * (4 * D + 8) * 1 + self.centroids.numel() * 4
+            total += len(self.faiss_indexes) * self.n_indexed * (4 * D + 8) + self.centroids.numel() * 4
             total += (self.list_sum.numel() + self.list_sq.numel()) * 8
             if self.key_map is not None:
                 total += (self.key_map.numel() + self.query_map.numel()) * 4

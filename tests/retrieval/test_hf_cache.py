@@ -19,7 +19,7 @@ def _tiny_llama(seed=0):
 
 def _generate(model, ids, cache=None, new=20):
     with torch.no_grad():
-        return model.generate(ids, max_new_tokens=new, do_sample=False, past_key_values=cache,
+        return model.generate(ids, max_new_tokens=new, do_sample=False, cache=cache,
                               attention_mask=torch.ones_like(ids), pad_token_id=0)
 
 
