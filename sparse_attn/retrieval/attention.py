@@ -82,13 +82,6 @@ def intra_op_threads(n):
 
 def retrieval_attention(q, cache, top_k: int, *, scale=None, return_lse: bool = False, return_stats: bool = False,
                         threads: int | None = 1):
-    """See :func:`_retrieval_attention`; ``threads``: intra-op threads for the step (see :func:`intra_op_threads`;
-    None keeps the caller's setting)."""
-    with intra_op_threads(threads):
-        return _retrieval_attention(q, cache, top_k, scale=scale, return_lse=return_lse, return_stats=return_stats)
-
-
-def _retrieval_attention(q, cache, top_k: int, *, scale=None, return_lse: bool = False, return_stats: bool = False):
     """Decode attention of ``q [B, Hq, Lq, D]`` (the last ``Lq`` tokens, already appended to ``cache``) over a
     :class:`~sparse_attn.retrieval.RetrievalKVCache`.
 
@@ -96,7 +89,13 @@ def _retrieval_attention(q, cache, top_k: int, *, scale=None, return_lse: bool =
     new rows.  Retrieved part: per query row, the ``top_k`` offloaded keys with the largest ``q . k`` that the
     cache's index finds (all query heads of a KV head search its index in one call), gathered from RAM/SSD.
     Returns ``out [B, Hq, Lq, D]`` in q's dtype; with ``return_lse`` also the natural-log LSE ``[B, Hq, Lq]``
-    (fp32); with ``return_stats`` also a dict (keys scanned per query row, offloaded count)."""
+    (fp32); with ``return_stats`` also a dict (keys scanned per query row, offloaded count).
+    ``threads``: intra-op threads for the step (see :func:`intra_op_threads`; None keeps the caller's setting)."""
+    with intra_op_threads(threads):
+        return _retrieval_attention(q, cache, top_k, scale=scale, return_lse=return_lse, return_stats=return_stats)
+
+
+def _retrieval_attention(q, cache, top_k: int, *, scale=None, return_lse: bool = False, return_stats: bool = False):
     _check(q, cache, top_k)
     B, Hq, Lq, D = q.shape
     Hkv, S = cache.kv_heads, B * cache.kv_heads

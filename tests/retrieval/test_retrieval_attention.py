@@ -88,3 +88,16 @@ def test_storage_dtype_fp16_error_is_fp16_sized():
     err = (out - ref).abs().max().item()
     assert 0 < err < 5e-3
     assert cache.ram_keys.data.dtype == torch.float16
+
+
+def test_thread_setting_is_restored_and_result_unchanged():
+    from sparse_attn.retrieval.attention import intra_op_threads
+    q, k, v = decode_inputs(B=1, Hq=4, Hkv=2, L=100, D=64, seed=6)
+    cache = filled_cache(k, v, sink=2, window=8, index="exact")
+    before = torch.get_num_threads()
+    one = retrieval_attention(q, cache, top_k=10)
+    assert torch.get_num_threads() == before
+    with intra_op_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    assert_close(retrieval_attention(q, cache, top_k=10, threads=None), one, atol=1e-6, rtol=1e-6)
