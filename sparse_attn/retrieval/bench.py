@@ -146,7 +146,7 @@ def main(argv=None):
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument("--sink", type=int, default=128)
     parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--nprobe", type=int, default=None, help="lists probed (default 2%% of the lists)")
+    parser.add_argument("--nprobe", type=int, default=None, help="lists probed (default 5%% of the lists)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--ssd-dir", default=None, help="where '+ssd' rows put their value files (a temp dir)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

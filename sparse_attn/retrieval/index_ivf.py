@@ -26,7 +26,7 @@ def _faiss():
 class IVFIndex:
     """Off-the-shelf faiss IVF-Flat with the inner-product metric, trained on the keys (the plain ANN baseline).
 
-    ``nlist``: inverted lists (default ``sqrt(N)`` at training); ``nprobe``: lists probed per query (default 2%
+    ``nlist``: inverted lists (default ``sqrt(N)`` at training); ``nprobe``: lists probed per query (default 5%
     of ``nlist``, at least 1); ``train_min``: keys needed before training (below that, search is exact);
     ``tail_max``: keys that wait in the exact tail before they are assigned to lists."""
 
@@ -92,8 +92,8 @@ class IVFIndex:
         faiss = _faiss()
         start = time.perf_counter()
         S, N, D = keys.shape
-        self.nlist = self.nlist_arg or max(8, int(math.sqrt(N)))
-        self.nprobe = min(self.nlist, self.nprobe_arg or max(1, math.ceil(0.02 * self.nlist)))
+        self.nlist = min(N, self.nlist_arg or max(8, int(math.sqrt(N))))       # k-means needs >= nlist points
+        self.nprobe = min(self.nlist, self.nprobe_arg or max(1, math.ceil(0.05 * self.nlist)))
         self._fit(keys)
         Dm = self.centroids.shape[-1]
         self.faiss_indexes = []

@@ -62,12 +62,13 @@ class QueryAwareIndex(IVFIndex):
         chol = torch.linalg.cholesky(second)
         self.key_map = chol.float()                                             # k' = k L
         self.query_map = torch.linalg.inv(chol).transpose(1, 2).float()         # q' = q L^-T
-        mapped = self._map_keys(keys)
         gen = torch.Generator().manual_seed(self.seed)
         n_train = min(N, self.nlist * self.points_per_centroid)
+        pick = torch.randperm(N, generator=gen)[:n_train] if n_train < N else slice(None)
+        mapped = self._map_keys(keys[:, pick].contiguous())                    # map the training sample only
         cents = []
         for s in range(S):
-            sample = mapped[s, torch.randperm(N, generator=gen)[:n_train]] if n_train < N else mapped[s]
+            sample = mapped[s]
             km = faiss.Kmeans(D, self.nlist, niter=self.kmeans_iter, seed=self.seed,
                               max_points_per_centroid=self.points_per_centroid)
             km.train(np.ascontiguousarray(sample.numpy()))

@@ -68,3 +68,11 @@ def test_incremental_adds_are_searchable_at_once():
         ids, _ = index.search(rows, TOP)
         assert _recall(ids, ref) == 1.0, seen
     assert index.trained and index.n_indexed + index.tail.shape[1] == N
+
+
+def test_fewer_training_keys_than_lists_still_builds():
+    keys = torch.randn(1, 20, 16)
+    index = IVFIndex(nlist=64, nprobe=64, train_min=10, tail_max=10)
+    index.add(keys)
+    ids, _ = index.search(torch.randn(1, 3, 16), 20)
+    assert index.nlist == 20 and sorted(ids[0, 0].tolist()) == list(range(20))
