@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 
 import torch
@@ -112,6 +113,9 @@ def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=Tru
 
 
 def main(argv=None):
+    if "--decode" in (sys.argv[1:] if argv is None else argv):
+        from .retrieval.bench import main as decode_main   # retrieval decode bench: its own options
+        return decode_main(argv)
     parser = argparse.ArgumentParser(prog="python -m sparse_attn bench", description=__doc__)
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192])
     parser.add_argument("--patterns", nargs="+", default=["vs", "default", "ashape", "block"],

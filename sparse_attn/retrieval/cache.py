@@ -1,0 +1,212 @@
+"""One layer's retrieval KV cache: device window + CPU RAM tier + optional SSD tier + a per-KV-head index.
+
+Token flow: ``append(k, v)`` puts new tokens in the device window; tokens pushed out of it go to the RAM tier
+(keys, and values unless an SSD directory is given, in which case values - and with ``keys_on_ssd`` keys too - go
+to a checksummed page file).  The index receives offloaded keys incrementally, lazily at the next search, so the
+prefill queries seen in between can shape it.  Streams: batch x KV head, ``S = B * Hkv``."""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+
+import torch
+
+from .index_exact import ExactIndex
+from .page_file import KVFileError, PagedVectorFile, check_writable_dir
+from .ram_tier import RamTier
+from .window import DeviceWindow
+
+META_VERSION = 1
+
+
+def make_index(index):
+    """``index``: an index object, or one of "exact", "ivf", "query_aware" (defaults of each)."""
+    if not isinstance(index, str):
+        return index
+    if index == "exact":
+        return ExactIndex()
+    if index == "ivf":
+        from .index_ivf import IVFIndex
+        return IVFIndex()
+    if index == "query_aware":
+        from .index_query_aware import QueryAwareIndex
+        return QueryAwareIndex()
+    raise ValueError(f"index must be 'exact', 'ivf', 'query_aware' or an index object, got {index!r}")
+
+
+class RetrievalKVCache:
+    """KV cache of one attention layer for retrieval decode (see the module docstring).
+
+    ``sink``/``window``: tokens kept exact on the device; ``index``: see :func:`make_index`;
+    ``storage_dtype``: dtype of offloaded KV (default: the KV's dtype; fp16 halves RAM, but CPU matmuls in fp16
+    are slow); ``ssd_dir``: directory for the SSD tier (values, and keys with ``keys_on_ssd``); ``layer``: names
+    the files; ``page_tokens``/``cache_pages``: SSD page size in tokens and the RAM page cache bound."""
+
+    def __init__(self, sink: int = 128, window: int = 512, index="exact", *, storage_dtype=None, ssd_dir=None,
+                 keys_on_ssd: bool = False, layer: int = 0, page_tokens: int = 16, cache_pages: int = 4096):
+        self.window = DeviceWindow(sink, window)
+        self.index = make_index(index)
+        if getattr(self.index, "_sparse_attn_owned", False):
+            raise ValueError("index: this index object already serves another cache (layer); pass a new index "
+                             "object or a name per cache")
+        self.index._sparse_attn_owned = True
+        self.storage_dtype, self.layer = storage_dtype, layer
+        self.ssd_dir = None if ssd_dir is None else check_writable_dir(ssd_dir, "ssd_dir")
+        self.keys_on_ssd, self.page_tokens, self.cache_pages = keys_on_ssd, page_tokens, cache_pages
+        if keys_on_ssd and ssd_dir is None:
+            raise ValueError("keys_on_ssd=True needs ssd_dir")
+        self.batch = self.kv_heads = self.dim = None
+        self.ram_keys = self.ram_values = self.ssd_keys = self.ssd_values = None
+        self.n_indexed = 0
+
+    # ------------------------------------------------------------------------------------------ shape
+    @property
+    def n_offloaded(self) -> int:
+        return 0 if self.ram_keys is None else self.ram_keys.count
+
+    @property
+    def seq_len(self) -> int:
+        return self.window.seen
+
+    def _path(self, what: str) -> str:
+        return os.path.join(self.ssd_dir, f"layer{self.layer}.{what}.kv")
+
+    def _init_tiers(self, k: torch.Tensor) -> None:
+        B, Hkv, _, D = k.shape
+        self.batch, self.kv_heads, self.dim = B, Hkv, D
+        dtype = self.storage_dtype or k.dtype
+        self.storage_dtype = dtype
+        S = B * Hkv
+        self.ram_keys = RamTier(S, D, dtype)
+        if self.ssd_dir is None:
+            self.ram_values = RamTier(S, D, dtype)
+        else:
+            self.ssd_values = PagedVectorFile(self._path("values"), S, D, dtype, self.page_tokens, self.cache_pages)
+            if self.keys_on_ssd:
+                self.ssd_keys = PagedVectorFile(self._path("keys"), S, D, dtype, self.page_tokens, 0)
+        self.index.attach(self.ram_keys)
+
+    # ------------------------------------------------------------------------------------------ updates
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """``k, v [B, Hkv, n, D]``: new tokens (after RoPE), in position order."""
+        if k.dim() != 4 or k.shape != v.shape:
+            raise ValueError(f"k and v must be [B, Hkv, n, D] of one shape, got {tuple(k.shape)}, {tuple(v.shape)}")
+        if self.dim is None:
+            self._init_tiers(k)
+        elif (k.shape[0], k.shape[1], k.shape[3]) != (self.batch, self.kv_heads, self.dim):
+            raise ValueError(f"k must be [{self.batch}, {self.kv_heads}, n, {self.dim}] like earlier appends, "
+                             f"got {tuple(k.shape)}")
+        k_out, v_out = self.window.append(k, v)
+        if k_out.shape[2]:
+            S = self.batch * self.kv_heads
+            k_flat = k_out.reshape(S, -1, self.dim).cpu()
+            v_flat = v_out.reshape(S, -1, self.dim).cpu()
+            self.ram_keys.append(k_flat)
+            if self.ram_values is not None:
+                self.ram_values.append(v_flat)
+            else:
+                self.ssd_values.append(v_flat)
+                if self.ssd_keys is not None:
+                    self.ssd_keys.append(k_flat)
+
+    def observe_queries(self, q: torch.Tensor) -> None:
+        """``q [B, Hq, Lq, D]`` (prefill queries): shown to the index, grouped by KV head (attention-aware)."""
+        if self.dim is None:
+            return
+        B, Hq, Lq, D = q.shape
+        self.index.observe_queries(q.reshape(B * self.kv_heads, (Hq // self.kv_heads) * Lq, D))
+
+    def sync_index(self) -> None:
+        """Give the index the keys offloaded since the last call (incremental)."""
+        n = self.n_offloaded
+        if n > self.n_indexed:
+            self.index.add(self.ram_keys.view()[:, self.n_indexed:n])
+            self.n_indexed = n
+
+    def gather(self, ids: torch.Tensor):
+        """``ids [S, m]`` offloaded positions -> ``(keys, values) [S, m, D]`` from RAM or SSD."""
+        keys = self.ram_keys.gather(ids)
+        values = self.ram_values.gather(ids) if self.ram_values is not None else self.ssd_values.gather(ids)
+        return keys, values
+
+    # ------------------------------------------------------------------------------------------ accounting
+    def memory_report(self) -> dict:
+        """Bytes per tier: device window, RAM keys/values, index (RAM), SSD (disk) and its RAM page cache."""
+        ssd = [f for f in (self.ssd_values, self.ssd_keys) if f is not None]
+        return {
+            "device_window": self.window.nbytes(),
+            "ram_keys": 0 if self.ram_keys is None else self.ram_keys.nbytes(),
+            "ram_values": 0 if self.ram_values is None else self.ram_values.nbytes(),
+            "index_ram": self.index.nbytes(),
+            "ssd_disk": sum(f.nbytes_disk() for f in ssd),
+            "ssd_ram_cache": sum(f.nbytes_ram() for f in ssd),
+        }
+
+    # ------------------------------------------------------------------------------------------ persistence
+    def close(self) -> None:
+        """Flush the SSD tier and write the window and metadata next to it, so :meth:`open` can restore it."""
+        if self.ssd_dir is None or self.dim is None:
+            return
+        S = self.batch * self.kv_heads
+        for what, t in (("window_k", self.window.k), ("window_v", self.window.v)):
+            f = PagedVectorFile(self._path(what), S, self.dim, self.storage_dtype, self.page_tokens, 0)
+            f.append(t.reshape(S, -1, self.dim).cpu())
+            f.close()
+        queries = getattr(self.index, "queries", None)
+        if queries is not None:
+            f = PagedVectorFile(self._path("queries"), S, self.dim, torch.float32, self.page_tokens, 0)
+            f.append(queries)
+            f.close()
+        meta = {"version": META_VERSION, "sink": self.window.sink, "window": self.window.window,
+                "seen": self.window.seen, "positions": self.window.pos.tolist(), "batch": self.batch,
+                "kv_heads": self.kv_heads, "dim": self.dim, "n_offloaded": self.n_offloaded,
+                "keys_on_ssd": self.keys_on_ssd, "queries": queries is not None}
+        body = json.dumps(meta, sort_keys=True)
+        with open(os.path.join(self.ssd_dir, f"layer{self.layer}.meta.json"), "w") as f:
+            json.dump({"meta": meta, "crc32": zlib.crc32(body.encode())}, f)
+        for f in (self.ssd_values, self.ssd_keys):
+            if f is not None:
+                f.close()
+
+    @classmethod
+    def open(cls, ssd_dir, layer: int = 0, index="exact", cache_pages: int = 4096) -> "RetrievalKVCache":
+        """Restore a cache closed by :meth:`close` (possibly in another process); keys must have been on SSD.
+        The index is rebuilt from the stored keys (and stored prefill queries)."""
+        meta_path = os.path.join(os.fspath(ssd_dir), f"layer{layer}.meta.json")
+        try:
+            with open(meta_path) as f:
+                raw = json.load(f)
+            meta = raw["meta"]
+            ok = zlib.crc32(json.dumps(meta, sort_keys=True).encode()) == raw["crc32"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise KVFileError(f"cannot read cache metadata {meta_path!r}: {err}") from None
+        if not ok or meta.get("version") != META_VERSION:
+            raise KVFileError(f"cache metadata {meta_path!r} is corrupted or of another version")
+        if not meta["keys_on_ssd"]:
+            raise KVFileError(f"{meta_path!r}: keys were kept in RAM only (keys_on_ssd=False); cannot reopen")
+        self = cls(meta["sink"], meta["window"], index, ssd_dir=ssd_dir, layer=layer, cache_pages=cache_pages)
+        B, Hkv, D = meta["batch"], meta["kv_heads"], meta["dim"]
+        self.batch, self.kv_heads, self.dim, self.keys_on_ssd = B, Hkv, D, True
+        self.ssd_values = PagedVectorFile.open(self._path("values"), cache_pages)
+        self.ssd_keys = PagedVectorFile.open(self._path("keys"), 0)
+        wk, wv = (PagedVectorFile.open(self._path(w), 0) for w in ("window_k", "window_v"))
+        self.storage_dtype = self.ssd_values.dtype
+        for f in (self.ssd_values, self.ssd_keys):
+            if f.count != meta["n_offloaded"] or (f.streams, f.dim) != (B * Hkv, D):
+                raise KVFileError(f"{f.path!r} holds {f.count} tokens of {f.streams} streams, metadata says "
+                                  f"{meta['n_offloaded']} of {B * Hkv}")
+        self.window.k = wk.read_all().reshape(B, Hkv, -1, D)
+        self.window.v = wv.read_all().reshape(B, Hkv, -1, D)
+        wk.close()
+        wv.close()
+        self.window.pos = torch.tensor(meta["positions"], dtype=torch.int64)
+        self.window.seen = meta["seen"]
+        self.ram_keys = RamTier(B * Hkv, D, self.storage_dtype, capacity=meta["n_offloaded"])
+        self.ram_keys.append(self.ssd_keys.read_all())
+        self.index.attach(self.ram_keys)
+        if meta["queries"]:
+            qf = PagedVectorFile.open(self._path("queries"), 0)
+            self.index.observe_queries(qf.read_all())
+            qf.close()
+        return self

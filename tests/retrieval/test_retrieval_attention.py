@@ -1,0 +1,103 @@
+"""retrieval_attention against the dense oracle: retrieving everything must equal dense decode attention."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparse_attn as sa
+from sparse_attn.retrieval import RetrievalKVCache, retrieval_attention
+from conftest import assert_close, assert_lse_close
+
+from retrieval_helpers import decode_inputs, filled_cache
+
+HEADS = {"mha": (3, 3), "gqa": (4, 2), "mqa": (4, 1)}
+
+
+def _index(name):
+    if name == "exact":
+        return "exact"
+    from sparse_attn.retrieval import IVFIndex, QueryAwareIndex
+    cls = IVFIndex if name == "ivf" else QueryAwareIndex
+    return cls(nlist=4, nprobe=4, train_min=16, tail_max=8)        # trained, but every list probed: exact
+
+
+@pytest.mark.parametrize("L", [1, 63, 65, 113])
+@pytest.mark.parametrize("heads", sorted(HEADS))
+@pytest.mark.parametrize("Lq", [1, 3])
+def test_everything_retrieved_equals_dense(L, heads, Lq):
+    Hq, Hkv = HEADS[heads]
+    Lq = min(Lq, L)
+    q, k, v = decode_inputs(B=2, Hq=Hq, Hkv=Hkv, L=L, D=64, Lq=Lq, seed=L)
+    cache = filled_cache(k, v, sink=4, window=16, index="exact")
+    out, lse = retrieval_attention(q, cache, top_k=max(1, L), return_lse=True)
+    ref, ref_lse = sa.reference_attention(q, k, v, return_lse=True)
+    assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    assert_lse_close(lse, ref_lse, atol=2e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("index", ["exact", "ivf", "query_aware"])
+@pytest.mark.parametrize("sink,window", [(0, 0), (4, 16), (0, 7), (9, 0)])
+def test_every_index_covering_the_context_is_exact(index, sink, window):
+    q, k, v = decode_inputs(B=2, Hq=4, Hkv=2, L=200, D=80, Lq=2, seed=7)
+    cache = filled_cache(k, v, chunks=(0.3, 0.31, 0.9), sink=sink, window=window, index=_index(index))
+    cache.observe_queries(torch.randn(2, 4, 50, 80))
+    out = retrieval_attention(q, cache, top_k=500)
+    assert_close(out, sa.reference_attention(q, k, v), atol=2e-6, rtol=1e-5)
+
+
+def test_decode_loop_one_token_at_a_time_matches_dense():
+    """Prefill, then decode steps that each append one token: the window slides, tokens move to the index."""
+    q_all, k, v = decode_inputs(B=2, Hq=4, Hkv=2, L=90, D=64, Lq=90, seed=3)
+    cache = RetrievalKVCache(sink=3, window=10, index=_index("query_aware"))
+    cache.append(k[:, :, :40], v[:, :, :40])
+    for t in range(40, 90):
+        cache.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        q = q_all[:, :, t:t + 1]
+        out = retrieval_attention(q, cache, top_k=100)
+        assert_close(out, sa.reference_attention(q, k[:, :, :t + 1], v[:, :, :t + 1]), atol=2e-6, rtol=1e-5)
+    assert cache.n_offloaded == 90 - 13
+
+
+def test_top_k_subset_equals_dense_on_window_plus_exact_top_k():
+    """With a small top_k and the exact index, the result is dense attention restricted (by mask) to the window
+    and the exact top-k offloaded keys of each query row, per query head (GQA heads pick different keys)."""
+    q, k, v = decode_inputs(B=2, Hq=4, Hkv=2, L=113, D=64, Lq=1, seed=11)
+    sink, window, top_k = 4, 16, 5
+    cache = filled_cache(k, v, sink=sink, window=window, index="exact")
+    out = retrieval_attention(q, cache, top_k=top_k)
+    kk = k.repeat_interleave(2, dim=1)
+    scores = (q @ kk.transpose(-1, -2))[..., 0, :]                            # [B, Hq, L]
+    off = scores.clone()
+    off[..., :sink] = float("-inf")
+    off[..., -window:] = float("-inf")
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask[..., :sink] = True
+    mask[..., -window:] = True
+    mask.scatter_(-1, off.topk(top_k, -1).indices, True)
+    ref = sa.reference_attention(q, k, v, mask=mask[:, :, None, :])
+    assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    picked = off.topk(top_k, -1).indices
+    assert not torch.equal(picked[:, 0], picked[:, 1])                      # heads of a group differ
+
+
+def test_storage_dtype_fp16_error_is_fp16_sized():
+    q, k, v = decode_inputs(B=1, Hq=4, Hkv=2, L=100, D=64, seed=5)
+    cache = filled_cache(k, v, sink=2, window=8, index="exact", storage_dtype=torch.float16)
+    out = retrieval_attention(q, cache, top_k=200)
+    ref = sa.reference_attention(q, k, v)
+    err = (out - ref).abs().max().item()
+    assert 0 < err < 5e-3
+    assert cache.ram_keys.data.dtype == torch.float16
+
+
+def test_thread_setting_is_restored_and_result_unchanged():
+    from sparse_attn.retrieval.attention import intra_op_threads
+    q, k, v = decode_inputs(B=1, Hq=4, Hkv=2, L=100, D=64, seed=6)
+    cache = filled_cache(k, v, sink=2, window=8, index="exact")
+    before = torch.get_num_threads()
+    one = retrieval_attention(q, cache, top_k=10)
+    assert torch.get_num_threads() == before
+    with intra_op_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    assert_close(retrieval_attention(q, cache, top_k=10, threads=None), one, atol=1e-6, rtol=1e-6)
