@@ -1,5 +1,7 @@
 """Hugging Face transformers integration, the import path users type: ``import sparse_attn.hf as sah;
 sah.patch(model)``.  Imports transformers only when a model is patched."""
-from .integrations.hf import DEFAULT_OPTIONS, IMPLEMENTATION, ONLINE_DENSE_ABOVE, is_patched, patch, unpatch
+from .integrations.hf import (DEFAULT_OPTIONS, IMPLEMENTATION, ONLINE_DENSE_ABOVE, is_patched, patch,
+                              retrieval_cache, unpatch)
 
-__all__ = ["DEFAULT_OPTIONS", "IMPLEMENTATION", "ONLINE_DENSE_ABOVE", "is_patched", "patch", "unpatch"]
+__all__ = ["DEFAULT_OPTIONS", "IMPLEMENTATION", "ONLINE_DENSE_ABOVE", "is_patched", "patch", "retrieval_cache",
+           "unpatch"]

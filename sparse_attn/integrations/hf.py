@@ -39,6 +39,8 @@ class PatchState:
     options: dict
     previous: str | None
     num_heads: int
+    num_layers: int = 0
+    retrieval: dict | None = None
 
     def patterns(self, layer_idx, seq_len: int):
         """One pattern per query head of layer ``layer_idx`` for ``seq_len`` keys, or None to run it dense."""
@@ -49,7 +51,7 @@ class PatchState:
         return self.config.patterns_for_layer(layer_idx, seq_len)
 
 
-def patch(model, config=None, **options):
+def patch(model, config=None, *, retrieval=None, **options):
     """Make ``model`` (a transformers `PreTrainedModel` using the attention registry) run sparse prefill.
 
     ``config``: None (the online ``pattern`` on every head), a Pattern, a list of one Pattern per query head, a
@@ -60,6 +62,10 @@ def patch(model, config=None, **options):
     without a config, 1.0 with one, so a given config is followed as written), ``backend`` (as in
     `sparse_attn.sparse_attention`), ``pattern`` (the online default when ``config`` is None), ``on_layout``
     (callable(layer_idx, layout, density) called with each estimated layout; for measuring density).
+    ``retrieval``: None, or a dict of `sparse_attn.retrieval.hf_cache.RetrievalCache` options (``top_k``, ``sink``,
+    ``window``, ``index``, ``ssd_dir``, ...; ``{}`` for the defaults) for `retrieval_cache`: generate with
+    ``model.generate(ids, cache=retrieval_cache(model))`` and the prompt runs sparse prefill, every later step
+    attends to the device window plus the top-k keys retrieved from the CPU index (transformers 5.x).
     Patching a patched model replaces its config and options.  Returns ``model``."""
     _check_model(model)
     opts = _check_options(options)
@@ -71,11 +77,12 @@ def patch(model, config=None, **options):
         opts["dense_above"] = ONLINE_DENSE_ABOVE if config is None else 1.0
     resolved = resolve_config(config, num_layers, num_heads)
     attention_modules = _attention_modules(model)
+    retrieval = _check_retrieval(retrieval, num_layers)
 
     _register()
     old = getattr(model, STATE_ATTR, None)
     previous = old.previous if old is not None else model.config._attn_implementation
-    state = PatchState(resolved, opts, previous, num_heads)
+    state = PatchState(resolved, opts, previous, num_heads, num_layers, retrieval)
     try:
         model.set_attn_implementation(IMPLEMENTATION)
     except Exception:
@@ -97,6 +104,36 @@ def unpatch(model):
         if STATE_ATTR in module.__dict__:
             delattr(module, STATE_ATTR)
     return model
+
+
+def retrieval_cache(model):
+    """A new `RetrievalCache` for one ``generate`` call of a model patched with ``retrieval=``: pass it as
+    ``model.generate(ids, cache=retrieval_cache(model))`` (``past_key_values=`` on older transformers 5.x)."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is None or state.retrieval is None:
+        raise ValueError("retrieval_cache: the model is not patched with retrieval; call "
+                         "sparse_attn.hf.patch(model, retrieval={...}) first")
+    from ..retrieval.hf_cache import RetrievalCache
+
+    return RetrievalCache(num_layers=state.num_layers, **state.retrieval)
+
+
+def _check_retrieval(retrieval, num_layers: int):
+    """``retrieval`` options, checked by building (and dropping) a one-layer cache with them."""
+    if retrieval is None:
+        return None
+    if not isinstance(retrieval, dict):
+        raise TypeError(f"retrieval must be None or a dict of RetrievalCache options (top_k, sink, window, index, "
+                        f"ssd_dir, ...), got {type(retrieval).__name__}")
+    try:
+        from ..retrieval.hf_cache import RetrievalCache
+    except ImportError as e:
+        raise ImportError("patch(retrieval=...) needs transformers 5.x (its CacheLayerMixin cache API)") from e
+    try:
+        RetrievalCache(num_layers=1, **retrieval)
+    except TypeError as e:
+        raise TypeError(f"retrieval: {e}") from e
+    return dict(retrieval)
 
 
 def is_patched(model) -> bool:

@@ -12,6 +12,8 @@ Routing: prefill (Lq > 1) of a causal full-attention layer runs the layer's per-
 ``dense_above`` density); decode steps (Lq == 1), sliding-window layers whose
 window is shorter than the keys, non-causal modules and modules without patch state run exact dense attention.
 Left-padded batches run row by row over each row's valid (right-aligned) keys; any other padding runs dense.
+With a `sparse_attn.retrieval.hf_cache.RetrievalCache` (``sparse_attn.hf.retrieval_cache(model)``) the prompt runs
+the sparse prefill above and every later forward runs `sparse_attn.retrieval.retrieval_attention`.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from .. import prefill
 from ..ops.checks import resolve_scale
 from ..ops.scores import last_query_probs
 from ..prefill import dense_attention
+from ..retrieval.cache import HF_LAYER_TAG
 
 #: Attribute holding the patch state on each attention module (and on the model).
 STATE_ATTR = "_sparse_attn_state"
@@ -50,6 +53,18 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
         raise ValueError("sparse_attn: attention dropout > 0 in training mode is not supported; call model.eval() "
                          "or unpatch the model")
     state = getattr(module, STATE_ATTR, None)
+    layer = _retrieval_layer(key)
+    if layer is not None:
+        if attention_mask is not None and not bool(attention_mask.to(torch.bool).all()):
+            raise NotImplementedError("sparse_attn: retrieval decode does not support padded batches; generate "
+                                      "one row at a time or without the retrieval cache")
+        if layer.cache.seq_len != key.shape[2]:
+            # decode steps (and later prefill chunks): the device window + the top-k keys from the index
+            from ..retrieval.attention import retrieval_attention
+            out = retrieval_attention(query, layer.cache, layer.top_k, scale=scaling)
+            return out.transpose(1, 2).contiguous(), None
+        layer.cache.observe_queries(query)      # the prompt's queries shape the attention-aware index
+        attention_mask = None
     causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
     key_keep, key, value = _key_mask(attention_mask, key, value)
     Lq, Lk = query.shape[2], key.shape[2]
@@ -64,6 +79,12 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     else:
         out = _sparse_padded(state, module, query, key, value, key_keep, scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _retrieval_layer(key):
+    """The `RetrievalLayer` of a `sparse_attn.retrieval.hf_cache.RetrievalCache` whose ``update`` returned ``key``
+    (it tags the tensor), or None for any other cache."""
+    return getattr(key, HF_LAYER_TAG, None)
 
 
 def _key_mask(attention_mask, key, value):

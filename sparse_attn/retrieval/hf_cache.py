@@ -21,10 +21,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..prefill import sparse_prefill
 from .attention import retrieval_attention
+from .cache import HF_LAYER_TAG as TAG
 from .cache import RetrievalKVCache
 
-#: attribute set on the key tensor returned by ``RetrievalLayer.update``
-TAG = "_sparse_attn_retrieval_layer"
 IMPLEMENTATION = "sparse_attn_retrieval"
 
 
