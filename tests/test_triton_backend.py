@@ -87,18 +87,18 @@ def test_random_unaligned_layouts_match_oracle(shape, dtype, causal):
 
 
 def small_patterns(n_heads):
-    """The real pattern families at budgets small enough to be sparse at ~260 keys."""
+    """The real pattern families at budgets small enough to be sparse at ~220 keys."""
     return {"ashape": sa.AShape(sink=8, local=32), "vslash": sa.VerticalSlash(vertical=16, slash=64, sink=4, local=32),
             "vslash_gamma": sa.VerticalSlash(vertical=32, slash=128, gamma=0.8, sink=4, local=32, min_vertical=8,
                                              min_slash=64),
             "block_topk": sa.BlockSparse(top_k=2), "block_gamma": sa.BlockSparse(gamma=0.5),
-            "mix": per_head_mix(n_heads, 260)}
+            "mix": per_head_mix(n_heads, 220)}
 
 
 @pytest.mark.parametrize("name, causal", [(n, True) for n in small_patterns(2)] + [("vslash", False),
                                                                                     ("block_topk", False)])
 def test_estimated_patterns_match_oracle(name, causal):
-    q, k, v = qkv(2, 2, 1, 130, 260, 64, seed=5)
+    q, k, v = qkv(2, 2, 1, 100, 220, 64, seed=5)
     layout = sa.estimate(q, k, small_patterns(2)[name], causal=causal)
     assert layout.density(causal) < 0.97
     check(q, k, v, layout, causal)
@@ -137,6 +137,21 @@ def test_rows_without_visible_keys_give_zero_and_minus_inf():
     out, lse = check(q, k, v, layout, True)
     assert not out[:, :, :128].any() and torch.isneginf(lse[:, :, :128]).all()
     assert torch.isfinite(lse[:, :, 128:]).all()
+
+
+def test_empty_query_and_launch_heuristic():
+    q, k, v = qkv(1, 2, 1, 0, 5, 64)
+    empty = sa.SparseLayout(*(torch.zeros(1, 2, 0, *w, dtype=torch.int32) for w in ((), (1,), (), (1,))),
+                            q_len=0, k_len=5).to(DEVICE)
+    out, lse = triton_launch.triton_sparse_attention(q, k, v, empty, return_lse=True)
+    assert out.shape == (1, 2, 0, 64) and lse.shape == (1, 2, 0)
+    for d in (16, 64, 80, 96, 128, 256):
+        for dtype in triton_launch.TRITON_DTYPES:
+            for bm, bn in ((1, 1), (48, 40), (64, 64), (128, 512)):
+                cfg = triton_launch.launch_config(d, dtype, bm, bn)
+                for name in ("BLOCK_D", "BLOCK_M", "BLOCK_N"):        # tl.arange / tl.dot: powers of two >= 16
+                    assert cfg[name] >= 16 and cfg[name] & (cfg[name] - 1) == 0, (name, cfg)
+                assert cfg["BLOCK_D"] >= d and cfg["BLOCK_M"] <= max(16, 2 * bm) and cfg["BLOCK_N"] <= max(16, 2 * bn)
 
 
 # ---------------------------------------------------------------------------------------------------- dispatch

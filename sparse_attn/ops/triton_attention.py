@@ -15,12 +15,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _attend_keys(acc, m_i, l_i, q, k_base, v_base, keys, key_ok, pos, d, d_ok, qk_scale,
-                 stride_k_l, stride_k_d, stride_v_l, stride_v_d, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _attend_keys(acc, m_i, l_i, q, k_base, v_base, keys, key_ok, pos, d, qk_scale,
+                 stride_k_l, stride_k_d, stride_v_l, stride_v_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Fold the keys ``keys [N]`` (valid where ``key_ok``) into the running (acc [M, D], max m_i, sum l_i)."""
     keys64 = keys.to(tl.int64)
-    k_t = tl.load(k_base + keys64[None, :] * stride_k_l + d[:, None] * stride_k_d,
-                  mask=key_ok[None, :] & d_ok[:, None], other=0.0)                  # [D, N]
+    k_mask = key_ok[None, :]
+    v_mask = key_ok[:, None]
+    if HEAD_DIM != BLOCK_D:          # padded head dim only: a mask along D would stop vectorised loads
+        k_mask = k_mask & (d[:, None] < HEAD_DIM)
+        v_mask = v_mask & (d[None, :] < HEAD_DIM)
+    k_t = tl.load(k_base + keys64[None, :] * stride_k_l + d[:, None] * stride_k_d, mask=k_mask, other=0.0)  # [D, N]
     qk = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale                  # [M, N], log2 units
     visible = key_ok[None, :]
     if CAUSAL:
@@ -31,8 +36,7 @@ def _attend_keys(acc, m_i, l_i, q, k_base, v_base, keys, key_ok, pos, d, d_ok, q
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(qk - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_base + keys64[:, None] * stride_v_l + d[None, :] * stride_v_d,
-                mask=key_ok[:, None] & d_ok[None, :], other=0.0)                    # [N, D]
+    v = tl.load(v_base + keys64[:, None] * stride_v_l + d[None, :] * stride_v_d, mask=v_mask, other=0.0)  # [N, D]
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
@@ -88,14 +92,16 @@ def sparse_attention_kernel(
         for s in tl.static_range(0, TILE_N, BLOCK_N):                        # a tile wider than BLOCK_N
             keys = start + s + lane
             key_ok = (s + lane < TILE_N) & (keys >= 0) & (keys < hi)
-            acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_base, v_base, keys, key_ok, pos, d, d_ok, qk_scale,
-                                         stride_k_l, stride_k_d, stride_v_l, stride_v_d, CAUSAL, DOT_PRECISION)
+            acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_base, v_base, keys, key_ok, pos, d, qk_scale,
+                                         stride_k_l, stride_k_d, stride_v_l, stride_v_d, HEAD_DIM, BLOCK_D, CAUSAL,
+                                         DOT_PRECISION)
     for c in range(0, n_cols, BLOCK_N):
         listed = c + lane < n_cols
         keys = tl.load(ColumnIndex + index_row * max_columns + c + lane, mask=listed, other=-1)
         key_ok = listed & (keys >= 0) & (keys < hi)
-        acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_base, v_base, keys, key_ok, pos, d, d_ok, qk_scale,
-                                     stride_k_l, stride_k_d, stride_v_l, stride_v_d, CAUSAL, DOT_PRECISION)
+        acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_base, v_base, keys, key_ok, pos, d, qk_scale,
+                                     stride_k_l, stride_k_d, stride_v_l, stride_v_d, HEAD_DIM, BLOCK_D, CAUSAL,
+                                     DOT_PRECISION)
 
     # A row that saw no key: output 0, LSE -inf (the torch backend's convention).
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)

@@ -40,23 +40,30 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-def launch_config(head_dim: int, dtype: torch.dtype, block_m: int, block_n: int) -> dict:
-    """Block sizes and warps, keyed on the padded head dim and the element size (no autotuning):
+def launch_config(head_dim: int, dtype: torch.dtype, block_m: int, block_n: int, capability: int = 9) -> dict:
+    """Block sizes, warps and dot precision, keyed on the padded head dim, the dtype and the GPU generation
+    (``capability``: compute capability major, 9 = H100/H200).  No autotuning; checked for register spills and
+    shared memory by compiling every case for sm_90 (``bench/triton_compile_check.py``):
 
-    * ``BLOCK_M``: the layout's query block, as a power of two in [16, 64] (a wider block is split over programs);
-      64 rows x 64 keys is FlashAttention-2's tile for D <= 128 on A100/H100.
-    * ``BLOCK_N`` (tile step and gathered column chunk): 64 keys for 16-bit inputs up to D = 128,
-      32 above (D = 256) or for fp32, 16 for fp32 at D = 256, so q, one K/V step and the fp32 accumulator stay
-      in registers; never wider than the layout's (padded) ``block_n``, never below tl.dot's minimum of 16.
-    * ``num_warps`` 4, 8 when the accumulator is 64 x 256; ``num_stages`` 2 (3 for small 16-bit tiles).
+    * 16-bit inputs: 64 query rows x 64 keys per step (FlashAttention-2's tile for D <= 128), 32 keys at D = 256;
+      4 warps (one Hopper warp group), 8 at D = 256 and, before Hopper, at D >= 128; 3 pipeline stages at D <= 64,
+      else 2.  No spills on sm_90 for D in {64, 80, 96, 128, 256}.
+    * fp32 inputs: IEEE fp32 dots (not TF32, so results match an fp32 reference); these run on FMA units and
+      need smaller tiles: 32 rows x 32 keys up to D = 64, 32 x 16 above.  A correctness path, not a fast one.
+    * ``BLOCK_M`` never exceeds the layout's (padded) ``block_m`` (a wider query block is split over programs),
+      ``BLOCK_N`` never its ``block_n`` (a wider tile is walked in steps); both at least tl.dot's minimum, 16.
     """
     block_d = max(16, _next_pow2(head_dim))
     two_byte = dtype in (torch.float16, torch.bfloat16)
-    step = (64 if block_d <= 128 else 32) if two_byte else (32 if block_d <= 128 else 16)
-    block_m_k = min(64, max(16, _next_pow2(block_m)))
-    block_n_k = min(step, max(16, _next_pow2(block_n)))
-    return dict(BLOCK_D=block_d, BLOCK_M=block_m_k, BLOCK_N=block_n_k,
-                num_warps=8 if block_d >= 256 else 4, num_stages=3 if two_byte and block_d <= 64 else 2)
+    if two_byte:
+        rows, step = 64, (64 if block_d <= 128 else 32)
+        warps = 8 if block_d >= 256 or (block_d >= 128 and capability < 9) else 4
+        stages = 3 if block_d <= 64 else 2
+    else:
+        rows, step, warps, stages = 32, (32 if block_d <= 64 else 16), (8 if block_d >= 256 else 4), 2
+    return dict(BLOCK_D=block_d, BLOCK_M=min(rows, max(16, _next_pow2(block_m))),
+                BLOCK_N=min(step, max(16, _next_pow2(block_n))), DOT_PRECISION="tf32" if two_byte else "ieee",
+                num_warps=warps, num_stages=stages)
 
 
 def _kernel_is_interpreted() -> bool | None:
@@ -122,7 +129,8 @@ def triton_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = Tru
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     out = torch.empty(B, Hq, Lq, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device) if return_lse else out.new_empty(0).float()
+    lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device) if return_lse else \
+        torch.empty(1, dtype=torch.float32, device=q.device)                      # unused, not a null pointer
     if B * Hq * Lq == 0:
         out.zero_()
         lse.fill_(float("-inf"))
@@ -137,7 +145,8 @@ def triton_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = Tru
     offsets, columns = (t if t.shape[-1] else t.new_zeros(*t.shape[:-1], 1)
                         for t in (layout.block_offset, layout.column_index))
     offsets, columns = offsets.contiguous(), columns.contiguous()
-    cfg = launch_config(D, q.dtype, layout.block_m, layout.block_n)
+    capability = torch.cuda.get_device_capability(q.device)[0] if q.device.type == "cuda" else 9
+    cfg = launch_config(D, q.dtype, layout.block_m, layout.block_n, capability)
     split_m = -(-layout.block_m // cfg["BLOCK_M"])
     grid = (layout.num_query_blocks * split_m, B * Hq)
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
@@ -147,5 +156,5 @@ def triton_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = Tru
             Hq, Hq // Hkv, Lq, Lk, layout.num_query_blocks, offsets.shape[-1], columns.shape[-1],
             scale * 1.4426950408889634,                                             # log2(e): exp2 form
             HEAD_DIM=D, TILE_M=layout.block_m, TILE_N=layout.block_n, CAUSAL=bool(causal), WRITE_LSE=return_lse,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **cfg)
+            **cfg)
     return (out, lse) if return_lse else out
