@@ -1,7 +1,7 @@
 """Compile the Triton sparse attention kernel for a GPU target without a GPU, for every dtype x head dim x causal
 configuration the launcher can pick, and print registers, spills and shared memory (from ptxas -v).
 
-    PYTHONPATH=. python bench/triton_compile_check.py [--arch 90] [--dims 64 80 96 128 256]
+    PYTHONPATH=. python bench/triton_compile_check.py [--arch 90] [--dims 64 80 96 128 256] [--dtypes fp16 bf16]
 
 Catches what the interpreter cannot (type errors of the real compiler, register spills of a launch heuristic).
 Needs triton and its bundled ptxas; no GPU.  TRITON_INTERPRET must be off (it is removed here)."""
@@ -38,7 +38,7 @@ def compile_one(dtype, head_dim: int, causal: bool, arch: int, block_m: int = 64
 
     cfg = {**launch_config(head_dim, dtype, block_m, block_n, arch // 10), **override}
     launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
-    const = dict(HEAD_DIM=head_dim, TILE_M=block_m, TILE_N=block_n, CAUSAL=causal, WRITE_LSE=True, **cfg)
+    const = {**dict(HEAD_DIM=head_dim, TILE_M=block_m, TILE_N=block_n, CAUSAL=causal, WRITE_LSE=True), **cfg}
     const.update({f"stride_{t}_d": 1 for t in "qkvo"})
     names = list(inspect.signature(kernel.fn).parameters)
     signature = {}
@@ -83,13 +83,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = H100/H200)")
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 80, 96, 128, 256])
+    parser.add_argument("--dtypes", nargs="+", default=list(_TYPES.values()), choices=list(_TYPES.values()))
     args = parser.parse_args(argv)
     import triton
 
     print(f"triton {triton.__version__}, target sm_{args.arch}")
     print(f"{'dtype':6} {'D':>4} {'causal':>6} {'BLOCK_MxN':>9} {'warps':>5} {'stages':>6} {'smem':>7}  ptxas"
           f"{'':22} compile s")
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+    for dtype in (t for t, name in _TYPES.items() if name in args.dtypes):
         for d in args.dims:
             for causal in (True, False):
                 compiled, launch, cfg, secs = compile_one(dtype, d, causal, args.arch)

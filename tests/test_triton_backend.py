@@ -65,11 +65,13 @@ def check(q, k, v, layout, causal):
     else:
         empty = torch.isneginf(exact_lse)
         assert not out[empty].any(), "rows without a visible key must be 0"
-        plain = plain_attention(q, k, v, mask, causal=causal)       # all in q's dtype; NaN on empty rows
+        # all in q's dtype (on the CPU: the conftest helper builds CPU masks); NaN on empty rows
+        plain = plain_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), causal=causal).to(q.device)
         err = (out.float() - exact).abs()[~empty].max().item() if (~empty).any() else 0.0
         plain_err = (plain.float() - exact).abs()[~empty].max().item() if (~empty).any() else 0.0
         assert err <= 2 * plain_err + FLOOR[q.dtype], f"error {err:.3g} vs plain {q.dtype} torch {plain_err:.3g}"
-        assert_close(out, ref_out, atol=2e-3, rtol=2e-3, what="triton vs torch backend")
+        tol = 2e-3 if q.dtype == torch.float16 else 1e-2                # about one rounding of the output
+        assert_close(out, ref_out, atol=tol, rtol=tol, what="triton vs torch backend")
     assert_lse_close(lse, exact_lse, atol=1e-4)
     assert_lse_close(lse, ref_lse, atol=1e-4)
     return out, lse
@@ -123,7 +125,7 @@ def test_full_cover_equals_dense(causal):
                              torch.arange(10, dtype=torch.int32).flip(0).expand(B, H, n_qb, -1).contiguous(),
                              q_len=lq, k_len=lk).to(DEVICE)
     out = sa.sparse_attention(q, k, v, layout, causal=causal, backend="triton")
-    assert_close(out, sdpa(q, k, v, causal=causal), atol=1e-5)
+    assert_close(out.cpu(), sdpa(q.cpu(), k.cpu(), v.cpu(), causal=causal), atol=1e-5)
 
 
 def test_rows_without_visible_keys_give_zero_and_minus_inf():
@@ -218,6 +220,19 @@ def test_bf16_is_refused_under_the_interpreter():
     q = torch.randn(1, 2, 65, 64, dtype=torch.bfloat16)
     reasons = triton_launch.triton_not_supported_reasons(q, q, q)
     assert len(reasons) == 1 and "bfloat16" in reasons[0]
+
+
+def test_kernel_compiles_for_sm90_without_a_gpu():
+    """The real compiler (not the interpreter) accepts the kernel: bf16 (which the interpreter cannot run) at a
+    padded head dim, causal and not, down to a cubin with triton's ptxas."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=root, TRITON_DEFAULT_FP_FUSION="1")
+    result = subprocess.run([sys.executable, os.path.join(root, "bench", "triton_compile_check.py"), "--arch", "90",
+                             "--dims", "80", "--dtypes", "bf16"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("bf16")]
+    assert len(rows) == 2 and all("regs" in r for r in rows), result.stdout
 
 
 # ---------------------------------------------------------------------------------------------------- GPU only
