@@ -37,7 +37,8 @@ SHAPES = {
     "q100k200_b48x40": (100, 200, "mqa", 96, "contiguous", 48, 40, (F32,)),
     "q65k130_d256": (65, 130, "gqa", 256, "blhd", 64, 64, (F16,)),
 }
-CASES = [pytest.param(name, dtype, id=f"{name}-{str(dtype)[6:]}") for name, spec in SHAPES.items() for dtype in spec[-1]]
+CASES = [pytest.param(name, dtype, id=f"{name}-{str(dtype)[6:]}")
+         for name, spec in SHAPES.items() for dtype in spec[-1]]
 #: Smallest error allowed in low precision (one fp16 rounding of outputs around 0.1).
 FLOOR = {torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
@@ -162,7 +163,8 @@ def test_auto_runs_torch_on_cpu_and_triton_is_the_explicit_choice(monkeypatch):
     layout = sa.estimate(q, k, sa.AShape(sink=4, local=16))
     calls = []
     original = triton_launch.triton_sparse_attention
-    monkeypatch.setattr(triton_launch, "triton_sparse_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    monkeypatch.setattr(triton_launch, "triton_sparse_attention",
+                        lambda *a, **kw: calls.append(1) or original(*a, **kw))
     auto = sa.sparse_attention(q, k, v, layout, backend="auto")
     assert calls == []
     if DEVICE == "cpu":
@@ -254,7 +256,8 @@ def test_auto_picks_triton_on_cuda(monkeypatch):
     layout = sa.estimate(q, k, sa.AShape(sink=4, local=16))
     calls = []
     original = triton_launch.triton_sparse_attention
-    monkeypatch.setattr(triton_launch, "triton_sparse_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    monkeypatch.setattr(triton_launch, "triton_sparse_attention",
+                        lambda *a, **kw: calls.append(1) or original(*a, **kw))
     sa.sparse_attention(q, k, v, layout)
     assert calls == [1]
     sa.sparse_attention(q.double(), k.double(), v.double(), layout)      # fp64: not a Triton dtype -> torch

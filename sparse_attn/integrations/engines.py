@@ -8,8 +8,8 @@
   index above, computed with tensor ops.
 
 The three attention functions take a keyword ``backend`` (default "auto": the Triton kernel on CUDA tensors,
-torch elsewhere), passed on to `sparse_attention`.  Tensors are converted between BLHD and the package's canonical BHLD with transposes at the
-boundary (views, no copies, no repeated KV heads).
+torch elsewhere), passed on to `sparse_attention`.  Tensors are converted between BLHD and the package's canonical
+BHLD with transposes at the boundary (views, no copies, no repeated KV heads).
 """
 from __future__ import annotations
 
