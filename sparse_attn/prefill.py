@@ -15,7 +15,7 @@ from .patterns import Dense, Pattern, VerticalSlash
 DEFAULT_PATTERN = VerticalSlash(gamma=0.95)
 #: Key lengths below this run dense attention in `sparse_prefill` (sparse would not pay for its estimate).
 DENSE_BELOW = 4096
-BACKENDS = ("auto", "torch", "flex", "cuda")
+BACKENDS = ("auto", "torch", "flex", "triton", "cuda")
 
 
 def _patterns_per_head(pattern, n_heads: int) -> list[Pattern]:
@@ -83,10 +83,14 @@ def sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True, scal
     if check_layout:
         layout.check_indices()
     scale = resolve_scale(scale, q.shape[-1])
-    if _resolve_backend(backend, q) == "flex":
+    chosen = _resolve_backend(backend, q, k, v, layout)
+    if chosen == "flex":
         from .ops.flex import flex_sparse_attention
         return flex_sparse_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse)
-    if _resolve_backend(backend, q) == "cuda":
+    if chosen == "triton":
+        from .ops.triton_launch import triton_sparse_attention
+        return triton_sparse_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse)
+    if chosen == "cuda":
         from .ops.cuda import cuda_sparse_attention
         return cuda_sparse_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse)
     return torch_sparse_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse)
@@ -100,7 +104,7 @@ def sparse_prefill(q, k, v, pattern=None, *, causal: bool = True, scale=None, ba
     check_attention_inputs(q, k, v)
     patterns = _patterns_per_head(pattern, q.shape[1])
     threshold = DENSE_BELOW if dense_below is None else dense_below
-    _resolve_backend(backend, q)
+    _resolve_backend(backend, q, k, v)
     if k.shape[2] < threshold or all(isinstance(p, Dense) for p in patterns):
         return dense_attention(q, k, v, causal=causal, scale=scale)
     layout = estimate(q, k, patterns, causal=causal, scale=scale)
@@ -120,8 +124,20 @@ def dense_attention(q, k, v, *, causal: bool = True, scale=None):
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
-def _resolve_backend(backend: str, q) -> str:
-    """"auto" -> "torch" (the GPU kernels are not there yet; "flex" compiles per shape, so it is opt-in)."""
+def _resolve_backend(backend: str, q, k, v, layout=None) -> str:
+    """"auto" -> "triton" on CUDA tensors the Triton kernel supports (triton importable, dtype, head dim), else
+    "torch" (CPU tensors always: the interpreter is for tests).  "flex" compiles per shape, so it is opt-in."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return "torch" if backend == "auto" else backend
+    if backend == "triton":       # fail early, even where a short input would run dense
+        from .ops.triton_launch import triton_not_supported_reasons
+        reasons = triton_not_supported_reasons(q, k, v, layout)
+        if reasons:
+            raise ValueError("backend='triton' cannot run these inputs: " + "; ".join(reasons))
+    if backend != "auto":
+        return backend
+    if q.device.type == "cuda":
+        from .ops.triton_launch import triton_not_supported_reasons      # no triton import: a spec lookup
+        if not triton_not_supported_reasons(q, k, v, layout):
+            return "triton"
+    return "torch"

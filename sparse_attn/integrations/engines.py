@@ -7,8 +7,9 @@
 * `convert_vertical_slash_indexes` -- vertical (key position) / slash (diagonal distance) indexes to the block
   index above, computed with tensor ops (with the CUDA kernel of ``csrc/`` on CUDA tensors when CuPy works).
 
-Everything runs the torch backend for now (no GPU kernel exists yet).  Tensors are converted between BLHD and the
-package's canonical BHLD with transposes at the boundary (views, no copies, no repeated KV heads).
+The three attention functions take a keyword ``backend`` (default "auto": the Triton kernel on CUDA tensors,
+torch elsewhere), passed on to `sparse_attention`.  Tensors are converted between BLHD and the package's canonical
+BHLD with transposes at the boundary (views, no copies, no repeated KV heads).
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def _check_out(out, shape: tuple, dtype, device) -> None:
 # ---------------------------------------------------------------------------------------------------- BLHD
 def sparse_attn_func(q, k, v, block_count, block_offset, column_count, column_index, dropout_p=0.0,
                      softmax_scale=None, causal=False, softcap=0.0, alibi_slopes=None, deterministic=False,
-                     return_attn_probs=False, *, return_softmax_lse=False, out=None):
+                     return_attn_probs=False, *, return_softmax_lse=False, out=None, backend="auto"):
     """Vertical-slash sparse attention with vLLM / SGLang's ``sparse_attn_func`` signature, on BLHD tensors.
 
     ``q [B, Lq, Hq, D]``, ``k, v [B, Lk, Hkv, D]`` (``Hq % Hkv == 0``; ``Lq <= Lk``, the queries being the last
@@ -101,7 +102,8 @@ def sparse_attn_func(q, k, v, block_count, block_offset, column_count, column_in
     Returns ``out [B, Lq, Hq, D]`` (written into ``out`` when given) and, with ``return_softmax_lse``, also the
     natural-log LSE ``[B, Hq, Lq]`` (fp32; -inf for a row that sees no key, whose output is 0).
     ``dropout_p``, ``softcap``, ``alibi_slopes`` and ``return_attn_probs`` must keep their defaults (ValueError
-    otherwise); ``deterministic`` is accepted and ignored (this path is deterministic)."""
+    otherwise); ``deterministic`` is accepted and ignored (this path is deterministic).  ``backend`` is passed to
+    `sparse_attention` ("auto", "torch", "triton", ...)."""
     _check_unsupported(dropout_p, softcap, alibi_slopes, return_attn_probs)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, 4, "[batch, seqlen, heads, head_dim] (BLHD)")
@@ -114,7 +116,7 @@ def sparse_attn_func(q, k, v, block_count, block_offset, column_count, column_in
         o, lse = q.new_empty(B, 0, Hq, D), torch.empty(B, Hq, 0, dtype=torch.float32, device=q.device)
     else:
         o, lse = sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout, causal=causal,
-                                  scale=softmax_scale, return_lse=True)
+                                  scale=softmax_scale, return_lse=True, backend=backend)
         o = o.transpose(1, 2)
     if out is not None:
         out.copy_(o)
@@ -173,7 +175,7 @@ def _bhld(t, start: int, end: int):
 def sparse_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_count,
                             block_offset, column_count, column_index, dropout_p=0.0, softmax_scale=None,
                             causal=False, softcap=0.0, alibi_slopes=None, deterministic=False,
-                            return_attn_probs=False, *, return_softmax_lse=False, out=None):
+                            return_attn_probs=False, *, return_softmax_lse=False, out=None, backend="auto"):
     """`sparse_attn_func` on packed tensors: ``q [total_q, Hq, D]``, ``k, v [total_k, Hkv, D]``, sequence ``i``
     being rows ``cu_seqlens_q[i]:cu_seqlens_q[i + 1]`` (int32 ``[num_seqs + 1]``) of q and likewise of k/v.
     Sequences never attend across their boundaries; each one's queries are its last positions.
@@ -199,14 +201,14 @@ def sparse_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
             continue
         layout = _layout(tuple(t[i:i + 1] for t in indexes), (1, Hq), q1 - q0, k1 - k0)
         o, l = sparse_attention(_bhld(q, q0, q1), _bhld(k, k0, k1), _bhld(v, k0, k1), layout, causal=causal,
-                                scale=softmax_scale, return_lse=True)
+                                scale=softmax_scale, return_lse=True, backend=backend)
         result[q0:q1] = o[0].transpose(0, 1)
         lse[:, q0:q1] = l[0]
     return (result, lse) if return_softmax_lse else result
 
 
 def sparse_prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, pattern=None, *,
-                          causal=True, softmax_scale=None, dense_below=None):
+                          causal=True, softmax_scale=None, dense_below=None, backend="auto"):
     """`sparse_attn.sparse_prefill` on packed tensors: each sequence is estimated and attended on its own (no
     attention across sequence boundaries).  ``q [total_q, Hq, D]``, ``k, v [total_k, Hkv, D]``, ``cu_seqlens_*``
     int32 ``[num_seqs + 1]``; ``pattern`` as in `sparse_prefill` (None: the default pattern), ``dense_below`` as
@@ -217,7 +219,7 @@ def sparse_prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
         if q1 == q0:
             continue
         o = sparse_prefill(_bhld(q, q0, q1), _bhld(k, k0, k1), _bhld(v, k0, k1), pattern, causal=causal,
-                           scale=softmax_scale, dense_below=dense_below)
+                           scale=softmax_scale, dense_below=dense_below, backend=backend)
         result[q0:q1] = o[0].transpose(0, 1)
     return result
 
