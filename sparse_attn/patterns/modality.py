@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..layout import kept_first
 from ..ops.period import detect_period
 from ..ops.sample_scores import rows_probs
 from ..ops.scores import diagonal_mass
@@ -253,6 +254,11 @@ class _Context:
         width_v = max(1, min(int(prm["vertical"].max()), self.k_len))
         width_s = max(1, min(int(prm["slash"].max()), n_groups))
         verticals, v_ok, groups, s_ok = _select(probs, pos, prm, self.block_n, n_groups, width_v, width_s)
+        # Keep only as many slots as the fullest head uses (one sync): the per-block index work scales with them.
+        v_first = kept_first(v_ok, max(int(v_ok.sum(-1).max()), 1))
+        s_first = kept_first(s_ok, max(int(s_ok.sum(-1).max()), 1))
+        verticals, v_ok = verticals.gather(-1, v_first), v_ok.gather(-1, v_first)
+        groups, s_ok = groups.gather(-1, s_first), s_ok.gather(-1, s_first)
         lo = groups * self.block_n
         return verticals, v_ok, lo, lo + self.block_n - 1, s_ok
 
