@@ -21,8 +21,10 @@ from sparse_attn.synthetic import MixedWorkload, make_mixed_qkv
 
 
 def recalls(q, k, layouts, *, rows_per_chunk=256):
-    """`attention_recall` of several layouts (same block_m) in one pass over the dense probabilities: the layout
-    lists the same keys for every row of a query block, so the block's rows are summed first."""
+    """`attention_recall` of several layouts (same block_m) in one pass over the dense probabilities.  A layout
+    lists the same keys for every row of a query block, so the block's rows are summed first; the mass of a tile is
+    then a difference of prefix sums over keys and a column one entry (tiles and columns of a valid layout never
+    overlap), so each layout costs O(tiles + columns), not O(k_len), per query block."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     g, bm = Hq // Hkv, layouts[0].block_m
@@ -37,11 +39,19 @@ def recalls(q, k, layouts, *, rows_per_chunk=256):
         probs = torch.softmax(logits, -1)
         n_blk = -(-(r1 - r0) // bm)
         probs = torch.nn.functional.pad(probs, (0, 0, 0, n_blk * bm - (r1 - r0)))
-        per_block = probs.reshape(B, Hq, n_blk, bm, Lk).sum(3)
+        per_block = probs.reshape(B, Hq, n_blk, bm, Lk).sum(3, dtype=torch.float64)   # [B, Hq, n_blk, Lk]
         del logits, probs
+        prefix = torch.nn.functional.pad(per_block.cumsum(-1), (1, 0))
+        blocks = slice(r0 // bm, r0 // bm + n_blk)
         for i, layout in enumerate(layouts):
-            member = layout.block_key_mask(slice(r0 // bm, r0 // bm + n_blk))
-            totals[i] += float((per_block * member).sum())
+            bn = layout.block_n
+            offsets = layout.block_offset[:, :, blocks].long()
+            used = torch.arange(offsets.shape[-1]) < layout.block_count[:, :, blocks, None]
+            tiles = prefix.gather(-1, (offsets + bn).clamp(max=Lk)) - prefix.gather(-1, offsets.clamp(max=Lk))
+            cols = layout.column_index[:, :, blocks].long()
+            used_c = torch.arange(cols.shape[-1]) < layout.column_count[:, :, blocks, None]
+            columns = per_block.gather(-1, cols.clamp(max=Lk - 1))
+            totals[i] += float((tiles * used).sum() + (columns * used_c).sum())
     return [t / (B * Hq * Lq) for t in totals]
 
 
@@ -78,9 +88,9 @@ def main(argv=None):
         "qboundary": sa.QBoundary(**budgets).with_modality(spans),
         "2dboundary": sa.TwoDBoundary(**budgets).with_modality(spans),
     }
-    sweep = {f"vs(gamma={g})": sa.VerticalSlash(gamma=g) for g in (0.9, 0.95, 0.98, 0.99, 0.995, 0.999)}
+    sweep = {f"vs(gamma={g})": sa.VerticalSlash(gamma=g) for g in (0.9, 0.95, 0.98, 0.99, 0.995)}
     sweep.update({f"vs({vv},{ss})": sa.VerticalSlash(vertical=vv, slash=ss)
-                  for vv, ss in ((1000, 6096), (2000, 12288), (4000, 16384), (4000, 24576), (8000, 32768))})
+                  for vv, ss in ((1000, 6096), (2000, 12288), (4000, 24576))})
     layouts, est = {}, {}
     for name, pattern in {**modality, **sweep}.items():
         est[name], layouts[name] = timed(lambda: sa.estimate(q, k, pattern), args.repeat)
