@@ -84,6 +84,7 @@ def main(argv=None):
     budgets = dict(gamma=0.95, min_vertical=64, min_slash=128)
     modality = {
         "grid": sa.Grid(vertical=128, slash=1024, width=8, **budgets).with_modality(spans),
+        "grid(tiles)": sa.Grid(vertical=128, slash=1024, width=8, tail_columns=False, **budgets).with_modality(spans),
         "grid(detect)": sa.Grid(vertical=128, slash=1024, width=8, **budgets).with_modality(undescribed),
         "qboundary": sa.QBoundary(**budgets).with_modality(spans),
         "2dboundary": sa.TwoDBoundary(**budgets).with_modality(spans),

@@ -16,6 +16,7 @@ from sparse_attn.synthetic import MixedWorkload, make_mixed_qkv
 SMALL = dict(vertical=24, slash=128, sink=4, local=32, last_q=32)
 FAMILIES = {
     "grid": lambda **kw: sa.Grid(width=2, **kw),
+    "grid_tiles": lambda **kw: sa.Grid(width=2, tail_columns=False, **kw),
     "qboundary": sa.QBoundary,
     "2dboundary": sa.TwoDBoundary,
 }
@@ -134,16 +135,20 @@ def test_twodboundary_keeps_columns_inside_their_key_modality():
 
 
 # ---------------------------------------------------------------------------------------------------- grid
-def test_grid_lists_the_same_phase_in_every_earlier_frame():
+@pytest.mark.parametrize("width,tail_columns", [(0, True), (3, True), (3, False)])
+def test_grid_lists_the_same_phase_in_every_earlier_frame(width, tail_columns):
     q, k, v = make_qkv(2, 4, 2, 300, 500, 32, seed=11)
     start, end, frame = 60, 460, 50
-    layout = sa.estimate(q, k, sa.Grid(width=0, **SMALL).with_modality([(start, end, "video", frame)]))
+    grid = sa.Grid(width=width, tail_columns=tail_columns, **SMALL)
+    layout = sa.estimate(q, k, grid.with_modality([(start, end, "video", frame)]))
     mask = _check_against_oracle(q, k, v, layout)
     for row in range(300):
         pos = row + 200
         if start <= pos < end:
-            phase_keys = torch.arange(pos - frame, start - 1, -frame)
-            assert mask[:, :, row, phase_keys].all(), (row, phase_keys)
+            for shift in range(-width, width + 1):
+                keys = torch.arange(pos - frame + shift, start - 1, -frame)
+                keys = keys[(keys < end) & (keys <= pos)]
+                assert mask[:, :, row, keys].all(), (row, shift, keys)
 
 
 def test_grid_detects_the_frame_stride_on_the_mixed_workload():

@@ -132,12 +132,15 @@ class Grid(_ModalityPattern):
     * ``frames``: keep only the ``frames`` most recent frames (None: all earlier frames of the video).
     * video rows also keep the first ``sink`` keys, the ``local`` nearest and ``vertical`` top columns of the
       video's sample (a fixed budget: ``gamma`` applies to the other rows only).
+    * ``tail_columns``: a grid diagonal band spans ``block_m + 2 width`` keys per query block; list the keys past
+      its first ``block_n`` as columns (True) instead of a second, mostly wasted tile (False).
     """
 
     stride: int | None = None
     width: int = 8
     frames: int | None = None
     min_stride: int = 16
+    tail_columns: bool = True
 
     def invalid_reasons(self):
         reasons = super().invalid_reasons()
@@ -150,7 +153,7 @@ class Grid(_ModalityPattern):
         return reasons
 
     def group_key(self):
-        return super().group_key() + (self.stride, self.width, self.frames, self.min_stride)
+        return super().group_key() + (self.stride, self.width, self.frames, self.min_stride, self.tail_columns)
 
     @classmethod
     def _parts(cls, ctx):
@@ -172,7 +175,8 @@ class Grid(_ModalityPattern):
             parts.append(Part(blocks, v, v_ok, lo, hi, s_ok))
             stride = cls._stride(ctx, video, probs, pos, pattern)                 # [B, h]
             lo, hi, ok = cls._grid_bands(stride, video.length, pattern)
-            parts.append(Part(blocks, band_lo=lo, band_hi=hi, band_ok=ok, clip=[(video.start, video.end)]))
+            parts.append(Part(blocks, band_lo=lo, band_hi=hi, band_ok=ok, clip=[(video.start, video.end)],
+                              tail_columns=pattern.tail_columns))
         return parts
 
     @staticmethod
@@ -189,7 +193,7 @@ class Grid(_ModalityPattern):
     def _grid_bands(stride, length, pattern):
         """Distance bands ``j * stride +- width`` for j = 1 .. (frames or the video's frames): [B, h, J] each."""
         positive = stride[stride > 0]
-        n = int((length - 1) // positive.min()) if positive.numel() else 0
+        n = int((length - 1 + pattern.width) // positive.min()) if positive.numel() else 0
         n = min(n, pattern.frames) if pattern.frames else n
         j = torch.arange(1, n + 1, device=stride.device)
         d = stride[..., None] * j

@@ -32,6 +32,18 @@ class Part:
     band_hi: torch.Tensor | None = None
     band_ok: torch.Tensor | None = None
     clip: list | None = None
+    tail_columns: bool = False
+
+
+def _tail_as_columns(s, e, block_n):
+    """Split ranges ``[s, e)`` [..., R] into a head range of at most ``block_n`` keys (one tile) and the rest as
+    single columns: a band a little wider than a tile costs its width, not two tiles.  Returns (s, head end,
+    columns [..., R * W], kept)."""
+    head_end = torch.minimum(e, s + block_n)
+    extra = max(int((e - s).max()) - block_n, 0) if e.numel() else 0
+    cols = head_end[..., None] + torch.arange(extra, device=s.device)              # [..., R, W]
+    keep = cols < e[..., None]
+    return s, head_end, cols.flatten(-2), keep.flatten(-2)
 
 
 def clip_to_intervals(starts: torch.Tensor, ends: torch.Tensor, intervals: list):
@@ -64,8 +76,13 @@ def compile_parts(parts: list, batch: int, heads: int, *, q_len: int, k_len: int
             if p.clip is not None:
                 s, e = clip_to_intervals(s, e, p.clip)
             ok = p.band_ok[:, :, None, :] & blocks
+            e = torch.where(ok, e, s)
+            if p.tail_columns:
+                s, e, tail, tail_ok = _tail_as_columns(s, e, block_n)
+                columns.append(tail)
+                keeps.append(tail_ok)
             starts.append(s)
-            ends.append(torch.where(ok, e, s))
+            ends.append(e)
         if p.columns is not None and p.columns.shape[-1]:
             c = p.columns[:, :, None, :].expand(-1, -1, n_qb, -1)
             keep = p.column_ok[:, :, None, :] & blocks
