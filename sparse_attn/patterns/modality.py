@@ -279,4 +279,8 @@ def with_modality(pattern, modality):
     return pattern.with_modality(modality) if isinstance(pattern, _ModalityPattern) else pattern
 
 
-__all__ = ["Grid", "QBoundary", "TwoDBoundary", "with_modality", "KIND_ID"]
+#: Names a per-head config may use for these patterns (MInference-style ``[type, vertical, slash, score]`` entries
+#: map ``vertical`` / ``slash`` to the budgets of the same name).
+MODALITY_PATTERNS = {"grid": Grid, "q_boundary": QBoundary, "two_d_boundary": TwoDBoundary}
+
+__all__ = ["Grid", "MODALITY_PATTERNS", "QBoundary", "TwoDBoundary", "with_modality", "KIND_ID"]
