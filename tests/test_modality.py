@@ -41,12 +41,13 @@ def _check_against_oracle(q, k, v, layout, causal=True):
 
 # ---------------------------------------------------------------------------------------------------- oracle
 @pytest.mark.parametrize("case", list(SPAN_CASES))
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", ["grid", "qboundary", "2dboundary"])
 @pytest.mark.parametrize("lq_less", [False, True])
 def test_layout_runs_like_the_oracle_on_awkward_spans(family, case, lq_less):
     lk, spans = SPAN_CASES[case]
     lq = 113 if lq_less else lk
-    q, k, v = make_qkv(2, 4, 2, lq, lk, 32, seed=lk + lq, structured=True)
+    q, k, v = make_qkv(2, 4, 2, lq, lk, 32, seed=lk + lq, structured=True, contiguity="blhd" if lq_less else
+                       "contiguous")
     pattern = FAMILIES[family](**SMALL).with_modality(spans)
     layout = sa.estimate(q, k, pattern)
     assert (layout.batch, layout.heads, layout.q_len, layout.k_len) == (2, 4, lq, lk)
