@@ -95,7 +95,7 @@ def test_text_only_is_vertical_slash(family):
     q, k, _ = make_qkv(2, 4, 2, 150, 333, 32, seed=9, structured=True)
     for gamma in (None, 0.8):
         vs = sa.estimate(q, k, sa.VerticalSlash(gamma=gamma, min_vertical=8, min_slash=64, **SMALL)).to_mask()
-        pattern = FAMILIES[family](gamma=gamma, min_vertical=8, min_slash=64, **SMALL)
+        pattern = FAMILIES[family](gamma=gamma, min_vertical=8, min_slash=64, consistent_columns=False, **SMALL)
         assert torch.equal(sa.estimate(q, k, pattern.with_modality([])).to_mask(), vs)
 
 
@@ -275,3 +275,13 @@ def test_bench_recall_helper_matches_attention_recall():
     layouts = [sa.estimate(q, k, p) for p in (sa.VerticalSlash(**SMALL), sa.AShape(sink=4, local=64))]
     for got, layout in zip(module.recalls(q, k, layouts, rows_per_chunk=128), layouts):
         assert got == pytest.approx(attention_recall(q, k, layout), rel=1e-5)
+
+
+def test_consistent_column_mass_ignores_diagonals():
+    from sparse_attn.ops.sample_scores import consistent_column_mass
+    probs = torch.zeros(1, 1, 8, 40)
+    probs[0, 0, torch.arange(8), torch.arange(8) + 10] = 1.0       # a diagonal crossing the sample
+    probs[0, 0, :, 3] = 0.5                                          # a column every row uses
+    score = consistent_column_mass(probs)[0, 0]
+    assert score[3] == pytest.approx(4.0) and score[10:18].eq(0).all()
+    assert consistent_column_mass(probs[:, :, :1])[0, 0, 3] == pytest.approx(0.5)

@@ -18,3 +18,14 @@ def rows_probs(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: floa
     if causal:
         logits.masked_fill_(torch.arange(Lk, device=q.device) > pos[:, None], float("-inf"))
     return torch.softmax(logits, dim=-1), pos
+
+
+def consistent_column_mass(probs: torch.Tensor) -> torch.Tensor:
+    """Column mass that only a real vertical earns: twice the smaller of the masses the two halves of the sample
+    rows ``probs [B, H, n, K]`` put on each column, [B, H, K].  A diagonal crossing a sample of consecutive rows
+    puts the mass of one row on each of its keys, so plain column mass scores those keys like columns (and a
+    budget spent on them serves only the sample rows); here they score (almost) nothing."""
+    half = probs.shape[-2] // 2
+    if half == 0:
+        return probs.sum(-2)
+    return 2 * torch.minimum(probs[..., :half, :].sum(-2), probs[..., half:2 * half, :].sum(-2))

@@ -11,7 +11,11 @@
 
 Every pattern carries the spans of the call in ``modality`` (a `ModalitySpans`, a list of ``(start, end, kind)``
 tuples, or a tuple of one `ModalitySpans` per batch row); ``pattern.with_modality(spans)`` gives a copy for a new
-call.  Without spans, QBoundary / TwoDBoundary see text only (= VerticalSlash) and Grid sees one video.  A query
+call.  Without spans, QBoundary / TwoDBoundary see text only and Grid sees one video.
+
+``consistent_columns`` (default True): columns are ranked by `consistent_column_mass` (mass in both halves of the
+sample) instead of plain column mass, so grid diagonals crossing the sample are not taken for columns; with False,
+text-only QBoundary / TwoDBoundary give exactly the `VerticalSlash` layout.  A query
 block that straddles a boundary gets the union of its modalities' keys.  The budgets (``vertical``, ``slash``,
 ``gamma``, ``min_*``, ``sink``, ``local``, ``last_q``) mean what they mean in `VerticalSlash`, per part.
 
@@ -26,8 +30,8 @@ import torch
 
 from ..layout import kept_first
 from ..ops.period import detect_period
-from ..ops.sample_scores import rows_probs
-from ..ops.scores import diagonal_mass
+from ..ops.sample_scores import consistent_column_mass, rows_probs
+from ..ops.scores import column_mass, diagonal_mass
 from .base import Pattern, per_head
 from .modality_parts import Part, compile_parts, concat_batch
 from .modality_spans import KIND_ID, KINDS, ModalitySpan, ModalitySpans, as_modality
@@ -47,6 +51,7 @@ class _ModalityPattern(Pattern):
     sink: int = 64
     local: int = 64
     modality: object = None
+    consistent_columns: bool = True
 
     def invalid_reasons(self):
         reasons = super().invalid_reasons()
@@ -65,7 +70,7 @@ class _ModalityPattern(Pattern):
         return dataclasses.replace(self, modality=modality)
 
     def group_key(self):
-        return (type(self), self.last_q, self.modality)
+        return (type(self), self.last_q, self.modality, self.consistent_columns)
 
     @classmethod
     def build(cls, patterns, heads, q, k, *, causal, scale, block_m, block_n):
@@ -257,7 +262,8 @@ class _Context:
         n_groups = -(-self.k_len // self.block_n)
         width_v = max(1, min(int(prm["vertical"].max()), self.k_len))
         width_s = max(1, min(int(prm["slash"].max()), n_groups))
-        verticals, v_ok, groups, s_ok = _select(probs, pos, prm, self.block_n, n_groups, width_v, width_s)
+        score = consistent_column_mass if self.patterns[0].consistent_columns else column_mass
+        verticals, v_ok, groups, s_ok = _select(probs, pos, prm, self.block_n, n_groups, width_v, width_s, score)
         # Keep only as many slots as the fullest head uses (one sync): the per-block index work scales with them.
         v_first = kept_first(v_ok, max(int(v_ok.sum(-1).max()), 1))
         s_first = kept_first(s_ok, max(int(s_ok.sum(-1).max()), 1))
