@@ -12,15 +12,27 @@ import torch
 from .layout import SparseLayout
 from .ops.metrics import attention_recall, relative_error
 from .patterns import AShape, BlockSparse, VerticalSlash
+from .patterns import Grid, QBoundary, TwoDBoundary, with_modality
 from .prefill import DEFAULT_PATTERN, dense_attention, estimate, sparse_attention
-from .synthetic import Workload, make_qkv
+from .synthetic import MixedWorkload, Workload, make_mixed_qkv, make_qkv
 
 PATTERNS = {
     "ashape": lambda: AShape(sink=128, local=1024),
     "vs": lambda: VerticalSlash(vertical=512, slash=1024),
     "block": lambda: BlockSparse(top_k=16),
     "default": lambda: DEFAULT_PATTERN,
+    # modality-aware: they get the spans of `--workload mixed` (on the text workload: text only / one video)
+    "grid": lambda: Grid(vertical=128, slash=1024, gamma=0.95, min_vertical=64, min_slash=128),
+    "qboundary": lambda: QBoundary(gamma=0.95, min_vertical=64, min_slash=128),
+    "2dboundary": lambda: TwoDBoundary(gamma=0.95, min_vertical=64, min_slash=128),
 }
+
+
+def _inputs(workload: str, L: int, heads: int, kv_heads: int, head_dim: int):
+    """q, k, v and the modality spans (None for the text workload) of one benchmark length."""
+    if workload == "mixed":
+        return make_mixed_qkv(MixedWorkload(q_heads=heads, kv_heads=kv_heads, seq_len=L, head_dim=head_dim))
+    return (*make_qkv(Workload(q_heads=heads, kv_heads=kv_heads, seq_len=L, head_dim=head_dim)), None)
 
 
 def _timed(fn, repeat: int):
@@ -68,7 +80,7 @@ def _status_kb(field: str) -> int:
 
 
 def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=True, quality=True, memory=False,
-        out=print):
+        out=print, workload="text"):
     out(f"# sparse_attn bench: B=1 Hq={heads} Hkv={kv_heads} D={head_dim} fp32, {platform.processor() or 'cpu'}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     header = (f"{'pattern':<10} {'L':>6} {'density':>8} {'est ms':>8} {'est %':>6} {'attn ms':>9} {'dense ms':>9} "
@@ -76,10 +88,10 @@ def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=Tru
     out(header)
     rows = []
     for L in lengths:
-        q, k, v = make_qkv(Workload(q_heads=heads, kv_heads=kv_heads, seq_len=L, head_dim=head_dim))
+        q, k, v, spans = _inputs(workload, L, heads, kv_heads, head_dim)
         dense_s, ref = _timed(lambda: dense_attention(q, k, v), repeat)
         for name in patterns:
-            pattern = PATTERNS[name]()
+            pattern = PATTERNS[name]() if spans is None else with_modality(PATTERNS[name](), spans)
             est_s, layout = _timed(lambda: estimate(q, k, pattern), repeat)
             attn_s, o = _timed(lambda: sparse_attention(q, k, v, layout, check_layout=False), repeat)
             density = layout.density()
@@ -100,9 +112,10 @@ def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=Tru
                     f"{name} layout's block cover; compile {compile_s:.1f} s)")
     if memory:
         L = max(lengths)
-        q, k, v = make_qkv(Workload(q_heads=heads, kv_heads=kv_heads, seq_len=L, head_dim=head_dim))
+        q, k, v, spans = _inputs(workload, L, heads, kv_heads, head_dim)
         from .prefill import sparse_prefill
-        sparse_mb = peak_memory_mb(lambda: sparse_prefill(q, k, v, PATTERNS[patterns[0]]()))
+        first = PATTERNS[patterns[0]]() if spans is None else with_modality(PATTERNS[patterns[0]](), spans)
+        sparse_mb = peak_memory_mb(lambda: sparse_prefill(q, k, v, first))
         dense_mb = peak_memory_mb(lambda: dense_attention(q, k, v))
         out(f"peak memory added at L={L}: sparse_prefill ({patterns[0]}) {sparse_mb:.0f} MiB, dense SDPA "
             f"{dense_mb:.0f} MiB; inputs {3 * q.numel() * 4 / 2 ** 20:.0f} MiB; one L x L fp32 score matrix "
@@ -127,6 +140,8 @@ def main(argv=None):
     parser.add_argument("--no-flex", action="store_true", help="skip the compiled FlexAttention peer row")
     parser.add_argument("--no-quality", action="store_true", help="skip the attention-mass recall")
     parser.add_argument("--memory", action="store_true", help="peak memory of sparse_prefill vs dense at max L")
+    parser.add_argument("--workload", choices=["text", "mixed"], default="text",
+                        help="mixed: text, video frames with grid attention, text (modality patterns get its spans)")
     args = parser.parse_args(argv)
     run(args.lengths, args.patterns, args.heads, args.kv_heads, args.head_dim, args.repeat, not args.no_flex,
-        not args.no_quality, args.memory)
+        not args.no_quality, args.memory, workload=args.workload)

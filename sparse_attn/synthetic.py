@@ -85,3 +85,116 @@ def _rotate(x: torch.Tensor, theta: torch.Tensor, pos: torch.Tensor) -> torch.Te
     cos, sin = angle.cos().float(), angle.sin().float()
     x0, x1 = x[..., 0], x[..., 1]
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2)
+
+
+# ---------------------------------------------------------------------------------------------------- mixed modality
+@dataclass(frozen=True)
+class MixedWorkload:
+    """Text, then a video of whole frames, then text (the video takes what ``text_before`` and ``text_after``
+    leave, in whole frames; the rest goes to the text after).  ``q_len`` as in `Workload`."""
+
+    batch: int = 1
+    q_heads: int = 8
+    kv_heads: int = 2
+    seq_len: int = 32768
+    head_dim: int = 128
+    q_len: int | None = None
+    text_before: int = 1000
+    text_after: int = 1500
+    frame_tokens: int = 576            # e.g. a 24 x 24 patch grid per frame
+    sinks: int = 4
+    needles: int = 16                  # text keys (in the text before) that every text query looks at
+    prompt_keys: int = 8               # text keys (in the text before) that every video query looks at
+    salient: int = 16                  # video keys that the text after the video looks at
+    seed: int = 0
+    dtype: torch.dtype = torch.float32
+
+    def spans(self):
+        """The `ModalitySpans` of this workload: one video span with its frame size."""
+        from .patterns.modality_spans import ModalitySpans
+
+        frames = (self.seq_len - self.text_before - self.text_after) // self.frame_tokens
+        if frames < 1 or self.text_before < self.sinks + max(self.needles, self.prompt_keys) + 1:
+            raise ValueError(f"MixedWorkload: seq_len {self.seq_len} leaves no whole frame of {self.frame_tokens} "
+                             f"tokens between text_before={self.text_before} and text_after={self.text_after} "
+                             f"(or text_before is too short for the sinks, needles and prompt keys)")
+        start = self.text_before
+        return ModalitySpans.of([(start, start + frames * self.frame_tokens, "video", self.frame_tokens)],
+                                self.seq_len)
+
+
+def make_mixed_qkv(w: MixedWorkload = MixedWorkload(), device="cpu"):
+    """``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, L, D]`` and the `ModalitySpans` of a text / video / text sequence whose
+    attention changes at the modality boundaries:
+
+    * text -> text: a strong local band, sinks, ``needles`` key columns in the text before;
+    * video -> video: a *grid*: the same spatial position in every earlier frame (a comb of harmonics of the frame
+      size on RoPE-rotating components, present in video queries and keys only), a weaker local band, sinks;
+    * video -> text: ``prompt_keys`` columns in the text before (the instruction);
+    * text after -> video: ``salient`` columns inside the video.
+    Same construction as `make_qkv` (RoPE frame, per-head weights, Gaussian noise); deterministic in ``w.seed``."""
+    if w.head_dim < 32 or w.head_dim % 2:
+        raise ValueError(f"head_dim must be an even number >= 32, got {w.head_dim}")
+    if w.q_heads % w.kv_heads:
+        raise ValueError(f"q_heads ({w.q_heads}) must be a multiple of kv_heads ({w.kv_heads})")
+    spans = w.spans()
+    video = spans.spans[0]
+    gen = torch.Generator().manual_seed(w.seed)
+    B, Hq, Hkv, L, D = w.batch, w.q_heads, w.kv_heads, w.seq_len, w.head_dim
+    pairs = D // 2
+    n_flat = 4                                               # sink, needle, prompt, salient (non-rotating)
+    n_comb = n_local = (pairs - n_flat) * 3 // 8
+    n_noise = pairs - n_flat - n_comb - n_local
+    theta = torch.cat([10000.0 ** (-torch.arange(n_local) / n_local),
+                       2 * math.pi * torch.arange(1, n_comb + 1) / w.frame_tokens, torch.zeros(n_flat + n_noise)])
+    c0, f0 = n_local, n_local + n_comb                       # first comb pair, first flat pair
+    sink_p, needle_p, prompt_p, salient_p = f0, f0 + 1, f0 + 2, f0 + 3
+
+    def amplitude(logit: float, n_pairs: int) -> float:
+        return math.sqrt(logit * math.sqrt(D) / n_pairs)
+
+    a_local, a_comb = amplitude(14.0, n_local), amplitude(11.0, n_comb)
+    a_sink, a_needle, a_prompt, a_salient = (amplitude(x, 1) for x in (16.0, 13.0, 12.0, 13.0))
+    mix = torch.rand(B, Hq, 7, generator=gen)
+    text_local_w, video_local_w = 0.55 + 0.45 * mix[..., 0], 0.3 + 0.3 * mix[..., 1]
+    comb_w, sink_w = 0.8 + 0.4 * mix[..., 2], 0.75 + 0.25 * mix[..., 3]
+    needle_w, prompt_w, salient_w = (0.6 + 0.4 * mix[..., i] for i in (4, 5, 6))
+
+    is_video = torch.zeros(L, dtype=torch.bool)
+    is_video[video.start:video.end] = True
+    is_text = ~is_video
+    after = torch.arange(L) >= video.end
+
+    k_pre = torch.randn(B, Hkv, L, pairs, 2, generator=gen) * 0.35
+    q_pre = torch.randn(B, Hq, L, pairs, 2, generator=gen) * 0.45
+    k_pre[..., :n_local, 0] += a_local
+    k_pre[..., video.start:video.end, c0:f0, 0] += a_comb
+    k_pre[..., :w.sinks, sink_p, 0] += a_sink
+
+    def columns(n, lo, hi):        # distinct positions: a repeated one would double its logit
+        return torch.rand(B, Hkv, hi - lo, generator=gen).argsort(-1)[..., :n] + lo
+
+    for pair, n, lo, hi, a in ((needle_p, w.needles, w.sinks, w.text_before, a_needle),
+                               (prompt_p, w.prompt_keys, w.sinks, w.text_before, a_prompt),
+                               (salient_p, w.salient, video.start, video.end, a_salient)):
+        pos = columns(n, lo, hi)
+        k_pre[..., pair, 0].scatter_add_(-1, pos, torch.full(pos.shape, a))
+
+    def add_q(pair_slice, weight, amp, rows):
+        q_pre[..., pair_slice, 0] += (weight * amp)[..., None, None] * rows[:, None].float()
+
+    add_q(slice(0, n_local), text_local_w, a_local, is_text)
+    add_q(slice(0, n_local), video_local_w, a_local, is_video)
+    add_q(slice(c0, f0), comb_w, a_comb, is_video)
+    add_q(slice(sink_p, sink_p + 1), sink_w, a_sink, torch.ones(L, dtype=torch.bool))
+    add_q(slice(needle_p, needle_p + 1), needle_w, a_needle, is_text)
+    add_q(slice(prompt_p, prompt_p + 1), prompt_w, a_prompt, is_video)
+    add_q(slice(salient_p, salient_p + 1), salient_w, a_salient, after)
+
+    pos_all = torch.arange(L)
+    q_len = L if w.q_len is None else w.q_len
+    q = _rotate(q_pre[:, :, L - q_len:], theta, pos_all[L - q_len:])
+    k = _rotate(k_pre, theta, pos_all)
+    v = torch.randn(B, Hkv, L, D, generator=gen)
+    return (q.to(device=device, dtype=w.dtype), k.to(device=device, dtype=w.dtype),
+            v.to(device=device, dtype=w.dtype), spans)

@@ -3,6 +3,9 @@ from .ashape import AShape
 from .base import Pattern
 from .block_sparse import BlockSparse
 from .dense import Dense
+from .modality import Grid, QBoundary, TwoDBoundary, with_modality
+from .modality_spans import ModalitySpan, ModalitySpans
 from .vertical_slash import VerticalSlash
 
-__all__ = ["AShape", "BlockSparse", "Dense", "Pattern", "VerticalSlash"]
+__all__ = ["AShape", "BlockSparse", "Dense", "Grid", "ModalitySpan", "ModalitySpans", "Pattern", "QBoundary",
+           "TwoDBoundary", "VerticalSlash", "with_modality"]

@@ -106,13 +106,14 @@ class VerticalSlash(Pattern):
                                                 tile_bound(Lk, block_n)))
 
 
-def _select(probs, pos, prm, block_n, n_buckets, width_v, width_s):
+def _select(probs, pos, prm, block_n, n_buckets, width_v, width_s, column_mass=column_mass):
     """Diagonal groups, then columns, for the sample ``probs [B, h, n, Lk]`` at key positions ``pos [n]``.
 
     Diagonal groups come first (by mass, or with gamma by the cheapest-mass order over both kinds), then columns
     by mass; with gamma the columns are added until the mass *not already on a chosen diagonal* completes gamma,
     so the union reaches gamma of the sample's mass exactly (within the budgets).  Returns (verticals [B, h, width_v], kept, groups
-    [B, h, width_s], kept)."""
+    [B, h, width_s], kept).  ``column_mass`` (probs -> [B, h, Lk]) scores the columns (the modality patterns pass
+    a score a diagonal crossing the sample cannot fake)."""
     B, h, n, Lk = probs.shape
     dev = probs.device
     keys = torch.arange(Lk, device=dev)
