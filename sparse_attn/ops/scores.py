@@ -13,11 +13,12 @@ def last_query_probs(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     n = min(last_q, Lq)
-    sample = q[:, :, Lq - n:].float().reshape(B, Hkv, Hq // Hkv, n, D)
-    logits = torch.einsum("bhgnd,bhkd->bhgnk", sample, k.float()).reshape(B, Hq, n, Lk).mul_(scale)
+    sample = (q[:, :, Lq - n:].float() * scale).reshape(B, Hkv, Hq // Hkv, n, D)     # scale n x D, not n x Lk
+    logits = torch.einsum("bhgnd,bhkd->bhgnk", sample, k.float()).reshape(B, Hq, n, Lk)
     pos = torch.arange(Lq - n, Lq, device=q.device) + (Lk - Lq)
-    if causal:
-        logits.masked_fill_(torch.arange(Lk, device=q.device) > pos[:, None], float("-inf"))
+    if causal:             # only the last n keys can lie after a sample row
+        tail = torch.arange(Lk - n, Lk, device=q.device)
+        logits[..., Lk - n:].masked_fill_(tail > pos[:, None], float("-inf"))
     return torch.softmax(logits, dim=-1), pos
 
 
