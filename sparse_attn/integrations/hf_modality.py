@@ -13,7 +13,7 @@ Positions: the spans index each row's tokens as given to the model, padding excl
 token is position 0), which is what the row-by-row sparse path of a padded batch sees.  Key positions past the last
 span (generated tokens, later text) are text.  A span that ends past the keys of a sparse call (e.g. the first chunk
 of a chunked prefill) raises ValueError.  The value lives in a `contextvars.ContextVar`: it is reset when the block
-exits, also on an exception, and other threads / asyncio tasks do not see it.
+exits, also on an exception; other threads do not see it (asyncio tasks created inside the block inherit it).
 """
 from __future__ import annotations
 
