@@ -35,8 +35,8 @@ field is rejected); they are passed per call (``sparse_attn.hf.modality(spans)``
   dense is a dense layer.
 
 ``score`` is kept as the head's score (0 when unknown).  The schema has no type for the modality patterns:
-writing a config that uses one raises ValueError naming the layer and head.  Writing this schema drops what it cannot express
-(``gamma``, ``last_q``, ``sink``/``local`` of vertical-slash, ``reference_length``), with a warning.
+writing a config that uses one raises ValueError naming the layer and head.  Writing this schema drops what it
+cannot express (``gamma``, ``last_q``, ``sink``/``local`` of vertical-slash, ``reference_length``), with a warning.
 
 **Length scaling.**  With ``reference_length`` set, the budgets are for inputs of that many tokens and scale
 linearly with the key length ``seq_len`` (constant density): a budget ``b`` becomes

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from sparse_attn import AShape, BlockSparse, Dense, Grid, ModalitySpans, QBoundary, TwoDBoundary, VerticalSlash, estimate
+from sparse_attn import (AShape, BlockSparse, Dense, Grid, ModalitySpans, QBoundary, TwoDBoundary, VerticalSlash,
+                         estimate)
 from sparse_attn.calibrate import (CAPTURE_NAME, build_tiny_model, calibrate_model, calibrate_qk, capture_attention,
                                    parse_modality,
                                    choose, default_candidates, kernel_cost, main, parse_candidates)

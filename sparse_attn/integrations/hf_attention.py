@@ -121,9 +121,9 @@ def _check_not_packed(position_ids) -> None:
 def _sparse(state, module, q, k, v, scale, row=None):
     """Sparse prefill of unpadded rows: ``q [B, Hq, Lq, D]`` over ``k, v [B, Hkv, Lk, D]`` -> [B, Hq, Lq, D],
     with the module's layer patterns for Lk keys (modality patterns get the spans of the current
-    `sparse_attn.hf.modality` block; ``row``: the batch row when a padded batch runs row by row).  Dense where the config keeps the layer dense, below
-    ``dense_below`` keys, for all-`Dense` patterns, and where the estimated layout is denser than ``dense_above``
-    (there the sparse kernel would cost more than dense attention)."""
+    `sparse_attn.hf.modality` block; ``row``: the batch row when a padded batch runs row by row).  Dense where the
+    config keeps the layer dense, below ``dense_below`` keys, for all-`Dense` patterns, and where the estimated
+    layout is denser than ``dense_above`` (there the sparse kernel would cost more than dense attention)."""
     options = state.options
     layer_idx = getattr(module, "layer_idx", None)
     patterns = state.patterns(layer_idx, k.shape[2])
