@@ -15,6 +15,12 @@ candidate patterns by the attention mass they keep, and pick per head the cheape
   ``fallback="dense"`` (default) `Dense` is always a candidate (recall 1, cost 1), so a head no sparse candidate
   serves runs dense; with ``fallback="best"`` such a head gets the candidate with the highest recall.  A layer whose
   heads all choose dense is written as a dense layer.
+* **Modality.**  With ``modality=spans`` (the calibration input's `ModalitySpans`, a list of ``(start, end, kind[,
+  frame_tokens])`` tuples, or one per batch row) the modality patterns among the candidates (`Grid`, `QBoundary`,
+  `TwoDBoundary`; by default one of each per vertical-slash size) are scored with those spans, so each head chooses
+  between modality-aware and text patterns by the same rule; the written config names the patterns without the
+  spans (passed per call at run time, ``sparse_attn.hf.modality``).  Without spans, modality candidates are scored
+  as on an all-text call, as `sparse_attn.hf` runs them outside a ``modality`` block.
 * **Output.**  A `SparseConfig` whose ``reference_length`` is the calibration length (budgets then scale with the
   input length at run time; ``scale_with_length=False`` writes fixed budgets), with each head's recall as its score.
 """
@@ -22,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import sys
@@ -31,14 +36,17 @@ from pathlib import Path
 
 import torch
 
-from .config import NAME_OF, SparseConfig
+from .config import NAME_OF, SparseConfig, _pattern_json
 from .ops.metrics import attention_recall_per_head
-from .patterns import AShape, BlockSparse, Dense, Pattern, VerticalSlash
+from .patterns import AShape, BlockSparse, Dense, Grid, Pattern, QBoundary, TwoDBoundary, VerticalSlash
+from .patterns.modality import with_modality
+from .patterns.modality_spans import ModalitySpans, as_modality
 from .prefill import estimate
 
 DEFAULT_TARGET = 0.95
 CAPTURE_NAME = "sparse_attn_calibrate"
-FAMILIES = ("vertical_slash", "a_shape", "block_sparse", "dense")
+FAMILIES = ("vertical_slash", "a_shape", "block_sparse", "dense", "grid", "q_boundary", "two_d_boundary")
+MODALITY_FAMILIES = (Grid, QBoundary, TwoDBoundary)
 
 
 # ---------------------------------------------------------------------------------------------------- candidates
@@ -56,11 +64,37 @@ def default_candidates(seq_len: int, block_n: int = 64) -> list[Pattern]:
     return list(dict.fromkeys(out))
 
 
+def default_modality_candidates(seq_len: int) -> list[Pattern]:
+    """`Grid`, `QBoundary` and `TwoDBoundary` at the vertical-slash sizes of `default_candidates`."""
+    return [cls(vertical=max(64, seq_len // d), slash=max(64, 2 * seq_len // d))
+            for d in (64, 32, 16, 8) for cls in MODALITY_FAMILIES]
+
+
+def parse_modality(spec: str) -> ModalitySpans:
+    """Spans from ``"START:END:KIND[:FRAME_TOKENS],..."``, e.g. ``"0:1000:text,1000:30000:video:576"``."""
+    spans = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        parts = item.split(":")
+        numbers = parts[:2] + parts[3:]
+        if len(parts) not in (3, 4) or not all(n.isdigit() for n in numbers):
+            raise ValueError(f"modality: {item!r} must be START:END:KIND or START:END:video:FRAME_TOKENS with "
+                             f"non-negative integers")
+        spans.append((int(parts[0]), int(parts[1]), parts[2], *map(int, parts[3:])))
+    if not spans:
+        raise ValueError(f"modality: no span in {spec!r}")
+    try:
+        return ModalitySpans.of(spans)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"modality: {e}") from None
+
+
 def parse_candidates(spec: str) -> list[Pattern]:
     """Candidates from a comma-separated spec: ``vs:VERTICAL:SLASH``, ``ashape:SINK:LOCAL``, ``bs:TOP_K``,
-    ``dense``; e.g. ``"vs:256:512,vs:512:1024,ashape:64:1024,bs:8"``."""
+    ``dense``, and the modality patterns ``grid:VERTICAL:SLASH``, ``qb:VERTICAL:SLASH``, ``2db:VERTICAL:SLASH``;
+    e.g. ``"vs:256:512,vs:512:1024,ashape:64:1024,bs:8,grid:256:512"``."""
     makers = {"vs": (VerticalSlash, ("vertical", "slash")), "ashape": (AShape, ("sink", "local")),
-              "bs": (BlockSparse, ("top_k",)), "dense": (Dense, ())}
+              "bs": (BlockSparse, ("top_k",)), "dense": (Dense, ()), "grid": (Grid, ("vertical", "slash")),
+              "qb": (QBoundary, ("vertical", "slash")), "2db": (TwoDBoundary, ("vertical", "slash"))}
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, *numbers = item.split(":")
@@ -71,7 +105,7 @@ def parse_candidates(spec: str) -> list[Pattern]:
             raise ValueError(f"candidates: {item!r} must be {':'.join([name] + [n.upper() for n in names])} "
                              f"with non-negative integers")
         values = dict(zip(names, map(int, numbers)))
-        if cls is VerticalSlash:
+        if cls in (VerticalSlash, *MODALITY_FAMILIES):
             values.update(sink=min(64, values["vertical"]), local=min(64, values["slash"]))
         out.append(cls(**values))
     if not out:
@@ -147,16 +181,22 @@ class CalibrationResult:
             rows.append(counts)
         return rows
 
+    def families(self) -> tuple:
+        """The text families, and the modality families among the candidates."""
+        names = {NAME_OF[type(c)] for c in self.candidates}
+        return tuple(n for i, n in enumerate(FAMILIES) if i < 4 or n in names)
+
     def summary(self) -> str:
         """A table: per layer, the heads choosing each pattern family, mean kernel density, mean recall."""
-        head = f"{'layer':>5}  " + "  ".join(f"{n:>14}" for n in FAMILIES) + f"  {'density':>8}  {'recall':>7}"
+        families = self.families()
+        head = f"{'layer':>5}  " + "  ".join(f"{n:>14}" for n in families) + f"  {'density':>8}  {'recall':>7}"
         lines = [head, "-" * len(head)]
         dens, rec = self.chosen_cost, self.chosen_recall
         for i, counts in enumerate(self.family_counts()):
-            lines.append(f"{i:>5}  " + "  ".join(f"{counts[n]:>14}" for n in FAMILIES)
+            lines.append(f"{i:>5}  " + "  ".join(f"{counts[n]:>14}" for n in families)
                          + f"  {float(dens[i].mean()):>8.3f}  {float(rec[i].mean()):>7.3f}")
-        totals = {n: sum(c[n] for c in self.family_counts()) for n in FAMILIES}
-        lines.append(f"{'all':>5}  " + "  ".join(f"{totals[n]:>14}" for n in FAMILIES)
+        totals = {n: sum(c[n] for c in self.family_counts()) for n in families}
+        lines.append(f"{'all':>5}  " + "  ".join(f"{totals[n]:>14}" for n in families)
                      + f"  {float(dens.mean()):>8.3f}  {float(rec.mean()):>7.3f}")
         lines.append(f"target recall {self.target}, calibration length {self.seq_len}; density = kernel work "
                      f"vs dense (estimate not counted); {int((rec < self.target).sum())} head(s) below target")
@@ -173,8 +213,8 @@ class CalibrationResult:
         family = torch.tensor([[FAMILIES.index(names[i]) for i in row] for row in self.choice.tolist()])
         n_layers, n_heads = family.shape
         fig, ax = plt.subplots(figsize=(min(2 + 0.45 * n_heads, 24), min(1.5 + 0.35 * n_layers, 24)))
-        colors = ["#4c72b0", "#55a868", "#c44e52", "#8c8c8c"]
-        ax.imshow(family.numpy(), cmap=ListedColormap(colors), vmin=-0.5, vmax=3.5, aspect="auto")
+        colors = ["#4c72b0", "#55a868", "#c44e52", "#8c8c8c", "#8172b2", "#ccb974", "#64b5cd"]
+        ax.imshow(family.numpy(), cmap=ListedColormap(colors), vmin=-0.5, vmax=len(FAMILIES) - 0.5, aspect="auto")
         if n_layers * n_heads <= 1200:
             for (i, h), d in zip(torch.cartesian_prod(torch.arange(n_layers), torch.arange(n_heads)).tolist(),
                                  self.chosen_cost.flatten().tolist()):
@@ -183,7 +223,9 @@ class CalibrationResult:
         ax.set_ylabel("layer")
         ax.set_title(f"chosen patterns (cell: density %), target recall {self.target}")
         handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors]
-        ax.legend(handles, FAMILIES, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+        shown = self.families()
+        handles = [handles[FAMILIES.index(n)] for n in shown]
+        ax.legend(handles, shown, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
@@ -193,7 +235,8 @@ class Calibrator:
     """Scores layers as they arrive (`add_layer`) and builds the result (`result`)."""
 
     def __init__(self, num_layers: int, num_heads: int, candidates=None, *, target: float = DEFAULT_TARGET,
-                 fallback: str = "dense", block_m: int = 64, block_n: int = 64, progress: bool = True):
+                 fallback: str = "dense", block_m: int = 64, block_n: int = 64, progress: bool = True,
+                 modality=None):
         if not 0 < target <= 1:
             raise ValueError(f"target must lie in (0, 1], got {target!r}")
         if fallback not in ("dense", "best"):
@@ -201,7 +244,12 @@ class Calibrator:
         if candidates is not None and (not candidates or not all(isinstance(c, Pattern) for c in candidates)):
             raise ValueError("candidates must be a non-empty list of Patterns (or None for the defaults)")
         self.num_layers, self.num_heads = num_layers, num_heads
-        self.candidates = None if candidates is None else list(candidates)
+        # Candidates as the config names them: modality patterns without spans (spans belong to the input).
+        self.candidates = None if candidates is None else with_modality(list(candidates), None)
+        try:
+            self.modality = None if modality is None else as_modality(modality)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"modality: {e}") from None
         self.target, self.fallback, self.block_m, self.block_n = target, fallback, block_m, block_n
         self.scores: dict = {}
         self.seq_len = None
@@ -213,6 +261,8 @@ class Calibrator:
     def _set_candidates(self, seq_len: int):
         if self.candidates is None:
             self.candidates = default_candidates(seq_len, self.block_n)
+            if self.modality is not None:
+                self.candidates += default_modality_candidates(seq_len)
         if self.fallback == "dense" and not any(isinstance(c, Dense) for c in self.candidates):
             self.candidates.append(Dense())
 
@@ -228,7 +278,9 @@ class Calibrator:
             self.seq_len = k.shape[2]
             self._set_candidates(self.seq_len)
         with torch.no_grad():
-            self.scores[layer_idx] = score_layer(q, k, self.candidates, scale=scale, block_m=self.block_m,
+            # no spans: modality candidates see an all-text input, as at run time outside a modality block
+            scored = with_modality(self.candidates, ModalitySpans() if self.modality is None else self.modality)
+            self.scores[layer_idx] = score_layer(q, k, scored, scale=scale, block_m=self.block_m,
                                                  block_n=self.block_n)
         if self._bar is not None:
             self._bar.update(1)
@@ -251,13 +303,20 @@ class Calibrator:
         chosen = recall.gather(1, choice[:, None]).squeeze(1)
         meta = {"calibration": {"target": self.target, "fallback": self.fallback, "seq_len": self.seq_len,
                                 "block_m": self.block_m, "block_n": self.block_n,
-                                "candidates": [{"pattern": NAME_OF[type(c)], **dataclasses.asdict(c)}
-                                               for c in self.candidates]},
+                                "candidates": [_pattern_json(c) for c in self.candidates],
+                                **({} if self.modality is None else {"modality": _spans_json(self.modality)})},
                 **(metadata or {})}
         config = SparseConfig(self.num_layers, self.num_heads, layers,
                               reference_length=self.seq_len if scale_with_length else None,
                               scores=chosen.tolist(), metadata=meta)
         return CalibrationResult(config, self.candidates, recall, cost, choice, self.target, self.seq_len, meta)
+
+
+def _spans_json(modality):
+    """The calibration spans as JSON lists ``[start, end, kind, frame_tokens]`` (one list per row if per row)."""
+    if isinstance(modality, tuple):
+        return [_spans_json(row) for row in modality]
+    return [[s.start, s.end, s.kind, s.frame_tokens] for s in modality.spans]
 
 
 # ---------------------------------------------------------------------------------------------------- recording
@@ -319,14 +378,15 @@ def model_shape(model) -> tuple[int, int]:
 
 def calibrate_model(model, input_ids, candidates=None, *, target: float = DEFAULT_TARGET, fallback: str = "dense",
                     block_m: int = 64, block_n: int = 64, scale_with_length: bool = True, progress: bool = True,
-                    metadata=None) -> CalibrationResult:
+                    metadata=None, modality=None) -> CalibrationResult:
     """Calibrate a transformers causal LM on ``input_ids [B, L]`` (long, no padding): one forward pass, each
-    layer's q/k scored as it arrives.  Returns a CalibrationResult whose ``config`` drives ``hf.patch``."""
+    layer's q/k scored as it arrives.  ``modality``: the spans of ``input_ids`` (see the module docstring).
+    Returns a CalibrationResult whose ``config`` drives ``hf.patch``."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError("input_ids must be a long tensor [batch, seq_len]")
     n_layers, n_heads = model_shape(model)
     cal = Calibrator(n_layers, n_heads, candidates, target=target, fallback=fallback, block_m=block_m,
-                     block_n=block_n, progress=progress)
+                     block_n=block_n, progress=progress, modality=modality)
     try:
         with capture_attention(model, lambda i, q, k, s: cal.add_layer(i, q, k, s)), torch.no_grad():
             model(input_ids=input_ids.to(model.device), use_cache=False)
@@ -338,13 +398,14 @@ def calibrate_model(model, input_ids, candidates=None, *, target: float = DEFAUL
 
 def calibrate_qk(layers, candidates=None, *, target: float = DEFAULT_TARGET, fallback: str = "dense",
                  block_m: int = 64, block_n: int = 64, scale_with_length: bool = True, progress: bool = True,
-                 scale=None, metadata=None) -> CalibrationResult:
-    """Calibrate from recorded (or synthetic) ``layers``: a list of ``(q [B, Hq, L, D], k [B, Hkv, L, D])``."""
+                 scale=None, metadata=None, modality=None) -> CalibrationResult:
+    """Calibrate from recorded (or synthetic) ``layers``: a list of ``(q [B, Hq, L, D], k [B, Hkv, L, D])``;
+    ``modality``: the spans of their sequence (see the module docstring)."""
     layers = list(layers)
     if not layers:
         raise ValueError("layers must hold at least one (q, k) pair")
     cal = Calibrator(len(layers), layers[0][0].shape[1], candidates, target=target, fallback=fallback,
-                     block_m=block_m, block_n=block_n, progress=progress)
+                     block_m=block_m, block_n=block_n, progress=progress, modality=modality)
     for i, (q, k) in enumerate(layers):
         cal.add_layer(i, q, k, scale)
     return cal.result(scale_with_length=scale_with_length, metadata=metadata)
@@ -421,23 +482,40 @@ def main(argv=None):
     parser.add_argument("--kv-heads", type=int, default=2, help="--tiny / --synthetic: key/value heads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--modality", help="spans of the calibration input, e.g. '0:1000:text,1000:30000:video:576' "
+                        "(START:END:KIND[:FRAME_TOKENS]); adds the modality patterns to the default candidates")
+    parser.add_argument("--workload", choices=("text", "mixed"), default="text",
+                        help="--synthetic: the text workload, or text / video frames / text with its spans "
+                        "(sparse_attn.synthetic.make_mixed_qkv; modality candidates are added)")
+    parser.add_argument("--frame-tokens", type=int, default=576, help="--workload mixed: tokens per video frame")
     args = parser.parse_args(argv)
     candidates = parse_candidates(args.candidates) if args.candidates else None
+    modality = parse_modality(args.modality) if args.modality else None
+    if args.workload == "mixed" and (not args.synthetic or modality is not None):
+        parser.error("--workload mixed needs --synthetic and brings its own spans (no --modality)")
     # The MInference schema has no reference length: its budgets are fixed.
     scale_with_length = not args.no_length_scaling and args.format == "sparse_attn"
     common = dict(target=args.target, fallback=args.fallback, block_m=args.block_size, block_n=args.block_size,
                   scale_with_length=scale_with_length, progress=not args.no_progress)
 
     if args.synthetic:
-        from .synthetic import Workload, make_qkv
+        from .synthetic import MixedWorkload, Workload, make_mixed_qkv, make_qkv
         if args.text or args.token_ids:
             parser.error("--synthetic takes no --text / --token-ids")
         layers = []
         for i in range(args.layers):
-            q, k, _ = make_qkv(Workload(q_heads=args.heads, kv_heads=args.kv_heads, seq_len=args.seq_len,
-                                        head_dim=64, seed=args.seed + i), device=args.device)
+            if args.workload == "mixed":
+                L = args.seq_len
+                q, k, _, modality = make_mixed_qkv(MixedWorkload(
+                    q_heads=args.heads, kv_heads=args.kv_heads, seq_len=L, head_dim=64, seed=args.seed + i,
+                    text_before=min(1000, L // 8), text_after=min(1500, L // 8), frame_tokens=args.frame_tokens),
+                    device=args.device)
+            else:
+                q, k, _ = make_qkv(Workload(q_heads=args.heads, kv_heads=args.kv_heads, seq_len=args.seq_len,
+                                            head_dim=64, seed=args.seed + i), device=args.device)
             layers.append((q, k))
-        result = calibrate_qk(layers, candidates, metadata={"source": "synthetic workload"}, **common)
+        result = calibrate_qk(layers, candidates, metadata={"source": f"synthetic {args.workload} workload"},
+                              modality=modality, **common)
     else:
         dtype = getattr(torch, args.dtype)
         if args.tiny:
@@ -452,7 +530,7 @@ def main(argv=None):
         model = model.to(device=args.device, dtype=dtype)
         vocab = model.get_input_embeddings().num_embeddings
         ids = _input_ids(args, model, vocab)
-        result = calibrate_model(model, ids, candidates, metadata={"source": source}, **common)
+        result = calibrate_model(model, ids, candidates, metadata={"source": source}, modality=modality, **common)
 
     result.config.save(args.output, format=args.format)
     print(result.summary())

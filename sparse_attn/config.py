@@ -16,7 +16,10 @@ dense; JSON in and out in two schemas.
 
 A head's object names its pattern (``vertical_slash`` = `VerticalSlash`, ``a_shape`` = `AShape`, ``block_sparse`` =
 `BlockSparse`, ``dense`` = `Dense`) and gives any of that dataclass's fields (the others keep their defaults);
-``score`` (optional) is the attention recall calibration measured for the head.
+``score`` (optional) is the attention recall calibration measured for the head.  The modality-aware patterns
+(docs/modality.md) are ``grid`` = `Grid`, ``q_boundary`` = `QBoundary`, ``two_d_boundary`` = `TwoDBoundary`, with
+any of their fields except ``modality``: spans describe one input, so a config never holds them (a ``modality``
+field is rejected); they are passed per call (``sparse_attn.hf.modality(spans)``, `with_modality`).
 
 **MInference / vLLM schema** (``format="minference"``, the ``sparse_attention_config`` of MInference's
 ``best_pattern`` files and vLLM's dual-chunk attention): a list with one dict per layer,
@@ -31,14 +34,17 @@ A head's object names its pattern (``vertical_slash`` = `VerticalSlash`, ``a_sha
 * ``"dense", 0, 0`` -> ``Dense()``: our extension (MInference and vLLM do not know it); a layer whose heads are all
   dense is a dense layer.
 
-``score`` is kept as the head's score (0 when unknown).  Writing this schema drops what it cannot express
-(``gamma``, ``last_q``, ``sink``/``local`` of vertical-slash, ``reference_length``), with a warning.
+``score`` is kept as the head's score (0 when unknown).  The schema has no type for the modality patterns:
+writing a config that uses one raises ValueError naming the layer and head.  Writing this schema drops what it
+cannot express (``gamma``, ``last_q``, ``sink``/``local`` of vertical-slash, ``reference_length``), with a warning.
 
 **Length scaling.**  With ``reference_length`` set, the budgets are for inputs of that many tokens and scale
 linearly with the key length ``seq_len`` (constant density): a budget ``b`` becomes
 ``max(ceil(b * seq_len / reference_length), min(b, floor))``, with ``floor`` 64 keys for key budgets
-(`VerticalSlash` ``vertical``, ``slash``, ``min_vertical``, ``min_slash``; `AShape` ``local``) and 1 block for
-`BlockSparse` ``top_k``; fixed sizes (``sink``, vertical-slash ``local``, ``last_q``, ``gamma``) do not scale, and
+(`VerticalSlash` and the modality patterns: ``vertical``, ``slash``, ``min_vertical``, ``min_slash``; `AShape`
+``local``) and 1 block for
+`BlockSparse` ``top_k``; fixed sizes (``sink``, vertical-slash ``local``, ``last_q``, ``gamma``, Grid's ``stride``,
+``width``, ``frames``, ``min_stride``) do not scale, and
 ``vertical >= sink``, ``slash >= local`` still hold.  Without ``reference_length`` budgets are used as written.
 """
 from __future__ import annotations
@@ -52,18 +58,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .patterns import AShape, BlockSparse, Dense, Pattern, VerticalSlash
+from .patterns.modality import MODALITY_PATTERNS, _ModalityPattern
 
 FORMAT = "sparse_attn.config"
 VERSION = 1
 #: our pattern names <-> dataclasses
-PATTERN_NAMES = {"vertical_slash": VerticalSlash, "a_shape": AShape, "block_sparse": BlockSparse, "dense": Dense}
+PATTERN_NAMES = {"vertical_slash": VerticalSlash, "a_shape": AShape, "block_sparse": BlockSparse, "dense": Dense,
+                 **MODALITY_PATTERNS}
 NAME_OF = {cls: name for name, cls in PATTERN_NAMES.items()}
 #: MInference type -> our pattern class
 MINFERENCE_TYPES = {"vertical_and_slash": VerticalSlash, "stream_llm": AShape, "block_sparse": BlockSparse,
                     "dense": Dense}
 #: fields that scale with the input length, and the floor they keep (keys, or blocks for top_k)
-SCALED_FIELDS = {VerticalSlash: {"vertical": 64, "slash": 64, "min_vertical": 64, "min_slash": 64},
-                 AShape: {"local": 64}, BlockSparse: {"top_k": 1}, Dense: {}}
+_VS_SCALED = {"vertical": 64, "slash": 64, "min_vertical": 64, "min_slash": 64}
+SCALED_FIELDS = {VerticalSlash: _VS_SCALED, AShape: {"local": 64}, BlockSparse: {"top_k": 1}, Dense: {},
+                 **{cls: _VS_SCALED for cls in MODALITY_PATTERNS.values()}}
+#: a modality pattern's field that a config never holds: spans describe one input, not a model
+SPANS_FIELD = "modality"
 _MAX_REASONS = 20
 
 
@@ -195,7 +206,7 @@ def scale_pattern(pattern: Pattern, factor: float) -> Pattern:
         value = getattr(pattern, name)
         if value is not None:
             changes[name] = max(math.ceil(value * factor), min(value, floor))
-    if isinstance(pattern, VerticalSlash):
+    if isinstance(pattern, (VerticalSlash, _ModalityPattern)):
         changes["vertical"] = max(changes["vertical"], pattern.sink)
         changes["slash"] = max(changes["slash"], pattern.local)
     return dataclasses.replace(pattern, **changes) if changes else pattern
@@ -246,6 +257,10 @@ def _shape_reasons(cfg: SparseConfig) -> list[str]:
         else:
             reasons += [f"layer {i}, head {h}: not a Pattern ({type(p).__name__})"
                         for h, p in enumerate(heads) if not isinstance(p, Pattern)]
+            reasons += [f"layer {i}, head {h}: {type(p).__name__} carries modality spans; a config holds patterns "
+                        f"without spans (spans belong to one input: pass them per call with "
+                        f"sparse_attn.hf.modality(spans) or sparse_attn.patterns.with_modality)"
+                        for h, p in enumerate(heads) if isinstance(p, _ModalityPattern) and p.modality is not None]
     if cfg.scores is not None:
         if not isinstance(cfg.scores, (list, tuple)) or len(cfg.scores) != cfg.num_layers:
             reasons.append(f"scores must be None or a list of {cfg.num_layers} entries (one per layer)")
@@ -259,6 +274,8 @@ def _shape_reasons(cfg: SparseConfig) -> list[str]:
 def _field_type_reason(cls, name: str, value) -> str | None:
     """Why ``value`` does not fit the type of field ``name`` of pattern class ``cls`` (None if it does)."""
     declared = str({f.name: f.type for f in dataclasses.fields(cls)}[name])
+    if declared == "bool":
+        return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
     if value is None:
         return None if "None" in declared else f"must not be null ({declared})"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -271,6 +288,11 @@ def _field_type_reason(cls, name: str, value) -> str | None:
 def _make_pattern(cls, values: dict, where: str):
     """Build ``cls(**values)``, turning type and validity problems into one message about ``where``."""
     known = {f.name for f in dataclasses.fields(cls)}
+    if SPANS_FIELD in values and issubclass(cls, _ModalityPattern):
+        raise ValueError(f"{where}: field {SPANS_FIELD!r} is not allowed in a config: modality spans describe one "
+                         f"input, so they are passed per call (sparse_attn.hf.modality(spans), "
+                         f"sparse_attn.patterns.with_modality), never stored with the {NAME_OF[cls]} pattern")
+    known -= {SPANS_FIELD} if issubclass(cls, _ModalityPattern) else set()
     reasons = [f"unknown field {k!r} for {NAME_OF[cls]} (fields: {sorted(known)})" for k in values if k not in known]
     for k, v in values.items():
         if k in known:
@@ -301,7 +323,11 @@ def _raise_all(reasons: list[str], schema: str):
 
 # ---------------------------------------------------------------------------------------------------- our schema
 def _pattern_json(p: Pattern) -> dict:
-    return {"pattern": NAME_OF[type(p)], **dataclasses.asdict(p)}
+    """A head's object; a modality pattern's ``modality`` is always None in a config, so it is not written."""
+    fields = {f.name: getattr(p, f.name) for f in dataclasses.fields(p)}
+    if isinstance(p, _ModalityPattern):
+        fields.pop(SPANS_FIELD)
+    return {"pattern": NAME_OF[type(p)], **fields}
 
 
 def _to_ours(cfg: SparseConfig) -> dict:
@@ -421,7 +447,10 @@ def _to_minference(cfg: SparseConfig) -> list:
         layer = {}
         for h, p in enumerate(heads):
             score = 0.0 if cfg.scores is None or cfg.scores[i] is None else float(cfg.scores[i][h])
-            entry, lost = _minference_entry(p)
+            try:
+                entry, lost = _minference_entry(p)
+            except ValueError as e:
+                raise ValueError(f"layer {i}, head {h}: {e}") from None
             dropped |= lost
             layer[str(h)] = entry + [score]
         out.append(layer)
@@ -445,6 +474,9 @@ def _minference_entry(p: Pattern):
         return ["block_sparse", p.top_k if p.top_k is not None else 100, 0], ({"gamma"} if p.gamma else set())
     if isinstance(p, Dense):
         return ["dense", 0, 0], set()
+    if isinstance(p, _ModalityPattern):
+        raise ValueError(f"the MInference schema has no type for the modality pattern {NAME_OF[type(p)]!r} "
+                         f"({type(p).__name__}); save this config with format='sparse_attn'")
     raise ValueError(f"the MInference schema has no type for {type(p).__name__}")
 
 

@@ -5,8 +5,10 @@ import json
 import pytest
 import torch
 
-from sparse_attn import AShape, BlockSparse, Dense, VerticalSlash, estimate
+from sparse_attn import (AShape, BlockSparse, Dense, Grid, ModalitySpans, QBoundary, TwoDBoundary, VerticalSlash,
+                         estimate)
 from sparse_attn.calibrate import (CAPTURE_NAME, build_tiny_model, calibrate_model, calibrate_qk, capture_attention,
+                                   parse_modality,
                                    choose, default_candidates, kernel_cost, main, parse_candidates)
 from sparse_attn.config import SparseConfig
 from sparse_attn.ops.metrics import attention_recall, attention_recall_per_head
@@ -270,3 +272,85 @@ def test_calibrated_config_drives_hf_patch(tiny, tmp_path):
     assert (outputs[0.7] - dense).abs().max() > 1e-3
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, dense)
+
+
+# ---------------------------------------------------------------------------------------------------- modality
+def _mixed(seed=0):
+    from sparse_attn.synthetic import MixedWorkload, make_mixed_qkv
+    q, k, _, spans = make_mixed_qkv(MixedWorkload(q_heads=4, kv_heads=2, seq_len=1000, head_dim=64, text_before=120,
+                                                  text_after=120, frame_tokens=64, seed=seed))
+    return q, k, spans                                                   # video 120..824: 11 frames of 64
+
+
+def test_modality_candidates_chosen_when_cheaper(tmp_path):
+    """On the mixed workload each head picks, among text and modality-aware candidates scored with the spans, the
+    cheapest reaching the target; recall and cost recomputed from dense probabilities and the layout masks."""
+    q, k, spans = _mixed()
+    target = 0.9
+    candidates = [VerticalSlash(vertical=v, slash=2 * v, sink=32, local=32) for v in (64, 128, 256, 512)]
+    candidates += [Grid(vertical=64, slash=128, sink=32, local=32, width=4),
+                   QBoundary(vertical=64, slash=128, sink=32, local=32),
+                   TwoDBoundary(vertical=128, slash=256, sink=32, local=32)]
+    result = calibrate_qk([(q, k)], candidates, target=target, block_m=32, block_n=32, modality=spans,
+                          progress=False)
+    probs = dense_probs(q, k)
+    masks = [estimate(q, k, c.with_modality(spans) if hasattr(c, "with_modality") else c, block_m=32, block_n=32)
+             for c in candidates]
+    recall = torch.stack([mask_recall(probs, m) for m in masks] + [torch.ones(4, dtype=torch.float64)])  # + Dense
+    cost = torch.stack([mask_cost(m) for m in masks] + [torch.ones(4, dtype=torch.float64)])
+    pool = candidates + [Dense()]
+    expected = []
+    for h in range(4):
+        ok = [i for i in range(len(pool)) if recall[i, h] >= target]
+        expected.append(pool[min(ok, key=lambda i: (float(cost[i, h]), -float(recall[i, h])))])
+    heads = result.config.layers[0]
+    assert heads == expected
+    modality_heads = [h for h, p in enumerate(heads) if isinstance(p, (Grid, QBoundary, TwoDBoundary))]
+    assert modality_heads                                               # a real choice of a modality pattern
+    for h in modality_heads:                                            # ... cheaper than any text pattern reaching it
+        text_ok = [i for i in range(4) if recall[i, h] >= target] + [len(pool) - 1]
+        assert cost[pool.index(heads[h]), h] < min(cost[i, h] for i in text_ok)
+    assert all(p.modality is None for p in heads if hasattr(p, "modality"))
+    result.config.save(tmp_path / "mixed.json")
+    back = SparseConfig.load(tmp_path / "mixed.json")
+    assert back.layers == result.config.layers
+    assert result.metadata["calibration"]["modality"] == [[120, 824, "video", 64]]
+    assert "q_boundary" in result.summary() or "grid" in result.summary()
+
+
+def test_modality_candidates_without_spans_score_as_text():
+    """No spans: a modality candidate is scored as on an all-text call (as sparse_attn.hf runs it outside a
+    modality block), so QBoundary with plain column mass scores exactly like VerticalSlash."""
+    q, k, _ = _mixed()
+    vs = VerticalSlash(vertical=128, slash=256, sink=32, local=32)
+    qb = QBoundary(vertical=128, slash=256, sink=32, local=32, consistent_columns=False)
+    result = calibrate_qk([(q, k)], [vs, qb], block_m=32, block_n=32, progress=False)
+    torch.testing.assert_close(result.recall[0, 0], result.recall[0, 1])
+    torch.testing.assert_close(result.cost[0, 0], result.cost[0, 1])
+
+
+def test_cli_synthetic_mixed_workload(tmp_path, capsys):
+    out = tmp_path / "mixed.json"
+    assert main(["--synthetic", "--workload", "mixed", "--seq-len", "1000", "--frame-tokens", "64", "--layers", "1",
+                 "--block-size", "32", "--target", "0.9", "--no-progress", "-o", str(out), "--candidates",
+                 "vs:64:128,vs:256:512,grid:64:128,qb:64:128"]) == 0
+    cfg = SparseConfig.load(out)
+    names = {type(p).__name__ for layer in cfg.layers if layer for p in layer}
+    assert names & {"Grid", "QBoundary"}
+    assert "q_boundary" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--synthetic", "--workload", "mixed", "--modality", "0:10:image", "-o", str(out)])
+
+
+def test_parse_modality():
+    assert parse_modality("0:1000:text, 1000:1576:video:64,1600:1700:image") == ModalitySpans.of(
+        [(0, 1000, "text"), (1000, 1576, "video", 64), (1600, 1700, "image")])
+    for bad, match in (("0:10", "START:END:KIND"), ("a:10:image", "START:END:KIND"), ("0:10:audio", "kind"),
+                       ("0:100:video:7", "must divide"), ("", "no span")):
+        with pytest.raises(ValueError, match=match):
+            parse_modality(bad)
+    q, k, _ = make_qkv(1, 2, 2, 100, D=32)
+    with pytest.raises(ValueError, match=r"modality: .*overlap"):
+        calibrate_qk([(q, k)], CANDIDATES[:1], modality=[(0, 50, "image"), (40, 60, "video")], progress=False)
+    assert parse_candidates("grid:64:128,qb:64:128,2db:64:128") == [
+        cls(vertical=64, slash=128, sink=64, local=64) for cls in (Grid, QBoundary, TwoDBoundary)]

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sparse_attn import AShape, BlockSparse, Dense, VerticalSlash
+from sparse_attn import AShape, BlockSparse, Dense, Grid, ModalitySpans, QBoundary, TwoDBoundary, VerticalSlash
 from sparse_attn.config import SparseConfig, resolve_config, scale_pattern
 
 # ---------------------------------------------------------------------------------------------------- strategies
@@ -279,3 +279,66 @@ def test_all_reasons_in_one_message():
     with pytest.raises(ValueError) as info:
         SparseConfig.load(obj)
     assert "head 0: unknown type" in str(info.value) and "head 1: vertical must be >= 0" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------- modality
+modality_pattern = st.one_of(
+    st.builds(QBoundary, vertical=budget, slash=budget, gamma=st.one_of(st.none(), st.floats(0.05, 1.0)),
+              consistent_columns=st.booleans()),
+    st.builds(TwoDBoundary, vertical=budget, slash=budget, last_q=st.integers(1, 128)),
+    st.builds(Grid, vertical=budget, slash=budget, stride=st.one_of(st.none(), st.integers(1, 4096)),
+              width=st.integers(0, 32), frames=st.one_of(st.none(), st.integers(1, 64)), tail_columns=st.booleans()))
+
+
+@given(configs(pattern=st.one_of(modality_pattern, rich_vs, st.just(Dense()))))
+def test_round_trip_our_schema_with_modality_patterns(cfg):
+    obj = json.loads(json.dumps(cfg.to_json()))
+    back = SparseConfig.load(obj)
+    assert back.layers == cfg.layers
+    assert all("modality" not in head for layer in obj["layers"] if layer != "dense" for head in layer)
+
+
+def test_modality_pattern_names_and_fields_load():
+    obj = {"format": "sparse_attn.config", "version": 1, "num_layers": 1, "num_heads": 3, "layers": [[
+        {"pattern": "grid", "vertical": 300, "stride": 576, "width": 4, "tail_columns": False},
+        {"pattern": "q_boundary", "gamma": 0.9, "consistent_columns": False},
+        {"pattern": "two_d_boundary", "slash": 2048}]]}
+    cfg = SparseConfig.load(obj)
+    assert cfg.layers[0] == [Grid(vertical=300, stride=576, width=4, tail_columns=False),
+                             QBoundary(gamma=0.9, consistent_columns=False), TwoDBoundary(slash=2048)]
+    bad = json.loads(json.dumps(obj))
+    bad["layers"][0][1]["consistent_columns"] = 1
+    with pytest.raises(ValueError, match=r"layer 0, head 1: field 'consistent_columns' must be true or false"):
+        SparseConfig.load(bad)
+
+
+def test_modality_field_rejected_in_file_and_in_config():
+    obj = {"format": "sparse_attn.config", "version": 1, "num_layers": 1, "num_heads": 1,
+           "layers": [[{"pattern": "grid", "modality": [[0, 10, "video"]]}]]}
+    with pytest.raises(ValueError, match=r"layer 0, head 0: field 'modality' is not allowed in a config"):
+        SparseConfig.load(obj)
+    with_spans = QBoundary().with_modality(ModalitySpans.of([(0, 10, "image")]))
+    with pytest.raises(ValueError, match=r"layer 0, head 1: QBoundary carries modality spans"):
+        SparseConfig(1, 2, [[Dense(), with_spans]])
+
+
+def test_modality_patterns_scale_like_vertical_slash():
+    for cls in (Grid, QBoundary, TwoDBoundary):
+        p = cls(vertical=1000, slash=4000, min_vertical=128, min_slash=512, sink=64, local=64)
+        vs = VerticalSlash(vertical=1000, slash=4000, min_vertical=128, min_slash=512, sink=64, local=64)
+        for factor in (0.01, 0.5, 2.0):
+            got, want = scale_pattern(p, factor), scale_pattern(vs, factor)
+            assert type(got) is cls
+            assert {n: getattr(got, n) for n in ("vertical", "slash", "min_vertical", "min_slash", "sink", "local")} \
+                == {n: getattr(want, n) for n in ("vertical", "slash", "min_vertical", "min_slash", "sink", "local")}
+    g = scale_pattern(Grid(stride=576, width=8, frames=4), 0.25)
+    assert (g.stride, g.width, g.frames) == (576, 8, 4)                 # frame geometry does not scale
+    cfg = SparseConfig.uniform(QBoundary(vertical=1000, slash=4000), 1, 2, reference_length=8000)
+    assert cfg.patterns_for_layer(0, 16000)[0] == QBoundary(vertical=2000, slash=8000, min_vertical=256, min_slash=1024)
+
+
+def test_minference_export_of_modality_pattern_raises():
+    cfg = SparseConfig(2, 2, [None, [VerticalSlash(), Grid()]])
+    with pytest.raises(ValueError, match=r"layer 1, head 1: the MInference schema has no type for the modality "
+                                         r"pattern 'grid'.*format='sparse_attn'"):
+        cfg.to_json("minference")

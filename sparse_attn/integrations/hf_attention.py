@@ -12,6 +12,8 @@ Routing: prefill (Lq > 1) of a causal full-attention layer runs the layer's per-
 ``dense_above`` density); decode steps (Lq == 1), sliding-window layers whose
 window is shorter than the keys, non-causal modules and modules without patch state run exact dense attention.
 Left-padded batches run row by row over each row's valid (right-aligned) keys; any other padding runs dense.
+Modality patterns (`Grid`, `QBoundary`, `TwoDBoundary`) get the spans of the current ``sparse_attn.hf.modality``
+block (`hf_modality`; outside one, an all-text call).
 With a `sparse_attn.retrieval.hf_cache.RetrievalCache` (``sparse_attn.hf.retrieval_cache(model)``) the prompt runs
 the sparse prefill above and every later forward runs `sparse_attn.retrieval.retrieval_attention`.
 """
@@ -28,6 +30,7 @@ from ..ops.checks import resolve_scale
 from ..ops.scores import last_query_probs
 from ..prefill import dense_attention
 from ..retrieval.cache import HF_LAYER_TAG
+from .hf_modality import patterns_for_call
 
 #: Attribute holding the patch state on each attention module (and on the model).
 STATE_ATTR = "_sparse_attn_state"
@@ -115,11 +118,12 @@ def _check_not_packed(position_ids) -> None:
                          "attention_mask) are not supported; pass an attention_mask or unpatch the model")
 
 
-def _sparse(state, module, q, k, v, scale):
+def _sparse(state, module, q, k, v, scale, row=None):
     """Sparse prefill of unpadded rows: ``q [B, Hq, Lq, D]`` over ``k, v [B, Hkv, Lk, D]`` -> [B, Hq, Lq, D],
-    with the module's layer patterns for Lk keys.  Dense where the config keeps the layer dense, below
-    ``dense_below`` keys, for all-`Dense` patterns, and where the estimated layout is denser than ``dense_above``
-    (there the sparse kernel would cost more than dense attention)."""
+    with the module's layer patterns for Lk keys (modality patterns get the spans of the current
+    `sparse_attn.hf.modality` block; ``row``: the batch row when a padded batch runs row by row).  Dense where the
+    config keeps the layer dense, below ``dense_below`` keys, for all-`Dense` patterns, and where the estimated
+    layout is denser than ``dense_above`` (there the sparse kernel would cost more than dense attention)."""
     options = state.options
     layer_idx = getattr(module, "layer_idx", None)
     patterns = state.patterns(layer_idx, k.shape[2])
@@ -128,6 +132,7 @@ def _sparse(state, module, q, k, v, scale):
         return dense_attention(q, k, v, causal=True, scale=scale)
     if options["dense_above"] < 1 and _mass_needs_dense(q, k, patterns, scale, options["dense_above"]):
         return dense_attention(q, k, v, causal=True, scale=scale)
+    patterns = patterns_for_call(patterns, q.shape[0], k.shape[2], row)
     layout = prefill.estimate(q, k, patterns, causal=True, scale=scale)
     density = layout.density() if options["dense_above"] < 1 or options["on_layout"] is not None else None
     if options["on_layout"] is not None:
@@ -173,7 +178,7 @@ def _sparse_padded(state, module, q, k, v, key_keep, scale):
             continue
         rows = slice(row, row + 1)
         out[rows, :, first_query:] = _sparse(state, module, q[rows, :, first_query:], k[rows, :, Lk - n:],
-                                             v[rows, :, Lk - n:], scale)
+                                             v[rows, :, Lk - n:], scale, row)
     return out
 
 
