@@ -16,6 +16,7 @@ import time
 import torch
 
 import sparse_attn as sa
+from sparse_attn.bench import _timed as timed
 from sparse_attn.prefill import dense_attention
 from sparse_attn.synthetic import MixedWorkload, make_mixed_qkv
 
@@ -53,15 +54,6 @@ def recalls(q, k, layouts, *, rows_per_chunk=256):
             columns = per_block.gather(-1, cols.clamp(max=Lk - 1))
             totals[i] += float((tiles * used).sum() + (columns * used_c).sum())
     return [t / (B * Hq * Lq) for t in totals]
-
-
-def timed(fn, repeat):
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def main(argv=None):

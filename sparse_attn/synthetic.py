@@ -69,12 +69,17 @@ def make_qkv(w: Workload = Workload(), device="cpu"):
     q_pre[..., n_local:flat0, 0] += (comb_w * a_comb)[..., None, None]
     q_pre[..., flat0, 0] += (sink_w * a_sink)[..., None]
     q_pre[..., flat1, 0] += (needle_w * a_needle)[..., None]
-    pos_all = torch.arange(L)
+    return _rotated_qkv(q_pre, k_pre, theta, w, gen, device)
 
+
+def _rotated_qkv(q_pre, k_pre, theta, w, gen, device):
+    """RoPE-rotated q (the last ``w.q_len`` positions) and k, and random v, in ``w.dtype`` on ``device``."""
+    L = k_pre.shape[2]
+    pos_all = torch.arange(L)
     q_len = L if w.q_len is None else w.q_len
     q = _rotate(q_pre[:, :, L - q_len:], theta, pos_all[L - q_len:])
     k = _rotate(k_pre, theta, pos_all)
-    v = torch.randn(B, Hkv, L, D, generator=gen)
+    v = torch.randn(k.shape, generator=gen)
     return (q.to(device=device, dtype=w.dtype), k.to(device=device, dtype=w.dtype),
             v.to(device=device, dtype=w.dtype))
 
@@ -191,10 +196,4 @@ def make_mixed_qkv(w: MixedWorkload = MixedWorkload(), device="cpu"):
     add_q(slice(prompt_p, prompt_p + 1), prompt_w, a_prompt, is_video)
     add_q(slice(salient_p, salient_p + 1), salient_w, a_salient, after)
 
-    pos_all = torch.arange(L)
-    q_len = L if w.q_len is None else w.q_len
-    q = _rotate(q_pre[:, :, L - q_len:], theta, pos_all[L - q_len:])
-    k = _rotate(k_pre, theta, pos_all)
-    v = torch.randn(B, Hkv, L, D, generator=gen)
-    return (q.to(device=device, dtype=w.dtype), k.to(device=device, dtype=w.dtype),
-            v.to(device=device, dtype=w.dtype), spans)
+    return (*_rotated_qkv(q_pre, k_pre, theta, w, gen, device), spans)
