@@ -59,6 +59,7 @@ from pathlib import Path
 
 from .patterns import AShape, BlockSparse, Dense, Pattern, VerticalSlash
 from .patterns.modality import MODALITY_PATTERNS, _ModalityPattern
+from .patterns.vertical_slash import VerticalSlashBudgets
 
 FORMAT = "sparse_attn.config"
 VERSION = 1
@@ -206,7 +207,7 @@ def scale_pattern(pattern: Pattern, factor: float) -> Pattern:
         value = getattr(pattern, name)
         if value is not None:
             changes[name] = max(math.ceil(value * factor), min(value, floor))
-    if isinstance(pattern, (VerticalSlash, _ModalityPattern)):
+    if isinstance(pattern, VerticalSlashBudgets):
         changes["vertical"] = max(changes["vertical"], pattern.sink)
         changes["slash"] = max(changes["slash"], pattern.local)
     return dataclasses.replace(pattern, **changes) if changes else pattern

@@ -32,33 +32,18 @@ from ..layout import kept_first
 from ..ops.period import detect_period
 from ..ops.sample_scores import consistent_column_mass, rows_probs
 from ..ops.scores import column_mass, diagonal_mass
-from .base import Pattern, per_head
+from .base import per_head
 from .modality_parts import Part, compile_parts, concat_batch
 from .modality_spans import KIND_ID, KINDS, ModalitySpan, ModalitySpans, as_modality
-from .vertical_slash import VerticalSlash, _select
-
-_VS_FIELDS = ("vertical", "slash", "last_q", "gamma", "min_vertical", "min_slash", "sink", "local")
-
+from .vertical_slash import VerticalSlashBudgets, _select
 
 @dataclass(frozen=True)
-class _ModalityPattern(Pattern):
-    vertical: int = 1000
-    slash: int = 6096
-    last_q: int = 64
-    gamma: float | None = None
-    min_vertical: int = 128
-    min_slash: int = 512
-    sink: int = 64
-    local: int = 64
+class _ModalityPattern(VerticalSlashBudgets):
     modality: object = None
     consistent_columns: bool = True
 
     def invalid_reasons(self):
         reasons = super().invalid_reasons()
-        try:
-            VerticalSlash(**{name: getattr(self, name) for name in _VS_FIELDS})
-        except (ValueError, TypeError) as e:
-            reasons.append(str(e).split(": ", 1)[-1])
         try:
             object.__setattr__(self, "modality", as_modality(self.modality))
         except (ValueError, TypeError) as e:

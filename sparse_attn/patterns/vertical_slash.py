@@ -14,17 +14,9 @@ from .base import Pattern, layout_from_ranges, per_head, tile_bound
 
 
 @dataclass(frozen=True)
-class VerticalSlash(Pattern):
-    """Columns (verticals) and diagonals (slashes) with the most attention mass in the last ``last_q`` queries.
-
-    * ``vertical`` / ``slash``: budgets (numbers of key columns / diagonals).  With ``gamma`` they are the maximum
-      and ``min_vertical`` / ``min_slash`` (clamped to them) the minimum; in between, the smallest set whose
-      estimated attention mass reaches ``gamma`` (FlexPrefill's cumulative budget), taking the cheapest mass first.
-      The minimum guards against a sample of ``last_q`` rows that sees less structure than the other rows need.
-    * the first ``sink`` columns and the ``local`` nearest diagonals are always kept.
-    * diagonals are chosen in groups of ``block_n`` neighbours (so ``slash`` is rounded up to a multiple of it): a
-      rectangular tile computes a band of 64 diagonals anyway, so a lone diagonal would cost as much as its group.
-    """
+class VerticalSlashBudgets(Pattern):
+    """The budgets of a vertical-slash estimate (see `VerticalSlash`), shared by the patterns that run one per
+    part of the sequence (`sparse_attn.patterns.modality`)."""
 
     vertical: int = 1000
     slash: int = 6096
@@ -46,6 +38,20 @@ class VerticalSlash(Pattern):
         if self.local > self.slash:
             reasons.append(f"local ({self.local}) must be <= slash ({self.slash})")
         return reasons
+
+
+@dataclass(frozen=True)
+class VerticalSlash(VerticalSlashBudgets):
+    """Columns (verticals) and diagonals (slashes) with the most attention mass in the last ``last_q`` queries.
+
+    * ``vertical`` / ``slash``: budgets (numbers of key columns / diagonals).  With ``gamma`` they are the maximum
+      and ``min_vertical`` / ``min_slash`` (clamped to them) the minimum; in between, the smallest set whose
+      estimated attention mass reaches ``gamma`` (FlexPrefill's cumulative budget), taking the cheapest mass first.
+      The minimum guards against a sample of ``last_q`` rows that sees less structure than the other rows need.
+    * the first ``sink`` columns and the ``local`` nearest diagonals are always kept.
+    * diagonals are chosen in groups of ``block_n`` neighbours (so ``slash`` is rounded up to a multiple of it): a
+      rectangular tile computes a band of 64 diagonals anyway, so a lone diagonal would cost as much as its group.
+    """
 
     def group_key(self):
         return (type(self), self.last_q)
