@@ -112,7 +112,7 @@ def main(argv=None):
         ok = [n for n in sweep if rec[n] >= target]
         return min(ok, key=lambda n: layouts[n].density()) if ok else None
 
-    print(f"# lowest VerticalSlash density reaching each recall (from the sweep):")
+    print("# lowest VerticalSlash density reaching each recall (from the sweep):")
     for name in [None, *modality]:
         target = args.target if name is None else rec[name]
         label = f"recall >= {target:.4f}" + ("" if name is None else f" ({name})")

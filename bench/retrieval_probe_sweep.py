@@ -6,7 +6,6 @@ the query-aware probe's spread weight beta; one KV head, 4 query heads x 8 decod
 import sys
 import time
 
-import torch
 
 from sparse_attn.retrieval import IVFIndex, QueryAwareIndex, exact_topk
 from sparse_attn.retrieval.workload import DecodeWorkload, make_decode_workload

@@ -1,6 +1,5 @@
 """pytest-benchmark microbenchmarks: `python -m pytest bench/ --benchmark-only` (not part of the test run)."""
 import pytest
-import torch
 
 import sparse_attn as sa
 from sparse_attn.synthetic import Workload, make_qkv

@@ -55,7 +55,6 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .patterns import AShape, BlockSparse, Dense, Pattern, VerticalSlash
 from .patterns.modality import MODALITY_PATTERNS, _ModalityPattern

@@ -43,7 +43,7 @@ def pooled_block_logits(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n:
     """Mean-pooled query block . mean-pooled key block logits for the query blocks ``q_blocks``:
     ``[B, Hq, n_q_blocks_in_slice, nKb]`` (fp32)."""
     B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     q_pool = _mean_pool(q, block_m)[:, :, q_blocks]
     k_pool = _mean_pool(k, block_n)
     g = Hq // Hkv

@@ -9,7 +9,7 @@ import torch
 from ..layout import SparseLayout
 from ..ops.index_build import block_row_positions, compact
 from ..ops.scores import pooled_block_logits
-from .base import Pattern, per_head
+from .base import Pattern
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ metric.  Lists are probed by an estimate of the best score inside each list: mea
 arrive.  Without observed queries it falls back to ``M = I`` (k-means on the keys)."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
