@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 
 from .patterns import AShape, BlockSparse, Dense, Pattern, VerticalSlash
 from .patterns.modality import MODALITY_PATTERNS, _ModalityPattern
+from .patterns.base import patterns_per_head
 from .patterns.vertical_slash import VerticalSlashBudgets
 
 FORMAT = "sparse_attn.config"
@@ -135,7 +136,7 @@ class SparseConfig:
     @classmethod
     def uniform(cls, pattern, num_layers: int, num_heads: int, **kwargs) -> "SparseConfig":
         """Every layer runs ``pattern`` (one Pattern for every head, or a list of ``num_heads`` patterns)."""
-        heads = _as_head_patterns(pattern, num_heads)
+        heads = patterns_per_head(pattern, num_heads)
         return cls(num_layers, num_heads, [list(heads) for _ in range(num_layers)], **kwargs)
 
     # ------------------------------------------------------------------ JSON
@@ -213,20 +214,6 @@ def scale_pattern(pattern: Pattern, factor: float) -> Pattern:
 
 
 # ---------------------------------------------------------------------------------------------------- checks
-def _as_head_patterns(pattern, num_heads: int) -> list[Pattern]:
-    if isinstance(pattern, Pattern):
-        return [pattern] * num_heads
-    if isinstance(pattern, (list, tuple)):
-        if len(pattern) != num_heads:
-            raise ValueError(f"pattern: a per-head list needs one pattern per query head ({num_heads}), "
-                             f"got {len(pattern)}")
-        bad = [i for i, p in enumerate(pattern) if not isinstance(p, Pattern)]
-        if bad:
-            raise ValueError(f"pattern: entries {bad} are not patterns")
-        return list(pattern)
-    raise ValueError(f"pattern must be a Pattern or a list of {num_heads} Patterns, got {type(pattern).__name__}")
-
-
 def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 

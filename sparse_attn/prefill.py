@@ -1,8 +1,6 @@
 """Prefill: estimate a layout per head, then run attention over it on the chosen backend."""
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 import torch.nn.functional as F
 
@@ -10,6 +8,7 @@ from .layout import SparseLayout, concat_heads
 from .ops.checks import check_attention_inputs, check_layout_matches, resolve_scale
 from .ops.torch_sparse import torch_sparse_attention
 from .patterns import Dense, Pattern, VerticalSlash
+from .patterns.base import patterns_per_head
 
 #: Pattern used when ``pattern=None``: cumulative-mass vertical-slash (gamma 0.95), within MInference's budgets.
 DEFAULT_PATTERN = VerticalSlash(gamma=0.95)
@@ -19,20 +18,7 @@ BACKENDS = ("auto", "torch", "flex", "triton", "cuda")
 
 
 def _patterns_per_head(pattern, n_heads: int) -> list[Pattern]:
-    if pattern is None:
-        pattern = DEFAULT_PATTERN
-    if isinstance(pattern, Pattern):
-        return [pattern] * n_heads
-    if isinstance(pattern, Sequence) and not isinstance(pattern, str):
-        if len(pattern) != n_heads:
-            raise ValueError(f"pattern: a per-head list must have one pattern per query head ({n_heads}), "
-                             f"got {len(pattern)}")
-        bad = [i for i, p in enumerate(pattern) if not isinstance(p, Pattern)]
-        if bad:
-            raise ValueError(f"pattern: entries {bad} are not patterns (AShape, VerticalSlash, BlockSparse, Dense)")
-        return list(pattern)
-    raise ValueError(f"pattern must be a Pattern, a list of one Pattern per query head, or None; got "
-                     f"{type(pattern).__name__}")
+    return patterns_per_head(DEFAULT_PATTERN if pattern is None else pattern, n_heads)
 
 
 def _check_block(name: str, value) -> int:

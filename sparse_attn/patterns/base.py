@@ -1,6 +1,7 @@
 """What every pattern provides, and the helpers their estimators share."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -39,6 +40,24 @@ class Pattern:
         """Layout of the query heads ``heads`` (long [Hs]) of ``q [B, Hq, Lq, D]`` over ``k [B, Hkv, Lk, D]``,
         ``patterns[i]`` applying to ``heads[i]``."""
         raise NotImplementedError
+
+
+def patterns_per_head(pattern, n_heads: int) -> list[Pattern]:
+    """``pattern`` (one Pattern for every head, or a sequence of one per query head) as a list of ``n_heads``
+    patterns; a clear ValueError otherwise."""
+    if isinstance(pattern, Pattern):
+        return [pattern] * n_heads
+    if isinstance(pattern, Sequence) and not isinstance(pattern, str):
+        if len(pattern) != n_heads:
+            raise ValueError(f"pattern: a per-head list must have one pattern per query head ({n_heads}), "
+                             f"got {len(pattern)}")
+        bad = [i for i, p in enumerate(pattern) if not isinstance(p, Pattern)]
+        if bad:
+            raise ValueError(f"pattern: entries {bad} are not patterns (AShape, VerticalSlash, BlockSparse, Dense, "
+                             f"Grid, QBoundary, TwoDBoundary)")
+        return list(pattern)
+    raise ValueError(f"pattern must be a Pattern or a list of one Pattern per query head; got "
+                     f"{type(pattern).__name__}")
 
 
 def per_head(patterns: list, name: str, device) -> torch.Tensor:
