@@ -148,11 +148,11 @@ class SparseLayout:
     def sorted_offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Tile offsets sorted ascending per query block with padding pushed to the end (as int64), and the
         validity mask of the sorted entries."""
-        return _sorted_valid(self.block_offset, self.block_count)
+        return sorted_valid(self.block_offset, self.block_count)
 
     def sorted_columns(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Columns sorted ascending per query block with padding at the end (int64), and their validity mask."""
-        return _sorted_valid(self.column_index, self.column_count)
+        return sorted_valid(self.column_index, self.column_count)
 
     def covered_by_tiles(self, keys: torch.Tensor, offsets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Bool, shaped like ``keys [..., n]``: whether each key lies inside a tile of its row; ``offsets``
@@ -172,8 +172,8 @@ class SparseLayout:
     def block_key_mask(self, blocks: slice = slice(None)) -> torch.Tensor:
         """Bool ``[B, H, n, k_len]``: the keys each query block of ``blocks`` lists (tiles and columns, without
         the causal mask).  O(n x k_len) memory: pass a slice of blocks to bound it."""
-        offsets, valid_o = _sorted_valid(self.block_offset[:, :, blocks], self.block_count[:, :, blocks])
-        columns, valid_c = _sorted_valid(self.column_index[:, :, blocks], self.column_count[:, :, blocks])
+        offsets, valid_o = sorted_valid(self.block_offset[:, :, blocks], self.block_count[:, :, blocks])
+        columns, valid_c = sorted_valid(self.column_index[:, :, blocks], self.column_count[:, :, blocks])
         B, H, n = offsets.shape[:3]
         keys = torch.arange(self.k_len, device=self.device).expand(B, H, n, self.k_len)
         in_col = torch.zeros(B, H, n, self.k_len + 1, dtype=torch.bool, device=self.device)
@@ -356,7 +356,9 @@ def kept_first(keep: torch.Tensor, width: int | None = None) -> torch.Tensor:
     return order if width is None else order[..., :width]
 
 
-def _sorted_valid(values: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sorted_valid(values: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` entries of ``values [..., n]`` sorted ascending (int64) with the padding pushed to the
+    end, and the validity mask of the sorted entries."""
     n = values.shape[-1]
     valid = torch.arange(n, device=values.device) < count[..., None]
     big = torch.iinfo(torch.int64).max

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import SparseLayout, kept_first
+from ..layout import SparseLayout, kept_first, keys_in_tiles, sorted_valid
 from .merge import merge_partials
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -76,80 +76,100 @@ def torch_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True
     offsets = layout.block_offset.reshape(n_blocks, -1).long()
     columns = layout.column_index.reshape(n_blocks, -1).long()
 
-    out = torch.empty(n_blocks, bm, D, dtype=work, device=dev)
-    lse = torch.empty(n_blocks, bm, dtype=work, device=dev)
     width_of = tile_count * bn + col_count
     order = torch.argsort(width_of, descending=True)                                 # similar widths together
     widths = width_of[order].tolist()
+    # Work in that order throughout (outputs land in contiguous slices) and put the blocks back once at the end.
+    q_blocks, kv_base, first_pos, limit = (t.index_select(0, order) for t in (q_blocks, kv_base, first_pos, limit))
+    tile_count, col_count, offsets, columns = (t.index_select(0, order)
+                                               for t in (tile_count, col_count, offsets, columns))
+    out = torch.empty(n_blocks, bm, D, dtype=work, device=dev)
+    lse = torch.empty(n_blocks, bm, dtype=work, device=dev)
     start = 0
     while start < n_blocks:
         # Index work for a batch of blocks at once (bounded memory), then small gather + kernel steps that keep
         # the gathered keys in cache.
-        batch = order[start:start + max(1, (64 << 20) // (16 * max(widths[start], 1)))]
-        flat, bias, count_t = _main_keys(batch, offsets, tile_count, columns, col_count, limit, kv_base, Lk, bn,
-                                         work)
+        batch = slice(start, start + max(1, (64 << 20) // (16 * max(widths[start], 1))))
+        flat, bias, count_t = _main_keys(offsets[batch], tile_count[batch], columns[batch], col_count[batch],
+                                         limit[batch], kv_base[batch], Lk, bn, work)
         counts = count_t.tolist()
         s = 0
-        while s < batch.shape[0]:
+        while s < len(counts):
             n = max(1, chunk_bytes // (2 * 4 * D * counts[s] + 4 * bm * D))
-            blocks = batch[s:s + n]
-            n = blocks.shape[0]
+            n = min(n, len(counts) - s)
             width = max(max(counts[s:s + n]), 1)
             idx = flat[s:s + n, :width].reshape(-1)
             empty = (count_t[s:s + n] == 0)[:, None].expand(n, bm)
-            out[blocks], lse[blocks] = _attend(q_blocks[blocks], k_rows.index_select(0, idx).view(n, width, D),
-                                               v_rows.index_select(0, idx).view(n, width, D),
-                                               bias[s:s + n, :width], scale, empty)
+            rows = slice(batch.start + s, batch.start + s + n)
+            out[rows], lse[rows] = _attend(q_blocks[rows], k_rows.index_select(0, idx).view(n, width, D),
+                                           v_rows.index_select(0, idx).view(n, width, D),
+                                           bias[s:s + n, :width], scale, empty)
             s += n
-        start += batch.shape[0]
+        start += len(counts)
     if causal:
-        out, lse = _add_diagonal(out, lse, q_blocks, k_rows, v_rows, layout, kv_base, first_pos, scale,
-                                 chunk_bytes)
+        out, lse = _add_diagonal(out, lse, q_blocks, k_rows, v_rows, offsets, tile_count, columns, col_count,
+                                 kv_base, first_pos, Lk, bn, scale, chunk_bytes)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n_blocks, device=dev))
 
-    out = out.view(B, Hq, n_qb * bm, D)[:, :, :Lq].to(q.dtype)
+    out = out.index_select(0, inverse).view(B, Hq, n_qb * bm, D)[:, :, :Lq].to(q.dtype)
     if not return_lse:
         return out
-    return out, lse.view(B, Hq, n_qb * bm)[:, :, :Lq].float()
+    return out, lse.index_select(0, inverse).view(B, Hq, n_qb * bm)[:, :, :Lq].float()
 
 
-def _main_keys(blocks, offsets, tile_count, columns, col_count, limit, kv_base, Lk, bn, work):
-    """For each block: the key rows to gather (flat indices into the [B * Hkv * Lk] key rows) and the additive
-    mask (0 / -inf) of the main part, compacted so that only keys some row may see come first: ([n, W], [n, W],
-    the number of such keys per block [n])."""
-    dev = blocks.device
-    nt, nc = int(tile_count[blocks].max()), int(col_count[blocks].max())
-    tile_keys = (offsets[blocks, :nt, None] + torch.arange(bn, device=dev)).reshape(blocks.shape[0], -1)
-    tile_ok = (torch.arange(nt, device=dev) < tile_count[blocks, None]).repeat_interleave(bn, 1)
-    col_ok = torch.arange(nc, device=dev) < col_count[blocks, None]
-    keys = torch.cat([tile_keys, columns[blocks, :nc], torch.zeros_like(blocks)[:, None]], 1)   # + 1 dummy slot
-    allowed = torch.cat([tile_ok, col_ok, torch.zeros(len(blocks), 1, dtype=torch.bool, device=dev)], 1)
-    allowed &= (keys < limit[blocks, None]) & (keys < Lk)
-    counts = allowed.sum(1)
-    width = max(int(counts.max()), 1)
-    keep = kept_first(allowed, width)
-    keys, allowed = keys.gather(1, keep), allowed.gather(1, keep)
-    flat = kv_base[blocks, None] + keys.clamp(min=0, max=Lk - 1)          # padding may hold any value
+def _main_keys(offsets, tile_count, columns, col_count, limit, kv_base, Lk, bn, work):
+    """For blocks with tiles ``offsets [n, T]`` and ``columns [n, C]`` (counts per block; any order): the key
+    rows to gather (flat indices into the [B * Hkv * Lk] key rows) and the additive mask (0 / -inf) of the main
+    part (keys below ``limit``), with the keys some row may see first: ([n, W], [n, W], their number [n]).
+    Compaction works on whole tiles (a tile that starts below the limit is kept, its keys past it masked), so
+    its cost is per tile, not per key."""
+    n, dev = offsets.shape[0], offsets.device
+    nt, nc = int(tile_count.max()), int(col_count.max())
+    lim = torch.minimum(limit, torch.full_like(limit, Lk))[:, None]
+    tile_ok = (torch.arange(nt, device=dev) < tile_count[:, None]) & (offsets[:, :nt] < lim)
+    col_ok = (torch.arange(nc, device=dev) < col_count[:, None]) & (columns[:, :nc] < lim)
+    n_tiles, n_cols = tile_ok.sum(1), col_ok.sum(1)
+    wt, wc = int(n_tiles.max()), int(n_cols.max())
+    tiles = offsets[:, :nt].gather(1, kept_first(tile_ok, wt))
+    cols = columns[:, :nc].gather(1, kept_first(col_ok, wc))
+    tile_keys = (tiles[:, :, None] + torch.arange(bn, device=dev)).reshape(n, wt * bn)
+    allowed_t = (torch.arange(wt, device=dev) < n_tiles[:, None]).repeat_interleave(bn, 1) & (tile_keys < lim)
+    allowed_c = torch.arange(wc, device=dev) < n_cols[:, None]
+    # Tile keys first (per block: its kept tiles, then padding tiles), then columns: move the columns up to the
+    # end of each block's kept tiles so that a chunk's width is its longest block, not max tiles + max columns.
+    keys = torch.cat([tile_keys, cols], 1)
+    allowed = torch.cat([allowed_t, allowed_c], 1)
+    slot = torch.arange(wt * bn + wc, device=dev).expand(n, -1)
+    end_t = (n_tiles * bn)[:, None]
+    src = torch.where(slot < end_t, slot, slot - end_t + wt * bn)             # column j moves to end_t + j
+    src = src.clamp(max=wt * bn + wc - 1)
+    keys, allowed = keys.gather(1, src), allowed.gather(1, src)
+    allowed &= slot < end_t + n_cols[:, None]
+    counts = n_tiles * bn + n_cols
+    if keys.shape[1] == 0:                                   # no block sees a key: one masked slot keeps shapes
+        keys, allowed = keys.new_zeros(n, 1), allowed.new_zeros(n, 1)
+    flat = kv_base[:, None] + keys.clamp(min=0, max=Lk - 1)                 # padding may hold any value
     bias = torch.zeros(allowed.shape, dtype=work, device=dev).masked_fill_(~allowed, float("-inf"))
     return flat, bias, counts
 
 
-def _add_diagonal(out, lse, q_blocks, k_rows, v_rows, layout, kv_base, first_pos, scale, chunk_bytes):
+def _add_diagonal(out, lse, q_blocks, k_rows, v_rows, offsets, tile_count, columns, col_count, kv_base,
+                  first_pos, Lk, bn, scale, chunk_bytes):
     """Merge in, per block, the listed keys from its first row's position on (row r sees those at or before
     its own position, first_pos + r).  Blocks that list all of these keys (the common case: a local band) take
-    the kernel's own causal mask; the others a per-row mask."""
+    the kernel's own causal mask; the others a per-row mask.  Per-block tensors are [n_blocks, ...] in the
+    caller's block order."""
     n_blocks, bm, D = q_blocks.shape
-    Lk, dev = layout.k_len, q_blocks.device
-    offsets, valid_o = layout.sorted_offsets()
-    columns, valid_c = layout.sorted_columns()
-    offsets, valid_o = offsets.reshape(n_blocks, -1), valid_o.reshape(n_blocks, -1)
-    columns, valid_c = columns.reshape(n_blocks, -1), valid_c.reshape(n_blocks, -1)
+    dev = q_blocks.device
+    offsets, valid_o = sorted_valid(offsets, tile_count)
+    columns, valid_c = sorted_valid(columns, col_count)
     step = torch.arange(bm, device=dev)
     visible = step[None, :] <= step[:, None]                                         # [bm, bm]: key u <= row r
     per_chunk = max(1, chunk_bytes // (4 * bm * bm * 4))
     for s in range(0, n_blocks, per_chunk):
         sl = slice(s, s + per_chunk)
         keys = first_pos[sl, None] + step                                             # [n, bm]
-        listed = layout.covered_by_tiles(keys, offsets[sl], valid_o[sl])
+        listed = keys_in_tiles(keys, offsets[sl], valid_o[sl], bn)
         if columns.shape[-1]:
             pos = torch.searchsorted(columns[sl].contiguous(), keys).clamp(max=columns.shape[-1] - 1)
             listed |= valid_c[sl].gather(-1, pos) & (columns[sl].gather(-1, pos) == keys)
