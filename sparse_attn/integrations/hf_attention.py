@@ -145,10 +145,13 @@ def _sparse(state, module, q, k, v, scale, row=None):
 
 def _mass_needs_dense(q, k, patterns, scale, dense_above: float, rows: int = 16) -> bool:
     """Cheap pre-check for cumulative-mass (``gamma``) patterns, whose budget grows with how diffuse attention is:
-    for each of the last ``rows`` queries and each head, do its top ``dense_above`` share of the keys hold less
-    than ``gamma`` of its attention?  Then any layout reaching gamma for that row is denser than ``dense_above``;
-    when most (row, head) pairs are like that, the layer runs dense without the (much dearer) full estimate.  Only
-    ever chooses exact dense attention, so it cannot make a result wrong."""
+    for each of the last ``rows`` queries and each head, is it certain that its top ``m = dense_above x keys``
+    keys hold less than ``gamma`` of its attention?  Then any layout reaching gamma for that row is denser than
+    ``dense_above``; when most (row, head) pairs are like that, the layer runs dense without the (much dearer)
+    full estimate.  The certificate is Cauchy-Schwarz, mass of any m keys <= sqrt(m x sum p^2): one pass over the
+    probabilities instead of a top-k.  Rows it cannot certify go to the full estimate, whose own density check
+    still sends a too-dense layer to dense.  Only ever chooses exact dense attention, so it cannot make a result
+    wrong."""
     gammas = [getattr(p, "gamma", None) for p in patterns]
     if any(g is None for g in gammas):
         return False
@@ -156,9 +159,9 @@ def _mass_needs_dense(q, k, patterns, scale, dense_above: float, rows: int = 16)
     top = max(1, math.ceil(dense_above * (int(pos[-1]) + 1)))
     if top >= probs.shape[-1]:
         return False
-    mass = probs.topk(top, dim=-1, sorted=False).values.sum(-1)                      # [B, Hq, n]
-    gamma = torch.tensor(gammas, dtype=mass.dtype, device=mass.device)[None, :, None]
-    return bool((mass < gamma).float().mean() > 0.5)
+    mass_bound = (top * probs.square().sum(-1)).sqrt()                              # [B, Hq, n]
+    gamma = torch.tensor(gammas, dtype=mass_bound.dtype, device=mass_bound.device)[None, :, None]
+    return bool((mass_bound < gamma).float().mean() > 0.5)
 
 
 def _sparse_padded(state, module, q, k, v, key_keep, scale):
