@@ -15,3 +15,18 @@ def merge_partials(outs, lses):
     for o, l in zip(outs, lses):
         out += o.to(work) * torch.exp(l.to(work) - safe)[..., None]
     return out.to(outs[0].dtype), lse.to(lses[0].dtype)
+
+
+def merge_into(out, lse, part_out, part_lse, rows_per_step: int = 256):
+    """`merge_partials` of two parts written into the first, in place: ``out [N, L, D]``, ``lse [N, L]`` (fp32 or
+    fp64) take the merge with ``part_out``, ``part_lse`` (same shapes and dtypes; ``part_out`` is overwritten).
+    Goes ``rows_per_step`` entries of N at a time so the operands stay in cache and nothing large is allocated."""
+    for s in range(0, out.shape[0], rows_per_step):
+        o, l, po, pl = (t[s:s + rows_per_step] for t in (out, lse, part_out, part_lse))
+        top = torch.maximum(l, pl)
+        top = torch.where(torch.isinf(top), torch.zeros_like(top), top)        # both parts empty: weights 0
+        w, pw = torch.exp(l - top), torch.exp(pl - top)
+        total = w + pw
+        o.mul_(w[..., None]).add_(po.mul_(pw[..., None]))
+        o.div_(torch.where(total > 0, total, 1.0)[..., None])
+        l.copy_(top + torch.log(total))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..layout import SparseLayout, kept_first, keys_in_tiles, sorted_valid
-from .merge import merge_partials
+from .merge import merge_into
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
@@ -79,8 +79,8 @@ def torch_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True
     width_of = tile_count * bn + col_count
     order = torch.argsort(width_of, descending=True)                                 # similar widths together
     widths = width_of[order].tolist()
-    # Work in that order throughout (outputs land in contiguous slices) and put the blocks back once at the end.
-    q_blocks, kv_base, first_pos, limit = (t.index_select(0, order) for t in (q_blocks, kv_base, first_pos, limit))
+    # The index work runs in that order; queries are read and outputs written at the blocks' own places.
+    kv_base, limit = kv_base.index_select(0, order), limit.index_select(0, order)
     tile_count, col_count, offsets, columns = (t.index_select(0, order)
                                                for t in (tile_count, col_count, offsets, columns))
     out = torch.empty(n_blocks, bm, D, dtype=work, device=dev)
@@ -100,21 +100,20 @@ def torch_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True
             width = max(max(counts[s:s + n]), 1)
             idx = flat[s:s + n, :width].reshape(-1)
             empty = (count_t[s:s + n] == 0)[:, None].expand(n, bm)
-            rows = slice(batch.start + s, batch.start + s + n)
-            out[rows], lse[rows] = _attend(q_blocks[rows], k_rows.index_select(0, idx).view(n, width, D),
-                                           v_rows.index_select(0, idx).view(n, width, D),
-                                           bias[s:s + n, :width], scale, empty)
+            blocks = order[batch.start + s:batch.start + s + n]
+            o, l = _attend(q_blocks.index_select(0, blocks), k_rows.index_select(0, idx).view(n, width, D),
+                           v_rows.index_select(0, idx).view(n, width, D), bias[s:s + n, :width], scale, empty)
+            out.index_copy_(0, blocks, o)
+            lse.index_copy_(0, blocks, l)
             s += n
         start += len(counts)
     if causal:
-        out, lse = _add_diagonal(out, lse, q_blocks, k_rows, v_rows, offsets, tile_count, columns, col_count,
-                                 kv_base, first_pos, Lk, bn, scale, chunk_bytes)
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n_blocks, device=dev))
+        _add_diagonal(out, lse, q_blocks, k_rows, v_rows, layout, scale, chunk_bytes)
 
-    out = out.index_select(0, inverse).view(B, Hq, n_qb * bm, D)[:, :, :Lq].to(q.dtype)
+    out = out.view(B, Hq, n_qb * bm, D)[:, :, :Lq].to(q.dtype)
     if not return_lse:
         return out
-    return out, lse.index_select(0, inverse).view(B, Hq, n_qb * bm)[:, :, :Lq].float()
+    return out, lse.view(B, Hq, n_qb * bm)[:, :, :Lq].float()
 
 
 def _main_keys(offsets, tile_count, columns, col_count, limit, kv_base, Lk, bn, work):
@@ -153,43 +152,94 @@ def _main_keys(offsets, tile_count, columns, col_count, limit, kv_base, Lk, bn, 
     return flat, bias, counts
 
 
-def _add_diagonal(out, lse, q_blocks, k_rows, v_rows, offsets, tile_count, columns, col_count, kv_base,
-                  first_pos, Lk, bn, scale, chunk_bytes):
-    """Merge in, per block, the listed keys from its first row's position on (row r sees those at or before
-    its own position, first_pos + r).  Blocks that list all of these keys (the common case: a local band) take
-    the kernel's own causal mask; the others a per-row mask.  Per-block tensors are [n_blocks, ...] in the
-    caller's block order."""
+def _add_diagonal(out, lse, q_blocks, k_rows, v_rows, layout, scale, chunk_bytes):
+    """Merge in place into ``out [n_blocks, bm, D]``, ``lse [n_blocks, bm]`` (blocks in layout order: batch, head, query
+    block) the keys each block lists from its first row's position on; row r sees those at or before its own
+    position.  Blocks listing all of these keys (the common case: a local band) run as one causal kernel call
+    over strided views of the keys (no gather; GQA by the kernel); the others with a per-row mask."""
     n_blocks, bm, D = q_blocks.shape
-    dev = q_blocks.device
-    offsets, valid_o = sorted_valid(offsets, tile_count)
-    columns, valid_c = sorted_valid(columns, col_count)
+    B, Hq, n_qb = layout.batch, layout.heads, layout.num_query_blocks
+    Lq, Lk, dev = layout.q_len, layout.k_len, q_blocks.device
+    Hkv = k_rows.shape[0] // (B * Lk)
+    first = (torch.arange(n_qb, device=dev) * bm + (Lk - Lq)).repeat(B * Hq)          # [n_blocks]
+    full = _lists_all_diagonal_keys(layout, first)
+    o, l = _causal_diagonal(q_blocks, k_rows, v_rows, B, Hq, Hkv, n_qb, Lq, Lk, scale)
+    partial = (~full).nonzero().squeeze(1)
+    if partial.numel():                               # rare: keys missing inside the diagonal block
+        o[partial], l[partial] = _masked_diagonal(q_blocks, k_rows, v_rows, layout, first, partial, Hq // Hkv,
+                                                  scale, chunk_bytes)
+    merge_into(out, lse, o, l)
+
+
+def _lists_all_diagonal_keys(layout, first):
+    """Bool [n_blocks]: whether each block lists every key in [first, first + block_m) below k_len.  Counts the
+    keys its tiles and columns put in that range (a valid layout lists no key twice), no per-key work."""
+    bm, bn, Lk = layout.block_m, layout.block_n, layout.k_len
+    n = first.shape[0]
+    lo, hi = first[:, None], (first + bm).clamp(max=Lk)[:, None]
+    offsets = layout.block_offset.reshape(n, -1).long()
+    tiles_ok = torch.arange(offsets.shape[1], device=first.device) < layout.block_count.reshape(n, 1)
+    overlap = (torch.minimum(offsets + bn, hi) - torch.maximum(offsets, lo)).clamp(min=0)
+    columns = layout.column_index.reshape(n, -1).long()
+    cols_ok = torch.arange(columns.shape[1], device=first.device) < layout.column_count.reshape(n, 1)
+    in_range = (columns >= lo) & (columns < hi) & cols_ok
+    return (overlap * tiles_ok).sum(1) + in_range.sum(1) == (hi - lo).squeeze(1)
+
+
+def _causal_diagonal(q_blocks, k_rows, v_rows, B, Hq, Hkv, n_qb, Lq, Lk, scale):
+    """Every block's causal attention over the ``bm`` keys from its first row's position: (out [n_blocks, bm, D],
+    lse [n_blocks, bm]).  Keys past Lk (last block, padding rows only) read zeros."""
+    n_blocks, bm, D = q_blocks.shape
+    rows = n_qb * bm + (Lk - Lq)                       # key rows the last block reaches, per KV head
+    k_heads, v_heads = k_rows.view(B * Hkv, Lk, D), v_rows.view(B * Hkv, Lk, D)
+    if rows > Lk:
+        pad = (0, 0, 0, rows - Lk)
+        k_heads, v_heads = torch.nn.functional.pad(k_heads, pad), torch.nn.functional.pad(v_heads, pad)
+    q4 = q_blocks.view(B * Hq, n_qb, bm, D).transpose(0, 1)                          # [n_qb, B*Hq, bm, D]
+    size, stride = (n_qb, B * Hkv, bm, D), (bm * D, k_heads.shape[1] * D, D, 1)
+    k4 = k_heads.as_strided(size, stride, k_heads.storage_offset() + (Lk - Lq) * D)
+    v4 = v_heads.as_strided(size, stride, v_heads.storage_offset() + (Lk - Lq) * D)
+    if _FLASH_CPU is not None and q_blocks.device.type == "cpu" and q_blocks.dtype == torch.float32:
+        o, l = _FLASH_CPU(q4, k4, v4, is_causal=True, scale=scale)                  # GQA inside the kernel
+    else:
+        group = Hq // Hkv
+        k4, v4 = k4.repeat_interleave(group, 1), v4.repeat_interleave(group, 1)
+        o, l = _attend(q4.reshape(-1, bm, D), k4.reshape(-1, bm, D), v4.reshape(-1, bm, D), None, scale)
+        o, l = o.view(n_qb, B * Hq, bm, D), l.view(n_qb, B * Hq, bm)
+    return o.transpose(0, 1).reshape(n_blocks, bm, D), l.transpose(0, 1).reshape(n_blocks, bm)
+
+
+def _masked_diagonal(q_blocks, k_rows, v_rows, layout, first, blocks, group, scale, chunk_bytes):
+    """The diagonal part of ``blocks`` (long [n]) with a per-row mask of the keys they list."""
+    bm, D = q_blocks.shape[1], q_blocks.shape[2]
+    Lk, dev = layout.k_len, q_blocks.device
+    B, Hq, n_qb = layout.batch, layout.heads, layout.num_query_blocks
+    Hkv = Hq // group
+    offsets, valid_o = layout.sorted_offsets()
+    columns, valid_c = layout.sorted_columns()
+    n_all = first.shape[0]
+    offsets, valid_o = offsets.reshape(n_all, -1)[blocks], valid_o.reshape(n_all, -1)[blocks]
+    columns, valid_c = columns.reshape(n_all, -1)[blocks], valid_c.reshape(n_all, -1)[blocks]
+    bh = blocks // n_qb
+    kv_base = ((bh // Hq) * Hkv + (bh % Hq) // group) * Lk
     step = torch.arange(bm, device=dev)
     visible = step[None, :] <= step[:, None]                                         # [bm, bm]: key u <= row r
+    outs, lses = [], []
     per_chunk = max(1, chunk_bytes // (4 * bm * bm * 4))
-    for s in range(0, n_blocks, per_chunk):
+    for s in range(0, blocks.shape[0], per_chunk):
         sl = slice(s, s + per_chunk)
-        keys = first_pos[sl, None] + step                                             # [n, bm]
-        listed = keys_in_tiles(keys, offsets[sl], valid_o[sl], bn)
+        keys = first[blocks[sl], None] + step                                         # [n, bm]
+        listed = keys_in_tiles(keys, offsets[sl], valid_o[sl], layout.block_n)
         if columns.shape[-1]:
             pos = torch.searchsorted(columns[sl].contiguous(), keys).clamp(max=columns.shape[-1] - 1)
             listed |= valid_c[sl].gather(-1, pos) & (columns[sl].gather(-1, pos) == keys)
-        beyond = keys >= Lk                               # seen by padding rows only: any value will do
-        full = (listed | beyond).all(-1)
-        listed &= ~beyond
+        listed &= keys < Lk
         flat = (kv_base[sl, None] + keys.clamp(max=Lk - 1)).reshape(-1)
         n = keys.shape[0]
-        k_sel, v_sel = k_rows.index_select(0, flat).view(n, bm, D), v_rows.index_select(0, flat).view(n, bm, D)
-        q_sel = q_blocks[sl]
-        if bool(full.all()):
-            o, l = _attend(q_sel, k_sel, v_sel, None, scale)
-        else:
-            o = torch.empty(n, bm, D, dtype=q_blocks.dtype, device=dev)
-            l = torch.empty(n, bm, dtype=q_blocks.dtype, device=dev)
-            whole, partial = full.nonzero().squeeze(1), (~full).nonzero().squeeze(1)
-            if whole.numel():
-                o[whole], l[whole] = _attend(q_sel[whole], k_sel[whole], v_sel[whole], None, scale)
-            allowed = listed[partial, None, :] & visible
-            bias = torch.zeros(allowed.shape, dtype=o.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
-            o[partial], l[partial] = _attend(q_sel[partial], k_sel[partial], v_sel[partial], bias, scale)
-        out[sl], lse[sl] = merge_partials([out[sl], o], [lse[sl], l])
-    return out, lse
+        allowed = listed[:, None, :] & visible
+        bias = torch.zeros(allowed.shape, dtype=q_blocks.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
+        o, l = _attend(q_blocks[blocks[sl]], k_rows.index_select(0, flat).view(n, bm, D),
+                       v_rows.index_select(0, flat).view(n, bm, D), bias, scale)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs), torch.cat(lses)

@@ -36,3 +36,25 @@ def test_merge_with_empty_parts_keeps_neg_inf():
     o, l = merge_partials(out, lse)
     assert torch.equal(o[0, 0, 0], torch.ones(4)) and torch.equal(o[0, 0, 1], torch.zeros(4))
     assert l[0, 0, 0] == 0 and torch.isneginf(l[0, 0, 1])
+
+
+@given(n=st.integers(1, 600), seed=st.integers(0, 10 ** 6), step=st.sampled_from([1, 7, 256]))
+def test_in_place_merge_equals_merge_partials(n, seed, step):
+    """merge_into (the torch backend's in-place two-part merge) against merge_partials, with empty rows in
+    either part and in both."""
+    from sparse_attn.ops.merge import merge_into
+
+    gen = torch.Generator().manual_seed(seed)
+    outs = [torch.randn(n, 3, 8, generator=gen) for _ in range(2)]
+    lses = [torch.randn(n, 3, generator=gen) * 5 for _ in range(2)]
+    for p in range(2):
+        empty = torch.rand(n, 3, generator=gen) < 0.3
+        lses[p] = lses[p].masked_fill(empty, float("-inf"))
+        outs[p] = outs[p].masked_fill(empty[..., None], 0.0)
+    ref_out, ref_lse = merge_partials(outs, lses)
+    out, lse = outs[0].clone(), lses[0].clone()
+    merge_into(out, lse, outs[1].clone(), lses[1].clone(), rows_per_step=step)
+    assert_close(out, ref_out, atol=1e-6, rtol=1e-5)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    assert_close(lse.masked_fill(torch.isinf(lse), 0), ref_lse.masked_fill(torch.isinf(ref_lse), 0), atol=1e-6,
+                 rtol=1e-6)
