@@ -213,13 +213,13 @@ def _masked_diagonal(q_blocks, k_rows, v_rows, layout, first, blocks, group, sca
     """The diagonal part of ``blocks`` (long [n]) with a per-row mask of the keys they list."""
     bm, D = q_blocks.shape[1], q_blocks.shape[2]
     Lk, dev = layout.k_len, q_blocks.device
-    B, Hq, n_qb = layout.batch, layout.heads, layout.num_query_blocks
+    Hq, n_qb = layout.heads, layout.num_query_blocks
     Hkv = Hq // group
-    offsets, valid_o = layout.sorted_offsets()
-    columns, valid_c = layout.sorted_columns()
     n_all = first.shape[0]
-    offsets, valid_o = offsets.reshape(n_all, -1)[blocks], valid_o.reshape(n_all, -1)[blocks]
-    columns, valid_c = columns.reshape(n_all, -1)[blocks], valid_c.reshape(n_all, -1)[blocks]
+    offsets, valid_o = sorted_valid(layout.block_offset.reshape(n_all, -1)[blocks],
+                                    layout.block_count.reshape(n_all)[blocks])
+    columns, valid_c = sorted_valid(layout.column_index.reshape(n_all, -1)[blocks],
+                                    layout.column_count.reshape(n_all)[blocks])
     bh = blocks // n_qb
     kv_base = ((bh // Hq) * Hkv + (bh % Hq) // group) * Lk
     step = torch.arange(bm, device=dev)
