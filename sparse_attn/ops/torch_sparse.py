@@ -121,35 +121,36 @@ def _main_keys(offsets, tile_count, columns, col_count, limit, kv_base, Lk, bn, 
     rows to gather (flat indices into the [B * Hkv * Lk] key rows) and the additive mask (0 / -inf) of the main
     part (keys below ``limit``), with the keys some row may see first: ([n, W], [n, W], their number [n]).
     Compaction works on whole tiles (a tile that starts below the limit is kept, its keys past it masked), so
-    its cost is per tile, not per key."""
+    its cost is per tile, not per key; the [n, W] work is a few int32 passes."""
     n, dev = offsets.shape[0], offsets.device
     nt, nc = int(tile_count.max()), int(col_count.max())
-    lim = torch.minimum(limit, torch.full_like(limit, Lk))[:, None]
-    tile_ok = (torch.arange(nt, device=dev) < tile_count[:, None]) & (offsets[:, :nt] < lim)
-    col_ok = (torch.arange(nc, device=dev) < col_count[:, None]) & (columns[:, :nc] < lim)
-    n_tiles, n_cols = tile_ok.sum(1), col_ok.sum(1)
+    lim = limit.clamp(max=Lk).to(torch.int32)[:, None]
+    offsets, columns = offsets[:, :nt].to(torch.int32), columns[:, :nc].to(torch.int32)
+    tile_ok = (torch.arange(nt, device=dev) < tile_count[:, None]) & (offsets < lim)
+    col_ok = (torch.arange(nc, device=dev) < col_count[:, None]) & (columns < lim)
+    n_tiles, n_cols = tile_ok.sum(1, dtype=torch.int32), col_ok.sum(1, dtype=torch.int32)
     wt, wc = int(n_tiles.max()), int(n_cols.max())
-    tiles = offsets[:, :nt].gather(1, kept_first(tile_ok, wt))
-    cols = columns[:, :nc].gather(1, kept_first(col_ok, wc))
-    tile_keys = (tiles[:, :, None] + torch.arange(bn, device=dev)).reshape(n, wt * bn)
-    allowed_t = (torch.arange(wt, device=dev) < n_tiles[:, None]).repeat_interleave(bn, 1) & (tile_keys < lim)
-    allowed_c = torch.arange(wc, device=dev) < n_cols[:, None]
-    # Tile keys first (per block: its kept tiles, then padding tiles), then columns: move the columns up to the
-    # end of each block's kept tiles so that a chunk's width is its longest block, not max tiles + max columns.
-    keys = torch.cat([tile_keys, cols], 1)
-    allowed = torch.cat([allowed_t, allowed_c], 1)
-    slot = torch.arange(wt * bn + wc, device=dev).expand(n, -1)
+    tiles = offsets.gather(1, kept_first(tile_ok, wt))
+    cols = columns.gather(1, kept_first(col_ok, wc))
+    # Slot j of a block holds key j of its kept tiles, then (from end_t on) its kept columns, then padding: a
+    # chunk's width is its longest block, not max tiles + max columns.
+    width = max(wt * bn + wc, 1)
+    slot = torch.arange(width, dtype=torch.int32, device=dev)
     end_t = (n_tiles * bn)[:, None]
-    src = torch.where(slot < end_t, slot, slot - end_t + wt * bn)             # column j moves to end_t + j
-    src = src.clamp(max=wt * bn + wc - 1)
-    keys, allowed = keys.gather(1, src), allowed.gather(1, src)
-    allowed &= slot < end_t + n_cols[:, None]
-    counts = n_tiles * bn + n_cols
-    if keys.shape[1] == 0:                                   # no block sees a key: one masked slot keeps shapes
-        keys, allowed = keys.new_zeros(n, 1), allowed.new_zeros(n, 1)
-    flat = kv_base[:, None] + keys.clamp(min=0, max=Lk - 1)                 # padding may hold any value
+    in_tiles = slot < end_t                                                           # [n, W]
+    if wt:
+        tile_keys = tiles.gather(1, (slot // bn).clamp(max=wt - 1).long().expand(n, -1)).add_(slot % bn)
+    else:
+        tile_keys = torch.zeros(n, width, dtype=torch.int32, device=dev)
+    if wc:
+        col_keys = cols.gather(1, (slot - end_t).clamp_(min=0, max=wc - 1).long())
+        keys = torch.where(in_tiles, tile_keys, col_keys)
+    else:
+        keys = tile_keys
+    allowed = torch.where(in_tiles, tile_keys < lim, slot < end_t + n_cols[:, None])
+    flat = keys.clamp_(min=0, max=Lk - 1).to(kv_base.dtype).add_(kv_base[:, None])           # padding may hold any value
     bias = torch.zeros(allowed.shape, dtype=work, device=dev).masked_fill_(~allowed, float("-inf"))
-    return flat, bias, counts
+    return flat, bias, (n_tiles * bn + n_cols).long()
 
 
 def _add_diagonal(out, lse, q_blocks, k_rows, v_rows, layout, scale, chunk_bytes):
