@@ -23,29 +23,6 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
-def _sample_rows(Q, b, h, rb, n, q_len, k_len, stride_q_b, stride_q_h, stride_q_l, stride_q_d,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Sample rows ``rb * BLOCK_M ...`` of head ``h``: (q [M, D], row index r [M], valid [M], key position [M])."""
-    r = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-    r_ok = r < n
-    d = tl.arange(0, BLOCK_D)
-    rows64 = (q_len - n + r).to(tl.int64)
-    q = tl.load(Q + b.to(tl.int64) * stride_q_b + h.to(tl.int64) * stride_q_h + rows64[:, None] * stride_q_l
-                + d[None, :] * stride_q_d, mask=r_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-    return q, r, r_ok, k_len - n + r
-
-
-@triton.jit
-def _key_tile(K, b, kvh, keys, key_ok, stride_k_b, stride_k_h, stride_k_l, stride_k_d,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """K^T of the keys ``keys [N]``: [D, N] (zeros where not ``key_ok``)."""
-    d = tl.arange(0, BLOCK_D)
-    return tl.load(K + b.to(tl.int64) * stride_k_b + kvh.to(tl.int64) * stride_k_h
-                   + keys.to(tl.int64)[None, :] * stride_k_l + d[:, None] * stride_k_d,
-                   mask=key_ok[None, :] & (d[:, None] < HEAD_DIM), other=0.0)
-
-
 @triton.jit(do_not_specialize=["n_sel", "kv_group", "q_len", "k_len", "n", "chunk", "n_chunks"])
 def sample_row_stats_kernel(
         Q, K, Heads, RowMax, RowSum,
@@ -58,8 +35,14 @@ def sample_row_stats_kernel(
     c, rb, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, i = pid_bh // n_sel, pid_bh % n_sel
     h = tl.load(Heads + i)
-    q, r, r_ok, pos = _sample_rows(Q, b, h, rb, n, q_len, k_len, stride_q_b, stride_q_h, stride_q_l, stride_q_d,
-                                   HEAD_DIM, BLOCK_D, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    r = rb * BLOCK_M + tl.arange(0, BLOCK_M)                    # sample rows (helpers inlined: the interpreter
+    r_ok = r < n                                                # pays a lot per nested jit call)
+    pos = k_len - n + r
+    q = tl.load(Q + b.to(tl.int64) * stride_q_b + h.to(tl.int64) * stride_q_h
+                + (q_len - n + r).to(tl.int64)[:, None] * stride_q_l + d[None, :] * stride_q_d,
+                mask=r_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    k_base = K + b.to(tl.int64) * stride_k_b + (h // kv_group).to(tl.int64) * stride_k_h
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     hi = tl.minimum(c * chunk + chunk, k_len)
@@ -69,8 +52,8 @@ def sample_row_stats_kernel(
     for start in range(c * chunk, hi, BLOCK_N):
         keys = start + lane
         key_ok = keys < hi
-        k_t = _key_tile(K, b, h // kv_group, keys, key_ok, stride_k_b, stride_k_h, stride_k_l, stride_k_d,
-                        HEAD_DIM, BLOCK_D)
+        k_t = tl.load(k_base + keys.to(tl.int64)[None, :] * stride_k_l + d[:, None] * stride_k_d,
+                      mask=key_ok[None, :] & (d[:, None] < HEAD_DIM), other=0.0)                   # [D, N]
         qk = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
         visible = key_ok[None, :]
         if CAUSAL:
@@ -100,16 +83,22 @@ def sample_mass_kernel(
     lane = tl.arange(0, BLOCK_N)
     keys = kt * BLOCK_N + lane
     key_ok = keys < k_len
-    k_t = _key_tile(K, b, h // kv_group, keys, key_ok, stride_k_b, stride_k_h, stride_k_l, stride_k_d,
-                    HEAD_DIM, BLOCK_D)
+    d = tl.arange(0, BLOCK_D)
+    k_t = tl.load(K + b.to(tl.int64) * stride_k_b + (h // kv_group).to(tl.int64) * stride_k_h
+                  + keys.to(tl.int64)[None, :] * stride_k_l + d[:, None] * stride_k_d,
+                  mask=key_ok[None, :] & (d[:, None] < HEAD_DIM), other=0.0)                        # [D, N]
+    q_base = Q + b.to(tl.int64) * stride_q_b + h.to(tl.int64) * stride_q_h
     row64 = pid_bh.to(tl.int64)
     if MODE == 0:
         sink, local = tl.load(Sink + i), tl.load(Local + i)
     col = tl.zeros([BLOCK_N], tl.float32)
     col_off = tl.zeros([BLOCK_N], tl.float32)
     for rb in range(0, tl.cdiv(n, BLOCK_M)):
-        q, r, r_ok, pos = _sample_rows(Q, b, h, rb, n, q_len, k_len, stride_q_b, stride_q_h, stride_q_l,
-                                       stride_q_d, HEAD_DIM, BLOCK_D, BLOCK_M)
+        r = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+        r_ok = r < n
+        pos = k_len - n + r
+        q = tl.load(q_base + (q_len - n + r).to(tl.int64)[:, None] * stride_q_l + d[None, :] * stride_q_d,
+                    mask=r_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
         lse = tl.load(RowLse + row64 * n + r, mask=r_ok, other=0.0)
         qk = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
         visible = r_ok[:, None] & key_ok[None, :]

@@ -50,13 +50,16 @@ def scores_not_supported_reasons(q, k, last_q, heads=None) -> list[str]:
     return reasons
 
 
-def _launch_config(head_dim: int, dtype: torch.dtype, n: int) -> dict:
+def _launch_config(head_dim: int, dtype: torch.dtype, n: int, on_gpu: bool, block_n: int | None = None) -> dict:
     """Blocks and warps: 64 sample rows x 64 keys per step for 16-bit inputs (32 keys at D = 256), IEEE fp32 dots
-    on smaller tiles for fp32 (so results match the fp32 reference); never more rows than keys (the skew of the
-    diagonal reduction needs BLOCK_M <= BLOCK_N), never more rows than the sample (padded, >= 16 for tl.dot)."""
+    on smaller tiles for fp32 (so results match the fp32 reference; those sizes are register limits, so the
+    interpreter, which pays per program, takes 64 keys); never more rows than keys (the skew of the diagonal
+    reduction needs BLOCK_M <= BLOCK_N), never more rows than the sample (padded, >= 16 for tl.dot).
+    ``block_n`` overrides the key step (tests: several row blocks per sample)."""
     block_d = max(16, _next_pow2(head_dim))
     two_byte = dtype in (torch.float16, torch.bfloat16)
     step = (64 if block_d <= 128 else 32) if two_byte else (32 if block_d <= 64 else 16)
+    step = block_n or (step if on_gpu else 64)
     return dict(BLOCK_D=block_d, BLOCK_M=min(step, max(16, _next_pow2(n))), BLOCK_N=step,
                 DOT_PRECISION="tf32" if two_byte else "ieee", num_warps=8 if block_d >= 256 else 4)
 
@@ -76,6 +79,8 @@ class SampleScores:
         equivalent: ``column_mass(probs * picked[:, :, (pos - key) // group])`` (negative distances: last slot)."""
         q, k, heads, n, qk_scale, causal, cfg, row_lse = self._args
         B, Lk = q.shape[0], k.shape[2]
+        if row_lse is None:                                     # empty sample
+            return torch.zeros(B, heads.shape[0], Lk, dtype=torch.float32, device=q.device)
         if picked.shape[:2] != (B, heads.shape[0]) or picked.dim() != 3:
             raise ValueError(f"picked must be [B, Hs, n_groups + 1] = [{B}, {heads.shape[0]}, ...], "
                              f"got {tuple(picked.shape)}")
@@ -86,7 +91,8 @@ class SampleScores:
 
 
 def triton_sample_scores(q, k, last_q: int, scale: float, causal: bool = True, *, heads=None, sink=None,
-                         local=None, stats_chunk: int = STATS_CHUNK, use_gather: bool | None = None) -> SampleScores:
+                         local=None, stats_chunk: int = STATS_CHUNK, use_gather: bool | None = None,
+                         block_n: int | None = None) -> SampleScores:
     """Scores of the last ``n = min(last_q, Lq)`` queries of ``q [B, Hq, Lq, D]`` against ``k [B, Hkv, Lk, D]``
     (softmax over all keys, causal inside the sample with bottom-right alignment), for the query heads ``heads``
     (long [Hs] on q's device, default all):
@@ -96,7 +102,8 @@ def triton_sample_scores(q, k, last_q: int, scale: float, causal: bool = True, *
     * ``diagonal [B, Hs, Lk]``: mass per distance ``d = pos - key >= 0``, without the keys ``< sink[h]``.
 
     ``sink``, ``local``: int tensors [Hs] on q's device (default 0).  Raises one ValueError with every reason
-    the inputs are not supported."""
+    the inputs are not supported.  ``stats_chunk`` (keys per program of the first pass), ``use_gather``
+    (default: when Triton has tl.gather) and ``block_n`` (key step, a power of two >= 16) are for tests."""
     reasons = scores_not_supported_reasons(q, k, last_q, heads)
     if reasons:
         raise ValueError("triton sample scores cannot run these inputs: " + "; ".join(reasons))
@@ -111,7 +118,9 @@ def triton_sample_scores(q, k, last_q: int, scale: float, causal: bool = True, *
                          f"{tuple(local.shape)}")
     n, qk_scale = min(last_q, Lq), float(scale) * 1.4426950408889634                   # log2(e): exp2 form
     heads = heads.to(torch.int32).contiguous()
-    cfg = _launch_config(D, q.dtype, n)
+    if block_n is not None and (block_n < 16 or block_n & (block_n - 1)):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    cfg = _launch_config(D, q.dtype, n, dev.type == "cuda", block_n)
     column, column_off, diagonal = (torch.empty(B, Hs, Lk, dtype=torch.float32, device=dev) for _ in range(3))
     diagonal.zero_()
     if B * Hs * n == 0:
