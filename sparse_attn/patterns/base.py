@@ -66,6 +66,12 @@ def per_head(patterns: list, name: str, device) -> torch.Tensor:
     return host_tensor([getattr(p, name) for p in patterns], dtype=torch.long, device=device)
 
 
+def compacts_slots(device) -> bool:
+    """Whether an estimator cuts its index slots to the fullest head, which reads a device value (a host sync):
+    yes on the CPU, where it saves work for free; no on a GPU, where it would stall the stream (static widths)."""
+    return torch.device(device).type != "cuda"
+
+
 def layout_from_ranges(starts, ends, columns, column_keep, *, q_len, k_len, block_m, block_n, max_tiles):
     """Layout of tiles covering key ranges ``[starts, ends)`` [B, Hs, nQb, R] plus the columns
     ``columns [B, Hs, nQb, V]`` (where ``column_keep``) that no tile covers."""

@@ -11,7 +11,7 @@ from ..layout import kept_first
 from ..ops.host_values import host_tensor
 from ..ops.index_build import block_row_positions
 from ..ops.scores import column_mass, diagonal_mass, last_query_probs
-from .base import Pattern, layout_from_ranges, per_head, tile_bound
+from .base import Pattern, compacts_slots, layout_from_ranges, per_head, tile_bound
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class VerticalSlash(VerticalSlashBudgets):
             inverse = host_tensor(sorted(range(len(order)), key=order.__getitem__), device=dev)
             verticals, v_ok, buckets, s_ok = (torch.cat(t, 1).index_select(1, inverse) for t in zip(*parts))
 
-        if dev.type != "cuda":
+        if compacts_slots(dev):
             # Keep only as many slots as the fullest head uses (one sync, free on the CPU): per-block work below
             # scales with them.  On a GPU the sync would stall the stream: keep the static widths.
             n_v, n_s = max(int(v_ok.sum(-1).max()), 1), max(int(s_ok.sum(-1).max()), 1)
