@@ -55,13 +55,15 @@ def _launch_config(head_dim: int, dtype: torch.dtype, n: int, on_gpu: bool, bloc
     on smaller tiles for fp32 (so results match the fp32 reference; those sizes are register limits, so the
     interpreter, which pays per program, takes 64 keys); never more rows than keys (the skew of the diagonal
     reduction needs BLOCK_M <= BLOCK_N), never more rows than the sample (padded, >= 16 for tl.dot).
-    ``block_n`` overrides the key step (tests: several row blocks per sample)."""
+    ``block_n`` overrides the key step (tests: several row blocks per sample).  8 warps: with 4, the mass kernel
+    spills at 16-bit D <= 128 on sm_90 (the skewed [64, 128] fp32 tile); with 8 it uses <= 213 registers and
+    spills nothing (`bench/triton_scores_compile_check.py`, Triton 3.9)."""
     block_d = max(16, _next_pow2(head_dim))
     two_byte = dtype in (torch.float16, torch.bfloat16)
     step = (64 if block_d <= 128 else 32) if two_byte else (32 if block_d <= 64 else 16)
     step = block_n or (step if on_gpu else 64)
     return dict(BLOCK_D=block_d, BLOCK_M=min(step, max(16, _next_pow2(n))), BLOCK_N=step,
-                DOT_PRECISION="tf32" if two_byte else "ieee", num_warps=8 if block_d >= 256 else 4)
+                DOT_PRECISION="tf32" if two_byte else "ieee", num_warps=8)
 
 
 class SampleScores:
