@@ -5,7 +5,8 @@
 2. Llama-3-8B prefill shapes (B=1, Hq=32, Hkv=8, D=128, bf16) at 4K, 32K, 128K on the synthetic workload: dense
    SDPA (flash, causal, GQA), compiled FlexAttention on the same layout (its aligned block cover), and ours
    (estimate + attention, attention alone; backends triton and cuda) for VerticalSlash(1000, 6096) and the
-   default pattern: density, ms (CUDA events, after warmup), density-scaled TFLOPS, speedups.
+   default pattern: density, ms (CUDA events, after warmup), density-scaled TFLOPS, speedups; and the estimate
+   with the sample scored by the Triton kernels vs by torch ("estimate (triton scores)" / "(torch scores)").
 
 Every stage runs in try/except (a failure becomes a table row); a time budget skips what would not fit (largest
 length first).  Rows are appended to ``bench/results/<device>-<date>.csv`` as they finish (versions and device
@@ -217,6 +218,7 @@ def run_length(report: Report, L: int, cfg: dict, patterns: dict, backends, devi
         except Exception as e:
             report.add(**row, impl="estimate", ok="ERROR", note=_error_note(e))
             continue
+        estimate_by_scores(report, row, q, k, pattern, measure)
         flex_ms = None
         if cfg["flex"] and budget.left() > 60:
             try:
@@ -250,6 +252,42 @@ def run_length(report: Report, L: int, cfg: dict, patterns: dict, backends, devi
     del q, k, v
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def estimate_by_scores(report: Report, row: dict, q, k, pattern, measure):
+    """VerticalSlash estimate time with the sample scored by the Triton kernels vs by torch (`ops.scores`): rows
+    "estimate (triton scores)" / "estimate (torch scores)"; the note says the ratio and whether the layouts agree.
+    Other patterns, and the triton scores off CUDA without TRITON_INTERPRET=1, are skipped."""
+    if not isinstance(pattern, sa.VerticalSlash):
+        return
+    from sparse_attn.ops.triton_scores_launch import scores_not_supported_reasons
+
+    Hq = q.shape[1]
+    heads = torch.arange(Hq, device=q.device)
+
+    def build(scores):
+        return type(pattern).build([pattern] * Hq, heads, q, k, causal=True, scale=q.shape[-1] ** -0.5,
+                                   block_m=64, block_n=64, scores_backend=scores)
+
+    times, masks = {}, {}
+    for scores in ("triton", "torch"):
+        impl = f"estimate ({scores} scores)"
+        reasons = scores_not_supported_reasons(q, k, pattern.last_q) if scores == "triton" else []
+        if reasons:
+            report.add(**row, impl=impl, ok="skipped", note="; ".join(reasons))
+            continue
+        try:
+            layout = build(scores)
+            times[scores] = measure(lambda: build(scores))
+            masks[scores] = (layout.block_count, layout.column_count, layout.density())
+            note = ""
+            if scores == "torch" and "triton" in times:
+                same = all(torch.equal(a, b) for a, b in zip(masks["triton"][:2], masks["torch"][:2]))
+                note = (f"triton scores {times['torch'] / times['triton']:.2f}x faster; counts "
+                        f"{'equal' if same else 'DIFFER'}, density {masks['triton'][2]:.4f} vs {masks['torch'][2]:.4f}")
+            report.add(**row, impl=impl, backend=scores, density=layout.density(), ms=times[scores], note=note)
+        except Exception as e:
+            report.add(**row, impl=impl, backend=scores, ok="ERROR", note=_error_note(e))
 
 
 def flex_time(q, k, v, layout, measure):
