@@ -177,3 +177,17 @@ def test_estimate_makes_no_host_sync_on_gpu():
         torch.cuda.set_sync_debug_mode("default")
     for got, ref in zip(layouts, warm):
         assert torch.equal(got.to_mask(), ref.to_mask())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_sample_scores_bf16_on_gpu(D):
+    """bf16 (the interpreter's tl.dot is wrong for it): masses within bf16 logit error of the fp32 reference."""
+    q, k, _ = make_qkv(2, 8, 2, 300, 1000, D, dtype=torch.bfloat16, seed=D)
+    heads, sink, local = torch.tensor([5, 0, 3]), torch.tensor([4, 0, 64]), torch.tensor([64, 16, 0])
+    got = triton_sample_scores(q.cuda(), k.cuda(), 64, D ** -0.5, heads=heads.cuda(), sink=sink.cuda(),
+                               local=local.cuda())
+    for a, e in zip((got.column, got.column_off_local, got.diagonal),
+                    reference(q, k, 64, True, heads, sink, local)):
+        torch.testing.assert_close(a.cpu(), e, atol=2e-3, rtol=1e-2)
