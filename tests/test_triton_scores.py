@@ -114,8 +114,11 @@ def test_vertical_slash_layout_same_with_triton_scores(kind, dtype):
     ref = vs_layout(q, k, patterns, heads, "torch")
     got = vs_layout(q.to(DEVICE), k.to(DEVICE), patterns, heads.to(DEVICE), "triton").to("cpu")
     assert 0 < ref.density() < 0.9
-    for field in ("block_count", "block_offset", "column_count", "column_index"):
-        assert torch.equal(getattr(got, field), getattr(ref, field)), field
+    if DEVICE == "cpu":
+        for field in ("block_count", "block_offset", "column_count", "column_index"):
+            assert torch.equal(getattr(got, field), getattr(ref, field)), field
+    else:                                    # a GPU keeps the static slot widths: same entries, wider padding
+        assert torch.equal(got.to_mask(), ref.to_mask())
 
 
 def test_static_slot_widths_of_the_gpu_path_give_the_same_layouts(monkeypatch):
