@@ -125,15 +125,21 @@ def test_static_slot_widths_of_the_gpu_path_give_the_same_layouts(monkeypatch):
     """On a GPU the estimators skip cutting the slots to the fullest head (a host sync): same masks."""
     q, k, _ = make_qkv(2, 4, 2, 150, 400, 64, seed=5, structured=True)
     patterns = [sa.VerticalSlash(vertical=24, slash=128, sink=4, local=64),
-                sa.VerticalSlash(vertical=40, slash=192, gamma=0.9, sink=4, local=64, last_q=32),
+                sa.VerticalSlash(vertical=200, slash=320, gamma=0.6, sink=4, local=64, last_q=32, min_vertical=4,
+                                 min_slash=64),                  # uses fewer slots than its budget
                 sa.BlockSparse(top_k=3), sa.BlockSparse(gamma=0.8)]
     compact = {name: sa.estimate(q, k, p) for name, p in zip("abcd", patterns)}
     for module in (vertical_slash, block_sparse):
         monkeypatch.setattr(module, "compacts_slots", lambda device: False)
+    wider = 0
     for name, p in zip("abcd", patterns):
         static = sa.estimate(q, k, p)
-        assert static.block_offset.shape[-1] >= compact[name].block_offset.shape[-1]
+        widths = [(getattr(static, f).shape[-1], getattr(compact[name], f).shape[-1])
+                  for f in ("block_offset", "column_index")]
+        assert all(s >= c for s, c in widths)
+        wider += any(s > c for s, c in widths)
         assert torch.equal(static.to_mask(), compact[name].to_mask()), name
+    assert wider >= 2                                    # the static widths were really wider somewhere
     assert base.compacts_slots("cpu") and not base.compacts_slots("cuda")
 
 
