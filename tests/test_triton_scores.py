@@ -5,6 +5,8 @@ bad input.  Without a GPU the kernels run in Triton's interpreter (conftest sets
 The `gpu`-marked test proves the estimate makes no host synchronisation (CUDA sync debug mode)."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sparse_attn as sa
 from sparse_attn.ops import triton_launch
@@ -70,6 +72,28 @@ def test_sample_scores_match_torch_reference(name, dtype):
     # Every sample row's mass is 1: the two passes agree on the normaliser.
     torch.testing.assert_close(got.column.sum(-1).cpu(), torch.full((B, len(heads)), float(n)), atol=1e-4,
                                rtol=1e-4)
+
+
+@settings(max_examples=10)
+@given(st.data())
+def test_sample_scores_property(data):
+    """Random small shapes, sample sizes, bands, head subsets and kernel options: masses equal the reference."""
+    B, Hkv, g = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3))
+    Lk = data.draw(st.integers(1, 150))
+    Lq, last_q = data.draw(st.integers(1, Lk)), data.draw(st.integers(1, 80))
+    D, causal = data.draw(st.sampled_from([16, 24, 64, 80])), data.draw(st.booleans())
+    heads = data.draw(st.lists(st.integers(0, Hkv * g - 1), min_size=1, max_size=3, unique=True))
+    sink = torch.tensor(data.draw(st.lists(st.integers(0, Lk + 2), min_size=len(heads), max_size=len(heads))))
+    local = torch.tensor(data.draw(st.lists(st.integers(0, 100), min_size=len(heads), max_size=len(heads))))
+    options = dict(block_n=data.draw(st.sampled_from([16, 32, 64])), use_gather=data.draw(st.booleans()),
+                   stats_chunk=data.draw(st.integers(1, 200)))
+    q, k, _ = make_qkv(B, Hkv * g, Hkv, Lq, Lk, D, seed=Lk * 7 + Lq)
+    got = triton_sample_scores(q.to(DEVICE), k.to(DEVICE), last_q, D ** -0.5, causal,
+                               heads=torch.tensor(heads).to(DEVICE), sink=sink.to(DEVICE), local=local.to(DEVICE),
+                               **options)
+    expected = reference(q, k, last_q, causal, torch.tensor(heads), sink, local)
+    for a, e in zip((got.column, got.column_off_local, got.diagonal), expected):
+        torch.testing.assert_close(a.cpu(), e, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("causal", [True, False])
