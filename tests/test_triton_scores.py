@@ -145,6 +145,30 @@ def test_vertical_slash_layout_same_with_triton_scores(kind, dtype):
         assert torch.equal(got.to_mask(), ref.to_mask())
 
 
+@settings(max_examples=6)
+@given(st.data())
+def test_vertical_slash_layout_property(data):
+    """Random per-head budgets (gamma or not), bands, lengths and head configs: the same layout (as masks) with
+    either score backend."""
+    Lk = data.draw(st.integers(1, 300))
+    Lq, Hkv, g = data.draw(st.integers(1, Lk)), data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2))
+    last_q, causal = data.draw(st.integers(1, 100)), data.draw(st.booleans())
+
+    @st.composite
+    def pattern(draw):
+        v, s = draw(st.integers(0, 300)), draw(st.integers(0, 400))
+        return sa.VerticalSlash(vertical=v, slash=s, sink=draw(st.integers(0, v)), local=draw(st.integers(0, s)),
+                                last_q=last_q, gamma=draw(st.one_of(st.none(), st.floats(0.05, 1.0))),
+                                min_vertical=draw(st.integers(0, v)), min_slash=draw(st.integers(0, s)))
+
+    patterns = data.draw(st.lists(pattern(), min_size=Hkv * g, max_size=Hkv * g))
+    q, k, _ = make_qkv(2, Hkv * g, Hkv, Lq, Lk, 64, seed=Lk + Lq, structured=data.draw(st.booleans()))
+    heads = torch.arange(Hkv * g)
+    ref = vs_layout(q, k, patterns, heads, "torch", causal)
+    got = vs_layout(q.to(DEVICE), k.to(DEVICE), patterns, heads.to(DEVICE), "triton", causal).to("cpu")
+    assert torch.equal(got.to_mask(), ref.to_mask())
+
+
 def test_static_slot_widths_of_the_gpu_path_give_the_same_layouts(monkeypatch):
     """On a GPU the estimators skip cutting the slots to the fullest head (a host sync): same masks."""
     q, k, _ = make_qkv(2, 4, 2, 150, 400, 64, seed=5, structured=True)
