@@ -167,6 +167,42 @@ def check_correctness(report: Report, device, backends, dtypes, shapes, budget: 
                     report.add(**row, ok="ERROR", note=_error_note(e))
 
 
+def check_scores(report: Report, device, dtypes, shapes, budget: Budget):
+    """The estimator score kernels (column / diagonal mass of the last 64 queries, with sink and local bands,
+    both diagonal reductions) against the torch reference on the same inputs; stage "scores"."""
+    from sparse_attn.ops.scores import column_mass, diagonal_mass, last_query_probs
+    from sparse_attn.ops.triton_scores_launch import scores_not_supported_reasons, triton_sample_scores
+
+    for shape in shapes:
+        B, Hq, Hkv, Lq, Lk, D = shape
+        gen = torch.Generator().manual_seed(sum(shape) + 1)
+        q32, k32 = (torch.randn(B, H, L, D, generator=gen).to(device) for H, L in ((Hq, Lq), (Hkv, Lk)))
+        sink = torch.full((Hq,), 4, device=device)
+        local = torch.arange(Hq, device=device) * 16
+        keys = torch.arange(Lk, device=device)
+        for dtype in dtypes:
+            q, k = q32.to(dtype), k32.to(dtype)
+            probs, pos = last_query_probs(q.float(), k.float(), 64, D ** -0.5, True)       # same rounded inputs
+            near = (pos[:, None] - keys >= 0) & (pos[:, None] - keys < local[:, None, None])
+            ref = (column_mass(probs), column_mass(probs * ~near),
+                   diagonal_mass(probs * (keys >= sink[:, None])[:, None], pos))
+            for gather in (True, False):
+                row = dict(stage="scores", impl="sample scores", dtype=str(dtype).replace("torch.", ""),
+                           backend=f"triton ({'gather' if gather else 'atomics'})", shape="x".join(map(str, shape)))
+                reasons = scores_not_supported_reasons(q, k, 64)
+                if reasons or budget.left() < 5:
+                    report.add(**row, ok="skipped", note="; ".join(reasons) or "time budget")
+                    continue
+                try:
+                    got = triton_sample_scores(q, k, 64, D ** -0.5, True, sink=sink, local=local, use_gather=gather)
+                    err = max((a - e).abs().max().item() for a, e in zip(
+                        (got.column, got.column_off_local, got.diagonal), ref))
+                    limit = 1e-4 if dtype == torch.float32 else 1e-3     # summation order only (masses sum to 64)
+                    report.add(**row, max_err=err, ok="PASS" if err <= limit else "FAIL", note=f"limit {limit}")
+                except Exception as e:
+                    report.add(**row, ok="ERROR", note=_error_note(e))
+
+
 # ---------------------------------------------------------------------------------------------------- performance
 def dense_sdpa(q, k, v):
     """Causal GQA SDPA, flash backend where it takes the inputs (the note says which ran)."""
@@ -352,6 +388,11 @@ def main(argv=None) -> int:
         check_correctness(report, device, backends, check_dtypes, shapes, budget)
     except Exception as e:
         report.add(stage="correctness", ok="ERROR", note=_error_note(e))
+        traceback.print_exc()
+    try:
+        check_scores(report, device, check_dtypes, shapes, budget)
+    except Exception as e:
+        report.add(stage="scores", ok="ERROR", note=_error_note(e))
         traceback.print_exc()
     print(f"# correctness stage: {time.perf_counter() - stage_start:.1f} s", flush=True)
 
