@@ -390,7 +390,7 @@ def main(argv=None) -> int:
         report.add(stage="correctness", ok="ERROR", note=_error_note(e))
         traceback.print_exc()
     try:
-        check_scores(report, device, check_dtypes, shapes, budget)
+        check_scores(report, device, check_dtypes[:1], shapes, budget)     # bf16 on a GPU: few compiles
     except Exception as e:
         report.add(stage="scores", ok="ERROR", note=_error_note(e))
         traceback.print_exc()
