@@ -204,6 +204,8 @@ def test_bad_input_is_rejected_with_the_reason():
         (dict(q=q, k=k, last_q=8, block_n=24), "block_n must be a power of two"),
     ]
     if DEVICE == "cpu":
+        cases.append((dict(q=q, k=k, last_q=8, heads=torch.tensor([0, 4])), "heads must index the 4 query heads"))
+    if DEVICE == "cpu":
         cases.append((dict(q=q.bfloat16(), k=k.bfloat16(), last_q=8), "bfloat16 cannot be checked"))
     for kwargs, reason in cases:
         args = {"scale": 0.125, **kwargs}

@@ -97,7 +97,7 @@ def triton_sample_scores(q, k, last_q: int, scale: float, causal: bool = True, *
                          block_n: int | None = None) -> SampleScores:
     """Scores of the last ``n = min(last_q, Lq)`` queries of ``q [B, Hq, Lq, D]`` against ``k [B, Hkv, Lk, D]``
     (softmax over all keys, causal inside the sample with bottom-right alignment), for the query heads ``heads``
-    (long [Hs] on q's device, default all):
+    (long [Hs] on q's device, default all; range-checked on the CPU only, where the check costs no sync):
 
     * ``column [B, Hs, Lk]``: attention mass per key, summed over the sample rows;
     * ``column_off_local``: the same without the entries at distance ``0 <= pos - key < local[h]``;
@@ -112,6 +112,8 @@ def triton_sample_scores(q, k, last_q: int, scale: float, causal: bool = True, *
     B, Hq, Lq, D = q.shape
     Lk, dev = k.shape[2], q.device
     heads = torch.arange(Hq, device=dev) if heads is None else heads
+    if dev.type == "cpu" and bool(((heads < 0) | (heads >= Hq)).any()):    # on a GPU this read would be a sync
+        raise ValueError(f"heads must index the {Hq} query heads, got {heads.tolist()}")
     Hs = heads.shape[0]
     zeros = torch.zeros(Hs, dtype=torch.int32, device=dev)
     sink, local = (zeros if t is None else t.to(torch.int32).contiguous() for t in (sink, local))
