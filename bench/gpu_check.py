@@ -5,7 +5,8 @@
 2. Llama-3-8B prefill shapes (B=1, Hq=32, Hkv=8, D=128, bf16) at 4K, 32K, 128K on the synthetic workload: dense
    SDPA (flash, causal, GQA), compiled FlexAttention on the same layout (its aligned block cover), and ours
    (estimate + attention, attention alone; backends triton and cuda) for VerticalSlash(1000, 6096) and the
-   default pattern: density, ms (CUDA events, after warmup), density-scaled TFLOPS, speedups.
+   default pattern: density, ms (CUDA events, after warmup), density-scaled TFLOPS, speedups; and the estimate
+   with the sample scored by the Triton kernels vs by torch ("estimate (triton scores)" / "(torch scores)").
 
 Every stage runs in try/except (a failure becomes a table row); a time budget skips what would not fit (largest
 length first).  Rows are appended to ``bench/results/<device>-<date>.csv`` as they finish (versions and device
@@ -166,6 +167,42 @@ def check_correctness(report: Report, device, backends, dtypes, shapes, budget: 
                     report.add(**row, ok="ERROR", note=_error_note(e))
 
 
+def check_scores(report: Report, device, dtypes, shapes, budget: Budget):
+    """The estimator score kernels (column / diagonal mass of the last 64 queries, with sink and local bands,
+    both diagonal reductions) against the torch reference on the same inputs; stage "scores"."""
+    from sparse_attn.ops.scores import column_mass, diagonal_mass, last_query_probs
+    from sparse_attn.ops.triton_scores_launch import scores_not_supported_reasons, triton_sample_scores
+
+    for shape in shapes:
+        B, Hq, Hkv, Lq, Lk, D = shape
+        gen = torch.Generator().manual_seed(sum(shape) + 1)
+        q32, k32 = (torch.randn(B, H, L, D, generator=gen).to(device) for H, L in ((Hq, Lq), (Hkv, Lk)))
+        sink = torch.full((Hq,), 4, device=device)
+        local = torch.arange(Hq, device=device) * 16
+        keys = torch.arange(Lk, device=device)
+        for dtype in dtypes:
+            q, k = q32.to(dtype), k32.to(dtype)
+            probs, pos = last_query_probs(q.float(), k.float(), 64, D ** -0.5, True)       # same rounded inputs
+            near = (pos[:, None] - keys >= 0) & (pos[:, None] - keys < local[:, None, None])
+            ref = (column_mass(probs), column_mass(probs * ~near),
+                   diagonal_mass(probs * (keys >= sink[:, None])[:, None], pos))
+            for gather in (True, False):
+                row = dict(stage="scores", impl="sample scores", dtype=str(dtype).replace("torch.", ""),
+                           backend=f"triton ({'gather' if gather else 'atomics'})", shape="x".join(map(str, shape)))
+                reasons = scores_not_supported_reasons(q, k, 64)
+                if reasons or budget.left() < 5:
+                    report.add(**row, ok="skipped", note="; ".join(reasons) or "time budget")
+                    continue
+                try:
+                    got = triton_sample_scores(q, k, 64, D ** -0.5, True, sink=sink, local=local, use_gather=gather)
+                    err = max((a - e).abs().max().item() for a, e in zip(
+                        (got.column, got.column_off_local, got.diagonal), ref))
+                    limit = 1e-4 if dtype == torch.float32 else 1e-3     # summation order only (masses sum to 64)
+                    report.add(**row, max_err=err, ok="PASS" if err <= limit else "FAIL", note=f"limit {limit}")
+                except Exception as e:
+                    report.add(**row, ok="ERROR", note=_error_note(e))
+
+
 # ---------------------------------------------------------------------------------------------------- performance
 def dense_sdpa(q, k, v):
     """Causal GQA SDPA, flash backend where it takes the inputs (the note says which ran)."""
@@ -217,6 +254,7 @@ def run_length(report: Report, L: int, cfg: dict, patterns: dict, backends, devi
         except Exception as e:
             report.add(**row, impl="estimate", ok="ERROR", note=_error_note(e))
             continue
+        estimate_by_scores(report, row, q, k, pattern, measure)
         flex_ms = None
         if cfg["flex"] and budget.left() > 60:
             try:
@@ -250,6 +288,42 @@ def run_length(report: Report, L: int, cfg: dict, patterns: dict, backends, devi
     del q, k, v
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def estimate_by_scores(report: Report, row: dict, q, k, pattern, measure):
+    """VerticalSlash estimate time with the sample scored by the Triton kernels vs by torch (`ops.scores`): rows
+    "estimate (triton scores)" / "estimate (torch scores)"; the note says the ratio and whether the layouts agree.
+    Other patterns, and the triton scores off CUDA without TRITON_INTERPRET=1, are skipped."""
+    if not isinstance(pattern, sa.VerticalSlash):
+        return
+    from sparse_attn.ops.triton_scores_launch import scores_not_supported_reasons
+
+    Hq = q.shape[1]
+    heads = torch.arange(Hq, device=q.device)
+
+    def build(scores):
+        return type(pattern).build([pattern] * Hq, heads, q, k, causal=True, scale=q.shape[-1] ** -0.5,
+                                   block_m=64, block_n=64, scores_backend=scores)
+
+    times, masks = {}, {}
+    for scores in ("triton", "torch"):
+        impl = f"estimate ({scores} scores)"
+        reasons = scores_not_supported_reasons(q, k, pattern.last_q) if scores == "triton" else []
+        if reasons:
+            report.add(**row, impl=impl, ok="skipped", note="; ".join(reasons))
+            continue
+        try:
+            layout = build(scores)
+            times[scores] = measure(lambda: build(scores))
+            masks[scores] = (layout.block_count, layout.column_count, layout.density())
+            note = ""
+            if scores == "torch" and "triton" in times:
+                same = all(torch.equal(a, b) for a, b in zip(masks["triton"][:2], masks["torch"][:2]))
+                note = (f"triton scores {times['torch'] / times['triton']:.2f}x faster; counts "
+                        f"{'equal' if same else 'DIFFER'}, density {masks['triton'][2]:.4f} vs {masks['torch'][2]:.4f}")
+            report.add(**row, impl=impl, backend=scores, density=layout.density(), ms=times[scores], note=note)
+        except Exception as e:
+            report.add(**row, impl=impl, backend=scores, ok="ERROR", note=_error_note(e))
 
 
 def flex_time(q, k, v, layout, measure):
@@ -314,6 +388,11 @@ def main(argv=None) -> int:
         check_correctness(report, device, backends, check_dtypes, shapes, budget)
     except Exception as e:
         report.add(stage="correctness", ok="ERROR", note=_error_note(e))
+        traceback.print_exc()
+    try:
+        check_scores(report, device, check_dtypes[:1], shapes, budget)     # bf16 on a GPU: few compiles
+    except Exception as e:
+        report.add(stage="scores", ok="ERROR", note=_error_note(e))
         traceback.print_exc()
     print(f"# correctness stage: {time.perf_counter() - stage_start:.1f} s", flush=True)
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from .layout import SparseLayout, concat_heads
 from .ops.checks import check_attention_inputs, check_layout_matches, resolve_scale
+from .ops.host_values import host_tensor
 from .ops.torch_sparse import torch_sparse_attention
 from .patterns import Dense, Pattern, VerticalSlash
 from .patterns.base import patterns_per_head
@@ -42,7 +43,7 @@ def estimate(q, k, pattern=None, *, causal: bool = True, scale=None, block_m: in
     layouts, order = [], []
     for heads in groups.values():
         family = type(patterns[heads[0]])
-        index = torch.tensor(heads, dtype=torch.long, device=q.device)
+        index = host_tensor(heads, dtype=torch.long, device=q.device)          # no stream sync on a GPU
         layouts.append(family.build([patterns[h] for h in heads], index, q, k, causal=causal, scale=scale,
                                     block_m=block_m, block_n=block_n))
         order.extend(heads)
@@ -50,7 +51,7 @@ def estimate(q, k, pattern=None, *, causal: bool = True, scale=None, block_m: in
     if order != sorted(order):
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
-        layout = layout.select_heads(inverse.to(q.device))
+        layout = layout.select_heads(host_tensor(inverse.tolist(), device=q.device))
     return layout
 
 

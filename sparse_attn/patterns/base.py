@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..layout import SparseLayout, keys_in_tiles
+from ..ops.host_values import host_tensor
 from ..ops.index_build import compact, ranges_to_tiles
 
 
@@ -61,8 +62,14 @@ def patterns_per_head(pattern, n_heads: int) -> list[Pattern]:
 
 
 def per_head(patterns: list, name: str, device) -> torch.Tensor:
-    """One field of the group's patterns as a long tensor [Hs] (metadata, not a hot loop)."""
-    return torch.tensor([getattr(p, name) for p in patterns], dtype=torch.long, device=device)
+    """One field of the group's patterns as a long tensor [Hs] (metadata, not a hot loop; no stream sync)."""
+    return host_tensor([getattr(p, name) for p in patterns], dtype=torch.long, device=device)
+
+
+def compacts_slots(device) -> bool:
+    """Whether an estimator cuts its index slots to the fullest head, which reads a device value (a host sync):
+    yes on the CPU, where it saves work for free; no on a GPU, where it would stall the stream (static widths)."""
+    return torch.device(device).type != "cuda"
 
 
 def layout_from_ranges(starts, ends, columns, column_keep, *, q_len, k_len, block_m, block_n, max_tiles):

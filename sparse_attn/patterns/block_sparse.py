@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import SparseLayout
+from ..ops.host_values import host_tensor
 from ..ops.index_build import block_row_positions, compact
 from ..ops.scores import pooled_block_logits
-from .base import Pattern
+from .base import Pattern, compacts_slots
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,14 @@ class BlockSparse(Pattern):
         Lk, dev = k.shape[2], q.device
         n_kb = -(-Lk // block_n)
         first, last = block_row_positions(Lq, Lk, block_m, dev)
-        top_k = torch.tensor([n_kb if p.top_k is None else p.top_k for p in patterns], device=dev)
-        gamma = torch.tensor([2.0 if p.gamma is None else p.gamma for p in patterns], device=dev)
+        top_k = host_tensor([n_kb if p.top_k is None else p.top_k for p in patterns], device=dev)     # no sync
+        gamma = host_tensor([2.0 if p.gamma is None else p.gamma for p in patterns], device=dev)
         kb = torch.arange(n_kb, device=dev)
         rows = max(1, max_bytes // max(B * Hq * n_kb * 4, 1))
+        # Most blocks a query block keeps (host-known): the top_k budget, or the forced ones (sink block and the
+        # diagonal blocks, at most (block_m - 1) // block_n + 2 of them) when more; gamma alone: every block.
+        forced_bound = (block_m - 1) // block_n + 3
+        static_width = min(n_kb, max(max(n_kb if p.top_k is None else p.top_k for p in patterns), forced_bound))
         counts, offsets = [], []
         for r0 in range(0, first.shape[0], rows):          # chunks of query blocks bound the memory
             sl = slice(r0, r0 + rows)
@@ -62,7 +67,8 @@ class BlockSparse(Pattern):
                 before = probs.cumsum(-1) - probs
                 keep = keep & ((before < gamma[:, None, None]) | is_forced)
             chosen = torch.zeros_like(keep).scatter_(-1, ranked.indices, keep)        # by key block, ascending
-            width = max(int(chosen.sum(-1).max()), 1)
+            # Cut to the fullest row (a sync, free on the CPU); on a GPU keep the static width, no stream stall.
+            width = max(int(chosen.sum(-1).max()), 1) if compacts_slots(dev) else static_width
             c, o = compact(kb.expand_as(chosen) * block_n, chosen, width)
             counts.append(c)
             offsets.append(o)

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import kept_first
+from ..ops.host_values import host_tensor
 from ..ops.index_build import block_row_positions
 from ..ops.scores import column_mass, diagonal_mass, last_query_probs
-from .base import Pattern, layout_from_ranges, per_head, tile_bound
+from .base import Pattern, compacts_slots, layout_from_ranges, per_head, tile_bound
 
 
 @dataclass(frozen=True)
@@ -57,43 +58,60 @@ class VerticalSlash(VerticalSlashBudgets):
         return (type(self), self.last_q)
 
     @classmethod
-    def build(cls, patterns, heads, q, k, *, causal, scale, block_m, block_n, max_bytes=256 << 20):
+    def build(cls, patterns, heads, q, k, *, causal, scale, block_m, block_n, max_bytes=256 << 20,
+              scores_backend="auto"):
+        """``scores_backend``: "triton" scores the sample with the fused kernels (`ops.triton_scores_launch`: no
+        [last_q, Lk] probabilities in memory, no host sync; CUDA tensors, or CPU under TRITON_INTERPRET=1),
+        "torch" with `ops.scores` (the readable reference, the CPU path), "auto" triton on CUDA tensors the
+        kernels support, else torch."""
         B, Hq, Lq, _ = q.shape
         Hkv, Lk, dev = k.shape[1], k.shape[2], q.device
         n_buckets = -(-Lk // block_n)
         prm = {name: per_head(patterns, name, dev) for name in ("sink", "local", "vertical", "min_vertical")}
         prm["slash"] = (per_head(patterns, "slash", dev) + block_n - 1) // block_n          # in diagonal groups
         prm["min_slash"] = (per_head(patterns, "min_slash", dev) + block_n - 1) // block_n
-        prm["gamma"] = torch.tensor([2.0 if p.gamma is None else p.gamma for p in patterns], device=dev)
-        width_v = max(1, min(int(prm["vertical"].max()), Lk))
-        width_s = max(1, min(int(prm["slash"].max()), n_buckets))
-
-        # The sample's probabilities are [B, heads, last_q, Lk]: go a chunk of KV heads at a time.
+        prm["gamma"] = host_tensor([2.0 if p.gamma is None else p.gamma for p in patterns], device=dev)
+        # Host-known maxima (no device read): widths of the top-k and of the slices the corrections touch.
+        width_v = max(1, min(max(p.vertical for p in patterns), Lk))
+        width_s = max(1, min(max(-(-p.slash // block_n) for p in patterns), n_buckets))
         g, n = Hq // Hkv, min(patterns[0].last_q, Lq)
-        per_kv = max(1, max_bytes // max(B * g * n * Lk * 4 * 3, 1))
-        where = {h: i for i, h in enumerate(heads.tolist())}
-        parts, order = [], []
-        for kv0 in range(0, Hkv, per_kv):
-            kv1 = min(Hkv, kv0 + per_kv)
-            mine = [h for h in range(kv0 * g, kv1 * g) if h in where]
-            if not mine:
-                continue
-            probs, pos = last_query_probs(q[:, kv0 * g:kv1 * g], k[:, kv0:kv1], n, scale, causal)
-            if len(mine) < (kv1 - kv0) * g:
-                probs = probs[:, [h - kv0 * g for h in mine]]
-            idx = torch.tensor([where[h] for h in mine], device=dev)
-            parts.append(_select(probs, pos, {name: t[idx] for name, t in prm.items()}, block_n, n_buckets,
-                                 width_v, width_s))
-            order.extend(where[h] for h in mine)
-        inverse = torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=dev)
-        verticals, v_ok, buckets, s_ok = (torch.cat(t, 1).index_select(1, inverse) for t in zip(*parts))
+        host = dict(first_pos=Lk - n, max_local=max(p.local for p in patterns),
+                    max_sink=max(p.sink for p in patterns), gamma_mode=any(p.gamma is not None for p in patterns))
 
-        # Keep only as many slots as the fullest head uses (one sync): per-block work below scales with them.
-        n_v, n_s = max(int(v_ok.sum(-1).max()), 1), max(int(s_ok.sum(-1).max()), 1)
-        v_first = kept_first(v_ok, n_v)
-        s_first = kept_first(s_ok, n_s)
-        verticals, v_ok = verticals.gather(-1, v_first), v_ok.gather(-1, v_first)
-        buckets, s_ok = buckets.gather(-1, s_first), s_ok.gather(-1, s_first)
+        if _scores_backend(scores_backend, q, k, n) == "triton":
+            from ..ops.triton_scores_launch import triton_sample_scores
+            scores = triton_sample_scores(q, k, n, scale, causal, heads=heads, sink=prm["sink"], local=prm["local"])
+            verticals, v_ok, buckets, s_ok = _choose(
+                scores.column, scores.column_off_local, scores.diagonal, n, prm, block_n, n_buckets, width_v,
+                width_s, host["gamma_mode"], lambda picked: scores.on_diagonals(picked, block_n))
+        else:
+            # The sample's probabilities are [B, heads, last_q, Lk]: go a chunk of KV heads at a time.
+            per_kv = max(1, max_bytes // max(B * g * n * Lk * 4 * 3, 1))
+            where = {h: i for i, h in enumerate(heads.tolist())}
+            parts, order = [], []
+            for kv0 in range(0, Hkv, per_kv):
+                kv1 = min(Hkv, kv0 + per_kv)
+                mine = [h for h in range(kv0 * g, kv1 * g) if h in where]
+                if not mine:
+                    continue
+                probs, pos = last_query_probs(q[:, kv0 * g:kv1 * g], k[:, kv0:kv1], n, scale, causal)
+                if len(mine) < (kv1 - kv0) * g:
+                    probs = probs[:, [h - kv0 * g for h in mine]]
+                idx = host_tensor([where[h] for h in mine], device=dev)
+                parts.append(_select(probs, pos, {name: t[idx] for name, t in prm.items()}, block_n, n_buckets,
+                                     width_v, width_s, host=host))
+                order.extend(where[h] for h in mine)
+            inverse = host_tensor(sorted(range(len(order)), key=order.__getitem__), device=dev)
+            verticals, v_ok, buckets, s_ok = (torch.cat(t, 1).index_select(1, inverse) for t in zip(*parts))
+
+        if compacts_slots(dev):
+            # Keep only as many slots as the fullest head uses (one sync, free on the CPU): per-block work below
+            # scales with them.  On a GPU the sync would stall the stream: keep the static widths.
+            n_v, n_s = max(int(v_ok.sum(-1).max()), 1), max(int(s_ok.sum(-1).max()), 1)
+            v_first = kept_first(v_ok, n_v)
+            s_first = kept_first(s_ok, n_s)
+            verticals, v_ok = verticals.gather(-1, v_first), v_ok.gather(-1, v_first)
+            buckets, s_ok = buckets.gather(-1, s_first), s_ok.gather(-1, s_first)
 
         first, last = block_row_positions(Lq, Lk, block_m, dev)                       # [nQb]
         d0 = (buckets * block_n)[:, :, None, :]                                        # [B, Hs, 1, nb]
@@ -112,32 +130,63 @@ class VerticalSlash(VerticalSlashBudgets):
                                                 tile_bound(Lk, block_n)))
 
 
-def _select(probs, pos, prm, block_n, n_buckets, width_v, width_s, column_mass=column_mass):
-    """Diagonal groups, then columns, for the sample ``probs [B, h, n, Lk]`` at key positions ``pos [n]``.
+def _scores_backend(choice, q, k, n) -> str:
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"scores_backend must be 'auto', 'torch' or 'triton', got {choice!r}")
+    if choice != "auto":
+        return choice
+    if q.device.type != "cuda":
+        return "torch"
+    from ..ops.triton_scores_launch import scores_not_supported_reasons       # no triton import: a spec lookup
+    return "torch" if scores_not_supported_reasons(q, k, n) else "triton"
 
-    Diagonal groups come first (by mass, or with gamma by the cheapest-mass order over both kinds), then columns
-    by mass; with gamma the columns are added until the mass *not already on a chosen diagonal* completes gamma,
-    so the union reaches gamma of the sample's mass exactly (within the budgets).  Returns (verticals [B, h, width_v], kept, groups
-    [B, h, width_s], kept).  ``column_mass`` (probs -> [B, h, Lk]) scores the columns (the modality patterns pass
-    a score a diagonal crossing the sample cannot fake)."""
+
+def _select(probs, pos, prm, block_n, n_buckets, width_v, width_s, column_mass=column_mass, host=None):
+    """Diagonal groups, then columns, for the sample ``probs [B, h, n, Lk]`` at key positions ``pos [n]``
+    (see `_choose`).  ``column_mass`` (probs -> [B, h, Lk]) scores the columns (the modality patterns pass a
+    score a diagonal crossing the sample cannot fake).  ``host``: the host-known values ``first_pos`` (pos[0]),
+    ``max_local``, ``max_sink``, ``gamma_mode`` (read from the tensors when not given: a host sync each)."""
     B, h, n, Lk = probs.shape
     dev = probs.device
+    if host is None:
+        host = dict(first_pos=int(pos[0]), max_local=int(prm["local"].max()), max_sink=int(prm["sink"].max()),
+                    gamma_mode=bool((prm["gamma"] <= 1).any()))
     keys = torch.arange(Lk, device=dev)
-    sink, local = prm["sink"][:, None], prm["local"][:, None]
-    force_v = keys < sink                                                              # [h, Lk]
-    force_s = torch.arange(n_buckets, device=dev) * block_n < local                    # [h, nB]
+    local = prm["local"][:, None]
+    force_v = keys < prm["sink"][:, None]                                              # [h, Lk]
     col_all = column_mass(probs)
     # Column mass without the forced local band, diagonal mass without the forced sink columns, so an entry kept
     # anyway is not counted for the other kind too.  Both bands are narrow: work on those slices only.
-    tail = max(0, int(pos[0]) - int(prm["local"].max()) + 1)
+    tail = max(0, host["first_pos"] - host["max_local"] + 1)
     dist_tail = pos[:, None] - keys[tail:]
     near = (dist_tail >= 0) & (dist_tail < local[:, :, None])                          # [h, n, Lk - tail]
     col = col_all.clone()
     col[..., tail:] -= column_mass(probs[..., tail:] * near)
-    n_sink = min(int(prm["sink"].max()), Lk)
+    n_sink = min(host["max_sink"], Lk)
     diag = diagonal_mass(probs, pos) - diagonal_mass(probs[..., :n_sink] * force_v[:, None, :n_sink], pos, Lk)
+
+    def on_slash(picked):
+        dist = pos[:, None] - keys
+        group_of = torch.where(dist >= 0, dist // block_n, n_buckets).clamp(max=n_buckets)  # [n, Lk]
+        return column_mass(probs * picked[:, :, group_of])
+
+    return _choose(col_all, col, diag, n, prm, block_n, n_buckets, width_v, width_s, host["gamma_mode"], on_slash)
+
+
+def _choose(col_all, col, diag, n, prm, block_n, n_buckets, width_v, width_s, gamma_mode, on_slash):
+    """Diagonal groups first (by mass, or with gamma by the cheapest-mass order over both kinds), then columns
+    by mass; with gamma the columns are added until the mass *not already on a chosen diagonal* completes gamma,
+    so the union reaches gamma of the sample's mass exactly (within the budgets).
+
+    ``col_all [B, h, Lk]``: column mass of the ``n`` sample rows; ``col``: the same without the forced local band;
+    ``diag [B, h, Lk]``: mass per distance without the forced sink columns; ``on_slash(picked [B, h, nB + 1])``:
+    column mass on the picked diagonal groups (gamma only).  Returns (verticals [B, h, width_v], kept, groups
+    [B, h, width_s], kept).  No host sync."""
+    B, h, Lk = col_all.shape
+    dev = col_all.device
+    force_v = torch.arange(Lk, device=dev) < prm["sink"][:, None]                      # [h, Lk]
+    force_s = torch.arange(n_buckets, device=dev) * block_n < prm["local"][:, None]    # [h, nB]
     group_mass = torch.nn.functional.pad(diag, (0, n_buckets * block_n - Lk)).reshape(B, h, -1, block_n).sum(-1)
-    gamma_mode = bool((prm["gamma"] <= 1).any())
     target = prm["gamma"] * n                                                          # [h]
     chosen_s = None
     if gamma_mode:
@@ -147,12 +196,10 @@ def _select(probs, pos, prm, block_n, n_buckets, width_v, width_s, column_mass=c
     if gamma_mode:
         # Columns keep their mass ranking (a column's mass elsewhere in the sequence is not on these diagonals),
         # but count only the mass no chosen diagonal holds, so the union reaches gamma of the sample exactly.
-        dist = pos[:, None] - keys
-        group_of = torch.where(dist >= 0, dist // block_n, n_buckets).clamp(max=n_buckets)  # [n, Lk]
         picked = torch.zeros(B, h, n_buckets + 1, dtype=torch.bool, device=dev)
         picked.scatter_(-1, torch.where(s_ok, groups, n_buckets), True)
         picked[..., n_buckets] = False
-        on_slash_cols = column_mass(probs * picked[:, :, group_of])                    # [B, h, Lk]
+        on_slash_cols = on_slash(picked)                                               # [B, h, Lk]
         residual = col_all - on_slash_cols
         covered = on_slash_cols.sum(-1)                                                # [B, h]
         order = torch.where(force_v, math.inf, col).argsort(-1, descending=True)
