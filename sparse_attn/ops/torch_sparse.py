@@ -33,7 +33,7 @@ def _attend(q, k_sel, v_sel, bias, scale):
             torch.ones(bm, U, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
     elif bias.dim() == 2:
         bias = bias[:, None, :]
-    scores = torch.baddbmm(bias.expand(n, -1, U), q, k_sel.transpose(1, 2), alpha=scale)
+    scores = torch.bmm(q * scale, k_sel.transpose(1, 2)).add_(bias)               # bias [n or 1, bm or 1, U]
     top = scores.amax(-1, keepdim=True).clamp_(min=torch.finfo(q.dtype).min)       # finite for empty rows
     probs = scores.sub_(top).exp_()
     total = probs.sum(-1, keepdim=True)
