@@ -43,7 +43,7 @@ def _attend(q, k_sel, v_sel, bias, scale):
 
 
 def torch_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True, scale: float,
-                           return_lse: bool = False, chunk_bytes: int = 8 << 20):
+                           return_lse: bool = False, chunk_bytes: int = 16 << 20):
     """Attention of ``q [B, Hq, Lq, D]`` over the keys of ``layout`` in ``k, v [B, Hkv, Lk, D]``.
 
     Inputs are assumed checked (see `prefill.sparse_attention`).  Computes in fp32 (fp64 for fp64 inputs) and
