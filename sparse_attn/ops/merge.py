@@ -17,10 +17,12 @@ def merge_partials(outs, lses):
     return out.to(outs[0].dtype), lse.to(lses[0].dtype)
 
 
-def merge_into(out, lse, part_out, part_lse, rows_per_step: int = 256):
-    """`merge_partials` of two parts written into the first, in place: ``out [N, L, D]``, ``lse [N, L]`` (fp32 or
-    fp64) take the merge with ``part_out``, ``part_lse`` (same shapes and dtypes; ``part_out`` is overwritten).
-    Goes ``rows_per_step`` entries of N at a time so the operands stay in cache and nothing large is allocated."""
+def merge_into(out, lse, part_out, part_lse, step_bytes: int = 4 << 20):
+    """`merge_partials` of two parts written into the first, in place: ``out [N, ..., D]``, ``lse [N, ...]`` (fp32
+    or fp64; views of any strides) take the merge with ``part_out``, ``part_lse`` (same shapes and dtypes;
+    ``part_out`` is overwritten).  Goes about ``step_bytes`` of ``out`` at a time along N, so the operands stay in
+    cache and nothing large is allocated."""
+    rows_per_step = max(1, step_bytes // max(1, out[0].numel() * out.element_size()))
     for s in range(0, out.shape[0], rows_per_step):
         o, l, po, pl = (t[s:s + rows_per_step] for t in (out, lse, part_out, part_lse))
         top = torch.maximum(l, pl)

@@ -158,12 +158,14 @@ def _add_diagonal(out, lse, q_blocks, k_rows, v_rows, layout, scale, chunk_bytes
     Hkv = k_rows.shape[0] // (B * Lk)
     first = (torch.arange(n_qb, device=dev) * bm + (Lk - Lq)).repeat(B * Hq)          # [n_blocks]
     full = _lists_all_diagonal_keys(layout, first)
-    o, l = _causal_diagonal(q_blocks, k_rows, v_rows, B, Hq, Hkv, n_qb, Lq, Lk, scale)
+    o, l = _causal_diagonal(q_blocks, k_rows, v_rows, B, Hq, Hkv, n_qb, Lq, Lk, scale)   # [n_qb, B*Hq, ...]
     partial = (~full).nonzero().squeeze(1)
     if partial.numel():                               # rare: keys missing inside the diagonal block
-        o[partial], l[partial] = _masked_diagonal(q_blocks, k_rows, v_rows, layout, first, partial, Hq // Hkv,
-                                                  scale, chunk_bytes)
-    merge_into(out, lse, o, l)
+        at = (partial % n_qb, partial // n_qb)
+        o[at], l[at] = _masked_diagonal(q_blocks, k_rows, v_rows, layout, first, partial, Hq // Hkv, scale,
+                                        chunk_bytes)
+    # merge in the kernel's [query block, head] order through views of out (no reordering copy)
+    merge_into(out.view(B * Hq, n_qb, bm, D).transpose(0, 1), lse.view(B * Hq, n_qb, bm).transpose(0, 1), o, l)
 
 
 def _lists_all_diagonal_keys(layout, first):
@@ -182,8 +184,9 @@ def _lists_all_diagonal_keys(layout, first):
 
 
 def _causal_diagonal(q_blocks, k_rows, v_rows, B, Hq, Hkv, n_qb, Lq, Lk, scale):
-    """Every block's causal attention over the ``bm`` keys from its first row's position: (out [n_blocks, bm, D],
-    lse [n_blocks, bm]).  Keys past Lk (last block, padding rows only) read zeros."""
+    """Every block's causal attention over the ``bm`` keys from its first row's position, in query-block-major
+    order: (out [n_qb, B * Hq, bm, D], lse [n_qb, B * Hq, bm]).  Keys past Lk (last block, padding rows only)
+    read zeros."""
     n_blocks, bm, D = q_blocks.shape
     rows = n_qb * bm + (Lk - Lq)                       # key rows the last block reaches, per KV head
     k_heads, v_heads = k_rows.view(B * Hkv, Lk, D), v_rows.view(B * Hkv, Lk, D)
@@ -201,7 +204,7 @@ def _causal_diagonal(q_blocks, k_rows, v_rows, B, Hq, Hkv, n_qb, Lq, Lk, scale):
         k4, v4 = k4.repeat_interleave(group, 1), v4.repeat_interleave(group, 1)
         o, l = _attend(q4.reshape(-1, bm, D), k4.reshape(-1, bm, D), v4.reshape(-1, bm, D), None, scale)
         o, l = o.view(n_qb, B * Hq, bm, D), l.view(n_qb, B * Hq, bm)
-    return o.transpose(0, 1).reshape(n_blocks, bm, D), l.transpose(0, 1).reshape(n_blocks, bm)
+    return o, l
 
 
 def _masked_diagonal(q_blocks, k_rows, v_rows, layout, first, blocks, group, scale, chunk_bytes):

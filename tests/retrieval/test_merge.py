@@ -38,10 +38,11 @@ def test_merge_with_empty_parts_keeps_neg_inf():
     assert l[0, 0, 0] == 0 and torch.isneginf(l[0, 0, 1])
 
 
-@given(n=st.integers(1, 600), seed=st.integers(0, 10 ** 6), step=st.sampled_from([1, 7, 256]))
-def test_in_place_merge_equals_merge_partials(n, seed, step):
+@given(n=st.integers(1, 600), seed=st.integers(0, 10 ** 6), step=st.sampled_from([1, 96, 700, 1 << 20]),
+       transposed=st.booleans())
+def test_in_place_merge_equals_merge_partials(n, seed, step, transposed):
     """merge_into (the torch backend's in-place two-part merge) against merge_partials, with empty rows in
-    either part and in both."""
+    either part and in both, in steps of any size and through a strided view."""
     from sparse_attn.ops.merge import merge_into
 
     gen = torch.Generator().manual_seed(seed)
@@ -53,7 +54,11 @@ def test_in_place_merge_equals_merge_partials(n, seed, step):
         outs[p] = outs[p].masked_fill(empty[..., None], 0.0)
     ref_out, ref_lse = merge_partials(outs, lses)
     out, lse = outs[0].clone(), lses[0].clone()
-    merge_into(out, lse, outs[1].clone(), lses[1].clone(), rows_per_step=step)
+    if transposed:                 # the merge writes through views whose first dim is not the outer one
+        merge_into(out.transpose(0, 1), lse.transpose(0, 1), outs[1].transpose(0, 1).contiguous(),
+                   lses[1].transpose(0, 1).contiguous(), step_bytes=step)
+    else:
+        merge_into(out, lse, outs[1].clone(), lses[1].clone(), step_bytes=step)
     assert_close(out, ref_out, atol=1e-6, rtol=1e-5)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
     assert_close(lse.masked_fill(torch.isinf(lse), 0), ref_lse.masked_fill(torch.isinf(ref_lse), 0), atol=1e-6,
