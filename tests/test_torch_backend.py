@@ -211,11 +211,14 @@ def test_chunking_does_not_change_the_result(chunk_bytes, causal):
     assert_lse_close(lse, ref_lse)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30])
 @pytest.mark.parametrize("causal", [True, False])
-def test_fp64_inputs_are_computed_in_fp64(causal):
+def test_fp64_inputs_are_computed_in_fp64(causal, chunk_bytes):
+    """fp64 takes the matmul path everywhere (also for the diagonal part, a few query blocks per step)."""
     q, k, v = make_qkv(2, 2, 1, 100, 160, 32, seed=6, dtype=torch.float64)
     layout = sa.estimate(q, k, sa.AShape(sink=8, local=40), causal=causal)
-    out = sa.sparse_attention(q, k, v, layout, causal=causal)
+    out = torch_sparse.torch_sparse_attention(q, k, v, layout, causal=causal, scale=32 ** -0.5,
+                                              chunk_bytes=chunk_bytes)
     assert out.dtype == torch.float64
     assert_close(out, sa.reference_attention(q, k, v, layout.to_mask(), causal=causal), atol=1e-12, rtol=1e-10)
 

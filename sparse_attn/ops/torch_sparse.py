@@ -68,8 +68,8 @@ def torch_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True
     limit = first_pos if causal else torch.full_like(first_pos, Lk)                  # main part: keys < limit
     tile_count = layout.block_count.reshape(-1).long()
     col_count = layout.column_count.reshape(-1).long()
-    offsets = layout.block_offset.reshape(n_blocks, -1).long()
-    columns = layout.column_index.reshape(n_blocks, -1).long()
+    offsets = layout.block_offset.reshape(n_blocks, -1)                              # int32
+    columns = layout.column_index.reshape(n_blocks, -1)
 
     width_of = tile_count * bn + col_count
     order = torch.argsort(width_of, descending=True)                                 # similar widths together
@@ -158,7 +158,7 @@ def _add_diagonal(out, lse, q_blocks, k_rows, v_rows, layout, scale, chunk_bytes
     Hkv = k_rows.shape[0] // (B * Lk)
     first = (torch.arange(n_qb, device=dev) * bm + (Lk - Lq)).repeat(B * Hq)          # [n_blocks]
     full = _lists_all_diagonal_keys(layout, first)
-    o, l = _causal_diagonal(q_blocks, k_rows, v_rows, B, Hq, Hkv, n_qb, Lq, Lk, scale)   # [n_qb, B*Hq, ...]
+    o, l = _causal_diagonal(q_blocks, k_rows, v_rows, B, Hq, Hkv, n_qb, Lq, Lk, scale, chunk_bytes)
     partial = (~full).nonzero().squeeze(1)
     if partial.numel():                               # rare: keys missing inside the diagonal block
         at = (partial % n_qb, partial // n_qb)
@@ -174,16 +174,16 @@ def _lists_all_diagonal_keys(layout, first):
     bm, bn, Lk = layout.block_m, layout.block_n, layout.k_len
     n = first.shape[0]
     lo, hi = first[:, None], (first + bm).clamp(max=Lk)[:, None]
-    offsets = layout.block_offset.reshape(n, -1).long()
+    offsets = layout.block_offset.reshape(n, -1)
     tiles_ok = torch.arange(offsets.shape[1], device=first.device) < layout.block_count.reshape(n, 1)
     overlap = (torch.minimum(offsets + bn, hi) - torch.maximum(offsets, lo)).clamp(min=0)
-    columns = layout.column_index.reshape(n, -1).long()
+    columns = layout.column_index.reshape(n, -1)
     cols_ok = torch.arange(columns.shape[1], device=first.device) < layout.column_count.reshape(n, 1)
     in_range = (columns >= lo) & (columns < hi) & cols_ok
     return (overlap * tiles_ok).sum(1) + in_range.sum(1) == (hi - lo).squeeze(1)
 
 
-def _causal_diagonal(q_blocks, k_rows, v_rows, B, Hq, Hkv, n_qb, Lq, Lk, scale):
+def _causal_diagonal(q_blocks, k_rows, v_rows, B, Hq, Hkv, n_qb, Lq, Lk, scale, chunk_bytes):
     """Every block's causal attention over the ``bm`` keys from its first row's position, in query-block-major
     order: (out [n_qb, B * Hq, bm, D], lse [n_qb, B * Hq, bm]).  Keys past Lk (last block, padding rows only)
     read zeros."""
@@ -199,11 +199,16 @@ def _causal_diagonal(q_blocks, k_rows, v_rows, B, Hq, Hkv, n_qb, Lq, Lk, scale):
     v4 = v_heads.as_strided(size, stride, v_heads.storage_offset() + (Lk - Lq) * D)
     if _FLASH_CPU is not None and q_blocks.device.type == "cpu" and q_blocks.dtype == torch.float32:
         o, l = _FLASH_CPU(q4, k4, v4, is_causal=True, scale=scale)                  # GQA inside the kernel
-    else:
+    else:                          # matmul path, a few query blocks at a time (scores are [.., bm, bm] per block)
         group = Hq // Hkv
-        k4, v4 = k4.repeat_interleave(group, 1), v4.repeat_interleave(group, 1)
-        o, l = _attend(q4.reshape(-1, bm, D), k4.reshape(-1, bm, D), v4.reshape(-1, bm, D), None, scale)
-        o, l = o.view(n_qb, B * Hq, bm, D), l.view(n_qb, B * Hq, bm)
+        o = torch.empty(n_qb, B * Hq, bm, D, dtype=q_blocks.dtype, device=q_blocks.device)
+        l = torch.empty(n_qb, B * Hq, bm, dtype=q_blocks.dtype, device=q_blocks.device)
+        step = max(1, chunk_bytes // (B * Hq * bm * max(bm, D) * q_blocks.element_size() * 2))
+        for j in range(0, n_qb, step):
+            js = slice(j, j + step)
+            kj, vj = k4[js].repeat_interleave(group, 1), v4[js].repeat_interleave(group, 1)
+            oj, lj = _attend(q4[js].reshape(-1, bm, D), kj.reshape(-1, bm, D), vj.reshape(-1, bm, D), None, scale)
+            o[js], l[js] = oj.view_as(o[js]), lj.view_as(l[js])
     return o, l
 
 
