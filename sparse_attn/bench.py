@@ -44,6 +44,19 @@ def _timed(fn, repeat: int):
     return best, result
 
 
+def _timed_rounds(fns: dict, repeat: int):
+    """Best time and last result of each function, run in turns (round after round), so that drift of the
+    machine's speed (large on shared VMs) hits them alike and their ratios stay meaningful."""
+    best = {name: float("inf") for name in fns}
+    results = {}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best, results
+
+
 def _flex_time(q, k, v, layout: SparseLayout, repeat: int):
     """Compiled FlexAttention on the layout's aligned cover: (seconds, compile seconds, its density)."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -89,11 +102,15 @@ def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=Tru
     rows = []
     for L in lengths:
         q, k, v, spans = _inputs(workload, L, heads, kv_heads, head_dim)
-        dense_s, ref = _timed(lambda: dense_attention(q, k, v), repeat)
         for name in patterns:
             pattern = PATTERNS[name]() if spans is None else with_modality(PATTERNS[name](), spans)
-            est_s, layout = _timed(lambda: estimate(q, k, pattern), repeat)
-            attn_s, o = _timed(lambda: sparse_attention(q, k, v, layout, check_layout=False), repeat)
+            state = {}
+            best, results = _timed_rounds({
+                "dense": lambda: dense_attention(q, k, v),
+                "estimate": lambda: state.__setitem__("layout", estimate(q, k, pattern)),
+                "attention": lambda: sparse_attention(q, k, v, state["layout"], check_layout=False)}, repeat)
+            dense_s, est_s, attn_s = best["dense"], best["estimate"], best["attention"]
+            ref, o, layout = results["dense"], results["attention"], state["layout"]
             density = layout.density()
             recall = attention_recall(q, k, layout) if quality else float("nan")
             row = dict(pattern=name, L=L, density=density, est_ms=est_s * 1e3, attn_ms=attn_s * 1e3,
@@ -121,7 +138,8 @@ def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=Tru
             f"{dense_mb:.0f} MiB; inputs {3 * q.numel() * 4 / 2 ** 20:.0f} MiB; one L x L fp32 score matrix "
             f"{L * L * 4 / 2 ** 20:.0f} MiB")
     out("speedup = dense / (estimate + attention); attn/ideal = attention time / (dense time x density); "
-        "recall = attention mass kept (mean over query rows); rel err = ||out - dense|| / ||dense||")
+        "recall = attention mass kept (mean over query rows); rel err = ||out - dense|| / ||dense||; dense, estimate "
+        "and attention of a row are timed in turns, best of --repeat each")
     return rows
 
 
