@@ -3,8 +3,8 @@
 Each query block (``block_m`` rows of one batch row and head) gathers the keys its tiles and columns list and
 attends to them with two batched matmuls.  With ``causal`` this *main part* takes the keys before the block's
 first row (the same for every row, so a per-block mask suffices) and a *diagonal part* takes the ``block_m``
-contiguous keys from there on with the causal triangle (one fused causal kernel call over strided views of the
-keys, no gather); the two are merged by LSE.  Blocks are processed in chunks sorted by key count, so the padding
+contiguous keys from there on with the causal triangle (read through strided views of the keys, no index
+gather); the two are merged by LSE.  Blocks are processed in chunks sorted by key count, so the padding
 of a chunk is small; memory is O(chunk x keys per block), never O(Lq x Lk).
 The readable per-key definition is `ops.reference.reference_attention` with `SparseLayout.to_mask`.
 """
@@ -15,9 +15,6 @@ import torch
 from ..layout import SparseLayout, kept_first, keys_in_tiles, sorted_valid
 from .merge import merge_into
 
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
 def _attend(q, k_sel, v_sel, bias, scale):
     """Attention of ``q [n, bm, D]`` over ``k_sel, v_sel [n, U, D]`` with additive mask ``bias`` (0 / -inf,
     [n, U] or [n, bm, U]; None with ``U == bm`` for the top-left causal triangle, row r seeing keys 0..r):
@@ -25,7 +22,7 @@ def _attend(q, k_sel, v_sel, bias, scale):
 
     Two batched matmuls around an in-place softmax: the callers bound n x bm x U so the scores stay in cache,
     and at these shapes (64 query rows) this beats PyTorch's fused CPU flash kernel by 5-15% (its query split
-    is 32 rows below 192)."""
+    is 32 rows below 192), also on the [bm, bm] causal triangles."""
     n, bm, D = q.shape
     U = k_sel.shape[1]
     if bias is None:
@@ -150,8 +147,8 @@ def _main_keys(offsets, tile_count, columns, col_count, limit, kv_base, Lk, bn, 
 def _add_diagonal(out, lse, q_blocks, k_rows, v_rows, layout, scale, chunk_bytes):
     """Merge in place into ``out [n_blocks, bm, D]``, ``lse [n_blocks, bm]`` (blocks in layout order: batch, head, query
     block) the keys each block lists from its first row's position on; row r sees those at or before its own
-    position.  Blocks listing all of these keys (the common case: a local band) run as one causal kernel call
-    over strided views of the keys (no gather; GQA by the kernel); the others with a per-row mask."""
+    position.  Blocks listing all of these keys (the common case: a local band) take the causal triangle over
+    strided views of the keys (no index gather); the others a per-row mask."""
     n_blocks, bm, D = q_blocks.shape
     B, Hq, n_qb = layout.batch, layout.heads, layout.num_query_blocks
     Lq, Lk, dev = layout.q_len, layout.k_len, q_blocks.device
@@ -197,18 +194,16 @@ def _causal_diagonal(q_blocks, k_rows, v_rows, B, Hq, Hkv, n_qb, Lq, Lk, scale, 
     size, stride = (n_qb, B * Hkv, bm, D), (bm * D, k_heads.shape[1] * D, D, 1)
     k4 = k_heads.as_strided(size, stride, k_heads.storage_offset() + (Lk - Lq) * D)
     v4 = v_heads.as_strided(size, stride, v_heads.storage_offset() + (Lk - Lq) * D)
-    if _FLASH_CPU is not None and q_blocks.device.type == "cpu" and q_blocks.dtype == torch.float32:
-        o, l = _FLASH_CPU(q4, k4, v4, is_causal=True, scale=scale)                  # GQA inside the kernel
-    else:                          # matmul path, a few query blocks at a time (scores are [.., bm, bm] per block)
-        group = Hq // Hkv
-        o = torch.empty(n_qb, B * Hq, bm, D, dtype=q_blocks.dtype, device=q_blocks.device)
-        l = torch.empty(n_qb, B * Hq, bm, dtype=q_blocks.dtype, device=q_blocks.device)
-        step = max(1, chunk_bytes // (B * Hq * bm * max(bm, D) * q_blocks.element_size() * 2))
-        for j in range(0, n_qb, step):
-            js = slice(j, j + step)
-            kj, vj = k4[js].repeat_interleave(group, 1), v4[js].repeat_interleave(group, 1)
-            oj, lj = _attend(q4[js].reshape(-1, bm, D), kj.reshape(-1, bm, D), vj.reshape(-1, bm, D), None, scale)
-            o[js], l[js] = oj.view_as(o[js]), lj.view_as(l[js])
+    # a few query blocks at a time (scores are [bm, bm] per block and head); GQA by repeating only the step's keys
+    group = Hq // Hkv
+    o = torch.empty(n_qb, B * Hq, bm, D, dtype=q_blocks.dtype, device=q_blocks.device)
+    l = torch.empty(n_qb, B * Hq, bm, dtype=q_blocks.dtype, device=q_blocks.device)
+    step = max(1, chunk_bytes // (B * Hq * bm * max(bm, D) * q_blocks.element_size() * 2))
+    for j in range(0, n_qb, step):
+        js = slice(j, j + step)
+        kj, vj = k4[js].repeat_interleave(group, 1), v4[js].repeat_interleave(group, 1)
+        oj, lj = _attend(q4[js].reshape(-1, bm, D), kj.reshape(-1, bm, D), vj.reshape(-1, bm, D), None, scale)
+        o[js], l[js] = oj.view_as(o[js]), lj.view_as(l[js])
     return o, l
 
 
