@@ -35,15 +35,6 @@ def _inputs(workload: str, L: int, heads: int, kv_heads: int, head_dim: int):
     return (*make_qkv(Workload(q_heads=heads, kv_heads=kv_heads, seq_len=L, head_dim=head_dim)), None)
 
 
-def _timed(fn, repeat: int):
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
-
-
 def _timed_rounds(fns: dict, repeat: int):
     """Best time and last result of each function, run in turns (round after round), so that drift of the
     machine's speed (large on shared VMs) hits them alike and their ratios stay meaningful."""
@@ -55,6 +46,11 @@ def _timed_rounds(fns: dict, repeat: int):
             results[name] = fn()
             best[name] = min(best[name], time.perf_counter() - start)
     return best, results
+
+
+def _timed(fn, repeat: int):
+    best, results = _timed_rounds({"fn": fn}, repeat)
+    return best["fn"], results["fn"]
 
 
 def _flex_time(q, k, v, layout: SparseLayout, repeat: int):

@@ -49,9 +49,8 @@ def estimate(q, k, pattern=None, *, causal: bool = True, scale=None, block_m: in
         order.extend(heads)
     layout = layouts[0] if len(layouts) == 1 else concat_heads(layouts)
     if order != sorted(order):
-        inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor(order)] = torch.arange(len(order))
-        layout = layout.select_heads(host_tensor(inverse.tolist(), device=q.device))
+        inverse = sorted(range(len(order)), key=order.__getitem__)
+        layout = layout.select_heads(host_tensor(inverse, dtype=torch.long, device=q.device))
     return layout
 
 

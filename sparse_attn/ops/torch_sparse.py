@@ -72,9 +72,8 @@ def torch_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True
     order = torch.argsort(width_of, descending=True)                                 # similar widths together
     widths = width_of[order].tolist()
     # The index work runs in that order; queries are read and outputs written at the blocks' own places.
-    kv_base, limit = kv_base.index_select(0, order), limit.index_select(0, order)
-    tile_count, col_count, offsets, columns = (t.index_select(0, order)
-                                               for t in (tile_count, col_count, offsets, columns))
+    kv_base_s, limit_s, tile_count, col_count, offsets, columns = (
+        t.index_select(0, order) for t in (kv_base, limit, tile_count, col_count, offsets, columns))
     out = torch.empty(n_blocks, bm, D, dtype=work, device=dev)
     lse = torch.empty(n_blocks, bm, dtype=work, device=dev)
     start = 0
@@ -83,7 +82,7 @@ def torch_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True
         # the gathered keys in cache.
         batch = slice(start, start + max(1, (64 << 20) // (16 * max(widths[start], 1))))
         flat, bias, count_t = _main_keys(offsets[batch], tile_count[batch], columns[batch], col_count[batch],
-                                         limit[batch], kv_base[batch], Lk, bn, work)
+                                         limit_s[batch], kv_base_s[batch], Lk, bn, work)
         counts = count_t.tolist()
         s = 0
         while s < len(counts):
@@ -99,7 +98,7 @@ def torch_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True
             s += n
         start += len(counts)
     if causal:
-        _add_diagonal(out, lse, q_blocks, k_rows, v_rows, layout, scale, chunk_bytes)
+        _add_diagonal(out, lse, q_blocks, k_rows, v_rows, layout, kv_base, first_pos, Hkv, scale, chunk_bytes)
 
     out = out.view(B, Hq, n_qb * bm, D)[:, :, :Lq].to(q.dtype)
     if not return_lse:
@@ -144,24 +143,23 @@ def _main_keys(offsets, tile_count, columns, col_count, limit, kv_base, Lk, bn, 
     return flat, bias, (n_tiles * bn + n_cols).long()
 
 
-def _add_diagonal(out, lse, q_blocks, k_rows, v_rows, layout, scale, chunk_bytes):
+def _add_diagonal(out, lse, q_blocks, k_rows, v_rows, layout, kv_base, first, Hkv, scale, chunk_bytes):
     """Merge in place into ``out [n_blocks, bm, D]``, ``lse [n_blocks, bm]`` (blocks in layout order: batch, head, query
     block) the keys each block lists from its first row's position on; row r sees those at or before its own
-    position.  Blocks listing all of these keys (the common case: a local band) take the causal triangle over
-    strided views of the keys (no index gather); the others a per-row mask."""
+    position (``first [n_blocks]``: position of row 0; ``kv_base``: first key row of its KV head).  Blocks listing
+    all of these keys (the common case: a local band) take the causal triangle over strided views of the keys (no
+    index gather); the others a per-row mask."""
     n_blocks, bm, D = q_blocks.shape
     B, Hq, n_qb = layout.batch, layout.heads, layout.num_query_blocks
-    Lq, Lk, dev = layout.q_len, layout.k_len, q_blocks.device
-    Hkv = k_rows.shape[0] // (B * Lk)
-    first = (torch.arange(n_qb, device=dev) * bm + (Lk - Lq)).repeat(B * Hq)          # [n_blocks]
+    Lq, Lk = layout.q_len, layout.k_len
     full = _lists_all_diagonal_keys(layout, first)
     o, l = _causal_diagonal(q_blocks, k_rows, v_rows, B, Hq, Hkv, n_qb, Lq, Lk, scale, chunk_bytes)
     partial = (~full).nonzero().squeeze(1)
     if partial.numel():                               # rare: keys missing inside the diagonal block
         at = (partial % n_qb, partial // n_qb)
-        o[at], l[at] = _masked_diagonal(q_blocks, k_rows, v_rows, layout, first, partial, Hq // Hkv, scale,
-                                        chunk_bytes)
-    # merge in the kernel's [query block, head] order through views of out (no reordering copy)
+        o[at], l[at] = _masked_diagonal(q_blocks, k_rows, v_rows, layout, first[partial], kv_base[partial],
+                                        partial, scale, chunk_bytes)
+    # merge in the diagonal part's [query block, head] order through views of out (no reordering copy)
     merge_into(out.view(B * Hq, n_qb, bm, D).transpose(0, 1), lse.view(B * Hq, n_qb, bm).transpose(0, 1), o, l)
 
 
@@ -207,26 +205,23 @@ def _causal_diagonal(q_blocks, k_rows, v_rows, B, Hq, Hkv, n_qb, Lq, Lk, scale, 
     return o, l
 
 
-def _masked_diagonal(q_blocks, k_rows, v_rows, layout, first, blocks, group, scale, chunk_bytes):
-    """The diagonal part of ``blocks`` (long [n]) with a per-row mask of the keys they list."""
+def _masked_diagonal(q_blocks, k_rows, v_rows, layout, first, kv_base, blocks, scale, chunk_bytes):
+    """The diagonal part of ``blocks`` (long [n]; ``first``, ``kv_base`` [n]: theirs) with a per-row mask of the
+    keys they list."""
     bm, D = q_blocks.shape[1], q_blocks.shape[2]
     Lk, dev = layout.k_len, q_blocks.device
-    Hq, n_qb = layout.heads, layout.num_query_blocks
-    Hkv = Hq // group
-    n_all = first.shape[0]
+    n_all = q_blocks.shape[0]
     offsets, valid_o = sorted_valid(layout.block_offset.reshape(n_all, -1)[blocks],
                                     layout.block_count.reshape(n_all)[blocks])
     columns, valid_c = sorted_valid(layout.column_index.reshape(n_all, -1)[blocks],
                                     layout.column_count.reshape(n_all)[blocks])
-    bh = blocks // n_qb
-    kv_base = ((bh // Hq) * Hkv + (bh % Hq) // group) * Lk
     step = torch.arange(bm, device=dev)
     visible = step[None, :] <= step[:, None]                                         # [bm, bm]: key u <= row r
     outs, lses = [], []
     per_chunk = max(1, chunk_bytes // (4 * bm * bm * 4))
     for s in range(0, blocks.shape[0], per_chunk):
         sl = slice(s, s + per_chunk)
-        keys = first[blocks[sl], None] + step                                         # [n, bm]
+        keys = first[sl, None] + step                                         # [n, bm]
         listed = keys_in_tiles(keys, offsets[sl], valid_o[sl], layout.block_n)
         if columns.shape[-1]:
             pos = torch.searchsorted(columns[sl].contiguous(), keys).clamp(max=columns.shape[-1] - 1)
