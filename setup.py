@@ -18,11 +18,12 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    # csrc/ ships inside the package (sparse_attn/csrc/*.cu) so the CuPy loader finds it in a wheel install too
+    # csrc/ ships inside the package (sparse_attn/csrc/) so the CuPy and C++ loaders find it in a wheel install too
     packages=find_packages(include=["sparse_attn", "sparse_attn.*"]) + ["sparse_attn.csrc"],
     package_dir={"sparse_attn.csrc": "csrc"},
-    package_data={"sparse_attn.csrc": ["*.cu", "*.cuh", "*.md"]},
+    package_data={"sparse_attn.csrc": ["*.cu", "*.cuh", "*.cpp", "*.md"]},
     python_requires=">=3.9",
-    install_requires=["torch>=2.5", "einops"],
+    # ninja: torch builds the CPU kernel with it on first use
+    install_requires=["torch>=2.5", "einops", "ninja"],
     extras_require=extras,
 )

@@ -1,5 +1,5 @@
-"""`python -m sparse_attn bench`: estimate + attention vs dense SDPA (and compiled FlexAttention on the same
-layout) on the synthetic workload; one table, ratios measured side by side in one run."""
+"""`python -m sparse_attn bench`: estimate + attention vs dense SDPA (and, on the first pattern's layout, the torch
+backend and compiled FlexAttention) on the synthetic workload; one table, ratios measured side by side in one run."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,7 @@ from .layout import SparseLayout
 from .ops.metrics import attention_recall, relative_error
 from .patterns import AShape, BlockSparse, VerticalSlash
 from .patterns import Grid, QBoundary, TwoDBoundary, with_modality
-from .prefill import DEFAULT_PATTERN, dense_attention, estimate, sparse_attention
+from .prefill import DEFAULT_PATTERN, _resolve_backend, dense_attention, estimate, sparse_attention
 from .synthetic import MixedWorkload, Workload, make_mixed_qkv, make_qkv
 
 PATTERNS = {
@@ -89,9 +89,11 @@ def _status_kb(field: str) -> int:
 
 
 def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=True, quality=True, memory=False,
-        out=print, workload="text"):
+        out=print, workload="text", backend="auto"):
+    probe = torch.empty(1, 1, 1, head_dim)
+    chosen = _resolve_backend(backend, probe, probe, probe)
     out(f"# sparse_attn bench: B=1 Hq={heads} Hkv={kv_heads} D={head_dim} fp32, {platform.processor() or 'cpu'}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, backend {chosen}")
     header = (f"{'pattern':<10} {'L':>6} {'density':>8} {'est ms':>8} {'est %':>6} {'attn ms':>9} {'dense ms':>9} "
               f"{'speedup':>8} {'attn/ideal':>10} {'recall':>7} {'rel err':>8}")
     out(header)
@@ -101,10 +103,14 @@ def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=Tru
         for name in patterns:
             pattern = PATTERNS[name]() if spans is None else with_modality(PATTERNS[name](), spans)
             state = {}
-            best, results = _timed_rounds({
-                "dense": lambda: dense_attention(q, k, v),
-                "estimate": lambda: state.__setitem__("layout", estimate(q, k, pattern)),
-                "attention": lambda: sparse_attention(q, k, v, state["layout"], check_layout=False)}, repeat)
+            fns = {"dense": lambda: dense_attention(q, k, v),
+                   "estimate": lambda: state.__setitem__("layout", estimate(q, k, pattern)),
+                   "attention": lambda: sparse_attention(q, k, v, state["layout"], check_layout=False,
+                                                         backend=chosen)}
+            torch_peer = chosen != "torch" and name == patterns[0]
+            if torch_peer:
+                fns["torch"] = lambda: sparse_attention(q, k, v, state["layout"], check_layout=False, backend="torch")
+            best, results = _timed_rounds(fns, repeat)
             dense_s, est_s, attn_s = best["dense"], best["estimate"], best["attention"]
             ref, o, layout = results["dense"], results["attention"], state["layout"]
             density = layout.density()
@@ -117,6 +123,11 @@ def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=Tru
                 f"{row['attn_ms']:>9.1f} "
                 f"{row['dense_ms']:>9.1f} {row['speedup']:>7.2f}x {row['attn_vs_ideal']:>10.2f} {recall:>7.3f} "
                 f"{row['rel_err']:>8.4f}")
+            if torch_peer:
+                torch_s = best["torch"]
+                out(f"{'  torch':<10} {L:>6} {density:>8.3f} {row['est_ms']:>8.1f} {'':>6} {torch_s * 1e3:>9.1f} "
+                    f"{dense_s * 1e3:>9.1f} {dense_s / (est_s + torch_s):>7.2f}x {torch_s / (dense_s * density):>10.2f} "
+                    f"{'':>7} {'':>8}   (the torch backend on the same layout, timed in the same turns)")
             if flex and name == patterns[0]:
                 flex_s, compile_s, flex_density = _flex_time(q, k, v, layout, repeat)
                 out(f"{'  flex':<10} {L:>6} {flex_density:>8.3f} {'':>8} {'':>6} {flex_s * 1e3:>9.1f} "
@@ -128,7 +139,7 @@ def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=Tru
         q, k, v, spans = _inputs(workload, L, heads, kv_heads, head_dim)
         from .prefill import sparse_prefill
         first = PATTERNS[patterns[0]]() if spans is None else with_modality(PATTERNS[patterns[0]](), spans)
-        sparse_mb = peak_memory_mb(lambda: sparse_prefill(q, k, v, first))
+        sparse_mb = peak_memory_mb(lambda: sparse_prefill(q, k, v, first, backend=chosen))
         dense_mb = peak_memory_mb(lambda: dense_attention(q, k, v))
         out(f"peak memory added at L={L}: sparse_prefill ({patterns[0]}) {sparse_mb:.0f} MiB, dense SDPA "
             f"{dense_mb:.0f} MiB; inputs {3 * q.numel() * 4 / 2 ** 20:.0f} MiB; one L x L fp32 score matrix "
@@ -151,6 +162,8 @@ def main(argv=None):
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=1, help="best of N timings")
+    parser.add_argument("--backend", default="auto", choices=["auto", "cpu", "torch"],
+                        help="engine of the attention column (auto: the compiled CPU kernel where it builds)")
     parser.add_argument("--no-flex", action="store_true", help="skip the compiled FlexAttention peer row")
     parser.add_argument("--no-quality", action="store_true", help="skip the attention-mass recall")
     parser.add_argument("--memory", action="store_true", help="peak memory of sparse_prefill vs dense at max L")
@@ -158,4 +171,4 @@ def main(argv=None):
                         help="mixed: text, video frames with grid attention, text (modality patterns get its spans)")
     args = parser.parse_args(argv)
     run(args.lengths, args.patterns, args.heads, args.kv_heads, args.head_dim, args.repeat, not args.no_flex,
-        not args.no_quality, args.memory, workload=args.workload)
+        not args.no_quality, args.memory, workload=args.workload, backend=args.backend)

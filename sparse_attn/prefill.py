@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from .layout import SparseLayout, concat_heads
 from .ops.checks import check_attention_inputs, check_layout_matches, resolve_scale
+from .ops import cpu_kernel
 from .ops.host_values import host_tensor
 from .ops.torch_sparse import torch_sparse_attention
 from .patterns import Dense, Pattern, VerticalSlash
@@ -15,7 +16,7 @@ from .patterns.base import patterns_per_head
 DEFAULT_PATTERN = VerticalSlash(gamma=0.95)
 #: Key lengths below this run dense attention in `sparse_prefill` (sparse would not pay for its estimate).
 DENSE_BELOW = 4096
-BACKENDS = ("auto", "torch", "flex", "triton", "cuda")
+BACKENDS = ("auto", "cpu", "torch", "flex", "triton", "cuda")
 
 
 def _patterns_per_head(pattern, n_heads: int) -> list[Pattern]:
@@ -70,6 +71,8 @@ def sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True, scal
         layout.check_indices()
     scale = resolve_scale(scale, q.shape[-1])
     chosen = _resolve_backend(backend, q, k, v, layout)
+    if chosen == "cpu":
+        return cpu_kernel.cpu_kernel_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse)
     if chosen == "flex":
         from .ops.flex import flex_sparse_attention
         return flex_sparse_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse)
@@ -111,8 +114,9 @@ def dense_attention(q, k, v, *, causal: bool = True, scale=None):
 
 
 def _resolve_backend(backend: str, q, k, v, layout=None) -> str:
-    """"auto" -> "triton" on CUDA tensors the Triton kernel supports (triton importable, dtype, head dim), else
-    "torch" (CPU tensors always: the interpreter is for tests).  "flex" compiles per shape, so it is opt-in."""
+    """"auto" -> "triton" on CUDA tensors the Triton kernel supports (triton importable, dtype, head dim); "cpu"
+    (the compiled C++ kernel) on CPU tensors of fp32/fp16/bf16 where it builds; else "torch" (the Triton
+    interpreter is for tests).  "flex" compiles per shape, so it is opt-in."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "triton":       # fail early, even where a short input would run dense
@@ -120,10 +124,14 @@ def _resolve_backend(backend: str, q, k, v, layout=None) -> str:
         reasons = triton_not_supported_reasons(q, k, v, layout)
         if reasons:
             raise ValueError("backend='triton' cannot run these inputs: " + "; ".join(reasons))
+    if backend == "cpu" and not cpu_kernel.supports(q):
+        raise ValueError(f"backend='cpu' takes CPU tensors of fp32, fp16 or bf16, got {q.dtype} on {q.device}")
     if backend != "auto":
         return backend
     if q.device.type == "cuda":
         from .ops.triton_launch import triton_not_supported_reasons      # no triton import: a spec lookup
         if not triton_not_supported_reasons(q, k, v, layout):
             return "triton"
+    if cpu_kernel.supports(q) and cpu_kernel.available():
+        return "cpu"
     return "torch"

@@ -1,5 +1,6 @@
-"""The torch backend (`sparse_attention` on CPU tensors) against the fp32 oracle `reference_attention` with the
-layout's mask, against dense attention when the budget covers everything, in low precision, and for memory."""
+"""The CPU backends (`sparse_attention` on CPU tensors: the torch backend and the compiled C++ kernel, each test run
+once per engine) against the fp32 oracle `reference_attention` with the layout's mask, against dense attention when
+the budget covers everything, in low precision, and for memory."""
 import random
 
 import pytest
@@ -9,11 +10,22 @@ from hypothesis import given, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparse_attn as sa
-from sparse_attn.ops import torch_sparse
+from sparse_attn.ops import cpu_kernel, torch_sparse
 from conftest import (CONTIGUITY, HEAD_CONFIGS, assert_close, assert_lse_close, make_qkv, pattern_cases,
                       pattern_strategy, plain_attention, random_layout, resolve_pattern, round_up, sdpa)
 
 PATTERN_NAMES = list(pattern_cases())
+
+
+@pytest.fixture(autouse=True, params=["torch", "cpu"])
+def engine(request, monkeypatch):
+    """The engine backend="auto" runs on CPU tensors: the torch backend, or the compiled kernel (skipped where it
+    cannot be built)."""
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    elif not cpu_kernel.available():
+        pytest.skip("the compiled CPU kernel cannot be built here")
+    return request.param
 # (Lq, Lk, heads, D, contiguity): every awkward length, with the head configs, dims and memory layouts spread over
 SHAPE_CASES = {
     "L1": (1, 1, "mha", 64, "blhd"),
@@ -176,13 +188,13 @@ def test_gqa_equals_repeated_kv_and_batch_rows_are_independent():
     assert (out[0] - out[1]).abs().max() > 1e-2
 
 
-def test_inputs_are_not_modified_and_check_layout_false_gives_the_same():
+def test_inputs_are_not_modified_and_check_layout_false_gives_the_same(engine):
     q, k, v = make_qkv(2, 4, 2, 150, 150, 64, seed=2, contiguity="blhd")
     saved = [t.clone() for t in (q, k, v)]
     layout = sa.estimate(q, k, sa.VerticalSlash(vertical=16, slash=64, sink=4, local=64))
     fields = [getattr(layout, f).clone() for f in ("block_count", "block_offset", "column_count", "column_index")]
     a = sa.sparse_attention(q, k, v, layout)
-    b = sa.sparse_attention(q, k, v, layout, check_layout=False, backend="torch")
+    b = sa.sparse_attention(q, k, v, layout, check_layout=False, backend=engine)
     assert torch.equal(a, b)
     for t, s in zip((q, k, v), saved):
         assert torch.equal(t, s)

@@ -19,6 +19,7 @@ import torch
 
 from ..layout import SparseLayout
 from .checks import attention_input_reasons, check_layout_matches, resolve_scale
+from . import sources
 from .cuda_cache import KernelCache
 from .vertical_slash_args import check_vertical_slash_args, vertical_slash_output_sizes
 
@@ -45,12 +46,10 @@ def kernel_specialisations() -> dict:
 
 
 def source_dir() -> Path:
-    """``csrc/`` next to the package (a source checkout) or inside it (an install that ships it as data)."""
-    here = Path(__file__).resolve().parents[1]
-    for candidate in (here / "csrc", here.parent / "csrc"):
-        if candidate.is_dir():
-            return candidate
-    raise CudaBackendError(f"the CUDA sources (csrc/) were not found next to {here}")
+    try:
+        return sources.source_dir()
+    except FileNotFoundError as err:
+        raise CudaBackendError(str(err)) from None
 
 
 # ---------------------------------------------------------------------------------------------------- environment
