@@ -2,6 +2,7 @@
 import pytest
 
 import sparse_attn as sa
+from sparse_attn.ops import cpu_kernel
 from sparse_attn.synthetic import Workload, make_qkv
 
 L = 8192
@@ -21,11 +22,14 @@ def test_estimate(benchmark, qkv, name):
     benchmark(sa.estimate, q, k, PATTERNS[name])
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("name", sorted(PATTERNS))
-def test_attention_torch(benchmark, qkv, name):
+def test_attention(benchmark, qkv, name, backend):
+    if backend == "cpu" and not cpu_kernel.available():
+        pytest.skip("the compiled CPU kernel cannot be built here")
     q, k, v = qkv
     layout = sa.estimate(q, k, PATTERNS[name])
-    benchmark(sa.sparse_attention, q, k, v, layout, backend="torch", check_layout=False)
+    benchmark(sa.sparse_attention, q, k, v, layout, backend=backend, check_layout=False)
 
 
 def test_dense_sdpa(benchmark, qkv):
