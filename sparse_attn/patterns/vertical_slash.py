@@ -207,10 +207,12 @@ def _choose(col_all, col, diag, n, prm, block_n, n_buckets, width_v, width_s, ga
         on_slash_cols = on_slash(picked)                                               # [B, h, Lk]
         residual = col_all - on_slash_cols
         covered = on_slash_cols.sum(-1)                                                # [B, h]
-        order = torch.where(force_v, math.inf, col).argsort(-1, descending=True)
+        # only the top width_v columns by mass can be kept (`_top_within` ranks them the same way): a top-k, not a
+        # sort of all Lk
+        order = torch.where(force_v, math.inf, col).topk(min(width_v, Lk), dim=-1).indices
         mass = residual.gather(-1, order)
         reached = (mass.cumsum(-1) - mass) < (target - covered)[..., None]
-        chosen_v = torch.zeros_like(reached).scatter_(-1, order, reached)
+        chosen_v = torch.zeros(col.shape, dtype=torch.bool, device=dev).scatter_(-1, order, reached)
     verticals, v_ok = _top_within(col, force_v, prm["vertical"], prm["min_vertical"], chosen_v, width_v)
     return verticals, v_ok, groups, s_ok
 
