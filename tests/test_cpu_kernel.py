@@ -108,10 +108,12 @@ def check_kernel(q, k, v, layout, causal, scale=None):
 
 
 def boundary_layout(B, H, lq, lk, block_m, block_n, seed):
-    """Per query block: tiles ending exactly at, one past and one before the block's last visible key, a tile
-    starting right after the block's first row position, a touching neighbour (one run), a tile wholly after the
-    last visible key, one clipped at Lk, one at 0; columns on every row's diagonal key, one key before and one
-    after the block, Lk - 1.  Listed shuffled, per (b, h) shifted so batch rows and heads differ."""
+    """Per query block, alternately: tiles ending exactly at, one past and one before the block's last visible
+    key and one starting right after its first row's key, or tiles ending right before the first row's key (the
+    diagonal keys then left to columns); each with a touching neighbour (one run), plus a tile wholly after the
+    last visible key, one clipped at Lk, one at 0; columns on every row's diagonal key not in a tile, one key
+    before and two after the block, Lk - 1.  Listed shuffled, shifted and thinned per (b, h) so batch rows and
+    heads differ."""
     rng = random.Random(seed)
     n_qb = -(-lq // block_m)
     tiles, cols = [], []
@@ -121,9 +123,11 @@ def boundary_layout(B, H, lq, lk, block_m, block_n, seed):
                 first = m * block_m + lk - lq
                 last = min(lq, (m + 1) * block_m) - 1 + lk - lq
                 shift = (b * H + h) % 3
-                wanted = [last - block_n + 1 - shift, last - block_n + 2, last - block_n, first + 1 + shift,
-                          last + 1, lk - block_n // 2, 0]
-                wanted += [w - block_n for w in wanted[:4]]             # touching neighbours: merged runs
+                if (m + b + h) % 2:      # the rows' diagonal keys in tiles crossing it
+                    wanted = [last - block_n + 1 - shift, last - block_n + 2, last - block_n, first + 1 + shift]
+                else:                    # the diagonal keys left to the columns, tiles just before the block
+                    wanted = [first - block_n - shift, first - block_n + 1]
+                wanted += [w - block_n for w in wanted] + [last + 1, lk - block_n // 2, 0]   # touching: one run
                 chosen, covered = [], set()
                 for s in wanted:
                     keys = set(range(s, min(s + block_n, lk)))
