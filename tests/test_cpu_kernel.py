@@ -1,6 +1,7 @@
 """The compiled CPU kernel's own concerns: how it is chosen, built and identified, and what the oracle tests of
 `test_torch_backend.py` (which run every case, random layouts with shuffled tiles included, on it too) do not
-reach: extreme scores and thread counts."""
+reach: extreme scores, thread counts, hand-built layouts at every causal boundary (touching, clipped and unsorted
+tiles, diagonal columns), every key listed, block sizes far above the lengths, low precision rounded once."""
 import random
 
 import pytest
