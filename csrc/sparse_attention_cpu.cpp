@@ -80,6 +80,9 @@ std::vector<at::Tensor> sparse_attention(const at::Tensor& q, const at::Tensor& 
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
   const int64_t Hkv = v.size(1), Lk = v.size(2), ldk = k_t.size(3), group = Hq / Hkv;
   const int64_t n_qb = offsets.size(2), T = offsets.size(3), C = columns.size(3);
+  TORCH_CHECK(D >= 1 && block_m >= 1 && block_n >= 1, "sparse_attention_cpu: head_dim, block_m, block_n must be >= 1");
+  // per-thread buffers hold one block's rows: no more than Lq however large block_m is
+  const int64_t bm = std::min(block_m, Lq);
   auto out = at::empty_like(q);
   auto lse = at::empty({B, Hq, Lq}, q.options());
   const float* qp = q.data_ptr<float>();
@@ -98,7 +101,7 @@ std::vector<at::Tensor> sparse_attention(const at::Tensor& q, const at::Tensor& 
   // blocks differ in work (later blocks see more keys): hand them out one at a time
 #pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
   {
-    std::vector<float> qs(block_m * D), S(block_m * W), O(block_m * D), kc_t(D * Cw), vc(Cw * D), row_sum(block_m);
+    std::vector<float> qs(bm * D), S(bm * W), O(bm * D), kc_t(D * Cw), vc(Cw * D), row_sum(bm);
     std::vector<int32_t> tiles(std::max<int64_t>(T, 1)), col_keys(Cw);
     std::vector<Run> runs;
 #pragma omp for schedule(dynamic, 1)

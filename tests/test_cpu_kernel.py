@@ -1,6 +1,9 @@
 """The compiled CPU kernel's own concerns: how it is chosen, built and identified, and what the oracle tests of
 `test_torch_backend.py` (which run every case, random layouts with shuffled tiles included, on it too) do not
-reach: extreme scores and thread counts."""
+reach: extreme scores, thread counts, hand-built layouts at every causal boundary (touching, clipped and unsorted
+tiles, diagonal columns), every key listed, block sizes far above the lengths, low precision rounded once."""
+import random
+
 import pytest
 import torch
 
@@ -88,3 +91,140 @@ def test_thread_count_does_not_change_the_result():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
+
+
+# ---------------------------------------------------------------------------------------------------- edge layouts
+def oracle_mask(layout):
+    """`SparseLayout.to_mask` without its [B, H, nQb * block_m, Lk] intermediate (block_m may exceed Lq hugely)."""
+    return layout.block_key_mask().repeat_interleave(min(layout.block_m, layout.q_len), dim=2)[:, :, :layout.q_len]
+
+
+def check_kernel(q, k, v, layout, causal, scale=None):
+    out, lse = sa.sparse_attention(q, k, v, layout, causal=causal, scale=scale, backend="cpu", return_lse=True)
+    ref, ref_lse = sa.reference_attention(q, k, v, oracle_mask(layout), causal=causal, scale=scale, return_lse=True)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    assert_close(out, ref, atol=1e-5)
+    assert_lse_close(lse, ref_lse, atol=1e-5)
+    return out, lse
+
+
+def boundary_layout(B, H, lq, lk, block_m, block_n, seed):
+    """Per query block, alternately: tiles ending exactly at, one past and one before the block's last visible
+    key and one starting right after its first row's key, or tiles ending right before the first row's key (the
+    diagonal keys then left to columns); each with a touching neighbour (one run), plus a tile wholly after the
+    last visible key, one clipped at Lk, one at 0; columns on every row's diagonal key not in a tile, one key
+    before and two after the block, Lk - 1.  Listed shuffled, shifted and thinned per (b, h) so batch rows and
+    heads differ."""
+    rng = random.Random(seed)
+    n_qb = -(-lq // block_m)
+    tiles, cols = [], []
+    for b in range(B):
+        for h in range(H):
+            for m in range(n_qb):
+                first = m * block_m + lk - lq
+                last = min(lq, (m + 1) * block_m) - 1 + lk - lq
+                shift = (b * H + h) % 3
+                if (m + b + h) % 2:      # the rows' diagonal keys in tiles crossing it
+                    wanted = [last - block_n + 1 - shift, last - block_n + 2, last - block_n, first + 1 + shift]
+                else:                    # the diagonal keys left to the columns, tiles just before the block
+                    wanted = [first - block_n - shift, first - block_n + 1]
+                wanted += [w - block_n for w in wanted] + [last + 1, lk - block_n // 2, 0]   # touching: one run
+                chosen, covered = [], set()
+                for s in wanted:
+                    keys = set(range(s, min(s + block_n, lk)))
+                    if 0 <= s < lk and not keys & covered:
+                        chosen.append(s)
+                        covered |= keys
+                c = [key for key in [*range(first, last + 1), first - 1, last + 1, last + 2, lk - 1]
+                     if 0 <= key < lk and key not in covered and (key + b + h) % 4 != 3]
+                c = sorted(set(c))
+                rng.shuffle(chosen)
+                rng.shuffle(c)
+                tiles.append(chosen)
+                cols.append(c)
+
+    def pack(rows):
+        width = max(len(r) for r in rows) + 1
+        data = torch.full((len(rows), width), -5, dtype=torch.int32)             # junk padding
+        for i, r in enumerate(rows):
+            data[i, :len(r)] = torch.tensor(r, dtype=torch.int32)
+        count = torch.tensor([len(r) for r in rows], dtype=torch.int32)
+        return count.reshape(B, H, n_qb), data.reshape(B, H, n_qb, width)
+
+    (bc, bo), (cc, ci) = pack(tiles), pack(cols)
+    return sa.SparseLayout(bc, bo, cc, ci, q_len=lq, k_len=lk, block_m=block_m, block_n=block_n).check()
+
+
+BOUNDARY_CASES = [  # (lq, lk, block_m, block_n)
+    (100, 100, 64, 64), (100, 230, 16, 32), (77, 301, 32, 16), (130, 200, 128, 48), (1, 90, 64, 64),
+    (1, 1, 16, 16), (65, 65, 48, 80), (50, 190, 8, 128)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lq,lk,block_m,block_n", BOUNDARY_CASES)
+def test_tiles_and_columns_at_every_causal_boundary_match_the_oracle(lq, lk, block_m, block_n, causal):
+    q, k, v = make_qkv(2, 4, 2, lq, lk, 16, seed=lq + lk)
+    layout = boundary_layout(2, 4, lq, lk, block_m, block_n, seed=block_m + block_n)
+    check_kernel(q, k, v, layout, causal)
+
+
+@needs_kernel
+@pytest.mark.parametrize("causal", [True, False])
+def test_hundreds_of_columns_and_blocks_listing_every_key(causal):
+    """Columns only (every key of the sequence, or every other one), and single-key tiles over every key: the
+    score buffer is block_m x Lk wide; MQA with different rows per batch row."""
+    lq, lk, n_qb = 70, 333, 3
+    q, k, v = make_qkv(2, 3, 1, lq, lk, 16, seed=9, contiguity="blhd")
+    every = torch.arange(lk, dtype=torch.int32).flip(0)
+    cc = torch.full((2, 3, 2), lk, dtype=torch.int32)
+    ci = every.expand(2, 3, 2, lk).clone()
+    ci[1, 2, 1, :lk // 2 + 1] = torch.arange(0, lk, 2, dtype=torch.int32)
+    cc[1, 2, 1] = lk // 2 + 1
+    zero = torch.zeros(2, 3, 2, dtype=torch.int32)
+    check_kernel(q, k, v, sa.SparseLayout(zero, zero[..., None], cc, ci, q_len=lq, k_len=lk).check(), causal)
+    single = sa.SparseLayout(cc.clone()[..., :1].expand(2, 3, n_qb).contiguous(), every.expand(2, 3, n_qb, lk).clone(),
+                             torch.zeros(2, 3, n_qb, dtype=torch.int32), torch.zeros(2, 3, n_qb, 0, dtype=torch.int32),
+                             q_len=lq, k_len=lk, block_m=32, block_n=1).check()
+    check_kernel(q, k, v, single, causal)
+
+
+@needs_kernel
+@pytest.mark.parametrize("block_m,block_n", [(2 ** 40, 64), (64, 2 ** 40)])
+def test_block_sizes_far_above_the_lengths_do_not_size_the_buffers(block_m, block_n):
+    """The per-thread buffers must follow Lq and Lk, not block_m and block_n (which are only bounded below)."""
+    lq, lk = 100, 150
+    q, k, v = make_qkv(2, 2, 1, lq, lk, 16, seed=2)
+    n_qb = -(-lq // block_m)
+    bc = torch.ones(2, 2, n_qb, dtype=torch.int32)
+    bo = torch.tensor([40, 7], dtype=torch.int32)[:n_qb].expand(2, 2, n_qb)[..., None].contiguous()
+    bo[1, 1] = 5
+    cc = torch.ones(2, 2, n_qb, dtype=torch.int32)
+    ci = torch.full((2, 2, n_qb, 1), 3, dtype=torch.int32)
+    layout = sa.SparseLayout(bc, bo, cc, ci, q_len=lq, k_len=lk, block_m=block_m, block_n=block_n).check()
+    for causal in (True, False):
+        check_kernel(q, k, v, layout, causal)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype,rtol", [(torch.float16, 2 ** -10), (torch.bfloat16, 2 ** -7)])
+def test_low_precision_inputs_are_computed_in_fp32_and_rounded_once(dtype, rtol):
+    """The kernel upcasts: its output is the fp32 oracle's on the same (low-precision) values, rounded once to
+    q's dtype, and its LSE is the fp32 oracle's."""
+    q, k, v = make_qkv(2, 4, 2, 90, 200, 32, seed=6, dtype=dtype, contiguity="strided")
+    layout = boundary_layout(2, 4, 90, 200, 32, 32, seed=1)
+    out, lse = sa.sparse_attention(q, k, v, layout, backend="cpu", return_lse=True)
+    ref, ref_lse = sa.reference_attention(q.float(), k.float(), v.float(), layout.to_mask(), return_lse=True)
+    assert out.dtype == dtype
+    assert_close(out.float(), ref, atol=1e-5, rtol=rtol)
+    assert_lse_close(lse, ref_lse, atol=1e-5)
+
+
+def test_zero_head_dim_is_refused_naming_it():
+    q = torch.zeros(1, 1, 5, 0)
+    zero = torch.zeros(1, 1, 1, dtype=torch.int32)
+    layout = sa.SparseLayout(zero + 1, zero[..., None], zero, zero[..., :0, None].reshape(1, 1, 1, 0), q_len=5,
+                             k_len=5)
+    for backend in ("cpu", "torch"):
+        with pytest.raises(ValueError, match="head_dim"):
+            sa.sparse_attention(q, q, q, layout, scale=1.0, backend=backend)

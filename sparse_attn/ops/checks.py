@@ -36,6 +36,8 @@ def attention_input_reasons(q, k, v) -> list[str]:
         reasons.append(f"q seq_len ({Lq}) must be <= k seq_len ({Lk}): queries are the last Lq positions")
     if Lk == 0:
         reasons.append("k seq_len must be >= 1")
+    if D == 0:
+        reasons.append("head_dim must be >= 1, got 0")
     return reasons
 
 

@@ -99,7 +99,8 @@ def cpu_kernel_attention(q, k, v, layout: SparseLayout, *, causal: bool, scale: 
     k_t[..., :Lk] = k.transpose(-1, -2)
     counts = layout.block_count.to(torch.int32).contiguous()
     col_counts = layout.column_count.to(torch.int32).contiguous()
-    max_keys = int((counts.long() * layout.block_n + col_counts).max()) if counts.numel() else 0
+    # a tile holds at most min(block_n, Lk) keys: a block_n far above Lk must not size the score buffer
+    max_keys = int((counts.long() * min(layout.block_n, Lk) + col_counts).max()) if counts.numel() else 0
     out, lse = op(qf, k_t, vf, layout.block_offset.to(torch.int32).contiguous(), counts,
                   layout.column_index.to(torch.int32).contiguous(), col_counts, layout.block_m, layout.block_n,
                   causal, float(scale), max_keys)
