@@ -26,6 +26,8 @@ def engine(request, monkeypatch):
     elif not cpu_kernel.available():
         pytest.skip("the compiled CPU kernel cannot be built here")
     return request.param
+
+
 # (Lq, Lk, heads, D, contiguity): every awkward length, with the head configs, dims and memory layouts spread over
 SHAPE_CASES = {
     "L1": (1, 1, "mha", 64, "blhd"),

@@ -8,8 +8,9 @@
   index above, computed with tensor ops (with the CUDA kernel of ``csrc/`` on CUDA tensors when CuPy works).
 
 The three attention functions take a keyword ``backend`` (default "auto": the Triton kernel on CUDA tensors, the
-compiled CPU kernel on CPU tensors where it builds, torch otherwise), passed on to `sparse_attention`.  Tensors are converted between BLHD and the package's canonical
-BHLD with transposes at the boundary (views, no copies, no repeated KV heads).
+compiled CPU kernel on CPU tensors where it builds, torch otherwise), passed on to `sparse_attention`.  Tensors
+are converted between BLHD and the package's canonical BHLD with transposes at the boundary (views, no copies, no
+repeated KV heads).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Sparse attention over a SparseLayout with plain torch ops: the CPU path (and a fallback on any device).
+"""Sparse attention over a SparseLayout with plain torch ops: runs on any device; on the CPU it is the fallback of
+the compiled kernel (`cpu_kernel`) and the fp64 path.
 
 Each query block (``block_m`` rows of one batch row and head) gathers the keys its tiles and columns list and
 attends to them with two batched matmuls.  With ``causal`` this *main part* takes the keys before the block's
