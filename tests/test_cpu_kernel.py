@@ -52,6 +52,28 @@ def test_turned_off_kernel_falls_back_to_torch_and_explicit_request_says_why(mon
         cpu_kernel.load.cache_clear()
 
 
+def test_failed_build_warns_once_and_auto_takes_the_torch_backend(monkeypatch, tmp_path):
+    """No compiler (or a broken one): the build raises inside torch's cpp_extension; the package must warn, say
+    why, and keep working on the torch backend."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Error building extension: c++: command not found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setenv("SPARSE_ATTN_CACHE", str(tmp_path))
+    cpu_kernel.load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="compiled CPU kernel is unavailable.*command not found"):
+            assert not cpu_kernel.available()
+        q, k, v = make_qkv(1, 2, 1, 100, 100, 16, seed=2)
+        assert prefill._resolve_backend("auto", q, k, v) == "torch"
+        layout = sa.estimate(q, k, sa.AShape(sink=16, local=32))
+        assert_close(sa.sparse_attention(q, k, v, layout), oracle(q, k, v, layout, True)[0], atol=1e-5)
+    finally:
+        cpu_kernel.load.cache_clear()
+
+
 def test_build_name_changes_with_source_flags_torch_and_cpu():
     base = cpu_kernel.build_name(b"source", cpu="flags: avx2")
     assert base == cpu_kernel.build_name(b"source", cpu="flags: avx2")
