@@ -9,8 +9,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sparse_attn.ops.cuda import kernel_specialisations
-from sparse_attn.ops.cuda_cache import define_options
+from sparse_attn.backends.cuda.launcher import kernel_specialisations
+from sparse_attn.backends.jit import define_options
 
 root = Path(__file__).resolve().parents[1]
 nvcc = shutil.which("nvcc")

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse_attn as sa
-from sparse_attn.synthetic import Workload, make_qkv
+from sparse_attn.tools.synthetic import Workload, make_qkv
 
 FIELDS = ["stage", "length", "pattern", "impl", "backend", "dtype", "shape", "density", "ms", "tflops",
           "speedup_vs_dense", "vs_flex", "max_err", "plain_err", "ok", "note", "device", "torch", "triton", "cupy",
@@ -170,8 +170,8 @@ def check_correctness(report: Report, device, backends, dtypes, shapes, budget: 
 def check_scores(report: Report, device, dtypes, shapes, budget: Budget):
     """The estimator score kernels (column / diagonal mass of the last 64 queries, with sink and local bands,
     both diagonal reductions) against the torch reference on the same inputs; stage "scores"."""
-    from sparse_attn.ops.scores import column_mass, diagonal_mass, last_query_probs
-    from sparse_attn.ops.triton_scores_launch import scores_not_supported_reasons, triton_sample_scores
+    from sparse_attn.estimators.sample_mass import column_mass, diagonal_mass, last_query_probs
+    from sparse_attn.estimators.triton_scores import scores_not_supported_reasons, triton_sample_scores
 
     for shape in shapes:
         B, Hq, Hkv, Lq, Lk, D = shape
@@ -296,7 +296,7 @@ def estimate_by_scores(report: Report, row: dict, q, k, pattern, measure):
     Other patterns, and the triton scores off CUDA without TRITON_INTERPRET=1, are skipped."""
     if not isinstance(pattern, sa.VerticalSlash):
         return
-    from sparse_attn.ops.triton_scores_launch import scores_not_supported_reasons
+    from sparse_attn.estimators.triton_scores import scores_not_supported_reasons
 
     Hq = q.shape[1]
     heads = torch.arange(Hq, device=q.device)

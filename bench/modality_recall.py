@@ -16,9 +16,9 @@ import time
 import torch
 
 import sparse_attn as sa
-from sparse_attn.bench import _timed as timed
+from sparse_attn.tools.bench import _timed as timed
 from sparse_attn.prefill import dense_attention
-from sparse_attn.synthetic import MixedWorkload, make_mixed_qkv
+from sparse_attn.tools.synthetic import MixedWorkload, make_mixed_qkv
 
 
 def recalls(q, k, layouts, *, rows_per_chunk=256):

@@ -2,8 +2,8 @@
 import pytest
 
 import sparse_attn as sa
-from sparse_attn.ops import cpu_kernel
-from sparse_attn.synthetic import Workload, make_qkv
+from sparse_attn.backends.cpu import loader as cpu_kernel
+from sparse_attn.tools.synthetic import Workload, make_qkv
 
 L = 8192
 PATTERNS = {"ashape": sa.AShape(sink=128, local=1024), "vs": sa.VerticalSlash(vertical=512, slash=1024),

@@ -20,7 +20,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 
-from sparse_attn.ops.triton_launch import launch_config  # noqa: E402
+from sparse_attn.backends.triton.launcher import launch_config  # noqa: E402
 
 _POINTERS = ("Q", "K", "V", "Out")
 _INDEXES = ("BlockCount", "BlockOffset", "ColumnCount", "ColumnIndex")
@@ -34,7 +34,7 @@ def compile_one(dtype, head_dim: int, causal: bool, arch: int, block_m: int = 64
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from sparse_attn.ops.triton_attention import sparse_attention_kernel as kernel
+    from sparse_attn.backends.triton.kernel import sparse_attention_kernel as kernel
 
     cfg = {**launch_config(head_dim, dtype, block_m, block_n, arch // 10), **override}
     launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from triton_compile_check import ptxas_report  # noqa: E402
 
-from sparse_attn.ops.triton_scores_launch import _launch_config  # noqa: E402
+from sparse_attn.estimators.triton_scores import _launch_config  # noqa: E402
 
 _TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _INT_POINTERS = {"Heads": "*i32", "Sink": "*i32", "Local": "*i32", "Picked": "*i8"}
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import triton
 
-    from sparse_attn.ops.triton_scores import sample_mass_kernel, sample_row_stats_kernel
+    from sparse_attn.estimators.triton_scores_kernel import sample_mass_kernel, sample_row_stats_kernel
 
     print(f"triton {triton.__version__}, target sm_{args.arch}")
     variants = [(sample_row_stats_kernel, {}), (sample_mass_kernel, dict(MODE=0, USE_GATHER=True)),

@@ -2,7 +2,7 @@
 
 Nothing here imports CUDA code or transformers; GPU kernels load on first use."""
 from .layout import SparseLayout
-from .ops.reference import reference_attention
+from .backends.reference import reference_attention
 from .patterns import AShape, BlockSparse, Dense, Pattern, VerticalSlash
 from .patterns import Grid, ModalitySpan, ModalitySpans, QBoundary, TwoDBoundary, with_modality
 from .prefill import DEFAULT_PATTERN, dense_attention, estimate, sparse_attention, sparse_prefill

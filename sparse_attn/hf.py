@@ -2,7 +2,7 @@
 sah.patch(model)``.  Imports transformers only when a model is patched."""
 from .integrations.hf import (DEFAULT_OPTIONS, IMPLEMENTATION, ONLINE_DENSE_ABOVE, is_patched, patch,
                               retrieval_cache, unpatch)
-from .integrations.hf_modality import current_spans, modality
+from .integrations.hf.modality import current_spans, modality
 
 __all__ = ["DEFAULT_OPTIONS", "IMPLEMENTATION", "ONLINE_DENSE_ABOVE", "current_spans", "is_patched", "modality",
            "patch", "retrieval_cache", "unpatch"]

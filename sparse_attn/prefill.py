@@ -1,14 +1,16 @@
-"""Prefill: estimate a layout per head, then run attention over it on the chosen backend."""
+"""Prefill: estimate a layout per head, then run attention over it on the chosen backend.
+
+Inputs are checked once, here at the public boundary; the private paths below trust them."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .backends import BACKEND_NAMES, select_backend
+from .backends.checks import check_attention_inputs, check_layout_matches, resolve_scale
+from .backends.host_copy import host_tensor
+from .errors import InvalidArgumentError, InvalidTypeError
 from .layout import SparseLayout, concat_heads
-from .ops.checks import check_attention_inputs, check_layout_matches, resolve_scale
-from .ops import cpu_kernel
-from .ops.host_values import host_tensor
-from .ops.torch_sparse import torch_sparse_attention
 from .patterns import Dense, Pattern, VerticalSlash
 from .patterns.base import patterns_per_head
 
@@ -16,28 +18,121 @@ from .patterns.base import patterns_per_head
 DEFAULT_PATTERN = VerticalSlash(gamma=0.95)
 #: Key lengths below this run dense attention in `sparse_prefill` (sparse would not pay for its estimate).
 DENSE_BELOW = 4096
-BACKENDS = ("auto", "cpu", "torch", "flex", "triton", "cuda")
-
-
-def _patterns_per_head(pattern, n_heads: int) -> list[Pattern]:
-    return patterns_per_head(DEFAULT_PATTERN if pattern is None else pattern, n_heads)
-
-
-def _check_block(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+#: What ``backend=`` accepts (kept for callers of the old name).
+BACKENDS = BACKEND_NAMES
 
 
 def estimate(q, k, pattern=None, *, causal: bool = True, scale=None, block_m: int = 64,
              block_n: int = 64) -> SparseLayout:
-    """Estimate the SparseLayout of ``pattern`` (one for all heads, or a list of one per query head) from
-    ``q [B, Hq, Lq, D]`` and ``k [B, Hkv, Lk, D]``.  Heads are handled together per pattern family."""
+    """Estimate the `SparseLayout` of ``pattern`` for every batch row and query head, from a sample of the queries.
+
+    Arguments:
+        q: ``[batch, query heads Hq, Lq, head_dim]`` (BHLD), fp16 / bf16 / fp32 / fp64.
+        k: ``[batch, kv heads Hkv, Lk, head_dim]``, same dtype and device; ``Hq % Hkv == 0`` (GQA: query head h
+            reads KV head ``h // (Hq // Hkv)``); ``Lq <= Lk``.
+        pattern: one `Pattern` for every head, a list of one per query head, or None (`DEFAULT_PATTERN`).  Heads
+            of one pattern family are estimated together; budgets may differ per head.
+        causal: queries are the **last** Lq key positions (bottom-right alignment, as in chunked prefill)::
+
+                keys    0 ......... Lk-Lq ...... Lk-1
+                query 0             x
+                query Lq-1                        x     (x: the query's own position, the last key it sees)
+
+        scale: softmax scale of the scores (default ``head_dim ** -0.5``).
+        block_m, block_n: query rows per layout row block, keys per tile (64, 64).
+
+    Returns:
+        A `SparseLayout` ``[batch, Hq, ceil(Lq / block_m)]`` on q's device.  No host synchronisation on a GPU.
+
+    Raises:
+        ValueError / TypeError (`sparse_attn.errors`) naming the argument when an input is malformed."""
     check_attention_inputs(q, k, k)
     _check_block("block_m", block_m)
     _check_block("block_n", block_n)
+    return _estimate(q, k, _patterns_per_head(pattern, q.shape[1]), causal=causal,
+                     scale=resolve_scale(scale, q.shape[-1]), block_m=block_m, block_n=block_n)
+
+
+def sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True, scale=None, backend: str = "auto",
+                     return_lse: bool = False, softcap: float = 0.0, check_layout: bool = True):
+    """Attention of each query block over only the keys its ``layout`` lists.
+
+    Arguments:
+        q: ``[batch, Hq, Lq, head_dim]``; k, v: ``[batch, Hkv, Lk, head_dim]`` (any strides; ``Hq % Hkv == 0``,
+            KV never repeated; ``Lq <= Lk``).
+        layout: a `SparseLayout` built for these shapes (``[batch, Hq]``, q_len Lq, k_len Lk, q's device).
+        causal: with True, each query also sees only keys at or before its position, the queries being the
+            **last** Lq keys (bottom-right alignment; see `estimate`); with False the layout alone decides.
+        scale: softmax scale (default ``head_dim ** -0.5``).
+        backend: "auto" (Triton on CUDA tensors, the compiled C++ kernel on CPU tensors, torch otherwise), or one
+            of "cpu", "torch", "triton", "cuda", "flex" (`sparse_attn.backends`).
+        return_lse: also return the natural-log LSE of each row's scaled scores.
+        softcap: when > 0, scores become ``softcap * tanh(score / softcap)`` before the softmax (Gemma-2).
+        check_layout: validate the layout's indices (one host sync); layouts from `estimate` are valid.
+
+    Returns:
+        ``out [batch, Hq, Lq, head_dim]`` in q's dtype, and with ``return_lse`` the LSE ``[batch, Hq, Lq]`` in fp32
+        (-inf, with output 0, for a row that sees no key).
+
+    Raises:
+        ValueError / TypeError naming the argument for malformed inputs; `NotSupportedError` (a ValueError)
+        listing every reason when the chosen backend (or, for "auto", every backend) cannot run the inputs."""
+    check_attention_inputs(q, k, v)
+    if not isinstance(layout, SparseLayout):
+        raise InvalidTypeError(f"layout must be a SparseLayout, got {type(layout).__name__}")
+    check_layout_matches(layout, q, k)
+    if check_layout:
+        layout.check_indices()
+    softcap = _check_softcap(softcap)
+    chosen = select_backend(backend, q, k, v, layout, return_lse=return_lse, softcap=softcap)
+    return chosen.run(q, k, v, layout, causal=causal, scale=resolve_scale(scale, q.shape[-1]),
+                      return_lse=return_lse, softcap=softcap)
+
+
+def sparse_prefill(q, k, v, pattern=None, *, causal: bool = True, scale=None, backend: str = "auto",
+                   softcap: float = 0.0, dense_below: int | None = None):
+    """Estimate per-head layouts (`estimate`) and run sparse attention over them (`sparse_attention`).
+
+    Arguments are those of `estimate` and `sparse_attention`; ``dense_below``: key lengths below it (default
+    `DENSE_BELOW`) run dense attention, as do all-`Dense` patterns (sparse would not pay for its estimate there).
+
+    Returns ``out [batch, Hq, Lq, head_dim]`` in q's dtype."""
+    check_attention_inputs(q, k, v)
     patterns = _patterns_per_head(pattern, q.shape[1])
+    softcap = _check_softcap(softcap)
+    threshold = DENSE_BELOW if dense_below is None else dense_below
+    chosen = select_backend(backend, q, k, v, softcap=softcap)      # fail early, even where the input runs dense
     scale = resolve_scale(scale, q.shape[-1])
+    if k.shape[2] < threshold or all(isinstance(p, Dense) for p in patterns):
+        if softcap:               # SDPA has no softcap: a whole-budget layout on the chosen backend instead
+            layout = _estimate(q, k, [Dense()] * q.shape[1], causal=causal, scale=scale, block_m=64, block_n=64)
+            return chosen.run(q, k, v, layout, causal=causal, scale=scale, softcap=softcap)
+        return _dense(q, k, v, causal=causal, scale=scale)
+    layout = _estimate(q, k, patterns, causal=causal, scale=scale, block_m=64, block_n=64)
+    return chosen.run(q, k, v, layout, causal=causal, scale=scale, softcap=softcap)
+
+
+def dense_attention(q, k, v, *, causal: bool = True, scale=None):
+    """Dense attention through PyTorch SDPA: ``q [batch, Hq, Lq, head_dim]`` over ``k, v [batch, Hkv, Lk,
+    head_dim]``, bottom-right causal (queries are the last Lq keys), GQA without repeating KV.  Returns
+    ``[batch, Hq, Lq, head_dim]`` in q's dtype."""
+    check_attention_inputs(q, k, v)
+    return _dense(q, k, v, causal=causal, scale=resolve_scale(scale, q.shape[-1]))
+
+
+def _dense(q, k, v, *, causal: bool, scale: float):
+    Lq, Lk = q.shape[2], k.shape[2]
+    mask = None
+    if causal and Lq != Lk:
+        from torch.nn.attention.bias import causal_lower_right
+        mask = causal_lower_right(Lq, Lk)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and Lq == Lk, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _estimate(q, k, patterns: list[Pattern], *, causal: bool, scale: float, block_m: int,
+              block_n: int) -> SparseLayout:
+    """`estimate` on checked inputs: heads grouped by pattern family, one `build` call per group."""
     groups: dict = {}
     for head, p in enumerate(patterns):
         groups.setdefault(p.group_key(), []).append(head)
@@ -55,83 +150,17 @@ def estimate(q, k, pattern=None, *, causal: bool = True, scale=None, block_m: in
     return layout
 
 
-def sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True, scale=None, backend: str = "auto",
-                     return_lse: bool = False, check_layout: bool = True):
-    """Attention of ``q [B, Hq, Lq, D]`` over ``k, v [B, Hkv, Lk, D]``, each query block seeing only the keys its
-    ``layout`` lists (and, with ``causal``, only keys at or before its position; queries are the last Lq keys).
-
-    Returns ``out [B, Hq, Lq, D]`` in q's dtype, and with ``return_lse`` also the natural-log LSE ``[B, Hq, Lq]``
-    (fp32; -inf and output 0 for a row that sees no key).  ``check_layout`` validates the indices (one host sync);
-    layouts from `estimate` are valid by construction."""
-    check_attention_inputs(q, k, v)
-    if not isinstance(layout, SparseLayout):
-        raise ValueError(f"layout must be a SparseLayout, got {type(layout).__name__}")
-    check_layout_matches(layout, q, k)
-    if check_layout:
-        layout.check_indices()
-    scale = resolve_scale(scale, q.shape[-1])
-    chosen = _resolve_backend(backend, q, k, v, layout)
-    if chosen == "cpu":
-        return cpu_kernel.cpu_kernel_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse)
-    if chosen == "flex":
-        from .ops.flex import flex_sparse_attention
-        return flex_sparse_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse)
-    if chosen == "triton":
-        from .ops.triton_launch import triton_sparse_attention
-        return triton_sparse_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse)
-    if chosen == "cuda":
-        from .ops.cuda import cuda_sparse_attention
-        return cuda_sparse_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse)
-    return torch_sparse_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse)
+def _patterns_per_head(pattern, n_heads: int) -> list[Pattern]:
+    return patterns_per_head(DEFAULT_PATTERN if pattern is None else pattern, n_heads)
 
 
-def sparse_prefill(q, k, v, pattern=None, *, causal: bool = True, scale=None, backend: str = "auto",
-                   dense_below: int | None = None):
-    """Estimate per-head layouts and run sparse attention: ``out [B, Hq, Lq, D]``.
-
-    Key lengths below ``dense_below`` (default `DENSE_BELOW`) and all-`Dense` patterns run dense attention."""
-    check_attention_inputs(q, k, v)
-    patterns = _patterns_per_head(pattern, q.shape[1])
-    threshold = DENSE_BELOW if dense_below is None else dense_below
-    _resolve_backend(backend, q, k, v)
-    if k.shape[2] < threshold or all(isinstance(p, Dense) for p in patterns):
-        return dense_attention(q, k, v, causal=causal, scale=scale)
-    layout = estimate(q, k, patterns, causal=causal, scale=scale)
-    return sparse_attention(q, k, v, layout, causal=causal, scale=scale, backend=backend, check_layout=False)
+def _check_block(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
+    return value
 
 
-def dense_attention(q, k, v, *, causal: bool = True, scale=None):
-    """Dense attention through PyTorch SDPA, bottom-right causal, GQA without repeating KV."""
-    check_attention_inputs(q, k, v)
-    Lq, Lk = q.shape[2], k.shape[2]
-    mask = None
-    if causal and Lq != Lk:
-        from torch.nn.attention.bias import causal_lower_right
-        mask = causal_lower_right(Lq, Lk)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and Lq == Lk,
-                                          scale=resolve_scale(scale, q.shape[-1]),
-                                          enable_gqa=q.shape[1] != k.shape[1])
-
-
-def _resolve_backend(backend: str, q, k, v, layout=None) -> str:
-    """"auto" -> "triton" on CUDA tensors the Triton kernel supports (triton importable, dtype, head dim); "cpu"
-    (the compiled C++ kernel) on CPU tensors of fp32/fp16/bf16 where it builds; else "torch" (the Triton
-    interpreter is for tests).  "flex" compiles per shape, so it is opt-in."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":       # fail early, even where a short input would run dense
-        from .ops.triton_launch import triton_not_supported_reasons
-        reasons = triton_not_supported_reasons(q, k, v, layout)
-        if reasons:
-            raise ValueError("backend='triton' cannot run these inputs: " + "; ".join(reasons))
-    if backend == "cpu" and not cpu_kernel.supports(q):
-        raise ValueError(f"backend='cpu' takes CPU tensors of fp32, fp16 or bf16, got {q.dtype} on {q.device}")
-    if backend != "auto":
-        return backend
-    if q.device.type == "cuda":
-        from .ops.triton_launch import triton_not_supported_reasons      # no triton import: a spec lookup
-        if not triton_not_supported_reasons(q, k, v, layout):
-            return "triton"
-    if cpu_kernel.supports(q) and cpu_kernel.available():
-        return "cpu"
-    return "torch"
+def _check_softcap(softcap) -> float:
+    if not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or softcap < 0:
+        raise InvalidArgumentError(f"softcap must be a number >= 0 (0 = off), got {softcap!r}")
+    return float(softcap)

@@ -7,11 +7,11 @@ import torch
 
 from sparse_attn import (AShape, BlockSparse, Dense, Grid, ModalitySpans, QBoundary, TwoDBoundary, VerticalSlash,
                          estimate)
-from sparse_attn.calibrate import (CAPTURE_NAME, build_tiny_model, calibrate_model, calibrate_qk, capture_attention,
+from sparse_attn.tools.calibrate import (CAPTURE_NAME, build_tiny_model, calibrate_model, calibrate_qk, capture_attention,
                                    parse_modality,
                                    choose, default_candidates, kernel_cost, main, parse_candidates)
 from sparse_attn.config import SparseConfig
-from sparse_attn.ops.metrics import attention_recall, attention_recall_per_head
+from sparse_attn.tools.metrics import attention_recall, attention_recall_per_head
 
 from conftest import make_qkv
 
@@ -200,7 +200,7 @@ def test_calibrate_rejects_bad_inputs(tiny):
 
 
 def test_calibrate_qk_synthetic_picks_sparse_heads():
-    from sparse_attn.synthetic import Workload, make_qkv as synthetic_qkv
+    from sparse_attn.tools.synthetic import Workload, make_qkv as synthetic_qkv
     q, k, _ = synthetic_qkv(Workload(q_heads=4, kv_heads=2, seq_len=1024, head_dim=64))
     result = calibrate_qk([(q, k)], target=0.9, progress=False)
     assert result.config.num_layers == 1 and result.config.num_heads == 4
@@ -242,7 +242,7 @@ def test_cli_saved_model_dir_token_ids_minference(tmp_path, tiny):
 
 def test_cli_synthetic_and_command_table(tmp_path):
     from sparse_attn.__main__ import COMMANDS
-    assert COMMANDS["calibrate"][0] == ".calibrate"
+    assert COMMANDS["calibrate"][0] == ".tools.calibrate"
     out = tmp_path / "syn.json"
     assert main(["--synthetic", "--layers", "1", "--seq-len", "512", "-o", str(out), "--no-progress"]) == 0
     assert SparseConfig.load(out).num_heads == 4
@@ -276,7 +276,7 @@ def test_calibrated_config_drives_hf_patch(tiny, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- modality
 def _mixed(seed=0):
-    from sparse_attn.synthetic import MixedWorkload, make_mixed_qkv
+    from sparse_attn.tools.synthetic import MixedWorkload, make_mixed_qkv
     q, k, _, spans = make_mixed_qkv(MixedWorkload(q_heads=4, kv_heads=2, seq_len=1000, head_dim=64, text_before=120,
                                                   text_after=120, frame_tokens=64, seed=seed))
     return q, k, spans                                                   # video 120..824: 11 frames of 64

@@ -9,7 +9,8 @@ import torch
 
 import sparse_attn as sa
 from sparse_attn import prefill
-from sparse_attn.ops import cpu_kernel
+from sparse_attn.backends import select_backend
+from sparse_attn.backends.cpu import loader as cpu_kernel
 from conftest import assert_close, assert_lse_close, make_qkv
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="the compiled CPU kernel cannot be built here")
@@ -22,11 +23,11 @@ def oracle(q, k, v, layout, causal, scale=None):
 def test_auto_picks_the_kernel_on_cpu_float_inputs_and_torch_for_fp64(monkeypatch):
     q32 = torch.zeros(1, 2, 8, 16)
     monkeypatch.setattr(cpu_kernel, "available", lambda: True)
-    assert prefill._resolve_backend("auto", q32, q32, q32) == "cpu"
-    assert prefill._resolve_backend("auto", q32.half(), q32, q32) == "cpu"
-    assert prefill._resolve_backend("auto", q32.double(), q32, q32) == "torch"
+    assert select_backend("auto", q32, q32, q32).name == "cpu"
+    assert select_backend("auto", q32.half(), q32.half(), q32.half()).name == "cpu"
+    assert select_backend("auto", q32.double(), q32.double(), q32.double()).name == "torch"
     monkeypatch.setattr(cpu_kernel, "available", lambda: False)
-    assert prefill._resolve_backend("auto", q32, q32, q32) == "torch"
+    assert select_backend("auto", q32, q32, q32).name == "torch"
 
 
 def test_explicit_cpu_backend_refuses_fp64_naming_the_backend():
@@ -45,7 +46,7 @@ def test_turned_off_kernel_falls_back_to_torch_and_explicit_request_says_why(mon
         layout = sa.estimate(q, k, sa.AShape(sink=16, local=32))
         out = sa.sparse_attention(q, k, v, layout)                 # auto: the torch backend
         assert_close(out, oracle(q, k, v, layout, True)[0], atol=1e-5)
-        with pytest.raises(RuntimeError, match="backend='cpu'.*unavailable"):
+        with pytest.raises(ValueError, match="backend=.cpu..*unavailable"):
             sa.sparse_attention(q, k, v, layout, backend="cpu")
     finally:
         monkeypatch.delenv("SPARSE_ATTN_CPU_KERNEL")
@@ -67,7 +68,7 @@ def test_failed_build_warns_once_and_auto_takes_the_torch_backend(monkeypatch, t
         with pytest.warns(RuntimeWarning, match="compiled CPU kernel is unavailable.*command not found"):
             assert not cpu_kernel.available()
         q, k, v = make_qkv(1, 2, 1, 100, 100, 16, seed=2)
-        assert prefill._resolve_backend("auto", q, k, v) == "torch"
+        assert select_backend("auto", q, k, v).name == "torch"
         layout = sa.estimate(q, k, sa.AShape(sink=16, local=32))
         assert_close(sa.sparse_attention(q, k, v, layout), oracle(q, k, v, layout, True)[0], atol=1e-5)
     finally:

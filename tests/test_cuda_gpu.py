@@ -8,7 +8,7 @@ import torch
 
 import sparse_attn as sa
 from sparse_attn.integrations import convert_vertical_slash_indexes
-from sparse_attn.ops.cuda import cuda_convert_vertical_slash_indexes, cuda_sparse_attention
+from sparse_attn.backends.cuda.launcher import cuda_convert_vertical_slash_indexes, cuda_sparse_attention
 from conftest import make_qkv, plain_attention, random_layout
 from test_cuda_kernel_mirrors import random_index_case
 

@@ -1,4 +1,4 @@
-"""The CUDA backend end to end on the CPU: the real launchers (`ops.cuda`) run unchanged, and each kernel launch
+"""The CUDA backend end to end on the CPU: the real launchers (`backends.cuda.launcher`) run unchanged, and each kernel launch
 runs a step-by-step Python transcription of the kernel on what the launch arguments say (pointers, strides,
 sizes, flags, grid, shared memory).  Checked against the torch index conversion and the dense fp32 oracle.
 A GPU run (tests/test_cuda_gpu.py) checks the compiled kernels themselves; this checks the algorithms (tile and
@@ -12,7 +12,7 @@ import torch
 
 import sparse_attn as sa
 from sparse_attn.integrations import convert_vertical_slash_indexes
-from sparse_attn.ops import cuda
+from sparse_attn.backends.cuda import launcher as cuda
 
 from conftest import assert_close, assert_lse_close, lse_fp64, make_qkv, random_layout
 from test_cuda_loader import kernel_parameters

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import sparse_attn as sa
-from sparse_attn.ops import cuda
-from sparse_attn.ops.cuda_cache import KernelCache, cache_key
+from sparse_attn.backends.cuda import launcher as cuda
+from sparse_attn.backends.jit import KernelCache, cache_key
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
@@ -211,7 +211,7 @@ def test_index_launcher_checks_arguments_first():
 
 
 def test_import_does_not_load_cupy_or_cuda():
-    code = ("import sys, sparse_attn, sparse_attn.ops.cuda, sparse_attn.integrations; "
+    code = ("import sys, sparse_attn, sparse_attn.backends.cuda.launcher, sparse_attn.integrations; "
             "bad = [m for m in ('cupy', 'cupy_backends', 'triton') if m in sys.modules]; "
             "assert not bad, bad; import torch; assert not torch.cuda.is_initialized()")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from sparse_attn.ops.cuda import kernel_specialisations
-from sparse_attn.ops.cuda_cache import define_options
+from sparse_attn.backends.cuda.launcher import kernel_specialisations
+from sparse_attn.backends.jit import define_options
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if os.access("/usr/local/bin/nvcc", os.X_OK) else None)
@@ -98,8 +98,8 @@ def test_every_specialisation_compiles_with_nvrtc():
 
 @needs_nvrtc
 def test_loader_compiles_a_cubin_through_its_cache(tmp_path):
-    from sparse_attn.ops.cuda import nvrtc_compile
-    from sparse_attn.ops.cuda_cache import KernelCache
+    from sparse_attn.backends.cuda.launcher import nvrtc_compile
+    from sparse_attn.backends.jit import KernelCache
 
     cache = KernelCache(nvrtc_compile, lambda path: Path(path).read_bytes(), directory=tmp_path)
     source = (CSRC / "vertical_slash_index.cu").read_text()

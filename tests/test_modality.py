@@ -7,11 +7,11 @@ import torch
 
 import sparse_attn as sa
 from conftest import causal_mask, make_qkv
-from sparse_attn.ops.metrics import attention_recall
-from sparse_attn.ops.period import detect_period
-from sparse_attn.ops.sample_scores import rows_probs
-from sparse_attn.ops.scores import diagonal_mass
-from sparse_attn.synthetic import MixedWorkload, make_mixed_qkv
+from sparse_attn.tools.metrics import attention_recall
+from sparse_attn.estimators.frame_period import detect_period
+from sparse_attn.estimators.row_sample import rows_probs
+from sparse_attn.estimators.sample_mass import diagonal_mass
+from sparse_attn.tools.synthetic import MixedWorkload, make_mixed_qkv
 
 SMALL = dict(vertical=24, slash=128, sink=4, local=32, last_q=32)
 FAMILIES = {
@@ -278,7 +278,7 @@ def test_bench_recall_helper_matches_attention_recall():
 
 
 def test_consistent_column_mass_ignores_diagonals():
-    from sparse_attn.ops.sample_scores import consistent_column_mass
+    from sparse_attn.estimators.row_sample import consistent_column_mass
     probs = torch.zeros(1, 1, 8, 40)
     probs[0, 0, torch.arange(8), torch.arange(8) + 10] = 1.0       # a diagonal crossing the sample
     probs[0, 0, :, 3] = 0.5                                          # a column every row uses

@@ -324,7 +324,7 @@ def test_gamma_one_is_allowed():
 
 
 def test_ranges_to_tiles_with_no_ranges():
-    from sparse_attn.ops.index_build import ranges_to_tiles
+    from sparse_attn.estimators.tiles import ranges_to_tiles
     empty = torch.zeros(2, 0, dtype=torch.long)
     count, offsets = ranges_to_tiles(empty, empty, 64, 3)
     assert count.tolist() == [0, 0] and offsets.shape == (2, 3)

@@ -192,7 +192,7 @@ def test_layout_with_other_block_sizes_runs():
 def test_layout_of_the_wrong_type_is_refused():
     q, k, v = _qkv()
     layout = sa.estimate(q, k, sa.AShape(sink=8, local=16))
-    with pytest.raises(ValueError, match="layout"):
+    with pytest.raises(TypeError, match="layout"):
         sa.sparse_attention(q, k, v, layout.to_mask())
 
 

@@ -10,7 +10,8 @@ from hypothesis import given, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparse_attn as sa
-from sparse_attn.ops import cpu_kernel, torch_sparse
+from sparse_attn.backends.cpu import loader as cpu_kernel
+from sparse_attn.backends.torch import attention as torch_sparse
 from conftest import (CONTIGUITY, HEAD_CONFIGS, assert_close, assert_lse_close, make_qkv, pattern_cases,
                       pattern_strategy, plain_attention, random_layout, resolve_pattern, round_up, sdpa)
 

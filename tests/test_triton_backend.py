@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import sparse_attn as sa
-from sparse_attn.ops import triton_launch
+from sparse_attn.backends.triton import launcher as triton_launch
 from conftest import (HEAD_CONFIGS, assert_close, assert_lse_close, make_qkv, per_head_mix, plain_attention,
                       random_layout, sdpa)
 

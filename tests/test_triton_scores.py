@@ -1,4 +1,4 @@
-"""Estimator score kernels (`ops.triton_scores`): column / diagonal mass of the last-query sample against the torch
+"""Estimator score kernels (`estimators.triton_scores_kernel`): column / diagonal mass of the last-query sample against the torch
 reference (`last_query_probs` + `column_mass` / `diagonal_mass`) on awkward shapes; the VerticalSlash layout with
 the triton scores equals the torch-scores layout; the static slot widths of the GPU path give the same layouts;
 bad input.  Without a GPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1 first).
@@ -9,11 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sparse_attn as sa
-from sparse_attn.ops import triton_launch
-from sparse_attn.ops.scores import column_mass, diagonal_mass, last_query_probs
+from sparse_attn.backends.triton import launcher as triton_launch
+from sparse_attn.estimators.sample_mass import column_mass, diagonal_mass, last_query_probs
 from sparse_attn.patterns import base, block_sparse, vertical_slash
-from sparse_attn.synthetic import Workload
-from sparse_attn.synthetic import make_qkv as make_workload
+from sparse_attn.tools.synthetic import Workload
+from sparse_attn.tools.synthetic import make_qkv as make_workload
 from conftest import make_qkv
 
 pytest.importorskip("triton")
@@ -21,7 +21,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not triton_launch.interpreter_enabled():
     pytest.skip("no GPU and TRITON_INTERPRET is off", allow_module_level=True)
 
-from sparse_attn.ops.triton_scores_launch import triton_sample_scores  # noqa: E402
+from sparse_attn.estimators.triton_scores import triton_sample_scores  # noqa: E402
 
 F32, F16 = torch.float32, torch.float16
 # B, Hq, Hkv, Lq, Lk, D, last_q, causal, contiguity, heads (None: all), options: awkward lengths (1, 63, 65, 113,

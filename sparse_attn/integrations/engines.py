@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from ..layout import SparseLayout, keys_in_tiles
-from ..ops.index_build import block_row_positions, compact, ranges_to_tiles
-from ..ops.vertical_slash_args import check_vertical_slash_args, vertical_slash_output_sizes
+from ..estimators.tiles import block_row_positions, compact, ranges_to_tiles
+from ..backends.cuda.vertical_slash_args import check_vertical_slash_args, vertical_slash_output_sizes
 from ..prefill import sparse_attention, sparse_prefill
 
 #: Block sizes of the engines' ``sparse_attn_func`` (fixed there too).
@@ -252,7 +252,7 @@ def convert_vertical_slash_indexes(q_seqlens, kv_seqlens, vertical_indexes, slas
     q_lens, kv_lens = check_vertical_slash_args(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes,
                                                 context_size, block_size_M, block_size_N)
     if vertical_indexes.is_cuda:
-        from ..ops.cuda import cuda_unavailable_reasons, vertical_slash_kernel
+        from ..backends.cuda.launcher import cuda_unavailable_reasons, vertical_slash_kernel
         if not cuda_unavailable_reasons():                  # the CUDA kernel when CuPy works; torch otherwise
             return vertical_slash_kernel(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes, context_size,
                                          block_size_M, block_size_N, causal)

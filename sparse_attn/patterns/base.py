@@ -7,8 +7,8 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..layout import SparseLayout, keys_in_tiles
-from ..ops.host_values import host_tensor
-from ..ops.index_build import compact, ranges_to_tiles
+from ..backends.host_copy import host_tensor
+from ..estimators.tiles import compact, ranges_to_tiles
 
 
 @dataclass(frozen=True)

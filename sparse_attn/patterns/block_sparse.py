@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import SparseLayout
-from ..ops.host_values import host_tensor
-from ..ops.index_build import block_row_positions, compact
-from ..ops.scores import pooled_block_logits
+from ..backends.host_copy import host_tensor
+from ..estimators.tiles import block_row_positions, compact
+from ..estimators.sample_mass import pooled_block_logits
 from .base import Pattern, compacts_slots
 
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import kept_first
-from ..ops.period import detect_period
-from ..ops.sample_scores import consistent_column_mass, rows_probs
-from ..ops.scores import column_mass, diagonal_mass
+from ..estimators.frame_period import detect_period
+from ..estimators.row_sample import consistent_column_mass, rows_probs
+from ..estimators.sample_mass import column_mass, diagonal_mass
 from .base import per_head
 from .modality_parts import Part, compile_parts, concat_batch
 from .modality_spans import KIND_ID, KINDS, ModalitySpan, ModalitySpans, as_modality

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import SparseLayout
-from ..ops.index_build import block_row_positions
+from ..estimators.tiles import block_row_positions
 from .base import layout_from_ranges, tile_bound
 
 

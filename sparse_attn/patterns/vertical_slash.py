@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import kept_first
-from ..ops.host_values import host_tensor
-from ..ops.index_build import block_row_positions
-from ..ops.scores import column_mass, diagonal_mass, last_query_probs
+from ..backends.host_copy import host_tensor
+from ..estimators.tiles import block_row_positions
+from ..estimators.sample_mass import column_mass, diagonal_mass, last_query_probs
 from .base import Pattern, compacts_slots, layout_from_ranges, per_head, tile_bound
 
 
@@ -60,9 +60,9 @@ class VerticalSlash(VerticalSlashBudgets):
     @classmethod
     def build(cls, patterns, heads, q, k, *, causal, scale, block_m, block_n, max_bytes=256 << 20,
               scores_backend="auto"):
-        """``scores_backend``: "triton" scores the sample with the fused kernels (`ops.triton_scores_launch`: no
+        """``scores_backend``: "triton" scores the sample with the fused kernels (`estimators.triton_scores`: no
         [last_q, Lk] probabilities in memory, no host sync; CUDA tensors, or CPU under TRITON_INTERPRET=1),
-        "torch" with `ops.scores` (the readable reference, the CPU path), "auto" triton on CUDA tensors the
+        "torch" with `estimators.sample_mass` (the readable reference, the CPU path), "auto" triton on CUDA tensors the
         kernels support, else torch."""
         B, Hq, Lq, _ = q.shape
         Hkv, Lk, dev = k.shape[1], k.shape[2], q.device
@@ -79,7 +79,7 @@ class VerticalSlash(VerticalSlashBudgets):
                     max_sink=max(p.sink for p in patterns), gamma_mode=any(p.gamma is not None for p in patterns))
 
         if _scores_backend(scores_backend, q, k, n) == "triton":
-            from ..ops.triton_scores_launch import triton_sample_scores
+            from ..estimators.triton_scores import triton_sample_scores
             scores = triton_sample_scores(q, k, n, scale, causal, heads=heads, sink=prm["sink"], local=prm["local"])
             verticals, v_ok, buckets, s_ok = _choose(
                 scores.column, scores.column_off_local, scores.diagonal, n, prm, block_n, n_buckets, width_v,
@@ -137,7 +137,7 @@ def _scores_backend(choice, q, k, n) -> str:
         return choice
     if q.device.type != "cuda":
         return "torch"
-    from ..ops.triton_scores_launch import scores_not_supported_reasons       # no triton import: a spec lookup
+    from ..estimators.triton_scores import scores_not_supported_reasons       # no triton import: a spec lookup
     return "torch" if scores_not_supported_reasons(q, k, n) else "triton"
 
 

@@ -9,8 +9,8 @@ import sys
 
 import torch
 
-from ..ops.checks import resolve_scale
-from ..ops.merge import merge_partials
+from ..backends.checks import resolve_scale
+from ..backends.merge import merge_partials
 
 
 def _check(q, cache, top_k):

@@ -13,7 +13,7 @@ import sparse_attn as sa  # noqa: E402
 import sparse_attn.config  # noqa: E402,F401
 import sparse_attn.hf as sah  # noqa: E402
 from sparse_attn import prefill  # noqa: E402
-from sparse_attn.integrations.hf_attention import STATE_ATTR, masked_dense_attention  # noqa: E402
+from sparse_attn.integrations.hf.attention import STATE_ATTR, masked_dense_attention  # noqa: E402
 
 VOCAB, L = 128, 200          # L is not a multiple of the 64-row blocks
 HEADS, KV_HEADS, LAYERS = 4, 2, 2
@@ -300,7 +300,7 @@ def test_minference_json_drives_patch(tmp_path):
 
 
 def test_calibrated_config_drives_patch(tmp_path, monkeypatch):
-    from sparse_attn.calibrate import calibrate_model
+    from sparse_attn.tools.calibrate import calibrate_model
     from sparse_attn.config import SparseConfig
 
     model = ARCHS["llama"]()
@@ -322,7 +322,7 @@ def test_calibrated_config_drives_patch(tmp_path, monkeypatch):
 def test_diffuse_attention_skips_the_gamma_estimate(monkeypatch):
     """Cumulative-mass patterns on diffuse (random-weight) attention: the cheap mass check picks exact dense
     attention before the full estimate; peaked attention passes the check."""
-    from sparse_attn.integrations.hf_attention import _mass_needs_dense
+    from sparse_attn.integrations.hf.attention import _mass_needs_dense
 
     model = ARCHS["llama"]()
     ids = _ids()

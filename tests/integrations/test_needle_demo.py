@@ -5,7 +5,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from sparse_attn import needle  # noqa: E402
+from sparse_attn.tools import needle  # noqa: E402
 from sparse_attn.__main__ import main as cli  # noqa: E402
 
 

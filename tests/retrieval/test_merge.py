@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import sparse_attn as sa
-from sparse_attn.ops.merge import merge_partials
+from sparse_attn.backends.merge import merge_partials
 from conftest import assert_close, assert_lse_close
 
 
@@ -43,7 +43,7 @@ def test_merge_with_empty_parts_keeps_neg_inf():
 def test_in_place_merge_equals_merge_partials(n, seed, step, transposed):
     """merge_into (the torch backend's in-place two-part merge) against merge_partials, with empty rows in
     either part and in both, in steps of any size and through a strided view."""
-    from sparse_attn.ops.merge import merge_into
+    from sparse_attn.backends.merge import merge_into
 
     gen = torch.Generator().manual_seed(seed)
     outs = [torch.randn(n, 3, 8, generator=gen) for _ in range(2)]

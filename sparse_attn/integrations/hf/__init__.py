@@ -5,7 +5,7 @@
     model = sah.patch(model, config="heads.json", dense_below=8192)
     sah.unpatch(model)                            # the previous attention implementation, exactly
 
-`patch` registers one attention function (`hf_attention.sparse_attention_forward`) in transformers'
+`patch` registers one attention function (`attention.sparse_attention_forward`) in transformers'
 `AttentionInterface` and transformers' flash-attention mask function in `AttentionMaskInterface` under the name
 `IMPLEMENTATION` (so no [L, L] mask is built; the function sees a [B, L] padding mask at most), stores the
 per-model state on the model and on its attention modules, and calls `model.set_attn_implementation`.  No forward
@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import prefill
-from ..config import resolve_config
-from ..patterns import Pattern
-from .hf_attention import STATE_ATTR, sparse_attention_forward
+from ... import prefill
+from ...backends import BACKEND_NAMES
+from ...config import resolve_config
+from ...patterns import Pattern
+from .attention import STATE_ATTR, sparse_attention_forward
 
 #: Name of our entry in transformers' attention and mask registries.
 IMPLEMENTATION = "sparse_attn"
@@ -62,7 +63,7 @@ def patch(model, config=None, *, retrieval=None, **options):
     without a config, 1.0 with one, so a given config is followed as written), ``backend`` (as in
     `sparse_attn.sparse_attention`), ``pattern`` (the online default when ``config`` is None), ``on_layout``
     (callable(layer_idx, layout, density) called with each estimated layout; for measuring density).
-    ``retrieval``: None, or a dict of `sparse_attn.retrieval.hf_cache.RetrievalCache` options (``top_k``, ``sink``,
+    ``retrieval``: None, or a dict of `sparse_attn.integrations.hf.retrieval_cache.RetrievalCache` options (``top_k``, ``sink``,
     ``window``, ``index``, ``ssd_dir``, ...; ``{}`` for the defaults) for `retrieval_cache`: generate with
     ``model.generate(ids, cache=retrieval_cache(model))`` and the prompt runs sparse prefill, every later step
     attends to the device window plus the top-k keys retrieved from the CPU index (transformers 5.x).
@@ -113,7 +114,7 @@ def retrieval_cache(model):
     if state is None or state.retrieval is None:
         raise ValueError("retrieval_cache: the model is not patched with retrieval; call "
                          "sparse_attn.hf.patch(model, retrieval={...}) first")
-    from ..retrieval.hf_cache import RetrievalCache
+    from .retrieval_cache import RetrievalCache
 
     return RetrievalCache(num_layers=state.num_layers, **state.retrieval)
 
@@ -126,7 +127,7 @@ def _check_retrieval(retrieval, num_layers: int):
         raise TypeError(f"retrieval must be None or a dict of RetrievalCache options (top_k, sink, window, index, "
                         f"ssd_dir, ...), got {type(retrieval).__name__}")
     try:
-        from ..retrieval.hf_cache import RetrievalCache
+        from .retrieval_cache import RetrievalCache
     except ImportError as e:
         raise ImportError("patch(retrieval=...) needs transformers 5.x (its CacheLayerMixin cache API)") from e
     try:
@@ -204,8 +205,8 @@ def _check_options(options: dict) -> dict:
     above = opts["dense_above"]
     if above is not None and (not isinstance(above, (int, float)) or isinstance(above, bool) or not 0 < above <= 1):
         reasons.append(f"dense_above must be a number in (0, 1], or None, got {above!r}")
-    if opts["backend"] not in prefill.BACKENDS:
-        reasons.append(f"backend must be one of {prefill.BACKENDS}, got {opts['backend']!r}")
+    if opts["backend"] not in BACKEND_NAMES:
+        reasons.append(f"backend must be one of {BACKEND_NAMES}, got {opts['backend']!r}")
     if opts["pattern"] is not None and not isinstance(opts["pattern"], Pattern):
         reasons.append(f"pattern must be a Pattern (AShape, VerticalSlash, BlockSparse, Dense) or None, "
                        f"got {type(opts['pattern']).__name__}")

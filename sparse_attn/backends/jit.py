@@ -1,4 +1,4 @@
-"""JIT cache for the CUDA sources in ``csrc/``: memo in the process, compiled artifacts on disk, a file lock.
+"""JIT build cache for the C++ and CUDA sources in ``csrc/`` (where they are, and their compiled artifacts): memo in the process, compiled artifacts on disk, a file lock.
 
 Kept free of CuPy and CUDA so its logic is testable on any machine: the compile step (``compile_fn(source,
 options, arch) -> bytes``) and the module load (``load_fn(path) -> module``) are passed in.
@@ -115,3 +115,12 @@ def _nonempty(path: Path) -> bool:
         return path.stat().st_size > 0
     except FileNotFoundError:
         return False
+
+
+def source_dir() -> Path:
+    """``csrc/`` next to the package (a source checkout) or inside it (an install that ships it as data)."""
+    here = Path(__file__).resolve().parents[1]            # the sparse_attn package
+    for candidate in (here / "csrc", here.parent / "csrc"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"the kernel sources (csrc/) were not found next to or inside {here}")

@@ -1,10 +1,10 @@
 """Launcher of the estimator score kernels (`triton_scores`): the last-query sample's column and diagonal mass
 without materialising its probabilities, and no host synchronisation (every size is known on the host).
 
-Same contract as the torch reference in `ops.scores` (``last_query_probs`` then ``column_mass`` /
+Same contract as the torch reference in `estimators.sample_mass` (``last_query_probs`` then ``column_mass`` /
 ``diagonal_mass``), which stays the readable version and the CPU path.  On CPU tensors the kernels run in
 Triton's interpreter (``TRITON_INTERPRET=1`` set before this module's kernels are first used), as for
-`triton_launch`.
+`backends.triton.launcher`.
 """
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import sys
 
 import torch
 
-from .triton_launch import _next_pow2, triton_not_supported_reasons
+from ..backends.triton.launcher import _next_pow2, triton_not_supported_reasons
 
-_KERNEL_MODULE = __package__ + ".triton_scores"
+_KERNEL_MODULE = __package__ + ".triton_scores_kernel"
 #: Keys per program of the row-statistics pass: enough programs to fill a GPU at long lengths, few partials.
 STATS_CHUNK = 2048
 
 
 def _kernels():
-    from . import triton_scores
+    from . import triton_scores_kernel as triton_scores
     return triton_scores
 
 

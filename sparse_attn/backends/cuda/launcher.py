@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from ..layout import SparseLayout
-from .checks import attention_input_reasons, check_layout_matches, resolve_scale
-from . import sources
-from .cuda_cache import KernelCache
+from ...layout import SparseLayout
+from ..checks import attention_input_reasons, check_layout_matches, resolve_scale
+from .. import jit
+from ..jit import KernelCache
+from ...errors import NotSupportedError
 from .vertical_slash_args import check_vertical_slash_args, vertical_slash_output_sizes
 
 #: dtype -> the SA_DTYPE define of csrc/sparse_attention.cu
@@ -34,7 +35,7 @@ _INDEX_THREADS = 128
 _MAX_GRID_YZ = 65535
 
 
-class CudaBackendError(ValueError, RuntimeError):
+class CudaBackendError(NotSupportedError, RuntimeError):
     """The CUDA backend cannot run these inputs here; the message lists every reason."""
 
 
@@ -47,7 +48,7 @@ def kernel_specialisations() -> dict:
 
 def source_dir() -> Path:
     try:
-        return sources.source_dir()
+        return jit.source_dir()
     except FileNotFoundError as err:
         raise CudaBackendError(str(err)) from None
 
@@ -187,7 +188,7 @@ def attention_reasons(q, k, v, layout) -> list[str]:
 
 def cuda_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True, scale=None,
                           return_lse: bool = False):
-    """Same contract as `torch_sparse.torch_sparse_attention`: ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lk, D]``
+    """Same contract as `backends.torch.attention.torch_sparse_attention`: ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lk, D]``
     (CUDA, fp16/bf16/fp32, any strides), ``layout`` on the same device.  Returns ``out [B, Hq, Lq, D]`` in q's
     dtype and, with ``return_lse``, the natural-log LSE ``[B, Hq, Lq]`` (fp32; -inf, output 0, for a row that
     sees no key).  The layout's indices are trusted (validate with ``layout.check_indices()``)."""

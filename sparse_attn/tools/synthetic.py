@@ -116,7 +116,7 @@ class MixedWorkload:
 
     def spans(self):
         """The `ModalitySpans` of this workload: one video span with its frame size."""
-        from .patterns.modality_spans import ModalitySpans
+        from ..patterns.modality_spans import ModalitySpans
 
         frames = (self.seq_len - self.text_before - self.text_after) // self.frame_tokens
         if frames < 1 or self.text_before < self.sinks + max(self.needles, self.prompt_keys) + 1:

@@ -13,8 +13,8 @@ import sys
 
 import torch
 
-from ..layout import SparseLayout
-from .checks import attention_input_reasons, check_layout_matches, resolve_scale
+from ...layout import SparseLayout
+from ..checks import attention_input_reasons, check_layout_matches, resolve_scale
 
 #: Input dtypes the kernel takes (fp32 accumulation inside; fp32 inputs use IEEE fp32 dots, not TF32).
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -25,7 +25,7 @@ MAX_TILE_N = 512
 #: CUDA's limit on the second grid dimension, which holds batch x query heads.
 MAX_GRID_Y = 65535
 
-_KERNEL_MODULE = __package__ + ".triton_attention"
+_KERNEL_MODULE = __package__ + ".kernel"
 
 
 def triton_available() -> bool:
@@ -116,7 +116,7 @@ def triton_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = Tru
     """Attention of ``q [B, Hq, Lq, D]`` over the keys ``layout`` lists in ``k, v [B, Hkv, Lk, D]`` (any strides;
     query head h reads KV head ``h // (Hq // Hkv)``), with the bottom-right causal mask when ``causal``.
 
-    Same contract as `torch_sparse.torch_sparse_attention`: returns ``out [B, Hq, Lq, D]`` in q's dtype and, with
+    Same contract as `backends.torch.attention.torch_sparse_attention`: returns ``out [B, Hq, Lq, D]`` in q's dtype and, with
     ``return_lse``, the natural-log LSE ``[B, Hq, Lq]`` in fp32; a row with no visible key gets output 0 and LSE
     -inf.  ``scale`` defaults to ``D ** -0.5``.  Raises one ValueError listing every unsupported property.  The
     layout's indices are not validated here (`sparse_attention` does that); keys outside ``[0, Lk)`` are
@@ -136,7 +136,7 @@ def triton_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = Tru
         lse.fill_(float("-inf"))
         return (out, lse) if return_lse else out
 
-    from .triton_attention import sparse_attention_kernel
+    from .kernel import sparse_attention_kernel
 
     if q.device.type == "cpu" and not _kernel_is_interpreted():
         raise ValueError("backend='triton': the kernel module was imported before TRITON_INTERPRET=1 was set")

@@ -1,5 +1,5 @@
 """Argument checks and output sizes of the vertical/slash -> SparseLayout index conversion, shared by the torch
-implementation (`integrations.engines.convert_vertical_slash_indexes`) and its CUDA kernel (`ops.cuda`)."""
+implementation (`integrations.engines.convert_vertical_slash_indexes`) and its CUDA kernel (`backends.cuda.launcher`)."""
 from __future__ import annotations
 
 import torch

@@ -9,7 +9,7 @@ import functools
 
 import torch
 
-from ..layout import SparseLayout
+from ...layout import SparseLayout
 
 
 @functools.lru_cache(maxsize=1)
@@ -20,7 +20,7 @@ def _compiled_flex():
 
 
 def flex_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool, scale: float, return_lse: bool = False):
-    """Same contract as `torch_sparse.torch_sparse_attention`; the layout must be block-aligned without columns
+    """Same contract as `backends.torch.attention.torch_sparse_attention`; the layout must be block-aligned without columns
     (`SparseLayout.to_flex_block_mask` raises otherwise)."""
     if return_lse and q.device.type == "cpu":
         raise ValueError("return_lse: backend='flex' cannot return the LSE on the CPU (compiled CPU FlexAttention "

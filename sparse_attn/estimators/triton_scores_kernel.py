@@ -16,7 +16,7 @@ taken in two passes so the ``[n, k_len]`` probabilities never reach global memor
    block, so the result is deterministic); without it every element is added on its own.  ``MODE == 1`` writes
    the column mass lying on chosen diagonal groups (``Picked``, one flag per group of ``group`` distances).
 
-Plain pointer arithmetic with int64 offsets (no block pointers).  Readable reference: `ops.scores`
+Plain pointer arithmetic with int64 offsets (no block pointers).  Readable reference: `estimators.sample_mass`
 (`last_query_probs`, `column_mass`, `diagonal_mass`).
 """
 import triton

@@ -36,12 +36,12 @@ from pathlib import Path
 
 import torch
 
-from .config import NAME_OF, SparseConfig, _pattern_json
-from .ops.metrics import attention_recall_per_head
-from .patterns import AShape, BlockSparse, Dense, Grid, Pattern, QBoundary, TwoDBoundary, VerticalSlash
-from .patterns.modality import with_modality
-from .patterns.modality_spans import ModalitySpans, as_modality
-from .prefill import estimate
+from ..config import NAME_OF, SparseConfig, _pattern_json
+from .metrics import attention_recall_per_head
+from ..patterns import AShape, BlockSparse, Dense, Grid, Pattern, QBoundary, TwoDBoundary, VerticalSlash
+from ..patterns.modality import with_modality
+from ..patterns.modality_spans import ModalitySpans, as_modality
+from ..prefill import estimate
 
 DEFAULT_TARGET = 0.95
 CAPTURE_NAME = "sparse_attn_calibrate"
@@ -459,7 +459,7 @@ def main(argv=None):
     src.add_argument("--model", help="local transformers model directory (causal LM)")
     src.add_argument("--tiny", action="store_true", help="a small random-weight Llama built from a config")
     src.add_argument("--synthetic", action="store_true",
-                     help="no model: the synthetic workload's q/k for each layer (sparse_attn.synthetic)")
+                     help="no model: the synthetic workload's q/k for each layer (sparse_attn.tools.synthetic)")
     inp = parser.add_mutually_exclusive_group()
     inp.add_argument("--text", help="calibration text file (tokenized with --model's tokenizer)")
     inp.add_argument("--token-ids", help="file of token ids (JSON list or whitespace-separated)")
@@ -486,7 +486,7 @@ def main(argv=None):
                         "(START:END:KIND[:FRAME_TOKENS]); adds the modality patterns to the default candidates")
     parser.add_argument("--workload", choices=("text", "mixed"), default="text",
                         help="--synthetic: the text workload, or text / video frames / text with its spans "
-                        "(sparse_attn.synthetic.make_mixed_qkv; modality candidates are added)")
+                        "(sparse_attn.tools.synthetic.make_mixed_qkv; modality candidates are added)")
     parser.add_argument("--frame-tokens", type=int, default=576, help="--workload mixed: tokens per video frame")
     args = parser.parse_args(argv)
     candidates = parse_candidates(args.candidates) if args.candidates else None

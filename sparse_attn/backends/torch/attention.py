@@ -1,5 +1,5 @@
 """Sparse attention over a SparseLayout with plain torch ops: runs on any device; on the CPU it is the fallback of
-the compiled kernel (`cpu_kernel`) and the fp64 path.
+the compiled kernel (`backends.cpu`) and the fp64 path.
 
 Each query block (``block_m`` rows of one batch row and head) gathers the keys its tiles and columns list and
 attends to them with two batched matmuls.  With ``causal`` this *main part* takes the keys before the block's
@@ -7,14 +7,14 @@ first row (the same for every row, so a per-block mask suffices) and a *diagonal
 contiguous keys from there on with the causal triangle (read through strided views of the keys, no index
 gather); the two are merged by LSE.  Blocks are processed in chunks sorted by key count, so the padding
 of a chunk is small; memory is O(chunk x keys per block), never O(Lq x Lk).
-The readable per-key definition is `ops.reference.reference_attention` with `SparseLayout.to_mask`.
+The readable per-key definition is `backends.reference.reference_attention` with `SparseLayout.to_mask`.
 """
 from __future__ import annotations
 
 import torch
 
-from ..layout import SparseLayout, kept_first, keys_in_tiles, sorted_valid
-from .merge import merge_into
+from ...layout import SparseLayout, kept_first, keys_in_tiles, sorted_valid
+from ..merge import merge_into
 
 def _attend(q, k_sel, v_sel, bias, scale):
     """Attention of ``q [n, bm, D]`` over ``k_sel, v_sel [n, U, D]`` with additive mask ``bias`` (0 / -inf,

@@ -20,8 +20,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 
-from ..patterns.modality import _ModalityPattern, with_modality
-from ..patterns.modality_spans import ModalitySpan, ModalitySpans
+from ...patterns.modality import _ModalityPattern, with_modality
+from ...patterns.modality_spans import ModalitySpan, ModalitySpans
 
 #: The spans of the calls in the current ``modality`` block: None, a ModalitySpans, or a tuple of one per batch row.
 _SPANS: contextvars.ContextVar = contextvars.ContextVar("sparse_attn_modality_spans", default=None)

@@ -13,8 +13,8 @@ Routing: prefill (Lq > 1) of a causal full-attention layer runs the layer's per-
 window is shorter than the keys, non-causal modules and modules without patch state run exact dense attention.
 Left-padded batches run row by row over each row's valid (right-aligned) keys; any other padding runs dense.
 Modality patterns (`Grid`, `QBoundary`, `TwoDBoundary`) get the spans of the current ``sparse_attn.hf.modality``
-block (`hf_modality`; outside one, an all-text call).
-With a `sparse_attn.retrieval.hf_cache.RetrievalCache` (``sparse_attn.hf.retrieval_cache(model)``) the prompt runs
+block (`modality.py`; outside one, an all-text call).
+With a `sparse_attn.integrations.hf.retrieval_cache.RetrievalCache` (``sparse_attn.hf.retrieval_cache(model)``) the prompt runs
 the sparse prefill above and every later forward runs `sparse_attn.retrieval.retrieval_attention`.
 """
 from __future__ import annotations
@@ -25,12 +25,12 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .. import prefill
-from ..ops.checks import resolve_scale
-from ..ops.scores import last_query_probs
-from ..prefill import dense_attention
-from ..retrieval.cache import HF_LAYER_TAG
-from .hf_modality import patterns_for_call
+from ... import prefill
+from ...backends.checks import resolve_scale
+from ...estimators.sample_mass import last_query_probs
+from ...prefill import dense_attention
+from ...retrieval.cache import HF_LAYER_TAG
+from .modality import patterns_for_call
 
 #: Attribute holding the patch state on each attention module (and on the model).
 STATE_ATTR = "_sparse_attn_state"
@@ -63,7 +63,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
                                       "one row at a time or without the retrieval cache")
         if layer.cache.seq_len != key.shape[2]:
             # decode steps (and later prefill chunks): the device window + the top-k keys from the index
-            from ..retrieval.attention import retrieval_attention
+            from ...retrieval.attention import retrieval_attention
             out = retrieval_attention(query, layer.cache, layer.top_k, scale=scaling)
             return out.transpose(1, 2).contiguous(), None
         layer.cache.observe_queries(query)      # the prompt's queries shape the attention-aware index
@@ -85,7 +85,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
 
 
 def _retrieval_layer(key):
-    """The `RetrievalLayer` of a `sparse_attn.retrieval.hf_cache.RetrievalCache` whose ``update`` returned ``key``
+    """The `RetrievalLayer` of a `sparse_attn.integrations.hf.retrieval_cache.RetrievalCache` whose ``update`` returned ``key``
     (it tags the tensor), or None for any other cache."""
     return getattr(key, HF_LAYER_TAG, None)
 

@@ -19,10 +19,10 @@ import copy
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..prefill import sparse_prefill
-from .attention import retrieval_attention
-from .cache import HF_LAYER_TAG as TAG
-from .cache import RetrievalKVCache
+from ...prefill import sparse_prefill
+from ...retrieval.attention import retrieval_attention
+from ...retrieval.cache import HF_LAYER_TAG as TAG
+from ...retrieval.cache import RetrievalKVCache
 
 IMPLEMENTATION = "sparse_attn_retrieval"
 

@@ -1,4 +1,4 @@
-"""Triton kernel: flash attention over the tiles and columns of a SparseLayout (launcher: `triton_launch`).
+"""Triton kernel: flash attention over the tiles and columns of a SparseLayout (launcher: `launcher.py`).
 
 One program per (query block, batch x query head): ``BLOCK_M`` query rows of one layout block (``TILE_M`` rows;
 a block wider than ``BLOCK_M`` is split over several programs).  It walks the block's key tiles (``TILE_N`` keys
@@ -8,7 +8,7 @@ position ``i + k_len - q_len`` (bottom-right); with ``CAUSAL`` it sees keys up t
 ``[0, k_len)`` are masked, so junk in an index can never be read.  KV head = query head // ``kv_group`` (GQA by
 index, no repeated KV).  Plain pointer arithmetic with int64 offsets (no block pointers: gone in Triton 3.9).
 
-Readable reference: `ops.reference.reference_attention` with ``mask=layout.to_mask()``.
+Readable reference: `backends.reference.reference_attention` with ``mask=layout.to_mask()``.
 """
 import triton
 import triton.language as tl

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..layout import SparseLayout
-from .cuda_cache import default_cache_dir
-from .sources import source_dir
+from ...layout import SparseLayout
+from ..jit import default_cache_dir, source_dir
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-strict-aliasing")
 SOURCE_NAME = "sparse_attention_cpu.cpp"
@@ -83,7 +82,7 @@ def supports(q) -> bool:
 
 
 def cpu_kernel_attention(q, k, v, layout: SparseLayout, *, causal: bool, scale: float, return_lse: bool = False):
-    """`torch_sparse.torch_sparse_attention`'s contract (inputs checked by `prefill.sparse_attention`) through the
+    """`backends.torch.attention.torch_sparse_attention`'s contract (inputs checked by `prefill.sparse_attention`) through the
     compiled kernel: computes in fp32 and returns the output in q's dtype, the LSE [B, Hq, Lq] in fp32."""
     op = load()
     if op is None:

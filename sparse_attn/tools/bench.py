@@ -9,11 +9,12 @@ import time
 
 import torch
 
-from .layout import SparseLayout
-from .ops.metrics import attention_recall, relative_error
-from .patterns import AShape, BlockSparse, VerticalSlash
-from .patterns import Grid, QBoundary, TwoDBoundary, with_modality
-from .prefill import DEFAULT_PATTERN, _resolve_backend, dense_attention, estimate, sparse_attention
+from ..layout import SparseLayout
+from .metrics import attention_recall, relative_error
+from ..patterns import AShape, BlockSparse, VerticalSlash
+from ..patterns import Grid, QBoundary, TwoDBoundary, with_modality
+from ..backends import BACKEND_NAMES, select_backend
+from ..prefill import DEFAULT_PATTERN, dense_attention, estimate, sparse_attention
 from .synthetic import MixedWorkload, Workload, make_mixed_qkv, make_qkv
 
 PATTERNS = {
@@ -91,7 +92,7 @@ def _status_kb(field: str) -> int:
 def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=True, quality=True, memory=False,
         out=print, workload="text", backend="auto"):
     probe = torch.empty(1, 1, 1, head_dim)
-    chosen = _resolve_backend(backend, probe, probe, probe)
+    chosen = select_backend(backend, probe, probe, probe).name
     out(f"# sparse_attn bench: B=1 Hq={heads} Hkv={kv_heads} D={head_dim} fp32, {platform.processor() or 'cpu'}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, backend {chosen}")
     header = (f"{'pattern':<10} {'L':>6} {'density':>8} {'est ms':>8} {'est %':>6} {'attn ms':>9} {'dense ms':>9} "
@@ -137,7 +138,7 @@ def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=Tru
     if memory:
         L = max(lengths)
         q, k, v, spans = _inputs(workload, L, heads, kv_heads, head_dim)
-        from .prefill import sparse_prefill
+        from ..prefill import sparse_prefill
         first = PATTERNS[patterns[0]]() if spans is None else with_modality(PATTERNS[patterns[0]](), spans)
         sparse_mb = peak_memory_mb(lambda: sparse_prefill(q, k, v, first, backend=chosen))
         dense_mb = peak_memory_mb(lambda: dense_attention(q, k, v))
@@ -152,7 +153,7 @@ def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=Tru
 
 def main(argv=None):
     if "--decode" in (sys.argv[1:] if argv is None else argv):
-        from .retrieval.bench import main as decode_main   # retrieval decode bench: its own options
+        from ..retrieval.bench import main as decode_main   # retrieval decode bench: its own options
         return decode_main(argv)
     parser = argparse.ArgumentParser(prog="python -m sparse_attn bench", description=__doc__)
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192])
@@ -162,7 +163,7 @@ def main(argv=None):
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=1, help="best of N timings")
-    parser.add_argument("--backend", default="auto", choices=["auto", "cpu", "torch"],
+    parser.add_argument("--backend", default="auto", choices=BACKEND_NAMES,
                         help="engine of the attention column (auto: the compiled CPU kernel where it builds)")
     parser.add_argument("--no-flex", action="store_true", help="skip the compiled FlexAttention peer row")
     parser.add_argument("--no-quality", action="store_true", help="skip the attention-mass recall")

@@ -1,1 +1,0 @@
-"""Execution of a SparseLayout: reference (dense oracle), torch (any device), merge, and estimator helpers."""
