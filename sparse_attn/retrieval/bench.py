@@ -7,16 +7,38 @@ build it (timed), then time one decode step (q [1, Hq, 1, D]) of retrieval atten
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
+import sys
 import tempfile
 import time
 
 import torch
 
-from .attention import intra_op_threads, retrieval_attention
+from .attention import retrieval_attention
 from .cache import RetrievalKVCache, make_index
 from .workload import DecodeWorkload, make_decode_workload
+
+
+@contextlib.contextmanager
+def intra_op_threads(n):
+    """Run the block with ``n`` torch (and, if loaded, faiss) OpenMP threads, restoring them after.
+
+    The benchmark (a caller) chooses thread counts; the library never does.  On a loaded 2-core machine each
+    parallel region's barrier can cost milliseconds, so a decode step of small ops is timed with 1 thread."""
+    faiss = sys.modules.get("faiss")
+    before_torch = torch.get_num_threads()
+    before_faiss = faiss.omp_get_max_threads() if faiss is not None else None
+    torch.set_num_threads(n)
+    if faiss is not None:
+        faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before_torch)
+        if faiss is not None:
+            faiss.omp_set_num_threads(before_faiss)
 
 
 def exact_decode(q, k, v, scale):

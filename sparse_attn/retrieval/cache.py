@@ -24,10 +24,20 @@ HF_LAYER_TAG = "_sparse_attn_retrieval_layer"
 META_VERSION = 1
 
 
-def make_index(index):
-    """``index``: an index object, or one of "exact", "ivf", "query_aware" (defaults of each)."""
+#: Index names :func:`make_index` accepts ("auto" is the fast index, which searches exactly until it is trained).
+INDEX_NAMES = ("auto", "fast", "exact", "ivf", "query_aware")
+
+
+def make_index(index="auto"):
+    """``index``: an index object, or a name (defaults of each): "auto"/"fast" (default): exact search while fewer
+    than 32768 keys are offloaded, then :class:`~.index_fast.FastScanIndex` (query-aware IVF lists of 4-bit PQ
+    codes, exact re-ranking); "exact": every key scored; "ivf": plain faiss IVF-Flat; "query_aware": IVF-Flat
+    with query-aware lists."""
     if not isinstance(index, str):
         return index
+    if index in ("auto", "fast"):
+        from .index_fast import FastScanIndex
+        return FastScanIndex()
     if index == "exact":
         return ExactIndex()
     if index == "ivf":
@@ -36,7 +46,7 @@ def make_index(index):
     if index == "query_aware":
         from .index_query_aware import QueryAwareIndex
         return QueryAwareIndex()
-    raise ValueError(f"index must be 'exact', 'ivf', 'query_aware' or an index object, got {index!r}")
+    raise ValueError(f"index must be one of {', '.join(map(repr, INDEX_NAMES))} or an index object, got {index!r}")
 
 
 class RetrievalKVCache:
@@ -47,7 +57,7 @@ class RetrievalKVCache:
     are slow); ``ssd_dir``: directory for the SSD tier (values, and keys with ``keys_on_ssd``); ``layer``: names
     the files; ``page_tokens``/``cache_pages``: SSD page size in tokens and the RAM page cache bound."""
 
-    def __init__(self, sink: int = 128, window: int = 512, index="exact", *, storage_dtype=None, ssd_dir=None,
+    def __init__(self, sink: int = 128, window: int = 512, index="auto", *, storage_dtype=None, ssd_dir=None,
                  keys_on_ssd: bool = False, layer: int = 0, page_tokens: int = 16, cache_pages: int = 4096):
         self.window = DeviceWindow(sink, window)
         self.index = make_index(index)

@@ -36,7 +36,7 @@ def test_query_aware_index_recall_and_scan():
     index = QueryAwareIndex(nlist=64, nprobe=4)                      # probes 6% of the lists
     index.observe_queries(prefill)
     index.add(keys)
-    ids, scanned = index.search(rows, TOP)
+    ids, scanned, _ = index.search(rows, TOP)
     assert ids.shape == (2, 16, TOP)
     assert _recall(ids, ref) >= 0.9
     assert scanned.float().mean().item() / N <= 0.15
@@ -49,10 +49,10 @@ def test_plain_ivf_recall_is_measurable_and_full_probe_is_exact():
     _, ref = exact_topk(rows, keys, TOP)
     index = IVFIndex(nlist=64, nprobe=4)
     index.add(keys)
-    ids, _ = index.search(rows, TOP)
+    ids, _, _ = index.search(rows, TOP)
     assert 0.2 <= _recall(ids, ref) <= 1.0
     index.nprobe = 64
-    ids, scanned = index.search(rows, TOP)
+    ids, scanned, _ = index.search(rows, TOP)
     assert _recall(ids, ref) == 1.0 and (scanned == N).all()
 
 
@@ -65,7 +65,7 @@ def test_incremental_adds_are_searchable_at_once():
         index.add(keys[:, start:start + 700])
         seen = min(N, start + 700)
         _, ref = exact_topk(rows, keys[:, :seen], TOP)
-        ids, _ = index.search(rows, TOP)
+        ids, _, _ = index.search(rows, TOP)
         assert _recall(ids, ref) == 1.0, seen
     assert index.trained and index.n_indexed + index.tail.shape[1] == N
 
@@ -74,5 +74,5 @@ def test_fewer_training_keys_than_lists_still_builds():
     keys = torch.randn(1, 20, 16)
     index = IVFIndex(nlist=64, nprobe=64, train_min=10, tail_max=10)
     index.add(keys)
-    ids, _ = index.search(torch.randn(1, 3, 16), 20)
+    ids, _, _ = index.search(torch.randn(1, 3, 16), 20)
     assert index.nlist == 20 and sorted(ids[0, 0].tolist()) == list(range(20))
