@@ -38,17 +38,22 @@ class FastScanIndex(QueryAwareIndex):
     name = "fast"
 
     def __init__(self, nlist: int | None = None, *, probe_keys: float | int = 0.05, shortlist: int | None = None,
-                 dims_per_code: int = 2, train_min: int = 32768, tail_max: int = 4096, chunk: int = 131072,
-                 **kwargs):
+                 codes: str = "pq4", dims_per_code: int = 2, train_min: int = 32768, tail_max: int = 4096,
+                 chunk: int = 131072, **kwargs):
         super().__init__(nlist, train_min=train_min, tail_max=tail_max, **kwargs)
         if isinstance(probe_keys, bool) or not (isinstance(probe_keys, int) and probe_keys >= 1
                                                 or isinstance(probe_keys, float) and 0 < probe_keys <= 1):
             raise ValueError(f"probe_keys must be a fraction in (0, 1] or a key count >= 1, got {probe_keys!r}")
         if shortlist is not None and (isinstance(shortlist, bool) or not isinstance(shortlist, int) or shortlist < 1):
             raise ValueError(f"shortlist must be a positive int or None, got {shortlist!r}")
+        if codes not in ("pq4", "sq8"):
+            raise ValueError(f"codes must be 'pq4' or 'sq8', got {codes!r}")
         if dims_per_code not in (1, 2, 4, 8):
             raise ValueError(f"dims_per_code must be 1, 2, 4 or 8, got {dims_per_code!r}")
         self.probe_keys, self.shortlist, self.dims_per_code, self.chunk = probe_keys, shortlist, dims_per_code, chunk
+        self.codes = codes
+        self.params.update(probe_keys=probe_keys, shortlist=shortlist, codes=codes, dims_per_code=dims_per_code,
+                           chunk=chunk)
         self.source = None
         self.n_seen = 0                       # keys added (indexed + tail)
 
@@ -79,29 +84,55 @@ class FastScanIndex(QueryAwareIndex):
         S, C, Dm = self.centroids.shape
         quantizer = faiss.IndexFlatL2(Dm)
         quantizer.add(np.ascontiguousarray(self.centroids.reshape(S * C, Dm).numpy()))
-        ivf = faiss.IndexIVFPQFastScan(quantizer, Dm, S * C, Dm // self.dims_per_code, 4,
-                                       faiss.METRIC_INNER_PRODUCT)
+        if self.codes == "pq4":
+            ivf = faiss.IndexIVFPQFastScan(quantizer, Dm, S * C, Dm // self.dims_per_code, 4,
+                                           faiss.METRIC_INNER_PRODUCT)
+            ivf.pq.cp.seed, ivf.pq.cp.niter = self.seed, self.kmeans_iter
+        else:
+            ivf = faiss.IndexIVFScalarQuantizer(quantizer, Dm, S * C, faiss.ScalarQuantizer.QT_8bit,
+                                                faiss.METRIC_INNER_PRODUCT)
+        ivf.by_residual = True                  # codes of key - centroid: finer than codes of the keys themselves
         gen = torch.Generator().manual_seed(self.seed)
         n = min(keys.shape[1], max(256, 16384 // S))                 # 16 codewords per sub-space: few points do
         sample = self._map_keys(keys[:, torch.randperm(keys.shape[1], generator=gen)[:n]]).contiguous()
         residual = sample - self.centroids.gather(1, self._assign(sample)[..., None].expand_as(sample))
-        ivf.pq.cp.seed, ivf.pq.cp.niter = self.seed, self.kmeans_iter
         ivf.train_encoder(S * n, faiss.swig_ptr(np.ascontiguousarray(residual.reshape(-1, Dm).numpy())), None)
         ivf.is_trained = True
-        # adds go through one small quantizer per stream whose ids are that stream's list numbers
+        self.faiss_indexes = [ivf]
+        self._make_stream_quantizers()
+
+    _state_fields = ("trained", "n_indexed", "n_seen", "train_seconds", "queries")
+
+    def _restored(self) -> None:
+        super()._restored()
+        self._make_stream_quantizers()
+
+    def _make_stream_quantizers(self) -> None:
+        """pq4: adds go through one small quantizer per stream whose ids are that stream's list numbers (faiss's
+        fast-scan lists take no pre-assigned adds)."""
+        faiss = _faiss()
+        S, C, Dm = self.centroids.shape
+        self._quantizer = self.faiss_indexes[0].quantizer          # all S * C centroids (used by searches)
         self._stream_quantizers = []
+        if self.codes != "pq4":
+            return
         for s in range(S):
             flat = faiss.IndexFlatL2(Dm)
             q = faiss.IndexIDMap2(flat)
             q.add_with_ids(np.ascontiguousarray(self.centroids[s].numpy()),
                            np.arange(s * C, (s + 1) * C, dtype=np.int64))
             self._stream_quantizers.append((q, flat))
-        self._quantizer = quantizer
-        self.faiss_indexes = [ivf]
 
     def _add_to_lists(self, mapped: torch.Tensor, lists: torch.Tensor, ids: np.ndarray) -> None:
-        # faiss assigns each key to its own stream's lists (the nearest centroid, as `lists` does)
         ivf = self.faiss_indexes[0]
+        if self.codes == "sq8":                 # stream s owns lists [s * C, (s + 1) * C)
+            faiss = _faiss()
+            for s in range(mapped.shape[0]):
+                x = np.ascontiguousarray(mapped[s].numpy())
+                assign = np.ascontiguousarray((lists[s] + s * self.nlist).numpy())
+                ivf.add_core(len(ids), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(assign))
+            return
+        # faiss assigns each key to its own stream's lists (the nearest centroid, as `lists` does)
         for s in range(mapped.shape[0]):
             ivf.quantizer = self._stream_quantizers[s][0]
             ivf.add_with_ids(np.ascontiguousarray(mapped[s].numpy()), ids)

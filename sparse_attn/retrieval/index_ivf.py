@@ -38,6 +38,8 @@ class IVFIndex:
             raise ValueError(f"nlist must be >= 1, got {nlist}")
         if nprobe is not None and nprobe < 1:
             raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+        self.params = dict(nlist=nlist, nprobe=nprobe, train_min=train_min, tail_max=tail_max,
+                           kmeans_iter=kmeans_iter, points_per_centroid=points_per_centroid, seed=seed)  # to save
         self.nlist_arg, self.nprobe_arg, self.train_min, self.tail_max = nlist, nprobe, train_min, tail_max
         self.kmeans_iter, self.points_per_centroid, self.seed = kmeans_iter, points_per_centroid, seed
         self.trained = False
@@ -175,6 +177,31 @@ class IVFIndex:
         if out.shape[-1] < top_k:
             out = torch.cat([out, torch.full((S, m, top_k - out.shape[-1]), -1, dtype=torch.int64)], -1)
         return out, scanned, scanned
+
+    # ------------------------------------------------------------------------------------------ saving
+    _state_fields = ("trained", "n_indexed", "tail", "train_seconds")
+    _trained_fields = ("nlist", "nprobe", "centroids", "key_map", "query_map", "list_sizes", "list_sum", "list_sq")
+
+    def state_dict(self) -> dict:
+        """Everything a search depends on (tensors, numbers; the faiss indexes serialized), for
+        :func:`~.index_file.save_index`; the constructor arguments are in ``params``."""
+        state = {name: getattr(self, name) for name in self._state_fields}
+        if self.trained:
+            state.update({name: getattr(self, name) for name in self._trained_fields})
+            state["faiss"] = [torch.from_numpy(_faiss().serialize_index(ix)) for ix in self.faiss_indexes]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (on an index built with the same ``params``)."""
+        for name, value in state.items():
+            if name != "faiss":
+                setattr(self, name, value)
+        self.faiss_indexes = [_faiss().deserialize_index(t.numpy()) for t in state.get("faiss", [])]
+        if self.trained:
+            self._restored()
+
+    def _restored(self) -> None:
+        """Rebuild what is derived from the restored state (subclasses)."""
 
     def nbytes(self) -> int:
         """RAM of the inverted lists (fp32 vectors + int64 ids), the centroids and the tail."""

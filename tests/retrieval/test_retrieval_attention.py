@@ -17,8 +17,9 @@ def _index(name):
     if name == "exact":
         return "exact"
     from sparse_attn.retrieval import FastScanIndex, IVFIndex, QueryAwareIndex
-    if name == "fast":                                              # every key's code scanned, all re-ranked
-        return FastScanIndex(nlist=4, train_min=16, tail_max=8, probe_keys=1.0, shortlist=1000)
+    if name.startswith("fast"):                                     # every key's code scanned, all re-ranked
+        return FastScanIndex(nlist=4, train_min=16, tail_max=8, probe_keys=1.0, shortlist=1000,
+                             codes=name.split("_")[1])
     cls = IVFIndex if name == "ivf" else QueryAwareIndex
     return cls(nlist=4, nprobe=4, train_min=16, tail_max=8)        # trained, but every list probed: exact
 
@@ -37,7 +38,7 @@ def test_everything_retrieved_equals_dense(L, heads, Lq):
     assert_lse_close(lse, ref_lse, atol=2e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("index", ["exact", "ivf", "query_aware", "fast"])
+@pytest.mark.parametrize("index", ["exact", "ivf", "query_aware", "fast_pq4", "fast_sq8"])
 @pytest.mark.parametrize("sink,window", [(0, 0), (4, 16), (0, 7), (9, 0)])
 def test_every_index_covering_the_context_is_exact(index, sink, window):
     q, k, v = decode_inputs(B=2, Hq=4, Hkv=2, L=200, D=80, Lq=2, seed=7)
