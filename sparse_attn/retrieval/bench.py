@@ -8,6 +8,7 @@ attention over the same keys (fp32 arithmetic, chunked over keys) in turns, roun
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import platform
 import resource
@@ -79,6 +80,30 @@ def _quality(cache, logits, v, ref, out, positions, top_k):
     return recall, mass, err(out), err(out_or)
 
 
+def _top_k_guidance(refs, v, sink, window, ks):
+    """Per ``k``: mean attention mass on the window + the exact top-k of the other keys, and the output error of
+    attending only those (what a perfect index gives at ``top_k = k``)."""
+    rows = []
+    for kk in ks:
+        masses, errs = [], []
+        for ref, logits in refs:
+            S, m, N = logits.shape
+            window_mask = torch.zeros(N, dtype=torch.bool)
+            window_mask[:min(sink, N)] = True
+            window_mask[max(0, N - window):] = True
+            keep = window_mask.expand(S, m, N).clone()
+            kk_eff = min(kk, int((~window_mask).sum()))
+            if kk_eff:
+                keep.scatter_(-1, logits.masked_fill(window_mask, float("-inf")).topk(kk_eff, -1).indices, True)
+            masses.append((torch.softmax(logits, -1) * keep).sum(-1).mean().item())
+            p = torch.softmax(logits.masked_fill(~keep, float("-inf")), -1)
+            o = sum(torch.bmm(p[..., i:i + (1 << 17)], v.reshape(S, N, -1)[:, i:i + (1 << 17)].float())
+                    for i in range(0, N, 1 << 17)).reshape(ref.shape)
+            errs.append(((o - ref).norm() / ref.norm()).item())
+        rows.append((kk, statistics.fmean(masses), statistics.fmean(errs)))
+    return rows
+
+
 def _available_bytes():
     try:
         with open("/proc/meminfo") as f:
@@ -91,8 +116,18 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20            # ru_maxrss: KiB on Linux
 
 
-def _make_index(name, probe_keys, shortlist):
-    index = make_index(name)
+def _make_index(spec, probe_keys, shortlist):
+    """``spec``: an index name, or ``fast:key=value,...`` (FastScanIndex arguments, e.g. ``fast:codes=sq8``)."""
+    name, _, options = spec.partition(":")
+    if options:
+        from .index_fast import FastScanIndex
+        if name not in ("fast", "auto"):
+            raise ValueError(f"index options are for the fast index only, got {spec!r}")
+        kwargs = {key: ast.literal_eval(value) if value[:1].isdigit() or value[:1] == "-" else value
+                  for key, _, value in (item.partition("=") for item in options.split(","))}
+        index = FastScanIndex(**kwargs)
+    else:
+        index = make_index(name)
     if probe_keys is not None and hasattr(index, "probe_keys"):
         index.probe_keys = probe_keys
     if shortlist is not None and hasattr(index, "shortlist"):
@@ -107,7 +142,7 @@ def run(keys_list, heads, kv_heads, indexes, top_k=100, sink=128, window=512, re
         f"CPU RAM, top_k={top_k}, sink={sink}, window={window}, {decode_queries} decode queries x {repeat} rounds; "
         f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} torch threads available, retrieval steps with "
         f"{threads}; torch {torch.__version__}")
-    out(f"{'keys':>8} {'Hkv':>3} {'index':<10} {'build s':>7} {'step ms':>8} {'exact ms':>8} {'speedup':>7} "
+    out(f"{'keys':>8} {'Hkv':>3} {'index':<12} {'build s':>7} {'step ms':>8} {'exact ms':>8} {'speedup':>7} "
         f"{'recall':>6} {'mass':>6} {'rel err':>7} {'oracle':>7} {'scanned':>7} {'read':>6} {'MB/head':>7} "
         f"{'idx MB/h':>8} {'rss GiB':>7}")
     rows = []
@@ -124,6 +159,14 @@ def run(keys_list, heads, kv_heads, indexes, top_k=100, sink=128, window=512, re
         scale = head_dim ** -0.5
         queries = [q_all[:, :, r:r + 1].float() for r in range(decode_queries)]
         refs = [exact_decode(qr, k, v, scale) for qr in queries]                 # outputs and logits, for quality
+        # a second baseline: exact attention over an fp32 copy (no conversion per step), where it fits in RAM
+        fp32_bytes = 2 * k.numel() * 4
+        kv32 = None
+        if storage_dtype != torch.float32 and (avail is None or fp32_bytes < 0.25 * avail):
+            kv32 = (k.float(), v.float())
+        out("# top_k guidance at %d keys: attention mass on window + exact top-k offloaded keys (rel err of that "
+            "perfect top-k): " % N + ", ".join(f"k={kk}: {m:.3f} ({e:.4f})" for kk, m, e in
+                                             _top_k_guidance(refs, v, sink, window, (100, 500, 2048, 8192))))
         for name in indexes:
             use_ssd = name.endswith("+ssd")
             tmp = tempfile.TemporaryDirectory(dir=ssd_dir) if use_ssd else None
@@ -137,6 +180,7 @@ def run(keys_list, heads, kv_heads, indexes, top_k=100, sink=128, window=512, re
             build_s = time.perf_counter() - start
             # turns: per round, every decode query through retrieval (1 thread) and exact (its best thread count)
             t_step, t_exact = [], {n: [] for n in sorted({1, torch.get_num_threads()})}
+            t_exact32 = {n: [] for n in t_exact} if kv32 else {}
             results = [None] * decode_queries
             for _ in range(repeat):
                 for r, qr in enumerate(queries):
@@ -146,13 +190,17 @@ def run(keys_list, heads, kv_heads, indexes, top_k=100, sink=128, window=512, re
                                                          return_stats=True)
                         t_step.append(time.perf_counter() - start)
                     for n in t_exact:
-                        with intra_op_threads(n):
-                            start = time.perf_counter()
-                            exact_decode(qr, k, v, scale)
-                            t_exact[n].append(time.perf_counter() - start)
+                        for times, (kk, vv) in ((t_exact, (k, v)), (t_exact32, kv32)):
+                            if kk is None:
+                                continue
+                            with intra_op_threads(n):
+                                start = time.perf_counter()
+                                exact_decode(qr, kk, vv, scale)
+                                times[n].append(time.perf_counter() - start)
             step_s = statistics.median(t_step)
             exact_n = min(t_exact, key=lambda n: statistics.median(t_exact[n]))
             exact_s = statistics.median(t_exact[exact_n])
+            exact32_s = min((statistics.median(t) for t in t_exact32.values()), default=float("nan"))
             qual = [_quality(cache, logits, v, ref, o, idx.reshape(logits.shape[0], logits.shape[1], -1), top_k)
                     for (ref, logits), (o, idx, _) in zip(refs, results)]
             recall, mass, err, oracle = (statistics.fmean(x) for x in zip(*qual))
@@ -162,21 +210,24 @@ def run(keys_list, heads, kv_heads, indexes, top_k=100, sink=128, window=512, re
             mem = cache.memory_report()
             streams = kv_heads
             row = dict(keys=N, kv_heads=kv_heads, index=name, build_s=build_s, step_ms=step_s * 1e3,
-                       exact_ms=exact_s * 1e3, exact_threads=exact_n, speedup=exact_s / step_s, recall=recall,
+                       exact_stored_ms=exact_s * 1e3, exact_threads=exact_n, exact32_ms=exact32_s * 1e3,
+                       exact_ms=min(exact_s, exact32_s) * 1e3, speedup=min(exact_s, exact32_s) / step_s, recall=recall,
                        mass=mass, rel_err=err, oracle_err=oracle, scanned=scanned, read=read,
                        mb_per_head=(mem["ram_keys"] + mem["ram_values"] + mem["ssd_disk"]) / streams / 2 ** 20,
                        index_mb_per_head=mem["index_ram"] / streams / 2 ** 20, peak_rss_gib=_peak_rss_gib())
             rows.append(row)
-            out(f"{N:>8} {kv_heads:>3} {name:<10} {build_s:>7.1f} {row['step_ms']:>8.2f} {row['exact_ms']:>8.1f} "
+            out(f"{N:>8} {kv_heads:>3} {name:<12} {build_s:>7.1f} {row['step_ms']:>8.2f} {row['exact_ms']:>8.1f} "
                 f"{row['speedup']:>6.1f}x {recall:>6.3f} {mass:>6.3f} {err:>7.4f} {oracle:>7.4f} {scanned:>7.2%} "
                 f"{read:>6.2%} {row['mb_per_head']:>7.0f} {row['index_mb_per_head']:>8.1f} {row['peak_rss_gib']:>7.1f}"
-                f"   (exact best with {exact_n} thread{'s' if exact_n > 1 else ''})")
+                f"   (exact over the stored KV: {row['exact_stored_ms']:.1f} ms with {exact_n} thread(s); over an "
+                f"fp32 copy: {row['exact32_ms']:.1f} ms)")
             del cache
             if tmp:
                 tmp.cleanup()
-        del k, v, refs
+        del k, v, refs, kv32
     out("step ms / exact ms = medians over rounds x decode queries, timed in turns; exact = fp32 matmul + softmax + "
-        "matmul over every key (same stored KV), best of 1 or all threads; recall = fraction of the exact top-k keys "
+        "matmul over every key, the faster of: over the stored KV (converted chunk by chunk) and over an fp32 copy "
+        "of it (when that fits in RAM), each with its best of 1 or all threads; speedup = exact / step; recall = fraction of the exact top-k keys "
         "(over all keys) attended (window or retrieved); mass = exact attention mass on the attended keys; rel err "
         "= |out - exact| / |exact|; oracle = rel err of the window + the exact top-k offloaded keys (a perfect "
         "index); scanned = keys whose codes (fast) or vectors were scored per query row / offloaded keys; read = "
@@ -195,7 +246,8 @@ def main(argv=None):
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--indexes", nargs="+", default=["auto"],
-                        choices=[*INDEX_NAMES, *(f"{n}+ssd" for n in INDEX_NAMES)])
+                        help=f"index names ({', '.join(INDEX_NAMES)}), or fast:key=value,... (FastScanIndex "
+                             f"arguments); suffix '+ssd': values in a page file")
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument("--sink", type=int, default=128)
     parser.add_argument("--window", type=int, default=512)
