@@ -1,9 +1,11 @@
-"""Fast retrieval index: query-aware IVF lists of 4-bit fast-scan PQ codes, exact re-ranking from the stored keys.
+"""Fast retrieval index: query-aware IVF lists of compressed codes, exact re-ranking from the stored keys.
 
 Why: scanning full fp32 keys is bound by memory reads (at 1M keys, 85% of a decode step was the list scan).  Here
-the lists hold faiss ``IndexIVFPQFastScan`` codes (4 bits per ``dims_per_code`` dimensions: 32 bytes per 128-d
-key instead of 512), the candidates of the code scan (a ``shortlist`` per query row) are re-scored exactly from
-the keys in the RAM tier, and the best ``top_k`` of those are returned.  Lists and their probing are those of
+the lists hold compressed codes of each key's residual (key minus its list's centroid): 8-bit scalar codes
+(``codes="sq8"``, faiss ``IndexIVFScalarQuantizer``: 128 bytes per 128-d key instead of 512, nearly exact scores)
+or 4-bit fast-scan PQ (``codes="pq4"``, faiss ``IndexIVFPQFastScan``: 4 bits per ``dims_per_code`` dimensions,
+a faster scan with coarser scores).  The best ``shortlist`` candidates of the code scan are re-scored exactly
+from the keys in the RAM tier, and the best ``top_k`` of those are returned.  Lists and their probing are those of
 :class:`~.index_query_aware.QueryAwareIndex` (k-means in the metric of the prefill queries); the probe budget is
 counted in keys (``probe_keys``), not lists, so it does not depend on how unevenly the lists fill.
 
@@ -31,14 +33,15 @@ class FastScanIndex(QueryAwareIndex):
 
     ``probe_keys``: keys whose codes are scanned per query row, as a fraction of the indexed keys (float in
     (0, 1]) or a count (int); ``shortlist``: candidates per query row re-ranked exactly (default
-    ``max(4 * top_k, 1024)``); ``dims_per_code``: dimensions per 4-bit PQ code (2: 32 bytes per 128-d key; 4: 16
-    bytes, faster, less exact); ``chunk``: keys mapped and added per step while indexing (bounds memory).
+    ``max(4 * top_k, 1024)``); ``codes``: "sq8" or "pq4" (see the module docstring); ``dims_per_code``: for
+    "pq4", dimensions per 4-bit code (1: 64 bytes per 128-d key; 2: 32 bytes, faster, less exact); ``chunk``: keys
+    mapped and added per step while indexing (bounds memory).  Defaults: measured at 1M keys (docs/retrieval.md).
     Other arguments as :class:`~.index_query_aware.QueryAwareIndex`."""
 
     name = "fast"
 
-    def __init__(self, nlist: int | None = None, *, probe_keys: float | int = 0.05, shortlist: int | None = None,
-                 codes: str = "pq4", dims_per_code: int = 2, train_min: int = 32768, tail_max: int = 4096,
+    def __init__(self, nlist: int | None = None, *, probe_keys: float | int = 0.03, shortlist: int | None = None,
+                 codes: str = "sq8", dims_per_code: int = 1, train_min: int = 32768, tail_max: int = 4096,
                  chunk: int = 131072, **kwargs):
         super().__init__(nlist, train_min=train_min, tail_max=tail_max, **kwargs)
         if isinstance(probe_keys, bool) or not (isinstance(probe_keys, int) and probe_keys >= 1
@@ -207,13 +210,13 @@ class FastScanIndex(QueryAwareIndex):
         return best, found, (sizes * keep).sum(-1), (cand >= 0).sum(-1)
 
     def nbytes(self) -> int:
-        """RAM of the index: codes + ids in the lists (estimate: faiss pads lists to blocks of 32), centroids,
+        """RAM of the index: codes + ids in the lists (pq4 lists are padded to blocks of 32, counted), centroids,
         list moments, the maps; the keys themselves stay in the cache's tier."""
         if not self.trained:
             return 0
         S, C, Dm = self.centroids.shape
-        code_bytes = Dm // self.dims_per_code // 2
-        total = S * self.n_indexed * (code_bytes + 8) + S * C * 32 * code_bytes
+        code = self.faiss_indexes[0].code_size
+        total = S * self.n_indexed * (code + 8) + (S * C * 32 * code if self.codes == "pq4" else 0)
         total += 2 * self.centroids.numel() * 4 + (self.list_sum.numel() + self.list_sq.numel()) * 8
         total += (self.key_map.numel() + self.query_map.numel()) * 4
         return total
