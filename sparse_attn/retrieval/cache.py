@@ -31,8 +31,8 @@ INDEX_NAMES = ("auto", "fast", "exact", "ivf", "query_aware")
 
 def make_index(index="auto"):
     """``index``: an index object, or a name (defaults of each): "auto"/"fast" (default): exact search while fewer
-    than 32768 keys are offloaded, then :class:`~.index_fast.FastScanIndex` (query-aware IVF lists of 4-bit PQ
-    codes, exact re-ranking); "exact": every key scored; "ivf": plain faiss IVF-Flat; "query_aware": IVF-Flat
+    than 32768 keys are offloaded, then :class:`~.index_fast.FastScanIndex` (query-aware IVF lists of 8-bit codes,
+    probe budget in keys, exact re-ranking of a shortlist); "exact": every key scored; "ivf": plain faiss IVF-Flat; "query_aware": IVF-Flat
     with query-aware lists."""
     if not isinstance(index, str):
         return index
@@ -54,8 +54,8 @@ class RetrievalKVCache:
     """KV cache of one attention layer for retrieval decode (see the module docstring).
 
     ``sink``/``window``: tokens kept exact on the device; ``index``: see :func:`make_index`;
-    ``storage_dtype``: dtype of offloaded KV (default: the KV's dtype; fp16 halves RAM, but CPU matmuls in fp16
-    are slow); ``ssd_dir``: directory for the SSD tier (values, and keys with ``keys_on_ssd``); ``layer``: names
+    ``storage_dtype``: dtype of offloaded KV in RAM and on SSD (default: the KV's dtype; bf16/fp16 halve the
+    memory of fp32, and every score and sum is still computed in fp32); ``ssd_dir``: directory for the SSD tier (values, and keys with ``keys_on_ssd``); ``layer``: names
     the files; ``page_tokens``/``cache_pages``: SSD page size in tokens and the RAM page cache bound."""
 
     def __init__(self, sink: int = 128, window: int = 512, index="auto", *, storage_dtype=None, ssd_dir=None,
