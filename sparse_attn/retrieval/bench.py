@@ -190,7 +190,7 @@ def run(keys_list, heads, kv_heads, indexes, top_k=100, sink=128, window=512, re
                                                          return_stats=True)
                         t_step.append(time.perf_counter() - start)
                     for n in t_exact:
-                        for times, (kk, vv) in ((t_exact, (k, v)), (t_exact32, kv32)):
+                        for times, (kk, vv) in ((t_exact, (k, v)), (t_exact32, kv32 or (None, None))):
                             if kk is None:
                                 continue
                             with intra_op_threads(n):
