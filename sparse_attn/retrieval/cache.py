@@ -31,8 +31,8 @@ INDEX_NAMES = ("auto", "fast", "exact", "ivf", "query_aware")
 
 def make_index(index="auto"):
     """``index``: an index object, or a name (defaults of each): "auto"/"fast" (default): exact search while fewer
-    than 32768 keys are offloaded, then :class:`~.index_fast.FastScanIndex` (query-aware IVF lists of 8-bit codes,
-    probe budget in keys, exact re-ranking of a shortlist); "exact": every key scored; "ivf": plain faiss IVF-Flat; "query_aware": IVF-Flat
+    than 32768 keys are offloaded, then :class:`~.index_fast.FastScanIndex` (query-aware IVF lists of 4-bit
+    fast-scan PQ codes, probe budget in keys, exact re-ranking of a shortlist); "exact": every key scored; "ivf": plain faiss IVF-Flat; "query_aware": IVF-Flat
     with query-aware lists."""
     if not isinstance(index, str):
         return index

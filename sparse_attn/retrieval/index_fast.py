@@ -41,7 +41,7 @@ class FastScanIndex(QueryAwareIndex):
     name = "fast"
 
     def __init__(self, nlist: int | None = None, *, probe_keys: float | int = 0.03, shortlist: int | None = None,
-                 codes: str = "sq8", dims_per_code: int = 1, train_min: int = 32768, tail_max: int = 4096,
+                 codes: str = "pq4", dims_per_code: int = 1, train_min: int = 32768, tail_max: int = 4096,
                  chunk: int = 32768, **kwargs):
         super().__init__(nlist, train_min=train_min, tail_max=tail_max, **kwargs)
         if isinstance(probe_keys, bool) or not (isinstance(probe_keys, int) and probe_keys >= 1
