@@ -91,7 +91,7 @@ class IVFIndex:
 
     def _train(self, keys: torch.Tensor) -> None:
         import time
-        faiss = _faiss()
+        _faiss()                                   # a clear ImportError before any work when faiss is missing
         start = time.perf_counter()
         S, N, D = keys.shape
         self.nlist = min(N, self.nlist_arg or max(8, int(math.sqrt(N))))       # k-means needs >= nlist points
