@@ -84,14 +84,24 @@ def test_top_k_subset_equals_dense_on_window_plus_exact_top_k():
 
 
 def test_thread_counts_are_left_alone():
-    """The caller's torch thread count survives a step (an earlier version set it to 1 on every call)."""
+    """The step runs with the caller's torch thread count (an earlier version switched to 1 thread inside every
+    call and restored it after): an index records the count it sees during the search."""
+    from sparse_attn.retrieval import ExactIndex
+
+    class Recording(ExactIndex):
+        seen = []
+
+        def search(self, q, top_k):
+            self.seen.append(torch.get_num_threads())
+            return super().search(q, top_k)
+
     q, k, v = decode_inputs(B=1, Hq=4, Hkv=2, L=100, D=64, seed=6)
-    cache = filled_cache(k, v, sink=2, window=8, index="exact")
+    cache = filled_cache(k, v, sink=2, window=8, index=Recording())
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
         retrieval_attention(q, cache, top_k=10)
-        assert torch.get_num_threads() == 2
+        assert Recording.seen == [2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 
