@@ -101,7 +101,8 @@ def test_fast_index_recall_budget_and_reads(codes, B):
     scores must be good (pq4 codes of the keys instead of their residuals give 0.91-0.92 here)."""
     from sparse_attn.retrieval import FastScanIndex
     tier, rows, prefill = _fast_setup(B, torch.bfloat16)
-    index = FastScanIndex(nlist=64, probe_keys=0.2, shortlist=150, codes=codes, train_min=1024, tail_max=512)
+    index = FastScanIndex(nlist=64, probe_keys=0.2, shortlist=150, codes=codes, dims_per_code=2, train_min=1024,
+                          tail_max=512)                              # 2 dims per pq4 code: residuals matter
     index.attach(tier)
     index.observe_queries(prefill)
     for start in range(0, N, 3000):                                  # trained on the first keys, then batches
