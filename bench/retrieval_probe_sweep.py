@@ -27,7 +27,7 @@ def main(n_keys: int):
                 index.beta = beta
             for nprobe in (5, 10, 20, 40, 80):
                 index.nprobe = nprobe
-                ids, scanned = index.search(rows, 100)
+                ids, scanned, _ = index.search(rows, 100)
                 print(f"N={n_keys} {name} build {build:.0f}s nlist {index.nlist} beta {beta} nprobe {nprobe}: "
                       f"recall@100 {recall(ids):.3f} scanned {scanned.float().mean().item() / n_keys:.4f}", flush=True)
 

@@ -10,11 +10,14 @@ def __getattr__(name):  # the faiss-backed indexes load lazily
     if name == "IVFIndex":
         from .index_ivf import IVFIndex
         return IVFIndex
+    if name == "FastScanIndex":
+        from .index_fast import FastScanIndex
+        return FastScanIndex
     if name == "QueryAwareIndex":
         from .index_query_aware import QueryAwareIndex
         return QueryAwareIndex
     raise AttributeError(name)
 
 
-__all__ = ["ExactIndex", "IVFIndex", "KVFileError", "PagedVectorFile", "QueryAwareIndex", "RetrievalKVCache",
+__all__ = ["ExactIndex", "FastScanIndex", "IVFIndex", "KVFileError", "PagedVectorFile", "QueryAwareIndex", "RetrievalKVCache",
            "exact_topk", "make_index", "retrieval_attention"]

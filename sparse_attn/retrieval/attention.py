@@ -4,9 +4,6 @@ index retrieves from the offloaded tiers, merged by log-sum-exp.
 Per step the work is O(window + top_k) plus the index search; nothing else scales with the context."""
 from __future__ import annotations
 
-import contextlib
-import sys
-
 import torch
 
 from ..backends.checks import resolve_scale
@@ -56,46 +53,21 @@ def _attend(q, keys, values, mask, scale):
     return out, lse
 
 
-@contextlib.contextmanager
-def intra_op_threads(n):
-    """Run the block with ``n`` torch (and, if loaded, faiss) OpenMP threads, restoring them after; None: as is.
-
-    A decode step is a few dozen tiny ops; on a loaded 2-core machine each parallel region's barrier costs
-    milliseconds (measured: 188 ms per step with 2 threads vs 1.5 ms with 1, same work), so one thread is the
-    default.  Global state: not for concurrent Python threads that set their own counts."""
-    if n is None:
-        yield
-        return
-    faiss = sys.modules.get("faiss")
-    before_torch = torch.get_num_threads()
-    before_faiss = faiss.omp_get_max_threads() if faiss is not None else None
-    torch.set_num_threads(n)
-    if faiss is not None:
-        faiss.omp_set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before_torch)
-        if faiss is not None:
-            faiss.omp_set_num_threads(before_faiss)
-
-
-def retrieval_attention(q, cache, top_k: int, *, scale=None, return_lse: bool = False, return_stats: bool = False,
-                        threads: int | None = 1):
+def retrieval_attention(q, cache, top_k: int, *, scale=None, return_lse: bool = False,
+                        return_indices: bool = False, return_stats: bool = False):
     """Decode attention of ``q [B, Hq, Lq, D]`` (the last ``Lq`` tokens, already appended to ``cache``) over a
     :class:`~sparse_attn.retrieval.RetrievalKVCache`.
 
     Static part: every token in the device window (sinks + recent), with the bottom-right causal mask among the
     new rows.  Retrieved part: per query row, the ``top_k`` offloaded keys with the largest ``q . k`` that the
-    cache's index finds (all query heads of a KV head search its index in one call), gathered from RAM/SSD.
-    Returns ``out [B, Hq, Lq, D]`` in q's dtype; with ``return_lse`` also the natural-log LSE ``[B, Hq, Lq]``
-    (fp32); with ``return_stats`` also a dict (keys scanned per query row, offloaded count).
-    ``threads``: intra-op threads for the step (see :func:`intra_op_threads`; None keeps the caller's setting)."""
-    with intra_op_threads(threads):
-        return _retrieval_attention(q, cache, top_k, scale=scale, return_lse=return_lse, return_stats=return_stats)
-
-
-def _retrieval_attention(q, cache, top_k: int, *, scale=None, return_lse: bool = False, return_stats: bool = False):
+    cache's index finds (every query head of every KV head in one index call), gathered from RAM/SSD, scored in
+    fp32 whatever the storage dtype.  Returns ``out [B, Hq, Lq, D]`` in q's dtype, then, as asked:
+    ``lse [B, Hq, Lq]`` (natural log, fp32) with ``return_lse``; ``indices [B, Hq, Lq, top_k]`` int64 with
+    ``return_indices``: the token positions of the retrieved keys each query row attended (-1 = none; the window's
+    tokens are not listed, every row attends all of them); a dict with ``return_stats``: ``scanned`` and ``read``
+    ``[B, Hq, Lq]`` (keys the index scored per row, and keys it read in full: for the fast index, codes scanned
+    and keys re-ranked), ``offloaded`` (keys outside the window).
+    Thread counts are the caller's (torch's and faiss's own settings); nothing global is changed."""
     _check(q, cache, top_k)
     B, Hq, Lq, D = q.shape
     Hkv, S = cache.kv_heads, B * cache.kv_heads
@@ -107,14 +79,15 @@ def _retrieval_attention(q, cache, top_k: int, *, scale=None, return_lse: bool =
     mask = (cache.window.pos.to(q.device)[None, :] <= q_pos[:, None])[None]
     out_s, lse_s = _attend(rows, wk.reshape(S, -1, D).to(q.device), wv.reshape(S, -1, D).to(q.device), mask, scale)
     outs, lses = [out_s], [lse_s]
-    stats = {"offloaded": cache.n_offloaded, "scanned": torch.zeros(S, g * Lq, dtype=torch.int64)}
+    none = torch.zeros(S, g * Lq, dtype=torch.int64)
+    scanned, read, positions = none, none, torch.full((S, g * Lq, top_k), -1, dtype=torch.int64)
     if cache.n_offloaded:
         cache.sync_index()
-        ids, scanned = cache.index.search(rows.detach().float().cpu(), top_k)      # [S, m, k]
-        stats["scanned"] = scanned
+        ids, scanned, read = cache.index.search(rows.detach().float().cpu(), top_k)      # [S, m, k]
         k_eff = ids.shape[-1]
         # offloaded token i sits at position n_sink + i; rows may not see keys after them (only when Lq > window)
         valid = (ids >= 0) & (ids + cache.window.n_sink <= q_pos.cpu()[None, :, None])
+        positions[..., :k_eff] = (ids + cache.window.n_sink).masked_fill(~valid, -1)
         keys, values = cache.gather(ids.clamp(min=0).view(S, -1))
         keys = keys.view(S, g * Lq, k_eff, D).to(q.device)
         values = values.view(S, g * Lq, k_eff, D).to(q.device)
@@ -126,6 +99,9 @@ def _retrieval_attention(q, cache, top_k: int, *, scale=None, return_lse: bool =
     result = (out,)
     if return_lse:
         result += (lse.view(B, Hq, Lq).float(),)
+    if return_indices:
+        result += (positions.view(B, Hq, Lq, -1),)
     if return_stats:
-        result += (stats,)
+        result += ({"offloaded": cache.n_offloaded, "scanned": scanned.view(B, Hq, Lq),
+                    "read": read.view(B, Hq, Lq)},)
     return result[0] if len(result) == 1 else result

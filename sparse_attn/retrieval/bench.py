@@ -1,155 +1,239 @@
 """`python -m sparse_attn bench --decode`: retrieval decode vs exact attention over the same CPU-resident KV.
 
-For each context length: build the synthetic decode workload, fill one layer's RetrievalKVCache (all but the
-sinks + window offloaded to CPU RAM, or values to SSD with --ssd-dir), let the index see the prefill queries,
-build it (timed), then time one decode step (q [1, Hq, 1, D]) of retrieval attention and of exact attention
-(torch matmul + softmax + matmul over all keys, fp32, on the CPU) side by side in the same run."""
+For each context length: build the synthetic decode workload (queries out of the keys' distribution), fill one
+layer's RetrievalKVCache (all but the sinks + window offloaded to CPU RAM in ``--storage-dtype``, or values to SSD
+with a '+ssd' index), let the index see the prefill queries, build it (timed), then time decode steps (one query
+row per query head, every query head of the layer: q [1, Hq, 1, D]) of retrieval attention and of exact
+attention over the same keys (fp32 arithmetic, chunked over keys) in turns, round after round, in one run."""
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import platform
+import resource
 import statistics
+import sys
 import tempfile
 import time
 
 import torch
 
-from .attention import intra_op_threads, retrieval_attention
-from .cache import RetrievalKVCache, make_index
+from .attention import retrieval_attention
+from .cache import INDEX_NAMES, RetrievalKVCache, make_index
 from .workload import DecodeWorkload, make_decode_workload
 
 
-def exact_decode(q, k, v, scale):
-    """Exact attention: ``q [B, Hq, Lq, D]`` over all of ``k, v [B, Hkv, N, D]`` (GQA without repeating KV)."""
+@contextlib.contextmanager
+def intra_op_threads(n):
+    """Run the block with ``n`` torch (and, if loaded, faiss) OpenMP threads, restoring them after.
+
+    The benchmark (a caller) chooses thread counts; the library never does.  On a loaded 2-core machine each
+    parallel region's barrier can cost milliseconds, so a decode step of small ops is timed with 1 thread."""
+    faiss = sys.modules.get("faiss")
+    before_torch = torch.get_num_threads()
+    before_faiss = faiss.omp_get_max_threads() if faiss is not None else None
+    torch.set_num_threads(n)
+    if faiss is not None:
+        faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before_torch)
+        if faiss is not None:
+            faiss.omp_set_num_threads(before_faiss)
+
+
+def exact_decode(q, k, v, scale, chunk: int = 1 << 17):
+    """Exact attention of ``q [B, Hq, Lq, D]`` over all of ``k, v [B, Hkv, N, D]`` (GQA without repeating KV), fp32
+    arithmetic whatever the storage dtype (converted ``chunk`` keys at a time).  Returns the output and the
+    logits ``[B * Hkv, g * Lq, N]``."""
     B, Hq, Lq, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, N = k.shape[1], k.shape[2]
     rows = q.reshape(B * Hkv, -1, D).float()
-    logits = torch.bmm(rows, k.reshape(B * Hkv, -1, D).float().transpose(1, 2)) * scale
-    probs = torch.softmax(logits, -1)
-    return torch.bmm(probs, v.reshape(B * Hkv, -1, D).float()).reshape(B, Hq, Lq, D), logits
+    kf, vf = k.reshape(B * Hkv, N, D), v.reshape(B * Hkv, N, D)
+    logits = torch.cat([torch.bmm(rows, kf[:, i:i + chunk].float().transpose(1, 2)) for i in range(0, N, chunk)], -1)
+    probs = torch.softmax(logits.mul_(scale), -1)
+    out = sum(torch.bmm(probs[..., i:i + chunk], vf[:, i:i + chunk].float()) for i in range(0, N, chunk))
+    return out.reshape(B, Hq, Lq, D), logits
 
 
-def _median_time(fn, repeat):
-    times, result = [], None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
-
-
-def _quality(cache, q, logits, v, ref, out, top_k):
+def _quality(cache, logits, v, ref, out, positions, top_k):
     """Recall of the exact top-k keys (over all keys; window keys count as found), attention mass on the keys
-    attended (window + retrieved), and the output error of an oracle that retrieves the exact top-k."""
-    B, Hq, Lq, D = q.shape
+    attended (window + retrieved), the output's relative error, and that of an oracle attending the window + the
+    exact top-k offloaded keys.  ``logits [S, m, N]``, ``positions [S, m, top_k]`` (from return_indices)."""
     S, m, N = logits.shape
-    n_sink = cache.window.n_sink
-    cache.sync_index()
-    ids, _ = cache.index.search(q.reshape(S, m, D).float(), top_k)
-    attended = torch.zeros(S, m, N, dtype=torch.bool)
-    attended[:, :, cache.window.pos] = True
-    valid = ids >= 0
-    attended.scatter_(-1, (ids.clamp(min=0) + n_sink).masked_fill(~valid, 0), valid | attended[..., :1])
-    probs = torch.softmax(logits, -1)
-    exact_top = logits.topk(top_k, -1).indices
-    recall = attended.gather(-1, exact_top).float().mean().item()
-    off_all = logits.clone()
-    off_all[:, :, cache.window.pos] = float("-inf")
-    off_top = off_all.topk(top_k, -1).indices - n_sink                       # exact top-k among offloaded keys
-    index_recall = (ids[..., :, None] == off_top[..., None, :]).any(-2).float().mean().item()
-    mass = (probs * attended).sum(-1).mean().item()
-    # oracle: window + exact top-k of the offloaded keys
-    off = logits.clone()
-    off[:, :, cache.window.pos] = float("-inf")
-    oracle = torch.zeros_like(attended)
-    oracle[:, :, cache.window.pos] = True
-    oracle.scatter_(-1, off.topk(top_k, -1).indices, True)
+    D = v.shape[-1]
+    window = torch.zeros(N, dtype=torch.bool)
+    window[cache.window.pos] = True
+    attended = window.expand(S, m, N).clone()
+    valid = positions >= 0
+    attended.scatter_(-1, positions.clamp(min=0), valid | window[positions.clamp(min=0)])
+    recall = attended.gather(-1, logits.topk(top_k, -1).indices).float().mean().item()
+    mass = (torch.softmax(logits, -1) * attended).sum(-1).mean().item()
+    oracle = window.expand(S, m, N).clone()
+    oracle.scatter_(-1, logits.masked_fill(window, float("-inf")).topk(top_k, -1).indices, True)
     p_or = torch.softmax(logits.masked_fill(~oracle, float("-inf")), -1)
-    out_or = torch.bmm(p_or, v.reshape(S, N, D).float()).reshape(ref.shape)
+    out_or = sum(torch.bmm(p_or[..., i:i + (1 << 17)], v.reshape(S, N, D)[:, i:i + (1 << 17)].float())
+                 for i in range(0, N, 1 << 17)).reshape(ref.shape)
     err = lambda o: ((o.float() - ref).norm() / ref.norm()).item()
-    return recall, index_recall, mass, err(out), err(out_or)
+    return recall, mass, err(out), err(out_or)
 
 
-#: Peak resident bytes of one KV head's row, per byte of its fp32 K + V (measured: 5.1 GB at 1M keys, D=128).
-_PEAK_PER_KV_BYTE = 5.5
+def _top_k_guidance(refs, v, sink, window, ks):
+    """Per ``k``: mean attention mass on the window + the exact top-k of the other keys, and the output error of
+    attending only those (what a perfect index gives at ``top_k = k``)."""
+    rows = []
+    for kk in ks:
+        masses, errs = [], []
+        for ref, logits in refs:
+            S, m, N = logits.shape
+            window_mask = torch.zeros(N, dtype=torch.bool)
+            window_mask[:min(sink, N)] = True
+            window_mask[max(0, N - window):] = True
+            keep = window_mask.expand(S, m, N).clone()
+            kk_eff = min(kk, int((~window_mask).sum()))
+            if kk_eff:
+                keep.scatter_(-1, logits.masked_fill(window_mask, float("-inf")).topk(kk_eff, -1).indices, True)
+            masses.append((torch.softmax(logits, -1) * keep).sum(-1).mean().item())
+            p = torch.softmax(logits.masked_fill(~keep, float("-inf")), -1)
+            o = sum(torch.bmm(p[..., i:i + (1 << 17)], v.reshape(S, N, -1)[:, i:i + (1 << 17)].float())
+                    for i in range(0, N, 1 << 17)).reshape(ref.shape)
+            errs.append(((o - ref).norm() / ref.norm()).item())
+        rows.append((kk, statistics.fmean(masses), statistics.fmean(errs)))
+    return rows
 
 
-def _kv_heads_that_fit(keys: int, kv_heads: int, head_dim: int) -> int:
-    """The most KV heads (at least 1, at most ``kv_heads``) whose benchmark row fits in 80% of MemAvailable."""
+def _available_bytes():
     try:
         with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration):
-        return kv_heads                                  # unknown: run as asked
-    per_head = _PEAK_PER_KV_BYTE * 2 * keys * head_dim * 4
-    return max(1, min(kv_heads, int(0.8 * available // per_head)))
+        return None
 
 
-def run(keys_list, heads, kv_heads, indexes, top_k=100, sink=128, window=512, repeat=5, exact_repeat=3,
-        head_dim=128, ssd_dir=None, nprobe=None, out=print):
-    threads = torch.get_num_threads()
-    out(f"# sparse_attn bench --decode: B=1 Hq={heads} Hkv={kv_heads} D={head_dim} fp32 KV in CPU RAM, top_k={top_k},"
-        f" sink={sink}, window={window}; {platform.processor() or 'cpu'}, {threads} threads, torch {torch.__version__}")
-    out(f"{'keys':>8} {'index':<12} {'build s':>8} {'step ms':>8} {'exact ms':>9} {'speedup':>8} {'recall':>7} "
-        f"{'idx rec':>7} {'mass':>7} {'rel err':>8} {'oracle':>8} {'scanned':>8} {'eff GB/s':>9} {'exact GB/s':>10} "
-        f"{'win MB':>7} {'ram MB':>8} {'index MB':>8} {'ssd MB':>8}")
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20            # ru_maxrss: KiB on Linux
+
+
+def _make_index(spec, probe_keys, shortlist):
+    """``spec``: an index name, or ``fast:key=value,...`` (FastScanIndex arguments, e.g. ``fast:codes=sq8``)."""
+    name, _, options = spec.partition(":")
+    if options:
+        from .index_fast import FastScanIndex
+        if name not in ("fast", "auto"):
+            raise ValueError(f"index options are for the fast index only, got {spec!r}")
+        kwargs = {key: ast.literal_eval(value) if value[:1].isdigit() or value[:1] == "-" else value
+                  for key, _, value in (item.partition("=") for item in options.split(","))}
+        index = FastScanIndex(**kwargs)
+    else:
+        index = make_index(name)
+    if probe_keys is not None and hasattr(index, "probe_keys"):
+        index.probe_keys = probe_keys
+    if shortlist is not None and hasattr(index, "shortlist"):
+        index.shortlist = shortlist
+    return index
+
+
+def run(keys_list, heads, kv_heads, indexes, top_k=100, sink=128, window=512, repeat=5, head_dim=128,
+        storage_dtype=torch.bfloat16, decode_queries=4, probe_keys=None, shortlist=None, threads=1, ssd_dir=None,
+        out=print):
+    out(f"# sparse_attn bench --decode: B=1 Hq={heads} Hkv={kv_heads} D={head_dim}, KV stored as {storage_dtype} in "
+        f"CPU RAM, top_k={top_k}, sink={sink}, window={window}, {decode_queries} decode queries x {repeat} rounds; "
+        f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} torch threads available, retrieval steps with "
+        f"{threads}; torch {torch.__version__}")
+    out(f"{'keys':>8} {'Hkv':>3} {'index':<12} {'build s':>7} {'step ms':>8} {'exact ms':>8} {'speedup':>7} "
+        f"{'recall':>6} {'mass':>6} {'rel err':>7} {'oracle':>7} {'scanned':>7} {'read':>6} {'MB/head':>7} "
+        f"{'idx MB/h':>8} {'rss GiB':>7}")
     rows = []
+    g = heads // kv_heads
     for N in keys_list:
-        fit = _kv_heads_that_fit(N, kv_heads, head_dim)
-        if fit < kv_heads:
-            out(f"# {N} keys x {kv_heads} KV heads would not fit in the available RAM (measured peak ~5x the K+V "
-                f"bytes per KV head: workload, RAM tier, index lists, scores); running {fit} KV heads "
-                f"({fit * (heads // kv_heads)} query heads) at this length")
-        w = DecodeWorkload(keys=N, kv_heads=fit, q_heads=fit * (heads // kv_heads), head_dim=head_dim)
-        k, v, q_prefill, q = make_decode_workload(w)
+        need = 2 * 2 * N * head_dim * kv_heads * torch.tensor([], dtype=storage_dtype).element_size()   # KV twice
+        avail = _available_bytes()
+        if avail is not None and need > 0.8 * avail:
+            out(f"# skipped {N} keys x {kv_heads} KV heads: needs ~{need / 2 ** 30:.1f} GiB (workload + cache), "
+                f"{avail / 2 ** 30:.1f} GiB available")
+            continue
+        w = DecodeWorkload(keys=N, kv_heads=kv_heads, q_heads=heads, head_dim=head_dim, decode_rows=decode_queries)
+        k, v, q_prefill, q_all = make_decode_workload(w, dtype=storage_dtype)
         scale = head_dim ** -0.5
-        exact_by_threads = {}
-        for n in sorted({1, threads}):      # exact gets its best thread count (on a loaded machine 1 can win)
-            with intra_op_threads(n):
-                exact_by_threads[n], (ref, logits) = _median_time(lambda: exact_decode(q, k, v, scale),
-                                                                  exact_repeat)
-        exact_threads = min(exact_by_threads, key=exact_by_threads.get)
-        exact_s = exact_by_threads[exact_threads]
-        out("# exact attention median ms by threads: " +
-            ", ".join(f"{n}: {t * 1e3:.1f}" for n, t in exact_by_threads.items()) + f" (baseline: {exact_threads})")
-        kv_bytes = 2 * k.numel() * k.element_size()
+        queries = [q_all[:, :, r:r + 1].float() for r in range(decode_queries)]
+        refs = [exact_decode(qr, k, v, scale) for qr in queries]                 # outputs and logits, for quality
+        # a second baseline: exact attention over an fp32 copy (no conversion per step), where it fits in RAM
+        fp32_bytes = 2 * k.numel() * 4
+        kv32 = None
+        if storage_dtype != torch.float32 and (avail is None or fp32_bytes < 0.25 * avail):
+            kv32 = (k.float(), v.float())
+        out("# top_k guidance at %d keys: attention mass on window + exact top-k offloaded keys (rel err of that "
+            "perfect top-k): " % N + ", ".join(f"k={kk}: {m:.3f} ({e:.4f})" for kk, m, e in
+                                             _top_k_guidance(refs, v, sink, window, (100, 500, 2048, 8192))))
         for name in indexes:
             use_ssd = name.endswith("+ssd")
-            index = make_index(name[:-4] if use_ssd else name)
-            if nprobe is not None and hasattr(index, "nprobe_arg"):
-                index.nprobe_arg = nprobe
             tmp = tempfile.TemporaryDirectory(dir=ssd_dir) if use_ssd else None
-            cache = RetrievalKVCache(sink, window, index, ssd_dir=tmp.name if tmp else None)
+            cache = RetrievalKVCache(sink, window, _make_index(name.removesuffix("+ssd"), probe_keys, shortlist),
+                                     storage_dtype=storage_dtype, ssd_dir=tmp.name if tmp else None)
             cache.append(k, v)
             cache.observe_queries(q_prefill)
             start = time.perf_counter()
-            cache.sync_index()
+            with intra_op_threads(threads):
+                cache.sync_index()
             build_s = time.perf_counter() - start
-            step_s, (o, stats) = _median_time(lambda: retrieval_attention(q, cache, top_k, return_stats=True), repeat)
-            recall, index_recall, mass, err, oracle = _quality(cache, q, logits, v, ref, o, top_k)
-            scanned = stats["scanned"].float().mean().item() / max(1, cache.n_offloaded)
+            # turns: per round, every decode query through retrieval (1 thread) and exact (its best thread count)
+            t_step, t_exact = [], {n: [] for n in sorted({1, torch.get_num_threads()})}
+            t_exact32 = {n: [] for n in t_exact} if kv32 else {}
+            results = [None] * decode_queries
+            for _ in range(repeat):
+                for r, qr in enumerate(queries):
+                    with intra_op_threads(threads):
+                        start = time.perf_counter()
+                        results[r] = retrieval_attention(qr, cache, top_k, scale=scale, return_indices=True,
+                                                         return_stats=True)
+                        t_step.append(time.perf_counter() - start)
+                    for n in t_exact:
+                        for times, (kk, vv) in ((t_exact, (k, v)), (t_exact32, kv32 or (None, None))):
+                            if kk is None:
+                                continue
+                            with intra_op_threads(n):
+                                start = time.perf_counter()
+                                exact_decode(qr, kk, vv, scale)
+                                times[n].append(time.perf_counter() - start)
+            step_s = statistics.median(t_step)
+            exact_n = min(t_exact, key=lambda n: statistics.median(t_exact[n]))
+            exact_s = statistics.median(t_exact[exact_n])
+            exact32_s = min((statistics.median(t) for t in t_exact32.values()), default=float("nan"))
+            qual = [_quality(cache, logits, v, ref, o, idx.reshape(logits.shape[0], logits.shape[1], -1), top_k)
+                    for (ref, logits), (o, idx, _) in zip(refs, results)]
+            recall, mass, err, oracle = (statistics.fmean(x) for x in zip(*qual))
+            n_off = max(1, cache.n_offloaded)
+            scanned = statistics.fmean(st["scanned"].float().mean().item() for _, _, st in results) / n_off
+            read = statistics.fmean(st["read"].float().mean().item() for _, _, st in results) / n_off
             mem = cache.memory_report()
-            row = dict(keys=N, index=name, build_s=build_s, step_ms=step_s * 1e3, exact_ms=exact_s * 1e3,
-                       speedup=exact_s / step_s, recall=recall, index_recall=index_recall, mass=mass, rel_err=err, oracle_err=oracle,
-                       scanned=scanned, eff_gbps=kv_bytes / step_s / 1e9, exact_gbps=kv_bytes / exact_s / 1e9,
-                       **mem)
+            streams = kv_heads
+            row = dict(keys=N, kv_heads=kv_heads, index=name, build_s=build_s, step_ms=step_s * 1e3,
+                       exact_stored_ms=exact_s * 1e3, exact_threads=exact_n, exact32_ms=exact32_s * 1e3,
+                       exact_ms=min(exact_s, exact32_s) * 1e3, speedup=min(exact_s, exact32_s) / step_s, recall=recall,
+                       mass=mass, rel_err=err, oracle_err=oracle, scanned=scanned, read=read,
+                       mb_per_head=(mem["ram_keys"] + mem["ram_values"] + mem["ssd_disk"]) / streams / 2 ** 20,
+                       index_mb_per_head=mem["index_ram"] / streams / 2 ** 20, peak_rss_gib=_peak_rss_gib())
             rows.append(row)
-            mb = lambda b: b / 2 ** 20
-            out(f"{N:>8} {name:<12} {build_s:>8.1f} {row['step_ms']:>8.1f} {row['exact_ms']:>9.1f} "
-                f"{row['speedup']:>7.1f}x {recall:>7.3f} {index_recall:>7.3f} {mass:>7.4f} {err:>8.4f} {oracle:>8.4f} {scanned:>7.2%} "
-                f"{row['eff_gbps']:>9.1f} {row['exact_gbps']:>10.2f} {mb(mem['device_window']):>7.1f} "
-                f"{mb(mem['ram_keys'] + mem['ram_values']):>8.0f} {mb(mem['index_ram']):>8.0f} "
-                f"{mb(mem['ssd_disk']):>8.0f}")
+            out(f"{N:>8} {kv_heads:>3} {name:<12} {build_s:>7.1f} {row['step_ms']:>8.2f} {row['exact_ms']:>8.1f} "
+                f"{row['speedup']:>6.1f}x {recall:>6.3f} {mass:>6.3f} {err:>7.4f} {oracle:>7.4f} {scanned:>7.2%} "
+                f"{read:>6.2%} {row['mb_per_head']:>7.0f} {row['index_mb_per_head']:>8.1f} {row['peak_rss_gib']:>7.1f}"
+                f"   (exact over the stored KV: {row['exact_stored_ms']:.1f} ms with {exact_n} thread(s); over an "
+                f"fp32 copy: {row['exact32_ms']:.1f} ms)")
             del cache
             if tmp:
                 tmp.cleanup()
-    out("step ms = median retrieval_attention time for one decode step (all heads, 1 intra-op thread); exact = torch matmul+softmax+"
-        "matmul over every key (median); recall = fraction of the exact top-k keys (over all keys) that were "
-        "attended (window or retrieved); idx rec = recall of the exact top-k among the offloaded keys (the index's "
-        "own task); mass = exact attention mass on attended keys; oracle = rel err of window + "
-        "exact top-k; scanned = keys scored by the index per query row / offloaded keys; eff GB/s = K+V bytes of "
-        "the context / step time; exact GB/s = K+V bytes / exact time; MB per tier: device window, CPU RAM (K+V "
-        "capacity), index RAM, SSD file")
+        del k, v, refs, kv32
+    out("step ms / exact ms = medians over rounds x decode queries, timed in turns; exact = fp32 matmul + softmax + "
+        "matmul over every key, the faster of: over the stored KV (converted chunk by chunk) and over an fp32 copy "
+        "of it (when that fits in RAM), each with its best of 1 or all threads; speedup = exact / step; recall = fraction of the exact top-k keys "
+        "(over all keys) attended (window or retrieved); mass = exact attention mass on the attended keys; rel err "
+        "= |out - exact| / |exact|; oracle = rel err of the window + the exact top-k offloaded keys (a perfect "
+        "index); scanned = keys whose codes (fast) or vectors were scored per query row / offloaded keys; read = "
+        "keys read in full per query row (re-ranked shortlist, tail) / offloaded keys; MB/head = stored K + V per "
+        "KV head (RAM, + SSD file for +ssd); idx MB/h = index RAM per KV head; rss = peak resident set of the "
+        "process so far")
     return rows
 
 
@@ -161,24 +245,21 @@ def main(argv=None):
     parser.add_argument("--heads", type=int, default=32, help="query heads")
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--indexes", nargs="+", default=["ivf", "query_aware"],
-                        choices=["exact", "ivf", "query_aware", "exact+ssd", "ivf+ssd", "query_aware+ssd"])
+    parser.add_argument("--indexes", nargs="+", default=["auto"],
+                        help=f"index names ({', '.join(INDEX_NAMES)}), or fast:key=value,... (FastScanIndex "
+                             f"arguments); suffix '+ssd': values in a page file")
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument("--sink", type=int, default=128)
     parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--nprobe", type=int, default=None, help="lists probed (default 5%% of the lists)")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--storage-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--probe-keys", type=float, default=None, help="fast index: fraction of keys probed")
+    parser.add_argument("--shortlist", type=int, default=None, help="fast index: candidates re-ranked per row")
+    parser.add_argument("--decode-queries", type=int, default=4, help="decode queries (steps) per round")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds")
+    parser.add_argument("--threads", type=int, default=1, help="torch/faiss threads for the retrieval steps")
     parser.add_argument("--ssd-dir", default=None, help="where '+ssd' rows put their value files (a temp dir)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        try:
-            import faiss
-            faiss.omp_set_num_threads(args.threads)
-        except ImportError:
-            pass
     lines = []
 
     def emit(line):
@@ -186,7 +267,8 @@ def main(argv=None):
         lines.append(line)
 
     run(args.decode_keys, args.heads, args.kv_heads, args.indexes, args.top_k, args.sink, args.window, args.repeat,
-        head_dim=args.head_dim, ssd_dir=args.ssd_dir, nprobe=args.nprobe, out=emit)
+        head_dim=args.head_dim, storage_dtype=getattr(torch, args.storage_dtype), decode_queries=args.decode_queries,
+        probe_keys=args.probe_keys, shortlist=args.shortlist, threads=args.threads, ssd_dir=args.ssd_dir, out=emit)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

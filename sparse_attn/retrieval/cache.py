@@ -13,6 +13,7 @@ import zlib
 import torch
 
 from .index_exact import ExactIndex
+from .index_file import load_index, save_index
 from .page_file import KVFileError, PagedVectorFile, check_writable_dir
 from .ram_tier import RamTier
 from .window import DeviceWindow
@@ -21,13 +22,23 @@ from .window import DeviceWindow
 #: returns, so an attention function can find the layer's cache without importing transformers' cache classes.
 HF_LAYER_TAG = "_sparse_attn_retrieval_layer"
 
-META_VERSION = 1
+META_VERSION = 2                 # 2: the index is saved (layer<L>.index) and restored
 
 
-def make_index(index):
-    """``index``: an index object, or one of "exact", "ivf", "query_aware" (defaults of each)."""
+#: Index names :func:`make_index` accepts ("auto" is the fast index, which searches exactly until it is trained).
+INDEX_NAMES = ("auto", "fast", "exact", "ivf", "query_aware")
+
+
+def make_index(index="auto"):
+    """``index``: an index object, or a name (defaults of each): "auto"/"fast" (default): exact search while fewer
+    than 32768 keys are offloaded, then :class:`~.index_fast.FastScanIndex` (query-aware IVF lists of 4-bit
+    fast-scan PQ codes, probe budget in keys, exact re-ranking of a shortlist); "exact": every key scored; "ivf": plain faiss IVF-Flat; "query_aware": IVF-Flat
+    with query-aware lists."""
     if not isinstance(index, str):
         return index
+    if index in ("auto", "fast"):
+        from .index_fast import FastScanIndex
+        return FastScanIndex()
     if index == "exact":
         return ExactIndex()
     if index == "ivf":
@@ -36,18 +47,18 @@ def make_index(index):
     if index == "query_aware":
         from .index_query_aware import QueryAwareIndex
         return QueryAwareIndex()
-    raise ValueError(f"index must be 'exact', 'ivf', 'query_aware' or an index object, got {index!r}")
+    raise ValueError(f"index must be one of {', '.join(map(repr, INDEX_NAMES))} or an index object, got {index!r}")
 
 
 class RetrievalKVCache:
     """KV cache of one attention layer for retrieval decode (see the module docstring).
 
     ``sink``/``window``: tokens kept exact on the device; ``index``: see :func:`make_index`;
-    ``storage_dtype``: dtype of offloaded KV (default: the KV's dtype; fp16 halves RAM, but CPU matmuls in fp16
-    are slow); ``ssd_dir``: directory for the SSD tier (values, and keys with ``keys_on_ssd``); ``layer``: names
+    ``storage_dtype``: dtype of offloaded KV in RAM and on SSD (default: the KV's dtype; bf16/fp16 halve the
+    memory of fp32, and every score and sum is still computed in fp32); ``ssd_dir``: directory for the SSD tier (values, and keys with ``keys_on_ssd``); ``layer``: names
     the files; ``page_tokens``/``cache_pages``: SSD page size in tokens and the RAM page cache bound."""
 
-    def __init__(self, sink: int = 128, window: int = 512, index="exact", *, storage_dtype=None, ssd_dir=None,
+    def __init__(self, sink: int = 128, window: int = 512, index="auto", *, storage_dtype=None, ssd_dir=None,
                  keys_on_ssd: bool = False, layer: int = 0, page_tokens: int = 16, cache_pages: int = 4096):
         self.window = DeviceWindow(sink, window)
         self.index = make_index(index)
@@ -154,18 +165,14 @@ class RetrievalKVCache:
             return
         S = self.batch * self.kv_heads
         for what, t in (("window_k", self.window.k), ("window_v", self.window.v)):
-            f = PagedVectorFile(self._path(what), S, self.dim, self.storage_dtype, self.page_tokens, 0)
+            f = PagedVectorFile(self._path(what), S, self.dim, t.dtype, self.page_tokens, 0)     # exact copy
             f.append(t.reshape(S, -1, self.dim).cpu())
             f.close()
-        queries = getattr(self.index, "queries", None)
-        if queries is not None:
-            f = PagedVectorFile(self._path("queries"), S, self.dim, torch.float32, self.page_tokens, 0)
-            f.append(queries)
-            f.close()
+        save_index(self._index_path(), self.index)
         meta = {"version": META_VERSION, "sink": self.window.sink, "window": self.window.window,
                 "seen": self.window.seen, "positions": self.window.pos.tolist(), "batch": self.batch,
                 "kv_heads": self.kv_heads, "dim": self.dim, "n_offloaded": self.n_offloaded,
-                "keys_on_ssd": self.keys_on_ssd, "queries": queries is not None}
+                "n_indexed": self.n_indexed, "keys_on_ssd": self.keys_on_ssd, "index": self.index.name}
         body = json.dumps(meta, sort_keys=True)
         with open(os.path.join(self.ssd_dir, f"layer{self.layer}.meta.json"), "w") as f:
             json.dump({"meta": meta, "crc32": zlib.crc32(body.encode())}, f)
@@ -173,10 +180,16 @@ class RetrievalKVCache:
             if f is not None:
                 f.close()
 
+    def _index_path(self) -> str:
+        return os.path.join(self.ssd_dir, f"layer{self.layer}.index")
+
     @classmethod
-    def open(cls, ssd_dir, layer: int = 0, index="exact", cache_pages: int = 4096) -> "RetrievalKVCache":
+    def open(cls, ssd_dir, layer: int = 0, index=None, cache_pages: int = 4096) -> "RetrievalKVCache":
         """Restore a cache closed by :meth:`close` (possibly in another process); keys must have been on SSD.
-        The index is rebuilt from the stored keys (and stored prefill queries)."""
+
+        ``index=None`` (default): the saved index, of the saved kind and state, so searches return what they
+        returned before :meth:`close`.  An index name or object: that index, rebuilt from the stored keys (and
+        the saved prefill-query sample).  Missing, truncated or corrupted files raise :class:`KVFileError`."""
         meta_path = os.path.join(os.fspath(ssd_dir), f"layer{layer}.meta.json")
         try:
             with open(meta_path) as f:
@@ -189,6 +202,15 @@ class RetrievalKVCache:
             raise KVFileError(f"cache metadata {meta_path!r} is corrupted or of another version")
         if not meta["keys_on_ssd"]:
             raise KVFileError(f"{meta_path!r}: keys were kept in RAM only (keys_on_ssd=False); cannot reopen")
+        saved = load_index(os.path.join(os.fspath(ssd_dir), f"layer{layer}.index"))
+        if saved.name != meta["index"]:
+            raise KVFileError(f"{meta_path!r} names a {meta['index']!r} index, the index file holds {saved.name!r}")
+        if index is None:
+            index, n_indexed = saved, meta["n_indexed"]
+        else:
+            index, n_indexed = make_index(index), 0
+            if getattr(saved, "queries", None) is not None:
+                index.observe_queries(saved.queries)
         self = cls(meta["sink"], meta["window"], index, ssd_dir=ssd_dir, layer=layer, cache_pages=cache_pages)
         B, Hkv, D = meta["batch"], meta["kv_heads"], meta["dim"]
         self.batch, self.kv_heads, self.dim, self.keys_on_ssd = B, Hkv, D, True
@@ -209,8 +231,5 @@ class RetrievalKVCache:
         self.ram_keys = RamTier(B * Hkv, D, self.storage_dtype, capacity=meta["n_offloaded"])
         self.ram_keys.append(self.ssd_keys.read_all())
         self.index.attach(self.ram_keys)
-        if meta["queries"]:
-            qf = PagedVectorFile.open(self._path("queries"), 0)
-            self.index.observe_queries(qf.read_all())
-            qf.close()
+        self.n_indexed = n_indexed
         return self

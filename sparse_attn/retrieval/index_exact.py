@@ -43,10 +43,12 @@ class ExactIndex:
         pass
 
     def search(self, q: torch.Tensor, top_k: int):
-        """``q [S, m, D]`` -> ``(ids [S, m, k], scanned [S, m])``; ids index the offloaded tokens."""
+        """``q [S, m, D]`` -> ``(ids [S, m, k], scanned [S, m], read [S, m])``; ids index the offloaded tokens;
+        every key is scored and read in full."""
         keys = self.source.view()
         _, ids = exact_topk(q, keys, top_k)
-        return ids, torch.full(q.shape[:2], keys.shape[1], dtype=torch.int64)
+        every = torch.full(q.shape[:2], keys.shape[1], dtype=torch.int64)
+        return ids, every, every.clone()
 
     def nbytes(self) -> int:
         return 0

@@ -38,6 +38,8 @@ class IVFIndex:
             raise ValueError(f"nlist must be >= 1, got {nlist}")
         if nprobe is not None and nprobe < 1:
             raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+        self.params = dict(nlist=nlist, nprobe=nprobe, train_min=train_min, tail_max=tail_max,
+                           kmeans_iter=kmeans_iter, points_per_centroid=points_per_centroid, seed=seed)  # to save
         self.nlist_arg, self.nprobe_arg, self.train_min, self.tail_max = nlist, nprobe, train_min, tail_max
         self.kmeans_iter, self.points_per_centroid, self.seed = kmeans_iter, points_per_centroid, seed
         self.trained = False
@@ -89,24 +91,30 @@ class IVFIndex:
 
     def _train(self, keys: torch.Tensor) -> None:
         import time
-        faiss = _faiss()
+        _faiss()                                   # a clear ImportError before any work when faiss is missing
         start = time.perf_counter()
         S, N, D = keys.shape
         self.nlist = min(N, self.nlist_arg or max(8, int(math.sqrt(N))))       # k-means needs >= nlist points
         self.nprobe = min(self.nlist, self.nprobe_arg or max(1, math.ceil(0.05 * self.nlist)))
         self._fit(keys)
         Dm = self.centroids.shape[-1]
+        self._make_lists(keys)
+        self.list_sizes = torch.zeros(S, self.nlist, dtype=torch.int64)
+        self.list_sum = torch.zeros(S, self.nlist, Dm, dtype=torch.float64)
+        self.list_sq = torch.zeros(S, self.nlist, Dm, dtype=torch.float64)
+        self.trained = True
+        self.train_seconds += time.perf_counter() - start
+
+    def _make_lists(self, keys: torch.Tensor) -> None:
+        """Create the empty faiss inverted lists once the centroids exist (``keys``: the training keys)."""
+        faiss = _faiss()
+        S, Dm = self.centroids.shape[0], self.centroids.shape[-1]
         self.faiss_indexes = []
         for s in range(S):
             ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(Dm), Dm, self.nlist, faiss.METRIC_INNER_PRODUCT)
             ivf.quantizer.add(np.ascontiguousarray(self.centroids[s].numpy()))
             ivf.is_trained = True
             self.faiss_indexes.append(ivf)
-        self.list_sizes = torch.zeros(S, self.nlist, dtype=torch.int64)
-        self.list_sum = torch.zeros(S, self.nlist, Dm, dtype=torch.float64)
-        self.list_sq = torch.zeros(S, self.nlist, Dm, dtype=torch.float64)
-        self.trained = True
-        self.train_seconds += time.perf_counter() - start
 
     def _map_keys(self, keys):
         return keys if self.key_map is None else torch.bmm(keys, self.key_map)
@@ -115,7 +123,6 @@ class IVFIndex:
         return q if self.query_map is None else torch.bmm(q, self.query_map)
 
     def _index(self, keys: torch.Tensor) -> None:
-        faiss = _faiss()
         S, n, _ = keys.shape
         mapped = self._map_keys(keys).contiguous()
         lists = self._assign(mapped)
@@ -123,16 +130,21 @@ class IVFIndex:
         idx = lists[..., None].expand_as(mapped)
         self.list_sum.scatter_add_(1, idx, mapped.double())
         self.list_sq.scatter_add_(1, idx, mapped.double() ** 2)
-        ids = np.arange(self.n_indexed, self.n_indexed + n, dtype=np.int64)
-        for s in range(S):
+        self._add_to_lists(mapped, lists, np.arange(self.n_indexed, self.n_indexed + n, dtype=np.int64))
+        self.n_indexed += n
+
+    def _add_to_lists(self, mapped: torch.Tensor, lists: torch.Tensor, ids: np.ndarray) -> None:
+        """Put ``mapped [S, n, D']`` keys with ids ``ids [n]`` into the faiss lists ``lists [S, n]``."""
+        faiss = _faiss()
+        for s in range(mapped.shape[0]):
             x = np.ascontiguousarray(mapped[s].numpy())
             assign = np.ascontiguousarray(lists[s].numpy())
-            self.faiss_indexes[s].add_core(n, faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(assign))
-        self.n_indexed += n
+            self.faiss_indexes[s].add_core(len(ids), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(assign))
 
     # ------------------------------------------------------------------------------------------ search
     def search(self, q: torch.Tensor, top_k: int):
-        """``q [S, m, D]`` -> ``(ids [S, m, top_k] int64, -1 = none), scanned [S, m] keys scored per query)``."""
+        """``q [S, m, D]`` -> ``(ids [S, m, top_k]`` int64 (-1 = none), ``scanned [S, m]`` keys scored per query
+        row, ``read [S, m]`` keys read in full: the same here, the lists hold fp32 vectors)."""
         q = q.detach().float().cpu()
         S, m, _ = q.shape
         tail_n = 0 if self.tail is None else self.tail.shape[1]
@@ -158,13 +170,38 @@ class IVFIndex:
             scores.append(s_ivf.masked_fill(i_ivf < 0, float("-inf")))
             ids.append(i_ivf)
         if not scores:
-            return torch.full((S, m, top_k), -1, dtype=torch.int64), scanned
+            return torch.full((S, m, top_k), -1, dtype=torch.int64), scanned, scanned
         all_s, all_i = torch.cat(scores, -1), torch.cat(ids, -1)
         best, pick = all_s.topk(min(top_k, all_s.shape[-1]), dim=-1)
         out = all_i.gather(-1, pick).masked_fill(torch.isinf(best), -1)
         if out.shape[-1] < top_k:
             out = torch.cat([out, torch.full((S, m, top_k - out.shape[-1]), -1, dtype=torch.int64)], -1)
-        return out, scanned
+        return out, scanned, scanned
+
+    # ------------------------------------------------------------------------------------------ saving
+    _state_fields = ("trained", "n_indexed", "tail", "train_seconds")
+    _trained_fields = ("nlist", "nprobe", "centroids", "key_map", "query_map", "list_sizes", "list_sum", "list_sq")
+
+    def state_dict(self) -> dict:
+        """Everything a search depends on (tensors, numbers; the faiss indexes serialized), for
+        :func:`~.index_file.save_index`; the constructor arguments are in ``params``."""
+        state = {name: getattr(self, name) for name in self._state_fields}
+        if self.trained:
+            state.update({name: getattr(self, name) for name in self._trained_fields})
+            state["faiss"] = [torch.from_numpy(_faiss().serialize_index(ix)) for ix in self.faiss_indexes]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (on an index built with the same ``params``)."""
+        for name, value in state.items():
+            if name != "faiss":
+                setattr(self, name, value)
+        self.faiss_indexes = [_faiss().deserialize_index(t.numpy()) for t in state.get("faiss", [])]
+        if self.trained:
+            self._restored()
+
+    def _restored(self) -> None:
+        """Rebuild what is derived from the restored state (subclasses)."""
 
     def nbytes(self) -> int:
         """RAM of the inverted lists (fp32 vectors + int64 ids), the centroids and the tail."""

@@ -34,6 +34,7 @@ class QueryAwareIndex(IVFIndex):
         if ridge < 0 or beta < 0 or max_queries < 1:
             raise ValueError(f"ridge, beta must be >= 0 and max_queries >= 1, got {ridge}, {beta}, {max_queries}")
         self.max_queries, self.ridge, self.beta = max_queries, ridge, beta
+        self.params.update(max_queries=max_queries, ridge=ridge, beta=beta)
         self.queries = None               # [S, <= max_queries, D]
         self._gen = torch.Generator().manual_seed(self.seed)
 
@@ -78,8 +79,17 @@ class QueryAwareIndex(IVFIndex):
         """Nearest centroid in L2 (the k-means rule): argmax of ``k' . c - |c|^2 / 2``."""
         return _chunked_argmax(keys_mapped, self.centroids, -0.5 * (self.centroids ** 2).sum(-1))
 
+    _state_fields = IVFIndex._state_fields + ("queries",)
+
     def _index(self, keys: torch.Tensor) -> None:
         super()._index(keys)
+        self._refresh_probe()
+
+    def _restored(self) -> None:
+        self._refresh_probe()
+
+    def _refresh_probe(self) -> None:
+        """The probe's per-list mean and spread, from the running moments."""
         n = self.list_sizes.clamp(min=1).double()
         mean = self.list_sum / n[..., None]                                     # [S, C, D']
         var = (self.list_sq / n[..., None] - mean ** 2).clamp(min=0)

@@ -16,7 +16,10 @@ HEADS = {"mha": (3, 3), "gqa": (4, 2), "mqa": (4, 1)}
 def _index(name):
     if name == "exact":
         return "exact"
-    from sparse_attn.retrieval import IVFIndex, QueryAwareIndex
+    from sparse_attn.retrieval import FastScanIndex, IVFIndex, QueryAwareIndex
+    if name.startswith("fast"):                                     # every key's code scanned, all re-ranked
+        return FastScanIndex(nlist=4, train_min=16, tail_max=8, probe_keys=1.0, shortlist=1000,
+                             codes=name.split("_")[1])
     cls = IVFIndex if name == "ivf" else QueryAwareIndex
     return cls(nlist=4, nprobe=4, train_min=16, tail_max=8)        # trained, but every list probed: exact
 
@@ -35,7 +38,7 @@ def test_everything_retrieved_equals_dense(L, heads, Lq):
     assert_lse_close(lse, ref_lse, atol=2e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("index", ["exact", "ivf", "query_aware"])
+@pytest.mark.parametrize("index", ["exact", "ivf", "query_aware", "fast_pq4", "fast_sq8"])
 @pytest.mark.parametrize("sink,window", [(0, 0), (4, 16), (0, 7), (9, 0)])
 def test_every_index_covering_the_context_is_exact(index, sink, window):
     q, k, v = decode_inputs(B=2, Hq=4, Hkv=2, L=200, D=80, Lq=2, seed=7)
@@ -80,24 +83,69 @@ def test_top_k_subset_equals_dense_on_window_plus_exact_top_k():
     assert not torch.equal(picked[:, 0], picked[:, 1])                      # heads of a group differ
 
 
-def test_storage_dtype_fp16_error_is_fp16_sized():
-    q, k, v = decode_inputs(B=1, Hq=4, Hkv=2, L=100, D=64, seed=5)
-    cache = filled_cache(k, v, sink=2, window=8, index="exact", storage_dtype=torch.float16)
-    out = retrieval_attention(q, cache, top_k=200)
-    ref = sa.reference_attention(q, k, v)
-    err = (out - ref).abs().max().item()
-    assert 0 < err < 5e-3
-    assert cache.ram_keys.data.dtype == torch.float16
+def test_thread_counts_are_left_alone():
+    """The step runs with the caller's torch thread count (an earlier version switched to 1 thread inside every
+    call and restored it after): an index records the count it sees during the search."""
+    from sparse_attn.retrieval import ExactIndex
 
+    class Recording(ExactIndex):
+        seen = []
 
-def test_thread_setting_is_restored_and_result_unchanged():
-    from sparse_attn.retrieval.attention import intra_op_threads
+        def search(self, q, top_k):
+            self.seen.append(torch.get_num_threads())
+            return super().search(q, top_k)
+
     q, k, v = decode_inputs(B=1, Hq=4, Hkv=2, L=100, D=64, seed=6)
-    cache = filled_cache(k, v, sink=2, window=8, index="exact")
+    cache = filled_cache(k, v, sink=2, window=8, index=Recording())
     before = torch.get_num_threads()
-    one = retrieval_attention(q, cache, top_k=10)
-    assert torch.get_num_threads() == before
-    with intra_op_threads(1):
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
-    assert_close(retrieval_attention(q, cache, top_k=10, threads=None), one, atol=1e-6, rtol=1e-6)
+    try:
+        torch.set_num_threads(2)
+        retrieval_attention(q, cache, top_k=10)
+        assert Recording.seen == [2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16])
+def test_low_precision_storage_computes_in_fp32(storage):
+    """Offloaded KV stored in bf16/fp16 (the window keeps the KV's dtype): the result equals fp32 attention over
+    KV whose offloaded part is rounded to the storage dtype, i.e. the arithmetic is fp32."""
+    q, k, v = decode_inputs(B=2, Hq=4, Hkv=2, L=150, D=64, seed=8)
+    cache = filled_cache(k, v, sink=2, window=8, index="exact", storage_dtype=storage)
+    out = retrieval_attention(q, cache, top_k=200)
+    kr, vr = k.clone(), v.clone()
+    kr[:, :, 2:-8] = kr[:, :, 2:-8].to(storage).float()
+    vr[:, :, 2:-8] = vr[:, :, 2:-8].to(storage).float()
+    assert_close(out, sa.reference_attention(q, kr, vr), atol=2e-6, rtol=1e-5)
+    assert (out - sa.reference_attention(q, k, v)).abs().max() > 1e-5          # the rounding is visible
+    assert cache.ram_keys.data.dtype == storage and cache.ram_values.data.dtype == storage
+
+
+def test_return_indices_names_the_exact_top_k_positions():
+    """With the exact index, the indices are the top-k offloaded positions by q . k, per query head, and the
+    stats count every offloaded key as scanned and read."""
+    q, k, v = decode_inputs(B=2, Hq=4, Hkv=2, L=113, D=64, Lq=1, seed=11)
+    sink, window, top_k = 4, 16, 5
+    cache = filled_cache(k, v, sink=sink, window=window, index="exact")
+    out, idx, stats = retrieval_attention(q, cache, top_k=top_k, return_indices=True, return_stats=True)
+    scores = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2))            # [B, Hq, 1, L]
+    scores[..., :sink] = float("-inf")
+    scores[..., -window:] = float("-inf")
+    want = scores.topk(top_k, -1).indices
+    assert idx.shape == (2, 4, 1, top_k)
+    assert torch.equal(idx.sort(-1).values, want.sort(-1).values)
+    assert (stats["scanned"] == 113 - sink - window).all() and (stats["read"] == stats["scanned"]).all()
+    # the indices are what was attended: dense attention masked to window + those keys gives the output
+    mask = torch.zeros(2, 4, 1, 113, dtype=torch.bool)
+    mask[..., :sink] = True
+    mask[..., -window:] = True
+    mask.scatter_(-1, idx, True)
+    assert_close(out, sa.reference_attention(q, k, v, mask=mask), atol=2e-6, rtol=1e-5)
+
+
+def test_indices_are_padded_when_fewer_keys_than_top_k():
+    q, k, v = decode_inputs(B=1, Hq=2, Hkv=1, L=30, D=64, seed=2)
+    cache = filled_cache(k, v, sink=2, window=8, index="exact")
+    _, idx = retrieval_attention(q, cache, top_k=50, return_indices=True)
+    assert idx.shape == (1, 2, 1, 50)
+    assert sorted(idx[0, 0, 0, :20].tolist()) == list(range(2, 22)) and (idx[..., 20:] == -1).all()

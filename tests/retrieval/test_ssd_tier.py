@@ -53,9 +53,11 @@ def _closed_cache(tmp_path, index="exact"):
 _REOPEN = """
 import sys, torch
 from sparse_attn.retrieval import RetrievalKVCache, retrieval_attention
-cache = RetrievalKVCache.open(sys.argv[1], index=sys.argv[3])
+cache = RetrievalKVCache.open(sys.argv[1], index=None if sys.argv[3] == "saved" else sys.argv[3])
 q = torch.load(sys.argv[2])
-torch.save(retrieval_attention(q, cache, top_k=int(sys.argv[4])), sys.argv[2] + ".out")
+out, idx = retrieval_attention(q, cache, top_k=int(sys.argv[4]), return_indices=True)
+torch.save({"out": out, "indices": idx, "kind": type(cache.index).__name__,
+            "params": getattr(cache.index, "params", {})}, sys.argv[2] + ".out")
 """
 
 
@@ -69,7 +71,50 @@ def _reopen_in_new_process(tmp_path, q, index="exact", top_k=200):
 
 def test_reopen_in_new_process_gives_same_result(tmp_path):
     q, out = _closed_cache(tmp_path)
-    assert torch.equal(_reopen_in_new_process(tmp_path, q), out)
+    again = _reopen_in_new_process(tmp_path, q, index="saved")
+    assert torch.equal(again["out"], out) and again["kind"] == "ExactIndex"
+
+
+def _fast_index():
+    from sparse_attn.retrieval import FastScanIndex
+    return FastScanIndex(nlist=8, train_min=64, tail_max=16, probe_keys=0.3, shortlist=32)
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+def test_reopen_restores_the_fast_index_and_identical_results(tmp_path, storage):
+    """After a restart, open() with no index argument brings back the saved kind, parameters and state (lists
+    trained on the first keys, later keys added in batches, a tail): the same keys are retrieved, bit for bit."""
+    q, k, v = decode_inputs(B=2, Hq=4, Hkv=2, L=700, D=64, seed=12)
+    cache = RetrievalKVCache(sink=4, window=16, index=_fast_index(), storage_dtype=storage, ssd_dir=tmp_path,
+                             keys_on_ssd=True, page_tokens=8)
+    cache.append(k[:, :, :200], v[:, :, :200])
+    cache.observe_queries(torch.randn(2, 4, 40, 64))
+    for a, b in ((200, 450), (450, 690), (690, 700)):
+        retrieval_attention(q, cache, top_k=10)                  # the index grows between steps
+        cache.append(k[:, :, a:b], v[:, :, a:b])
+    out, idx = retrieval_attention(q, cache, top_k=10, return_indices=True)
+    assert cache.index.trained and 0 < cache.index.n_seen - cache.index.n_indexed < 16     # lists and a tail
+    cache.close()
+    again = _reopen_in_new_process(tmp_path, q, index="saved", top_k=10)
+    assert again["kind"] == "FastScanIndex" and again["params"] == _fast_index().params
+    assert torch.equal(again["indices"], idx) and torch.equal(again["out"], out)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_index_file_raises(tmp_path, damage):
+    q, k, v = decode_inputs(B=1, Hq=2, Hkv=1, L=300, D=32, seed=13)
+    cache = filled_cache(k, v, sink=2, window=8, index=_fast_index(), ssd_dir=tmp_path, keys_on_ssd=True)
+    retrieval_attention(q, cache, top_k=5)
+    cache.close()
+    path = tmp_path / "layer0.index"
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 0x04
+    else:
+        raw = raw[:-10]
+    path.write_bytes(bytes(raw))
+    with pytest.raises(KVFileError, match="layer0.index"):
+        RetrievalKVCache.open(tmp_path)
 
 
 def test_reopen_in_new_process_with_query_aware_index(tmp_path):
