@@ -11,7 +11,7 @@ import time
 import torch
 import transformers
 
-from sparse_attn.integrations.hf.retrieval_cache import RetrievalCache, register
+from sparse_attn.integrations.hf.decode_cache import RetrievalCache, register
 
 
 def main(argv=None):

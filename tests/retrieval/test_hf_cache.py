@@ -6,7 +6,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from sparse_attn.integrations.hf.retrieval_cache import RetrievalCache, register  # noqa: E402
+from sparse_attn.integrations.hf.decode_cache import RetrievalCache, register  # noqa: E402
 
 
 def _tiny_llama(seed=0):

@@ -63,7 +63,7 @@ def patch(model, config=None, *, retrieval=None, **options):
     without a config, 1.0 with one, so a given config is followed as written), ``backend`` (as in
     `sparse_attn.sparse_attention`), ``pattern`` (the online default when ``config`` is None), ``on_layout``
     (callable(layer_idx, layout, density) called with each estimated layout; for measuring density).
-    ``retrieval``: None, or a dict of `sparse_attn.integrations.hf.retrieval_cache.RetrievalCache` options (``top_k``, ``sink``,
+    ``retrieval``: None, or a dict of `sparse_attn.integrations.hf.decode_cache.RetrievalCache` options (``top_k``, ``sink``,
     ``window``, ``index``, ``ssd_dir``, ...; ``{}`` for the defaults) for `retrieval_cache`: generate with
     ``model.generate(ids, cache=retrieval_cache(model))`` and the prompt runs sparse prefill, every later step
     attends to the device window plus the top-k keys retrieved from the CPU index (transformers 5.x).
@@ -114,7 +114,7 @@ def retrieval_cache(model):
     if state is None or state.retrieval is None:
         raise ValueError("retrieval_cache: the model is not patched with retrieval; call "
                          "sparse_attn.hf.patch(model, retrieval={...}) first")
-    from .retrieval_cache import RetrievalCache
+    from .decode_cache import RetrievalCache
 
     return RetrievalCache(num_layers=state.num_layers, **state.retrieval)
 
@@ -127,7 +127,7 @@ def _check_retrieval(retrieval, num_layers: int):
         raise TypeError(f"retrieval must be None or a dict of RetrievalCache options (top_k, sink, window, index, "
                         f"ssd_dir, ...), got {type(retrieval).__name__}")
     try:
-        from .retrieval_cache import RetrievalCache
+        from .decode_cache import RetrievalCache
     except ImportError as e:
         raise ImportError("patch(retrieval=...) needs transformers 5.x (its CacheLayerMixin cache API)") from e
     try:

@@ -14,7 +14,7 @@ window is shorter than the keys, non-causal modules and modules without patch st
 Left-padded batches run row by row over each row's valid (right-aligned) keys; any other padding runs dense.
 Modality patterns (`Grid`, `QBoundary`, `TwoDBoundary`) get the spans of the current ``sparse_attn.hf.modality``
 block (`modality.py`; outside one, an all-text call).
-With a `sparse_attn.integrations.hf.retrieval_cache.RetrievalCache` (``sparse_attn.hf.retrieval_cache(model)``) the prompt runs
+With a `sparse_attn.integrations.hf.decode_cache.RetrievalCache` (``sparse_attn.hf.retrieval_cache(model)``) the prompt runs
 the sparse prefill above and every later forward runs `sparse_attn.retrieval.retrieval_attention`.
 """
 from __future__ import annotations
@@ -85,7 +85,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
 
 
 def _retrieval_layer(key):
-    """The `RetrievalLayer` of a `sparse_attn.integrations.hf.retrieval_cache.RetrievalCache` whose ``update`` returned ``key``
+    """The `RetrievalLayer` of a `sparse_attn.integrations.hf.decode_cache.RetrievalCache` whose ``update`` returned ``key``
     (it tags the tensor), or None for any other cache."""
     return getattr(key, HF_LAYER_TAG, None)
 

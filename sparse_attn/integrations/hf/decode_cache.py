@@ -33,7 +33,7 @@ class RetrievalLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, top_k: int = 100, layer: int = 0, index="exact", **cache_options):
+    def __init__(self, top_k: int = 100, layer: int = 0, index="auto", **cache_options):
         super().__init__()
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
             raise ValueError(f"top_k must be a positive int, got {top_k!r}")
