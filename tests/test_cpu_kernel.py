@@ -3,6 +3,7 @@
 reach: extreme scores, thread counts, hand-built layouts at every causal boundary (touching, clipped and unsorted
 tiles, diagonal columns), every key listed, block sizes far above the lengths, low precision rounded once."""
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,6 +71,43 @@ def test_failed_build_warns_once_and_auto_takes_the_torch_backend(monkeypatch, t
         assert prefill._resolve_backend("auto", q, k, v) == "torch"
         layout = sa.estimate(q, k, sa.AShape(sink=16, local=32))
         assert_close(sa.sparse_attention(q, k, v, layout), oracle(q, k, v, layout, True)[0], atol=1e-5)
+    finally:
+        cpu_kernel.load.cache_clear()
+
+
+def test_damaged_cached_library_is_rebuilt_never_loaded(monkeypatch, tmp_path):
+    """A cached library cut short (an interrupted build, a full disk) must not be mapped (that is a bus error):
+    its sha256 no longer matches the one recorded at build time, so it is rebuilt, with a warning.  The compiler
+    and the loader are stand-ins here; a real truncated build was checked by hand (see the branch's report)."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    builds, loaded = [], []
+
+    def fake_build(name, build_directory, **kwargs):
+        builds.append(name)
+        (Path(build_directory) / f"{name}.so").write_bytes(b"\x7fELF" + bytes(range(256)) * 64)
+
+    monkeypatch.setattr(cpp_extension, "load", fake_build)
+    monkeypatch.setattr(torch.ops, "load_library", lambda path: loaded.append(path))
+    monkeypatch.setenv("SPARSE_ATTN_CACHE", str(tmp_path))
+    cpu_kernel.load.cache_clear()
+    try:
+        assert cpu_kernel.load() is not None and len(builds) == 1 and not loaded     # built (and loaded by build)
+        library = next(tmp_path.glob("cpu/*/*.so"))
+        assert cpu_kernel.verified(library)
+        cpu_kernel.load.cache_clear()
+        assert cpu_kernel.load() is not None and len(builds) == 1 and loaded == [str(library)]   # verified reuse
+        with open(library, "r+b") as f:
+            f.truncate(1000)
+        cpu_kernel.load.cache_clear()
+        with pytest.warns(RuntimeWarning, match="does not match its recorded checksum"):
+            assert cpu_kernel.load() is not None
+        assert len(builds) == 2 and loaded == [str(library)] and cpu_kernel.verified(library)
+        cpu_kernel.checksum_path(library).unlink()                                  # a build cut before the record
+        cpu_kernel.load.cache_clear()
+        with pytest.warns(RuntimeWarning, match="does not match"):
+            cpu_kernel.load()
+        assert len(builds) == 3 and loaded == [str(library)]
     finally:
         cpu_kernel.load.cache_clear()
 
