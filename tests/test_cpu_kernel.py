@@ -3,15 +3,16 @@
 reach: extreme scores, thread counts, hand-built layouts at every causal boundary (touching, clipped and unsorted
 tiles, diagonal columns), every key listed, block sizes far above the lengths, low precision rounded once."""
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
 import sparse_attn as sa
 from sparse_attn import prefill
-from sparse_attn.backends import select_backend
 from sparse_attn.backends.cpu import loader as cpu_kernel
-from conftest import assert_close, assert_lse_close, make_qkv
+from sparse_attn.backends import select_backend
+from conftest import assert_close, assert_lse_close, make_qkv, plain_attention
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="the compiled CPU kernel cannot be built here")
 
@@ -46,7 +47,7 @@ def test_turned_off_kernel_falls_back_to_torch_and_explicit_request_says_why(mon
         layout = sa.estimate(q, k, sa.AShape(sink=16, local=32))
         out = sa.sparse_attention(q, k, v, layout)                 # auto: the torch backend
         assert_close(out, oracle(q, k, v, layout, True)[0], atol=1e-5)
-        with pytest.raises(ValueError, match="backend=.cpu..*unavailable"):
+        with pytest.raises(ValueError, match="backend='cpu'.*unavailable"):
             sa.sparse_attention(q, k, v, layout, backend="cpu")
     finally:
         monkeypatch.delenv("SPARSE_ATTN_CPU_KERNEL")
@@ -71,6 +72,43 @@ def test_failed_build_warns_once_and_auto_takes_the_torch_backend(monkeypatch, t
         assert select_backend("auto", q, k, v).name == "torch"
         layout = sa.estimate(q, k, sa.AShape(sink=16, local=32))
         assert_close(sa.sparse_attention(q, k, v, layout), oracle(q, k, v, layout, True)[0], atol=1e-5)
+    finally:
+        cpu_kernel.load.cache_clear()
+
+
+def test_damaged_cached_library_is_rebuilt_never_loaded(monkeypatch, tmp_path):
+    """A cached library cut short (an interrupted build, a full disk) must not be mapped (that is a bus error):
+    its sha256 no longer matches the one recorded at build time, so it is rebuilt, with a warning.  The compiler
+    and the loader are stand-ins here; a real truncated build was checked by hand (see the branch's report)."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    builds, loaded = [], []
+
+    def fake_build(name, build_directory, **kwargs):
+        builds.append(name)
+        (Path(build_directory) / f"{name}.so").write_bytes(b"\x7fELF" + bytes(range(256)) * 64)
+
+    monkeypatch.setattr(cpp_extension, "load", fake_build)
+    monkeypatch.setattr(torch.ops, "load_library", lambda path: loaded.append(path))
+    monkeypatch.setenv("SPARSE_ATTN_CACHE", str(tmp_path))
+    cpu_kernel.load.cache_clear()
+    try:
+        assert cpu_kernel.load() is not None and len(builds) == 1 and not loaded     # built (and loaded by build)
+        library = next(tmp_path.glob("cpu/*/*.so"))
+        assert cpu_kernel.verified(library)
+        cpu_kernel.load.cache_clear()
+        assert cpu_kernel.load() is not None and len(builds) == 1 and loaded == [str(library)]   # verified reuse
+        with open(library, "r+b") as f:
+            f.truncate(1000)
+        cpu_kernel.load.cache_clear()
+        with pytest.warns(RuntimeWarning, match="does not match its recorded checksum"):
+            assert cpu_kernel.load() is not None
+        assert len(builds) == 2 and loaded == [str(library)] and cpu_kernel.verified(library)
+        cpu_kernel.checksum_path(library).unlink()                                  # a build cut before the record
+        cpu_kernel.load.cache_clear()
+        with pytest.warns(RuntimeWarning, match="does not match"):
+            cpu_kernel.load()
+        assert len(builds) == 3 and loaded == [str(library)]
     finally:
         cpu_kernel.load.cache_clear()
 
@@ -231,9 +269,11 @@ def test_block_sizes_far_above_the_lengths_do_not_size_the_buffers(block_m, bloc
 
 @needs_kernel
 @pytest.mark.parametrize("dtype,rtol", [(torch.float16, 2 ** -10), (torch.bfloat16, 2 ** -7)])
-def test_low_precision_inputs_are_computed_in_fp32_and_rounded_once(dtype, rtol):
-    """The kernel upcasts: its output is the fp32 oracle's on the same (low-precision) values, rounded once to
-    q's dtype, and its LSE is the fp32 oracle's."""
+def test_low_precision_on_the_fp32_route_is_rounded_once(dtype, rtol, monkeypatch):
+    """Where the CPU has no low-precision GEMM (or it is turned off) the kernel upcasts: its output is the fp32
+    oracle's on the same (low-precision) values, rounded once to q's dtype, and its LSE is the fp32 oracle's."""
+    monkeypatch.setenv("SPARSE_ATTN_CPU_LOW_PRECISION", "0")
+    assert not cpu_kernel.native_low_precision(dtype, 32)
     q, k, v = make_qkv(2, 4, 2, 90, 200, 32, seed=6, dtype=dtype, contiguity="strided")
     layout = boundary_layout(2, 4, 90, 200, 32, 32, seed=1)
     out, lse = sa.sparse_attention(q, k, v, layout, backend="cpu", return_lse=True)
@@ -241,6 +281,128 @@ def test_low_precision_inputs_are_computed_in_fp32_and_rounded_once(dtype, rtol)
     assert out.dtype == dtype
     assert_close(out.float(), ref, atol=1e-5, rtol=rtol)
     assert_lse_close(lse, ref_lse, atol=1e-5)
+
+
+native = pytest.mark.parametrize("dtype", [
+    pytest.param(dt, marks=pytest.mark.skipif(not (cpu_kernel.available() and cpu_kernel.native_low_precision(dt, 64)),
+                                              reason=f"this CPU has no {dt} batch-reduce GEMM"))
+    for dt in (torch.bfloat16, torch.float16)])
+
+
+@native
+@pytest.mark.parametrize("lq,lk,causal", [(113, 113, True), (65, 301, True), (100, 230, False)])
+def test_native_low_precision_within_twice_plain_torch_error(dtype, lq, lk, causal):
+    """bf16/fp16 on the low-precision GEMMs (odd key lengths and unaligned slash tiles exercise the key-pair
+    padding): error against the fp32 oracle at most twice that of plain torch attention in the same dtype."""
+    q, k, v = make_qkv(2, 4, 2, lq, lk, 64, seed=lq + lk, dtype=dtype, contiguity="strided", structured=True)
+    layout = sa.estimate(q.float(), k.float(), sa.VerticalSlash(vertical=24, slash=48, sink=4, local=32),
+                         causal=causal)
+    listed = torch.arange(layout.block_offset.shape[-1]) < layout.block_count[..., None]
+    assert bool(((layout.block_offset % 2 == 1) & listed).any())        # some run starts mid-pair
+    mask = layout.to_mask()
+    out, lse = sa.sparse_attention(q, k, v, layout, causal=causal, backend="cpu", return_lse=True)
+    ref, ref_lse = sa.reference_attention(q.float(), k.float(), v.float(), mask, causal=causal, return_lse=True)
+    plain = plain_attention(q, k, v, mask, causal=causal)
+    assert out.dtype == dtype
+    kernel_err = (out.float() - ref).abs().max().item()
+    plain_err = (plain.float() - ref).abs().max().item()
+    assert kernel_err <= 2 * plain_err + 1e-5, (kernel_err, plain_err)
+    assert_lse_close(lse, ref_lse, atol=2e-2)
+
+
+@native
+def test_native_low_precision_at_every_causal_boundary(dtype):
+    """Hand-built tiles and columns at every boundary (rows that see no key included) on the native route."""
+    q, k, v = make_qkv(2, 4, 2, 77, 301, 16, seed=3, dtype=dtype)
+    layout = boundary_layout(2, 4, 77, 301, 32, 16, seed=5)
+    for causal in (True, False):
+        out, lse = sa.sparse_attention(q, k, v, layout, causal=causal, backend="cpu", return_lse=True)
+        ref, ref_lse = sa.reference_attention(q.float(), k.float(), v.float(), oracle_mask(layout), causal=causal,
+                                              return_lse=True)
+        assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+        assert_lse_close(lse, ref_lse, atol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------------- softcap
+def capped_oracle(q, k, v, mask, causal, scale, softcap):
+    """Dense fp64 attention with the scores capped (``softcap * tanh(s / softcap)``) before mask and softmax."""
+    Hq, Hkv, Lq, Lk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    kk = k.double().repeat_interleave(Hq // Hkv, 1)
+    s = q.double() @ kk.transpose(-1, -2) * scale
+    s = softcap * torch.tanh(s / softcap)
+    allowed = mask & (torch.arange(Lk)[None, :] <= torch.arange(Lq)[:, None] + Lk - Lq) if causal else mask
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    return (p @ v.double().repeat_interleave(Hq // Hkv, 1)).float(), lse.float()
+
+
+@needs_kernel
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("softcap", [0.5, 5.0, 50.0])
+def test_softcap_matches_a_capped_oracle(softcap, causal):
+    q, k, v = make_qkv(2, 4, 2, 90, 200, 32, seed=8, contiguity="blhd")
+    q = q * 3.0                                          # scores well past the small caps
+    layout = boundary_layout(2, 4, 90, 200, 32, 32, seed=2)
+    out, lse = cpu_kernel.cpu_kernel_attention(q, k, v, layout, causal=causal, scale=0.3, return_lse=True,
+                                               softcap=softcap)
+    ref, ref_lse = capped_oracle(q, k, v, oracle_mask(layout), causal, 0.3, softcap)
+    assert_close(out, ref, atol=2e-5)
+    assert_lse_close(lse, ref_lse, atol=2e-5)
+    uncapped = cpu_kernel.cpu_kernel_attention(q, k, v, layout, causal=causal, scale=0.3)
+    assert (uncapped - out).abs().max() > 1e-2           # the cap changed the result
+
+
+@needs_kernel
+def test_softcap_zero_is_off_and_bad_values_are_refused_naming_it():
+    q, k, v = make_qkv(1, 2, 1, 70, 70, 16, seed=0)
+    layout = sa.estimate(q, k, sa.AShape(sink=16, local=32))
+    plain = cpu_kernel.cpu_kernel_attention(q, k, v, layout, causal=True, scale=0.25)
+    assert torch.equal(cpu_kernel.cpu_kernel_attention(q, k, v, layout, causal=True, scale=0.25, softcap=0.0), plain)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="softcap"):
+            cpu_kernel.cpu_kernel_attention(q, k, v, layout, causal=True, scale=0.25, softcap=bad)
+
+
+@native
+def test_softcap_on_the_native_low_precision_route(dtype):
+    q, k, v = make_qkv(2, 4, 2, 65, 129, 32, seed=12, dtype=dtype)
+    layout = boundary_layout(2, 4, 65, 129, 32, 32, seed=4)
+    out = cpu_kernel.cpu_kernel_attention(q, k, v, layout, causal=True, scale=1.0, softcap=2.0)
+    ref, _ = capped_oracle(q.float(), k.float(), v.float(), oracle_mask(layout), True, 1.0, 2.0)
+    assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------------- bounds
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_out_of_range_indices_are_bounded_not_read(dtype):
+    """With check_layout=False a bad layout must not crash or exhaust memory: the kernel clamps counts to the index
+    width and reads only keys in [0, Lk), so it equals the oracle on the valid layout those rules leave."""
+    lq = lk = 150
+    q, k, v = make_qkv(2, 2, 1, lq, lk, 16, seed=7, dtype=dtype)
+    n_qb = 3                                              # block_m 64
+    bo = torch.tensor([[-40, 70], [2 ** 30, -2 ** 31], [100, lk]], dtype=torch.int32).expand(2, 2, n_qb, 2).clone()
+    bc = torch.tensor([2, 2 ** 31 - 1, 2], dtype=torch.int32).expand(2, 2, n_qb).clone()   # past the width: 2
+    ci = torch.tensor([[-7, 30, 2 ** 31 - 1, 41], [9, lk, -1, 12], [3, 4, 5, 6]], dtype=torch.int32)
+    ci = ci.expand(2, 2, n_qb, 4).clone()
+    cc = torch.tensor([4, 2 ** 20, -3], dtype=torch.int32).expand(2, 2, n_qb).clone()   # 4, past the width: 4, 0
+    bad = sa.SparseLayout(bc, bo, cc, ci, q_len=lq, k_len=lk)
+    with pytest.raises(ValueError):
+        bad.check_indices()
+    # what the bounds leave: tile [-40, 24) -> keys 0..23 as columns, [70, 134); nothing in block 1's tiles;
+    # [100, 164) -> keys 100..149; columns 30, 41 | 9, 12 | none
+    keep = torch.zeros(2, 2, n_qb, lk, dtype=torch.bool)
+    keep[:, :, 0, :24] = keep[:, :, 0, 70:134] = keep[:, :, 2, 100:] = True
+    keep[:, :, 0, [30, 41]] = keep[:, :, 1, [9, 12]] = True
+    mask = keep.repeat_interleave(64, dim=2)[:, :, :lq]
+    for causal in (True, False):
+        out, lse = sa.sparse_attention(q, k, v, bad, causal=causal, backend="cpu", check_layout=False,
+                                       return_lse=True)
+        ref, ref_lse = sa.reference_attention(q.float(), k.float(), v.float(), mask, causal=causal, return_lse=True)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert_close(out.float(), ref, atol=tol, rtol=tol)
+        assert_lse_close(lse, ref_lse, atol=tol)
 
 
 def test_zero_head_dim_is_refused_naming_it():

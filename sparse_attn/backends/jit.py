@@ -40,7 +40,7 @@ def cache_key(name: str, source: str, defines: Mapping[str, object], arch: str, 
     return digest.hexdigest()[:40]
 
 
-class _FileLock:
+class FileLock:
     """Exclusive ``flock`` on a lock file (no-op where fcntl is missing, e.g. Windows)."""
 
     def __init__(self, path: Path):
@@ -92,7 +92,7 @@ class KernelCache:
         if _nonempty(path):
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _FileLock(path.with_suffix(".lock")):
+        with FileLock(path.with_suffix(".lock")):
             if _nonempty(path):                # another process built it while we waited
                 return path
             binary = self.compile_fn(source, define_options(defines), arch)

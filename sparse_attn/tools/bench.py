@@ -90,7 +90,7 @@ def _status_kb(field: str) -> int:
 
 
 def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=True, quality=True, memory=False,
-        out=print, workload="text", backend="auto"):
+        out=print, workload="text", backend="auto", bf16=False, torch_row=True):
     probe = torch.empty(1, 1, 1, head_dim)
     chosen = select_backend(backend, probe, probe, probe).name
     out(f"# sparse_attn bench: B=1 Hq={heads} Hkv={kv_heads} D={head_dim} fp32, {platform.processor() or 'cpu'}, "
@@ -108,15 +108,19 @@ def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=Tru
                    "estimate": lambda: state.__setitem__("layout", estimate(q, k, pattern)),
                    "attention": lambda: sparse_attention(q, k, v, state["layout"], check_layout=False,
                                                          backend=chosen)}
-            torch_peer = chosen != "torch" and name == patterns[0]
+            torch_peer = torch_row and chosen != "torch" and name == patterns[0]
             if torch_peer:
                 fns["torch"] = lambda: sparse_attention(q, k, v, state["layout"], check_layout=False, backend="torch")
+            bf16_peer = bf16 and name == patterns[0]
+            if bf16_peer:   # the same layout on bf16 copies of q, k, v (made once, outside the timing)
+                low = [t.to(torch.bfloat16) for t in (q, k, v)]
+                fns["bf16"] = lambda: sparse_attention(*low, state["layout"], check_layout=False, backend=chosen)
             best, results = _timed_rounds(fns, repeat)
             dense_s, est_s, attn_s = best["dense"], best["estimate"], best["attention"]
             ref, o, layout = results["dense"], results["attention"], state["layout"]
             density = layout.density()
             recall = attention_recall(q, k, layout) if quality else float("nan")
-            row = dict(pattern=name, L=L, density=density, est_ms=est_s * 1e3, attn_ms=attn_s * 1e3,
+            row = dict(pattern=name, L=L, heads=heads, density=density, est_ms=est_s * 1e3, attn_ms=attn_s * 1e3,
                        dense_ms=dense_s * 1e3, speedup=dense_s / (est_s + attn_s),
                        attn_vs_ideal=attn_s / (dense_s * density), recall=recall, rel_err=relative_error(o, ref))
             rows.append(row)
@@ -129,6 +133,16 @@ def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=Tru
                 out(f"{'  torch':<10} {L:>6} {density:>8.3f} {row['est_ms']:>8.1f} {'':>6} {torch_s * 1e3:>9.1f} "
                     f"{dense_s * 1e3:>9.1f} {dense_s / (est_s + torch_s):>7.2f}x {torch_s / (dense_s * density):>10.2f} "
                     f"{'':>7} {'':>8}   (the torch backend on the same layout, timed in the same turns)")
+            if bf16_peer:
+                bf16_s = best["bf16"]
+                rows.append(dict(pattern=name + " bf16", L=L, heads=heads, density=density, est_ms=row["est_ms"],
+                                 attn_ms=bf16_s * 1e3, dense_ms=row["dense_ms"], speedup=dense_s / (est_s + bf16_s),
+                                 attn_vs_ideal=bf16_s / (dense_s * density), recall=recall,
+                                 rel_err=relative_error(results["bf16"], ref)))
+                out(f"{'  bf16':<10} {L:>6} {density:>8.3f} {row['est_ms']:>8.1f} {'':>6} {bf16_s * 1e3:>9.1f} "
+                    f"{dense_s * 1e3:>9.1f} {dense_s / (est_s + bf16_s):>7.2f}x {bf16_s / (dense_s * density):>10.2f} "
+                    f"{'':>7} {rows[-1]['rel_err']:>8.4f}   (bf16 inputs, same layout, timed in the same turns; "
+                    f"rel err vs the fp32 dense output; bf16 on {'its GEMMs' if _native_bf16(head_dim) else 'fp32'})")
             if flex and name == patterns[0]:
                 flex_s, compile_s, flex_density = _flex_time(q, k, v, layout, repeat)
                 out(f"{'  flex':<10} {L:>6} {flex_density:>8.3f} {'':>8} {'':>6} {flex_s * 1e3:>9.1f} "
@@ -151,6 +165,55 @@ def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=Tru
     return rows
 
 
+def _native_bf16(head_dim: int) -> bool:
+    from .ops import cpu_kernel
+    return cpu_kernel.available() and cpu_kernel.native_low_precision(torch.bfloat16, head_dim)
+
+
+def save_rows(rows, path: str) -> None:
+    """Append the rows as JSON lines (runs with different lengths or head counts can share one file)."""
+    import json
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def plot_rows(path: str, image: str) -> None:
+    """Log-log plot of time per query head vs length from a `save_rows` file: dense SDPA, and per pattern the
+    sparse total (estimate + attention) and the attention alone (dashed); the ideal (dense x density) dotted."""
+    import json
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    dense_by_length = {}                                 # each pattern's row timed dense: the best of them
+    for r in rows:
+        dense_by_length[r["L"]] = min(dense_by_length.get(r["L"], float("inf")), r["dense_ms"] / r["heads"])
+    dense = sorted(dense_by_length.items())
+    ax.plot([L for L, _ in dense], [t for _, t in dense], "k-o", label="dense SDPA")
+    for i, name in enumerate(dict.fromkeys(r["pattern"] for r in rows)):
+        sel = sorted((r for r in rows if r["pattern"] == name), key=lambda r: r["L"])
+        Ls = [r["L"] for r in sel]
+        color = f"C{i}"
+        ax.plot(Ls, [(r["est_ms"] + r["attn_ms"]) / r["heads"] for r in sel], "-o", color=color,
+                label=f"{name}: estimate + attention")
+        ax.plot(Ls, [r["attn_ms"] / r["heads"] for r in sel], "--", color=color, label=f"{name}: attention")
+        if " " not in name:
+            ax.plot(Ls, [r["dense_ms"] * r["density"] / r["heads"] for r in sel], ":", color=color,
+                    label=f"{name}: ideal (dense x density)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length (keys = queries)")
+    ax.set_ylabel("ms per query head")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("sparse_attn prefill on the CPU (python -m sparse_attn bench)")
+    fig.tight_layout()
+    fig.savefig(image, dpi=120)
+
+
 def main(argv=None):
     if "--decode" in (sys.argv[1:] if argv is None else argv):
         from ..retrieval.bench import main as decode_main   # retrieval decode bench: its own options
@@ -166,10 +229,22 @@ def main(argv=None):
     parser.add_argument("--backend", default="auto", choices=BACKEND_NAMES,
                         help="engine of the attention column (auto: the compiled CPU kernel where it builds)")
     parser.add_argument("--no-flex", action="store_true", help="skip the compiled FlexAttention peer row")
+    parser.add_argument("--no-torch-peer", action="store_true", help="skip the torch-backend peer row")
     parser.add_argument("--no-quality", action="store_true", help="skip the attention-mass recall")
     parser.add_argument("--memory", action="store_true", help="peak memory of sparse_prefill vs dense at max L")
     parser.add_argument("--workload", choices=["text", "mixed"], default="text",
                         help="mixed: text, video frames with grid attention, text (modality patterns get its spans)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time the first pattern's layout on bf16 inputs (error vs the fp32 dense output)")
+    parser.add_argument("--save", metavar="JSONL", help="append the rows to this file (JSON lines)")
+    parser.add_argument("--plot", metavar="PNG", help="log-log plot of time vs length from the --save file")
     args = parser.parse_args(argv)
-    run(args.lengths, args.patterns, args.heads, args.kv_heads, args.head_dim, args.repeat, not args.no_flex,
-        not args.no_quality, args.memory, workload=args.workload, backend=args.backend)
+    rows = run(args.lengths, args.patterns, args.heads, args.kv_heads, args.head_dim, args.repeat, not args.no_flex,
+               not args.no_quality, args.memory, workload=args.workload, backend=args.backend, bf16=args.bf16,
+               torch_row=not args.no_torch_peer)
+    if args.save:
+        save_rows(rows, args.save)
+    if args.plot:
+        if not args.save:
+            parser.error("--plot draws from the --save file")
+        plot_rows(args.save, args.plot)

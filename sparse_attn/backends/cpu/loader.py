@@ -4,13 +4,16 @@ torch backend instead, with one warning; ``SPARSE_ATTN_CPU_KERNEL=0`` turns it o
 
 The build targets this machine's CPU (``-march=native``), so the build directory's name hashes the source, the
 flags, torch's version and the CPU's feature flags: a home directory shared by different machines never loads a
-binary built for another CPU.  Directory: ``$SPARSE_ATTN_CACHE/cpu`` or ``~/.cache/sparse_attn/cpu``."""
+binary built for another CPU.  Directory: ``$SPARSE_ATTN_CACHE/cpu`` or ``~/.cache/sparse_attn/cpu``.  A build
+records the library's sha256 beside it; a library that does not match (an interrupted build, a full disk) is
+rebuilt, never loaded, under a file lock shared by concurrent processes."""
 from __future__ import annotations
 
 import functools
 import hashlib
 import os
 import platform
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -18,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ...layout import SparseLayout
-from ..jit import default_cache_dir, source_dir
+from ..jit import FileLock, default_cache_dir, source_dir
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-strict-aliasing")
 SOURCE_NAME = "sparse_attention_cpu.cpp"
@@ -47,25 +50,70 @@ def build_name(source: bytes, flags=FLAGS, torch_version: str = torch.__version_
     return "sparse_attn_cpu_" + digest.hexdigest()[:16]
 
 
+def checksum_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verified(library: Path) -> bool:
+    """Whether ``library`` is the file its build recorded (the checksum written after a successful build)."""
+    try:
+        return checksum_path(library).read_text().strip() == file_sha256(library)
+    except OSError:
+        return False
+
+
+def record_checksum(library: Path) -> None:
+    """Written once the build succeeded, through a temporary file and a rename (a reader never sees half of it)."""
+    target = checksum_path(library)
+    tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
+    tmp.write_text(file_sha256(library) + "\n")
+    os.replace(tmp, target)
+
+
+def _build_or_reuse(directory: Path, name: str, source: Path) -> None:
+    """Load the cached library if its checksum matches; else (first use, an interrupted build, a truncated or
+    altered file) build it afresh in an empty directory and record its checksum.  A damaged library is never
+    loaded: mapping a truncated .so kills the process with a bus error."""
+    from torch.utils.cpp_extension import load as build
+
+    library = directory / f"{name}.so"
+    with FileLock(directory.parent / f"{name}.lock"):      # one builder; the others wait, then verify
+        if library.exists() and verified(library):
+            torch.ops.load_library(str(library))
+            return
+        if directory.exists():
+            if library.exists():
+                warnings.warn(f"sparse_attn: the cached CPU kernel {library} does not match its recorded checksum "
+                              "(an interrupted build or a damaged file); rebuilding it", RuntimeWarning, stacklevel=3)
+            shutil.rmtree(directory)
+        print(f"sparse_attn: building the CPU kernel in {directory} (once per machine, about 15 s)", file=sys.stderr)
+        directory.mkdir(parents=True)
+        build(name=name, sources=[str(source)], extra_cflags=list(FLAGS), extra_ldflags=["-fopenmp"],
+              build_directory=str(directory), is_python_module=False, verbose=False)
+        record_checksum(library)
+
+
 @functools.lru_cache(maxsize=1)
 def load():
-    """The kernel (``torch.ops.sparse_attn_cpu.sparse_attention``), or None where it is turned off or cannot be
-    built here (a warning says why, once per process)."""
+    """The kernel's ops (``torch.ops.sparse_attn_cpu``), or None where it is turned off or cannot be built here
+    (a warning says why, once per process)."""
     if os.environ.get("SPARSE_ATTN_CPU_KERNEL", "1") == "0":
         return None
     try:
-        from torch.utils.cpp_extension import load as build
-
         source = source_path()
         name = build_name(source.read_bytes())
         directory = default_cache_dir() / "cpu" / name
-        if not (directory / f"{name}.so").exists():
-            print(f"sparse_attn: building the CPU kernel in {directory} (once per machine, about 15 s)",
-                  file=sys.stderr)
-        directory.mkdir(parents=True, exist_ok=True)
-        build(name=name, sources=[str(source)], extra_cflags=list(FLAGS), extra_ldflags=["-fopenmp"],
-              build_directory=str(directory), is_python_module=False, verbose=False)
-        return torch.ops.sparse_attn_cpu.sparse_attention
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        _build_or_reuse(directory, name, source)
+        return torch.ops.sparse_attn_cpu
     except Exception as err:  # no compiler, no ninja, a failed build: the torch backend still runs
         warnings.warn(f"sparse_attn: the compiled CPU kernel is unavailable ({type(err).__name__}: "
                       f"{str(err)[:500]}); backend='auto' uses the slower torch backend", RuntimeWarning, stacklevel=2)
@@ -81,27 +129,80 @@ def supports(q) -> bool:
     return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
-def cpu_kernel_attention(q, k, v, layout: SparseLayout, *, causal: bool, scale: float, return_lse: bool = False):
+def native_low_precision(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether bf16/fp16 inputs run on this CPU's low-precision GEMMs (no fp32 copies); else they are computed in
+    fp32.  ``SPARSE_ATTN_CPU_LOW_PRECISION=0`` forces the fp32 route."""
+    return (dtype in (torch.float16, torch.bfloat16) and head_dim % 2 == 0
+            and os.environ.get("SPARSE_ATTN_CPU_LOW_PRECISION", "1") != "0" and _low_precision_gemm(dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _low_precision_gemm(dtype: torch.dtype) -> bool:
+    ops = load()
+    return ops is not None and bool(ops.low_precision_gemm(dtype))
+
+
+def key_row_stride(k_len: int) -> int:
+    """Row length of the transposed keys: above k_len, a multiple of 16 elements, an odd number of 16s (with a
+    power-of-two row stride the D rows of one tile fall on the same cache sets)."""
+    return (k_len // 16 + 1 + (k_len // 16) % 2) * 16
+
+
+def transposed_keys(k):
+    """``k [B, Hkv, Lk, D]`` as the GEMM reads it: fp32 ``[B, Hkv, D, ldk]``, bf16/fp16 in the VNNI layout
+    ``[B, Hkv, D / 2, ldk, 2]`` (key pairs' elements side by side), zeros past Lk."""
+    B, H, L, D = k.shape
+    ldk = key_row_stride(L)
+    if k.dtype == torch.float32:
+        k_t = k.new_empty(B, H, D, ldk)
+        k_t[..., :L] = k.transpose(-1, -2)
+        return k_t
+    k_t = k.new_empty(B, H, D // 2, ldk, 2)
+    k_t[..., :L, :] = k.unflatten(-1, (D // 2, 2)).transpose(2, 3)
+    k_t[..., L:, :] = 0
+    return k_t
+
+
+def vnni_values(v, ldk: int):
+    """``v [B, Hkv, Lk, D]`` as ``[B, Hkv, ldk / 2, D, 2]``: the two keys of a pair side by side, zeros past Lk."""
+    B, H, L, D = v.shape
+    out = v.new_zeros(B, H, ldk // 2, D, 2)
+    pairs = out.transpose(-1, -2)                       # [B, H, ldk / 2, 2, D] view
+    even = L - L % 2
+    pairs[:, :, :even // 2] = v[:, :, :even].unflatten(2, (even // 2, 2))
+    if L % 2:
+        pairs[:, :, L // 2, 0] = v[:, :, L - 1]
+    return out
+
+
+def _rows(t):
+    """The tensor itself where its last dimension is contiguous (the kernel takes any other strides)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def cpu_kernel_attention(q, k, v, layout: SparseLayout, *, causal: bool, scale: float, return_lse: bool = False,
+                         softcap: float = 0.0):
     """`backends.torch.attention.torch_sparse_attention`'s contract (inputs checked by `prefill.sparse_attention`) through the
-    compiled kernel: computes in fp32 and returns the output in q's dtype, the LSE [B, Hq, Lq] in fp32."""
-    op = load()
-    if op is None:
+    compiled kernel.  fp32 in fp32; bf16/fp16 on the CPU's low-precision GEMMs where it has them (fp32
+    accumulation and softmax, probabilities rounded to the input type before the value GEMM), else in fp32.
+    ``softcap > 0`` caps the scaled scores: ``softcap * tanh(s / softcap)`` before mask and softmax (0: off).
+    Returns the output in q's dtype, and with ``return_lse`` the LSE [B, Hq, Lq] in fp32."""
+    ops = load()
+    if ops is None:
         raise RuntimeError("backend='cpu': the compiled CPU kernel is unavailable on this machine (see the warning "
                            "above); use backend='torch'")
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    qf, vf = q.to(torch.float32).contiguous(), v.to(torch.float32).contiguous()
-    # keys transposed (the kernel reads a tile's keys as a [D, width] block in place), rows padded to an odd
-    # multiple of 16 floats: with a power-of-two row stride the D rows of one tile fall on the same cache sets
-    ldk = (Lk // 16 + 1 + (Lk // 16) % 2) * 16
-    k_t = q.new_empty(B, Hkv, D, ldk, dtype=torch.float32)
-    k_t[..., :Lk] = k.transpose(-1, -2)
-    counts = layout.block_count.to(torch.int32).contiguous()
-    col_counts = layout.column_count.to(torch.int32).contiguous()
-    # a tile holds at most min(block_n, Lk) keys: a block_n far above Lk must not size the score buffer
-    max_keys = int((counts.long() * min(layout.block_n, Lk) + col_counts).max()) if counts.numel() else 0
-    out, lse = op(qf, k_t, vf, layout.block_offset.to(torch.int32).contiguous(), counts,
-                  layout.column_index.to(torch.int32).contiguous(), col_counts, layout.block_m, layout.block_n,
-                  causal, float(scale), max_keys)
-    out = out.to(q.dtype)
+    softcap = float(softcap)
+    if not softcap >= 0.0 or softcap == float("inf"):
+        raise ValueError(f"softcap must be a finite number >= 0 (0 turns it off), got {softcap}")
+    dtype = q.dtype
+    if dtype != torch.float32 and not native_low_precision(dtype, q.shape[-1]):
+        q, k, v = q.float(), k.float(), v.float()
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    k_t = transposed_keys(k)
+    v_in = v if q.dtype == torch.float32 else vnni_values(v, k_t.shape[3])
+    out, lse = ops.sparse_attention(q, k, k_t, v_in, layout.block_offset.contiguous(),
+                                    layout.block_count.contiguous(), layout.column_index.contiguous(),
+                                    layout.column_count.contiguous(), layout.block_m, layout.block_n, causal,
+                                    float(scale), softcap)
+    out = out.to(dtype)
     return (out, lse) if return_lse else out

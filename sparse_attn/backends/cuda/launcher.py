@@ -1,6 +1,6 @@
 """backend="cuda": the CUDA sources in ``csrc/``, compiled by CuPy (NVRTC) on first use, launched on torch tensors.
 
-* Loader: `kernel_cache` compiles each (source, specialisation) once per machine (`cuda_cache.KernelCache`: memo,
+* Loader: `kernel_cache` compiles each (source, specialisation) once per machine (`jit.KernelCache`: memo,
   disk cache under ``$SPARSE_ATTN_CACHE`` or ``~/.cache/sparse_attn``, file lock against concurrent builders).
 * Launch: on torch's current stream (``cupy.cuda.ExternalStream``), outputs allocated by torch, tensors passed as
   raw device pointers (zero-copy; bf16 and fp16 travel as 16-bit words the kernel converts), scalars as numpy
