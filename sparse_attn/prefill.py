@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .layout import SparseLayout, concat_heads
-from .ops.checks import check_attention_inputs, check_layout_matches, resolve_scale
+from .ops.checks import check_attention_inputs, check_layout_matches, check_softcap, resolve_scale
 from .ops import cpu_kernel
 from .ops.host_values import host_tensor
 from .ops.torch_sparse import torch_sparse_attention
@@ -56,21 +56,23 @@ def estimate(q, k, pattern=None, *, causal: bool = True, scale=None, block_m: in
 
 
 def sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True, scale=None, backend: str = "auto",
-                     return_lse: bool = False, check_layout: bool = True):
+                     return_lse: bool = False, check_layout: bool = True, softcap: float = 0.0):
     """Attention of ``q [B, Hq, Lq, D]`` over ``k, v [B, Hkv, Lk, D]``, each query block seeing only the keys its
     ``layout`` lists (and, with ``causal``, only keys at or before its position; queries are the last Lq keys).
 
     Returns ``out [B, Hq, Lq, D]`` in q's dtype, and with ``return_lse`` also the natural-log LSE ``[B, Hq, Lq]``
     (fp32; -inf and output 0 for a row that sees no key).  ``check_layout`` validates the indices (one host sync);
-    layouts from `estimate` are valid by construction."""
+    layouts from `estimate` are valid by construction.  ``softcap > 0`` soft-caps the scaled scores to
+    ``softcap * tanh(s / softcap)`` before the mask and softmax (Gemma-2)."""
     check_attention_inputs(q, k, v)
+    softcap = check_softcap(softcap)
     if not isinstance(layout, SparseLayout):
         raise ValueError(f"layout must be a SparseLayout, got {type(layout).__name__}")
     check_layout_matches(layout, q, k)
     if check_layout:
         layout.check_indices()
     scale = resolve_scale(scale, q.shape[-1])
-    chosen = _resolve_backend(backend, q, k, v, layout)
+    chosen = _resolve_backend(backend, q, k, v, layout, softcap)
     if chosen == "cpu":
         return cpu_kernel.cpu_kernel_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse)
     if chosen == "flex":
@@ -78,26 +80,35 @@ def sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True, scal
         return flex_sparse_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse)
     if chosen == "triton":
         from .ops.triton_launch import triton_sparse_attention
-        return triton_sparse_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse)
+        return triton_sparse_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse,
+                                       softcap=softcap)
     if chosen == "cuda":
         from .ops.cuda import cuda_sparse_attention
-        return cuda_sparse_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse)
-    return torch_sparse_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse)
+        return cuda_sparse_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse,
+                                     softcap=softcap)
+    return torch_sparse_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse,
+                                  softcap=softcap)
 
 
 def sparse_prefill(q, k, v, pattern=None, *, causal: bool = True, scale=None, backend: str = "auto",
-                   dense_below: int | None = None):
+                   dense_below: int | None = None, softcap: float = 0.0):
     """Estimate per-head layouts and run sparse attention: ``out [B, Hq, Lq, D]``.
 
-    Key lengths below ``dense_below`` (default `DENSE_BELOW`) and all-`Dense` patterns run dense attention."""
+    Key lengths below ``dense_below`` (default `DENSE_BELOW`) and all-`Dense` patterns run dense attention
+    (with ``softcap``, which SDPA lacks, the sparse kernel over a `Dense` layout).  The estimate does not use
+    ``softcap``: capping keeps the order of the scores."""
     check_attention_inputs(q, k, v)
+    softcap = check_softcap(softcap)
     patterns = _patterns_per_head(pattern, q.shape[1])
     threshold = DENSE_BELOW if dense_below is None else dense_below
-    _resolve_backend(backend, q, k, v)
+    _resolve_backend(backend, q, k, v, softcap=softcap)
     if k.shape[2] < threshold or all(isinstance(p, Dense) for p in patterns):
-        return dense_attention(q, k, v, causal=causal, scale=scale)
+        if not softcap:
+            return dense_attention(q, k, v, causal=causal, scale=scale)
+        patterns = Dense()
     layout = estimate(q, k, patterns, causal=causal, scale=scale)
-    return sparse_attention(q, k, v, layout, causal=causal, scale=scale, backend=backend, check_layout=False)
+    return sparse_attention(q, k, v, layout, causal=causal, scale=scale, backend=backend, check_layout=False,
+                            softcap=softcap)
 
 
 def dense_attention(q, k, v, *, causal: bool = True, scale=None):
@@ -113,10 +124,11 @@ def dense_attention(q, k, v, *, causal: bool = True, scale=None):
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
-def _resolve_backend(backend: str, q, k, v, layout=None) -> str:
+def _resolve_backend(backend: str, q, k, v, layout=None, softcap: float = 0.0) -> str:
     """"auto" -> "triton" on CUDA tensors the Triton kernel supports (triton importable, dtype, head dim); "cpu"
     (the compiled C++ kernel) on CPU tensors of fp32/fp16/bf16 where it builds; else "torch" (the Triton
-    interpreter is for tests).  "flex" compiles per shape, so it is opt-in."""
+    interpreter is for tests).  "flex" compiles per shape, so it is opt-in.  The "cpu" and "flex" backends have no
+    ``softcap`` yet: "auto" passes them over when it is set."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "triton":       # fail early, even where a short input would run dense
@@ -126,12 +138,15 @@ def _resolve_backend(backend: str, q, k, v, layout=None) -> str:
             raise ValueError("backend='triton' cannot run these inputs: " + "; ".join(reasons))
     if backend == "cpu" and not cpu_kernel.supports(q):
         raise ValueError(f"backend='cpu' takes CPU tensors of fp32, fp16 or bf16, got {q.dtype} on {q.device}")
+    if backend in ("cpu", "flex") and softcap:
+        raise ValueError(f"backend={backend!r} does not support softcap (got {softcap}); use 'torch', 'triton', "
+                         f"'cuda' or 'auto'")
     if backend != "auto":
         return backend
     if q.device.type == "cuda":
         from .ops.triton_launch import triton_not_supported_reasons      # no triton import: a spec lookup
         if not triton_not_supported_reasons(q, k, v, layout):
             return "triton"
-    if cpu_kernel.supports(q) and cpu_kernel.available():
+    if not softcap and cpu_kernel.supports(q) and cpu_kernel.available():
         return "cpu"
     return "torch"
