@@ -324,7 +324,7 @@ def _convert(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes, v_counts, s
                                                                                                   s_counts)
     if not causal:           # the engines place non-causal queries after the last key: shift to bottom-right
         slash = slash.long() - torch.tensor(q_lens, device=dev)[:, None, None]
-    if vertical.is_cuda:
+    if vertical.is_cuda and max(kv_lens, default=0) <= context_size:     # the kernel sizes tiles by context_size
         from ..ops.cuda import cuda_unavailable_reasons, vertical_slash_kernel
         if not cuda_unavailable_reasons():                  # the CUDA kernel when CuPy works; torch otherwise
             return vertical_slash_kernel(torch.tensor(q_lens, dtype=torch.int32, device=dev),

@@ -26,12 +26,13 @@ def clipped_vertical_slash_indexes(q_lens: list[int], kv_lens: list[int], vertic
 
     Returns int32 ``block_count [batch, heads, nR]``, ``block_offset [batch, heads, nR, NB]``, ``column_count``,
     ``column_index [batch, heads, nR, NNZ_V]`` with ``nR = ceil(context_size / block_size_M)`` and ``NB`` from
-    `vertical_slash_output_sizes` (a bound on the tile count).  Padding is 0."""
+    `vertical_slash_output_sizes` (a bound on the tile count, from the longer of ``context_size`` and the kv lengths).  Padding is 0."""
     batch, heads = vertical_indexes.shape[:2]
     dev = vertical_indexes.device
     bm, bn = block_size_M, block_size_N
     nnz_v, nnz_s = vertical_indexes.shape[2], slash_indexes.shape[2]
-    n_rows, max_tiles = vertical_slash_output_sizes(context_size, bm, bn, nnz_s)
+    n_rows, _ = vertical_slash_output_sizes(context_size, bm, bn, nnz_s)
+    _, max_tiles = vertical_slash_output_sizes(max([context_size, *kv_lens]), bm, bn, nnz_s)   # kv may exceed it
     block_count = torch.zeros(batch, heads, n_rows, dtype=torch.int32, device=dev)
     block_offset = torch.zeros(batch, heads, n_rows, max_tiles, dtype=torch.int32, device=dev)
     column_count = torch.zeros(batch, heads, n_rows, dtype=torch.int32, device=dev)
