@@ -23,7 +23,7 @@ from ..layout import SparseLayout
 from ..ops.checks import check_softcap
 from ..prefill import sparse_attention, sparse_prefill
 from .vertical_slash_clipped import clipped_vertical_slash_indexes
-from .vertical_slash_engine import engine_convert
+from .vertical_slash_engine import engine_convert, engine_convert_unsorted
 
 #: Block sizes of the engines' ``sparse_attn_func`` (fixed there too).
 BLOCK_M = 64
@@ -276,16 +276,13 @@ def _check_convert_args(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes, 
     return q_lens, kv_lens
 
 
-def _check_sorted(name: str, t, counts, descending: bool) -> None:
-    """The engines walk the indexes in order and give other keys when they are not sorted: refuse that."""
+def _is_sorted(t, counts, descending: bool) -> bool:
+    """Whether each head's first ``counts[h]`` entries of ``t [B, H, n]`` are in the engines' order."""
     if t.shape[-1] < 2:
-        return
+        return True
     step = t[..., 1:].long() - t[..., :-1].long()
     used = torch.arange(1, t.shape[-1], device=t.device) < counts[:, None]           # pairs inside the count
-    if bool(((step > 0 if descending else step < 0) & used).any()):
-        order = "descending" if descending else "ascending"
-        raise ValueError(f"{name} must be sorted {order} within each head's entries (the engines' kernel walks "
-                         f"them in order); sort it first")
+    return not bool(((step > 0 if descending else step < 0) & used).any())
 
 
 def _check_counts(name: str, t, heads: int, width: int, of: str):
@@ -312,10 +309,11 @@ def _convert(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes, v_counts, s
         v_counts = torch.full((heads,), vertical_indexes.shape[2], dtype=torch.int64, device=dev)
         s_counts = torch.full((heads,), slash_indexes.shape[2], dtype=torch.int64, device=dev)
     if not clip:
-        _check_sorted("vertical_indexes", vertical_indexes, v_counts, descending=False)
-        _check_sorted("slash_indexes", slash_indexes, s_counts, descending=True)
-        return engine_convert(q_lens, kv_lens, vertical_indexes, slash_indexes, v_counts, s_counts, context_size,
-                              block_size_M, block_size_N, causal)
+        convert = engine_convert if (_is_sorted(vertical_indexes, v_counts, descending=False)
+                                     and _is_sorted(slash_indexes, s_counts, descending=True)) \
+            else engine_convert_unsorted
+        return convert(q_lens, kv_lens, vertical_indexes, slash_indexes, v_counts, s_counts, context_size,
+                       block_size_M, block_size_N, causal)
     # ours: the entries past a head's count are dropped by repeating its first entry (duplicates are harmless)
     for t, counts in ((vertical_indexes, v_counts), (slash_indexes, s_counts)):
         if bool((counts == 0).any()) and t.shape[-1]:
@@ -344,7 +342,8 @@ def convert_vertical_slash_indexes(q_seqlens, kv_seqlens, vertical_indexes, slas
       last ``q_seqlen`` positions; without it they sit *after* the last key (query ``i`` at ``kv_seqlen + i``, the
       engines' convention for dual-chunk "succ" / "inter" stages).
     * ``vertical_indexes [batch, heads, NNZ_V]``: key positions, ascending; ``slash_indexes [batch, heads,
-      NNZ_S]``: distances ``query position - key``, descending (the engines' order; unsorted input raises).
+      NNZ_S]``: distances ``query position - key``, descending (the engines' order; other orders give what the
+      engines give for them too, through a slow per-block walk).
     * ``context_size`` only sizes the output rows: ``nR = ceil(context_size / block_size_M)``.
 
     Returns int32 ``block_count [batch, heads, nR]``, ``block_offset [batch, heads, nR, NNZ_S]``, ``column_count

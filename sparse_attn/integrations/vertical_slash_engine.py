@@ -18,7 +18,8 @@ ascending order) and the verticals (ascending) together:
 
 `engine_convert` computes this with tensor ops over all heads and query blocks at once (one loop step per slash,
 because a group's extent depends on the chunks before it); `engine_convert_walk` is the readable per-block walk it
-is tested against.  Inputs must be sorted as the engines require (verticals ascending, slashes descending).
+is tested against.  The vectorised path needs the order the engines' callers use (verticals ascending, slashes
+descending); other orders go through `engine_convert_unsorted`, the walk for every block.
 """
 from __future__ import annotations
 
@@ -87,15 +88,18 @@ def _one_entry(q_len, kv_len, n_qb, V, S, v_counts, s_counts, M, N, causal, widt
     else:                                   # later slashes are read while >= the block's first row index
         j1 = torch.maximum(torch.searchsorted(neg, -start.expand(H, n_qb).contiguous(), right=True), j0 + 1)
     # The walk: one step per slash for every (head, query block) at once.  chunk_start holds each chunk [c, c + M)
-    # in ascending order; group_start its group's first key (the tiles' grid).
+    # in ascending order (int32: it is as large as the output); group_start its group's first key, the tiles' grid,
+    # needed only when M != N (with M == N every chunk is exactly one tile).
     slots = NS + 1
-    chunk_start = torch.full((H, n_qb, slots), _BIG, dtype=torch.int64, device=dev)
-    group_start = torch.zeros((H, n_qb, slots), dtype=torch.int64, device=dev)
+    big = torch.iinfo(torch.int32).max
+    chunk_start = torch.full((H, n_qb, slots), big, dtype=torch.int32, device=dev)
+    group_start = torch.zeros((H, n_qb, slots), dtype=torch.int32, device=dev) if M != N else None
     r_end = (E2 - s0).clamp(min=M)
     r_start = r_end - M
     n_chunks = has_slash.long()
-    chunk_start[..., 0] = torch.where(has_slash, r_start, _BIG)
-    group_start[..., 0] = r_start
+    chunk_start[..., 0] = torch.where(has_slash, r_start, big)
+    if group_start is not None:
+        group_start[..., 0] = r_start
     trash = torch.full_like(n_chunks, slots - 1)
     lo = int(j0.min()) + 1 if NS else 0
     hi = int(torch.where(has_slash, j1, 0).max()) if NS else 0
@@ -108,23 +112,33 @@ def _one_entry(q_len, kv_len, n_qb, V, S, v_counts, s_counts, M, N, causal, widt
         c = torch.where(new, x - M, r_end)
         r_start = torch.where(new, x - M, r_start)
         slot = torch.where(event, n_chunks, trash)[..., None]
-        chunk_start.scatter_(2, slot, torch.where(event, c, _BIG)[..., None])
-        group_start.scatter_(2, slot, r_start[..., None])
+        chunk_start.scatter_(2, slot, torch.where(event, c, big).to(torch.int32)[..., None])
+        if group_start is not None:
+            group_start.scatter_(2, slot, r_start.to(torch.int32)[..., None])
         r_end = torch.where(new, x, torch.where(ext, r_end + M, r_end))
         n_chunks = n_chunks + event.long()
-    chunk_start[..., slots - 1] = _BIG                                               # the trash slot
-    # Tiles: the group's grid points a + i N inside each chunk, below kv_len (at most ceil(M / N) per chunk).
-    per_chunk = max(1, _ceil_div(M, N))
-    valid_chunk = chunk_start < _BIG
-    first = group_start + ((chunk_start - group_start + N - 1) // N) * N
-    cand = first[..., None] + N * torch.arange(per_chunk, device=dev)                  # [H, nQb, slots, per_chunk]
-    limit = torch.minimum(chunk_start + M, torch.full_like(chunk_start, kv_len))[..., None]
-    tile_ok = valid_chunk[..., None] & (cand < limit)
+    chunk_start[..., slots - 1] = big                                                # the trash slot
+    valid_chunk = chunk_start < big
     no_slash_start = E2 if causal else torch.full_like(E2, kv_len)
-    lone = (~has_slash & (no_slash_start < kv_len))[..., None]                       # the no-slash group's tile
-    tiles = torch.cat([no_slash_start[..., None], cand.flatten(2)], -1)
-    tiles_ok = torch.cat([lone, tile_ok.flatten(2)], -1)
-    bc, bo = compact(tiles, tiles_ok, width_t)
+    lone = ~has_slash & (no_slash_start < kv_len)                                   # the no-slash group's tile
+    if M == N:
+        # chunks ascend, so those starting inside the keys come first: the tiles are a prefix, no compaction
+        bc = torch.where(lone, 1, (chunk_start < kv_len).sum(-1)).clamp(max=width_t).to(torch.int32)
+        bo = torch.where(lone[..., None], no_slash_start[..., None].to(torch.int32), chunk_start)[..., :width_t]
+        bo = torch.where(torch.arange(bo.shape[-1], device=dev) < bc[..., None], bo, 0)
+        if bo.shape[-1] < width_t:                                                    # NS == 0: width 0 anyway
+            bo = torch.nn.functional.pad(bo, (0, width_t - bo.shape[-1]))
+    else:
+        # the group's grid points a + i N inside each chunk, below kv_len (at most ceil(M / N) per chunk)
+        per_chunk = max(1, _ceil_div(M, N))
+        cs, gs = chunk_start.long(), group_start.long()
+        first = gs + ((cs - gs + N - 1) // N) * N
+        cand = first[..., None] + N * torch.arange(per_chunk, device=dev)              # [H, nQb, slots, per_chunk]
+        limit = torch.minimum(cs + M, torch.full_like(cs, kv_len))[..., None]
+        tile_ok = valid_chunk[..., None] & (cand < limit)
+        tiles = torch.cat([no_slash_start[..., None], cand.flatten(2)], -1)
+        tiles_ok = torch.cat([lone[..., None], tile_ok.flatten(2)], -1)
+        bc, bo = compact(tiles, tiles_ok, width_t)
     # Columns: verticals outside every group (chunks, or the no-slash group), in their order.
     nv = v_counts[:, None, None]
     vert = V[:, None, :].expand(H, n_qb, V.shape[-1])
@@ -136,6 +150,32 @@ def _one_entry(q_len, kv_len, n_qb, V, S, v_counts, s_counts, M, N, causal, widt
     keep &= (vert < last_end) if causal else ((vert < last_end) | (vert < kv_len))
     cc, ci = compact(vert, keep, V.shape[-1])
     return bc, bo, cc, ci
+
+
+def engine_convert_unsorted(q_lens, kv_lens, vertical, slash, v_counts, s_counts, context_size: int, block_m: int,
+                            block_n: int, causal: bool):
+    """`engine_convert` for indexes not sorted as the engines expect: the engines' kernel then still gives a
+    definite answer (it walks the entries in the given order), which only the per-block walk reproduces.  Plain
+    Python over every (batch, head, query block): for odd inputs, not for the hot path (the engines' callers
+    sort)."""
+    B, H, NV = vertical.shape
+    NS = slash.shape[2]
+    n_rows = _ceil_div(context_size, block_m)
+    width_t, width_c = engine_output_widths(NV, NS, block_m, block_n)
+    out = [torch.zeros(B, H, n_rows, dtype=torch.int32), torch.zeros(B, H, n_rows, width_t, dtype=torch.int32),
+           torch.zeros(B, H, n_rows, dtype=torch.int32), torch.zeros(B, H, n_rows, width_c, dtype=torch.int32)]
+    verticals, slashes = vertical.tolist(), slash.tolist()
+    nv, ns = v_counts.tolist(), s_counts.tolist()
+    for b in range(B):
+        for h in range(H):
+            for m in range(min(_ceil_div(q_lens[b], block_m), n_rows)):
+                tiles, columns = engine_convert_walk(q_lens[b], kv_lens[b], m, verticals[b][h][:nv[h]],
+                                                     slashes[b][h][:ns[h]], block_m, block_n, causal)
+                tiles, columns = tiles[:width_t], columns[:width_c]
+                out[0][b, h, m], out[2][b, h, m] = len(tiles), len(columns)
+                out[1][b, h, m, :len(tiles)] = torch.tensor(tiles, dtype=torch.int32)
+                out[3][b, h, m, :len(columns)] = torch.tensor(columns, dtype=torch.int32)
+    return tuple(t.to(vertical.device) for t in out)
 
 
 # ---------------------------------------------------------------------------------------------------- reference
