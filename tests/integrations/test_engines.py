@@ -400,3 +400,20 @@ def test_empty_inputs():
     z3, z4 = torch.zeros(1, 2, 0, dtype=torch.int32), torch.zeros(1, 2, 0, 1, dtype=torch.int32)
     out, lse = sparse_attn_func(q, k, v, z3, z4, z3, z4, return_softmax_lse=True)
     assert out.shape == (1, 0, 2, 16) and lse.shape == (1, 2, 0)
+
+
+def test_row_without_keys_gives_zero_and_lse_plus_inf():
+    """flash-attention's convention for a row that sees no key (the package's own API says -inf)."""
+    q, k, v = make_qkv(B=1, Hq=2, Lq=70, Lk=90, D=16, seed=14)
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)                       # noqa: E731
+    # head 0 row block 0 lists nothing; head 1 lists key 3 only, which causal rows 0..19 (positions 20..39) see
+    bc, cc = i32([[[0, 1], [0, 1]]]), i32([[[0, 0], [1, 0]]])
+    bo, ci = i32([[[[0], [10]], [[0], [10]]]]), i32([[[[0], [0]], [[3], [0]]]])
+    out, lse = sparse_attn_func(*blhd(q, k, v), bc, bo, cc, ci, causal=True, return_softmax_lse=True)
+    assert torch.isposinf(lse[0, 0, :64]).all() and (out[0, :64, 0] == 0).all()
+    assert torch.isfinite(lse[0, 1, :64]).all() and torch.isfinite(lse[0, :, 64:]).all()
+    assert_close(out[0, :64, 1], v[0, 1, 3].expand(64, 16), atol=1e-6)          # one key: its value
+    vout, vlse = sparse_attn_varlen_func(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), bc, bo,
+                                         cc, ci, i32([0, 70]), i32([0, 90]), 70, 90, causal=True,
+                                         return_softmax_lse=True)
+    assert torch.equal(vlse, lse[0]) and torch.equal(vout, out[0])
