@@ -294,10 +294,11 @@ def _check_counts(name: str, t, heads: int, width: int, of: str):
     return t.to(torch.int64)
 
 
-def _first_entry_past_count(t, counts):
-    """``t [B, H, n]`` with each head's entries past ``counts[h]`` replaced by its first entry."""
+def _past_count(t, counts, fill: int):
+    """``t [B, H, n]`` as int64 with each head's entries past ``counts[h]`` set to ``fill`` (a value the clipped
+    conversion ignores: a negative vertical, a slash too far to reach any key)."""
     j = torch.arange(t.shape[-1], device=t.device)
-    return t.gather(-1, torch.where(j < counts[:, None], j, 0).expand_as(t))
+    return torch.where(j < counts[:, None], t.long(), fill)
 
 
 def _convert(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes, v_counts, s_counts, context_size,
@@ -314,12 +315,8 @@ def _convert(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes, v_counts, s
             else engine_convert_unsorted
         return convert(q_lens, kv_lens, vertical_indexes, slash_indexes, v_counts, s_counts, context_size,
                        block_size_M, block_size_N, causal)
-    # ours: the entries past a head's count are dropped by repeating its first entry (duplicates are harmless)
-    for t, counts in ((vertical_indexes, v_counts), (slash_indexes, s_counts)):
-        if bool((counts == 0).any()) and t.shape[-1]:
-            raise ValueError("clip=True needs at least one vertical and one slash per head")
-    vertical, slash = _first_entry_past_count(vertical_indexes, v_counts), _first_entry_past_count(slash_indexes,
-                                                                                                  s_counts)
+    # ours: the entries past a head's count become values the conversion ignores
+    vertical, slash = _past_count(vertical_indexes, v_counts, -1), _past_count(slash_indexes, s_counts, 1 << 40)
     if not causal:           # the engines place non-causal queries after the last key: shift to bottom-right
         slash = slash.long() - torch.tensor(q_lens, device=dev)[:, None, None]
     if vertical.is_cuda and max(kv_lens, default=0) <= context_size:     # the kernel sizes tiles by context_size

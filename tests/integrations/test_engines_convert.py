@@ -78,6 +78,16 @@ def test_mergehead_uses_each_heads_count(causal):
             assert row(result, 0, h, m) == row(one, 0, 0, m)
             assert row(result, 0, h, m) == engine_convert_walk(q_len, kv_len, m, verticals[h][:v_counts[h]],
                                                                slashes[h][:s_counts[h]], 64, 64, causal)
+    # clip=True honours the counts too (a head with no slash at all included)
+    s_counts[3] = 0
+    clipped = convert_vertical_slash_indexes_mergehead(i32([q_len]), i32([kv_len]), vbuf, sbuf, i32(v_counts),
+                                                       i32(s_counts), q_len, 64, 64, causal=causal, clip=True)
+    for h in range(heads):
+        one = convert_vertical_slash_indexes(i32([q_len]), i32([kv_len]), i32([[verticals[h][:v_counts[h]]]]),
+                                             i32([[slashes[h][:s_counts[h]] or [10 ** 6]]]), q_len, 64, 64,
+                                             causal=causal, clip=True)
+        for m in range(3):
+            assert row(clipped, 0, h, m) == row(one, 0, 0, m)
     # the same buffers without counts would read the padding: not the same index
     plain = convert_vertical_slash_indexes(i32([q_len]), i32([kv_len]), vbuf, sbuf, q_len, 64, 64, causal=causal)
     assert not all(torch.equal(a, b) for a, b in zip(plain, result))
