@@ -51,7 +51,8 @@ def main():
             tiles, cols, shape = times[mode + "_size"]
             print(f"L={length} {mode:6s} median {statistics.median(kept) * 1e3:8.1f} ms  runs "
                   f"{' '.join(f'{t * 1e3:.1f}' for t in kept)}  tiles {tiles} columns {cols} block_offset {shape}")
-        print(f"L={length} engine / clip time ratio {statistics.median(times['engine'][1:]) / statistics.median(times['clip'][1:]):.2f}")
+        ratio = statistics.median(times["engine"][1:]) / statistics.median(times["clip"][1:])
+        print(f"L={length} engine / clip time ratio {ratio:.2f}")
 
 
 if __name__ == "__main__":

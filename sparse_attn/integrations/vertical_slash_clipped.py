@@ -26,7 +26,8 @@ def clipped_vertical_slash_indexes(q_lens: list[int], kv_lens: list[int], vertic
 
     Returns int32 ``block_count [batch, heads, nR]``, ``block_offset [batch, heads, nR, NB]``, ``column_count``,
     ``column_index [batch, heads, nR, NNZ_V]`` with ``nR = ceil(context_size / block_size_M)`` and ``NB`` from
-    `vertical_slash_output_sizes` (a bound on the tile count, from the longer of ``context_size`` and the kv lengths).  Padding is 0."""
+    `vertical_slash_output_sizes` (a bound on the tile count, from the longer of ``context_size`` and the kv
+    lengths).  Padding is 0."""
     batch, heads = vertical_indexes.shape[:2]
     dev = vertical_indexes.device
     bm, bn = block_size_M, block_size_N
