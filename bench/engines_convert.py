@@ -36,7 +36,7 @@ def main():
     for length in args.lengths:
         lens = torch.tensor([length], dtype=torch.int32)
         vert, slash = indexes(length, args.heads, 1000, 6096, True)
-        times = {"engine": [], "clip": []}
+        times, sizes = {"engine": [], "clip": []}, {}
         for _ in range(args.rounds + 1):                                  # first round: warm-up, not kept
             for mode in times:
                 t0 = time.perf_counter()
@@ -45,10 +45,10 @@ def main():
                 times[mode].append(time.perf_counter() - t0)
                 tiles = int(out[0].sum())
                 cols = int(out[2].sum())
-                times.setdefault(mode + "_size", (tiles, cols, tuple(out[1].shape)))
+                sizes[mode] = (tiles, cols, tuple(out[1].shape))
         for mode in ("engine", "clip"):
             kept = times[mode][1:]
-            tiles, cols, shape = times[mode + "_size"]
+            tiles, cols, shape = sizes[mode]
             print(f"L={length} {mode:6s} median {statistics.median(kept) * 1e3:8.1f} ms  runs "
                   f"{' '.join(f'{t * 1e3:.1f}' for t in kept)}  tiles {tiles} columns {cols} block_offset {shape}")
         ratio = statistics.median(times["engine"][1:]) / statistics.median(times["clip"][1:])
