@@ -27,7 +27,8 @@ _INDEXES = ("BlockCount", "BlockOffset", "ColumnCount", "ColumnIndex")
 _TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def compile_one(dtype, head_dim: int, causal: bool, arch: int, block_m: int = 64, block_n: int = 64, **override):
+def compile_one(dtype, head_dim: int, causal: bool, arch: int, block_m: int = 64, block_n: int = 64,
+                softcap: bool = False, **override):
     """Compile one specialisation (unit head-dim strides, as for contiguous inputs; ``override`` replaces launch
     settings); return (compiled kernel, launch options, block sizes, seconds)."""
     import triton
@@ -38,7 +39,8 @@ def compile_one(dtype, head_dim: int, causal: bool, arch: int, block_m: int = 64
 
     cfg = {**launch_config(head_dim, dtype, block_m, block_n, arch // 10), **override}
     launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
-    const = {**dict(HEAD_DIM=head_dim, TILE_M=block_m, TILE_N=block_n, CAUSAL=causal, WRITE_LSE=True), **cfg}
+    const = {**dict(HEAD_DIM=head_dim, TILE_M=block_m, TILE_N=block_n, CAUSAL=causal, WRITE_LSE=True,
+                    SOFTCAP=softcap), **cfg}
     const.update({f"stride_{t}_d": 1 for t in "qkvo"})
     names = list(inspect.signature(kernel.fn).parameters)
     signature = {}
@@ -50,7 +52,7 @@ def compile_one(dtype, head_dim: int, causal: bool, arch: int, block_m: int = 64
         elif name in _INDEXES:
             signature[name] = "*i32"
         else:
-            signature[name] = {"Lse": "*fp32", "qk_scale": "fp32"}.get(name, "i32")
+            signature[name] = {"Lse": "*fp32", "qk_scale": "fp32", "softcap_log2": "fp32"}.get(name, "i32")
     # What a launch on contiguous inputs specialises: 16-byte aligned pointers, strides divisible by 16 (sizes are
     # not specialised, see the kernel).
     aligned = [n for n in names if signature[n].startswith("*") or (n.startswith("stride_") and n not in const)]
@@ -84,6 +86,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = H100/H200)")
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 80, 96, 128, 256])
     parser.add_argument("--dtypes", nargs="+", default=list(_TYPES.values()), choices=list(_TYPES.values()))
+    parser.add_argument("--softcap", action="store_true", help="the soft-capping specialisation")
     args = parser.parse_args(argv)
     import triton
 
@@ -93,7 +96,7 @@ def main(argv=None) -> int:
     for dtype in (t for t, name in _TYPES.items() if name in args.dtypes):
         for d in args.dims:
             for causal in (True, False):
-                compiled, launch, cfg, secs = compile_one(dtype, d, causal, args.arch)
+                compiled, launch, cfg, secs = compile_one(dtype, d, causal, args.arch, softcap=args.softcap)
                 print(f"{_TYPES[dtype]:6} {d:>4} {str(causal):>6} {cfg['BLOCK_M']:>4}x{cfg['BLOCK_N']:<4} "
                       f"{launch['num_warps']:>5} {launch['num_stages']:>6} {compiled.metadata.shared:>7}  "
                       f"{ptxas_report(compiled.asm['ptx'], args.arch):27} {secs:.1f}")

@@ -79,7 +79,7 @@ __device__ __forceinline__ float group_sum(float x) {
 __device__ __forceinline__ void attend_chunk(
     const elem_t* __restrict__ k_head, const elem_t* __restrict__ v_head, long long skl, long long skd,
     long long svl, long long svd, const float* __restrict__ sq, float* __restrict__ sk, float* __restrict__ sv,
-    const int* __restrict__ key_pos, long long first_row_pos, int rows_in_pass, int causal,
+    const int* __restrict__ key_pos, long long first_row_pos, int rows_in_pass, int causal, float softcap_log2,
     float (&row_max)[ROWS_PER_GROUP], float (&row_sum)[ROWS_PER_GROUP],
     float (&acc)[ROWS_PER_GROUP][COLS_PER_LANE])
 {
@@ -120,7 +120,9 @@ __device__ __forceinline__ void attend_chunk(
         for (int c = 0; c < KEYS_PER_LANE; ++c) {
             const long long key = key_pos[lane + c * LANES];
             const bool visible = row < rows_in_pass && key >= 0 && (!causal || key <= pos);
-            s[r][c] = visible ? s[r][c] : NEG_INF;
+            // soft-capping (Gemma-2) in log2 units: cap * tanh(s / cap) with cap = softcap * log2(e); 0 = off
+            const float capped = softcap_log2 > 0.0f ? softcap_log2 * tanhf(s[r][c] / softcap_log2) : s[r][c];
+            s[r][c] = visible ? capped : NEG_INF;
             chunk_max = fmaxf(chunk_max, s[r][c]);
         }
         const float new_max = fmaxf(row_max[r], group_max(chunk_max));
@@ -167,7 +169,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) sparse_attention_fwd(
     long long skb, long long skh, long long skl, long long skd,
     long long svb, long long svh, long long svl, long long svd,
     int q_heads, int group_size, int q_len, int k_len, int n_qb, int max_blocks, int max_columns,
-    int block_m, int block_n, float scale_log2, int causal, int write_lse)
+    int block_m, int block_n, float scale_log2, float softcap_log2, int causal, int write_lse)
 {
     extern __shared__ float smem[];
     float* sq = smem;                                  // [ROWS][QK_STRIDE], pre-scaled by scale * log2(e)
@@ -214,7 +216,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) sparse_attention_fwd(
                 if (tid < KEYS) key_pos[tid] = n0 + tid < last ? (int)(n0 + tid) : -1;
                 __syncthreads();
                 attend_chunk(k_head, v_head, skl, skd, svl, svd, sq, sk, sv, key_pos, first_row_pos, rows_in_pass,
-                             causal, row_max, row_sum, acc);
+                             causal, softcap_log2, row_max, row_sum, acc);
             }
         }
         for (int c0 = 0; c0 < n_cols; c0 += KEYS) {    // single columns, KEYS at a time
@@ -224,7 +226,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) sparse_attention_fwd(
             }
             __syncthreads();
             attend_chunk(k_head, v_head, skl, skd, svl, svd, sq, sk, sv, key_pos, first_row_pos, rows_in_pass,
-                         causal, row_max, row_sum, acc);
+                         causal, softcap_log2, row_max, row_sum, acc);
         }
 
 #pragma unroll

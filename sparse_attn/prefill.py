@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends import BACKEND_NAMES, select_backend
-from .backends.checks import check_attention_inputs, check_layout_matches, resolve_scale
+from .backends.checks import check_attention_inputs, check_layout_matches, check_softcap, resolve_scale
 from .backends.host_copy import host_tensor
 from .errors import InvalidArgumentError, InvalidTypeError
 from .layout import SparseLayout, concat_heads
@@ -83,7 +83,7 @@ def sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True, scal
     check_layout_matches(layout, q, k)
     if check_layout:
         layout.check_indices()
-    softcap = _check_softcap(softcap)
+    softcap = check_softcap(softcap)
     chosen = select_backend(backend, q, k, v, layout, return_lse=return_lse, softcap=softcap)
     return chosen.run(q, k, v, layout, causal=causal, scale=resolve_scale(scale, q.shape[-1]),
                       return_lse=return_lse, softcap=softcap)
@@ -99,7 +99,7 @@ def sparse_prefill(q, k, v, pattern=None, *, causal: bool = True, scale=None, ba
     Returns ``out [batch, Hq, Lq, head_dim]`` in q's dtype."""
     check_attention_inputs(q, k, v)
     patterns = _patterns_per_head(pattern, q.shape[1])
-    softcap = _check_softcap(softcap)
+    softcap = check_softcap(softcap)
     threshold = DENSE_BELOW if dense_below is None else dense_below
     chosen = select_backend(backend, q, k, v, softcap=softcap)      # fail early, even where the input runs dense
     scale = resolve_scale(scale, q.shape[-1])
@@ -159,8 +159,3 @@ def _check_block(name: str, value) -> int:
         raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
     return value
 
-
-def _check_softcap(softcap) -> float:
-    if not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or softcap < 0:
-        raise InvalidArgumentError(f"softcap must be a number >= 0 (0 = off), got {softcap!r}")
-    return float(softcap)

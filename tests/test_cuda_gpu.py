@@ -8,6 +8,7 @@ import torch
 
 import sparse_attn as sa
 from sparse_attn.integrations import convert_vertical_slash_indexes
+from sparse_attn.integrations.vertical_slash_clipped import clipped_vertical_slash_indexes
 from sparse_attn.backends.cuda.launcher import cuda_convert_vertical_slash_indexes, cuda_sparse_attention
 from conftest import make_qkv, plain_attention, random_layout
 from test_cuda_kernel_mirrors import random_index_case
@@ -78,9 +79,12 @@ def test_cuda_index_kernel_equals_torch_conversion(causal):
     rng = random.Random(11 + causal)
     for _ in range(40):
         case = random_index_case(rng, causal)
-        expected = convert_vertical_slash_indexes(*case[:7], causal=causal)          # CPU tensors: torch path
+        expected = clipped_vertical_slash_indexes(case[0].tolist(), case[1].tolist(), *case[2:7],
+                                                  causal=causal)                      # CPU tensors: torch path
         on_gpu = [t.cuda() if isinstance(t, torch.Tensor) else t for t in case[:7]]
-        for got in (cuda_convert_vertical_slash_indexes(*on_gpu, causal=causal),
-                    convert_vertical_slash_indexes(*on_gpu, causal=causal)):     # engines dispatch to the kernel
+        results = [cuda_convert_vertical_slash_indexes(*on_gpu, causal=causal)]
+        if causal:                                   # clip=True dispatches to the kernel (bottom-right when causal)
+            results.append(convert_vertical_slash_indexes(*on_gpu, causal=causal, clip=True))
+        for got in results:
             for e, g in zip(expected, got):
                 assert g.is_cuda and g.dtype == torch.int32 and torch.equal(e, g.cpu()), case

@@ -68,3 +68,11 @@ def resolve_scale(scale, head_dim: int) -> float:
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
     return float(scale)
+
+
+def check_softcap(softcap) -> float:
+    """``softcap`` as a float: 0 switches soft-capping off, a positive value caps scores at ``softcap * tanh(s /
+    softcap)``."""
+    if not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not 0 <= softcap < float("inf"):
+        raise ValueError(f"softcap must be a finite number >= 0 (0 switches soft-capping off), got {softcap!r}")
+    return float(softcap)

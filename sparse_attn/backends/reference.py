@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_attention_inputs, resolve_scale
+from .checks import check_attention_inputs, check_softcap, resolve_scale
 
 
-def reference_attention(q, k, v, mask=None, *, causal: bool = True, scale=None, return_lse: bool = False):
+def reference_attention(q, k, v, mask=None, *, causal: bool = True, scale=None, return_lse: bool = False,
+                        softcap: float = 0.0):
     """Softmax attention of ``q [B, Hq, Lq, D]`` over ``k, v [B, Hkv, Lk, D]`` (GQA by head index).
 
     ``mask``: optional bool, broadcastable to ``[B, Hq, Lq, Lk]``, True = may attend.  With ``causal`` the query
     rows are the last ``Lq`` key positions (bottom-right).  A row that may attend to nothing gets output 0 and
     LSE -inf.  Returns the output in q's dtype and, with ``return_lse``, the natural-log LSE ``[B, Hq, Lq]``
-    (fp32) of the scaled scores."""
+    (fp32) of the scaled scores.  ``softcap > 0`` soft-caps the scaled scores to ``softcap * tanh(s / softcap)``
+    before the mask and softmax (Gemma-2; the LSE is then that of the capped scores)."""
     check_attention_inputs(q, k, v)
+    softcap = check_softcap(softcap)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     scale = resolve_scale(scale, D)
@@ -23,6 +26,8 @@ def reference_attention(q, k, v, mask=None, *, causal: bool = True, scale=None, 
     group = Hq // Hkv
     qf = q.to(work).reshape(B, Hkv, group, Lq, D)
     scores = torch.einsum("bhgqd,bhkd->bhgqk", qf, k.to(work)).reshape(B, Hq, Lq, Lk) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     allowed = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)
     if causal:
         pos = torch.arange(Lq, device=q.device) + (Lk - Lq)

@@ -1,13 +1,16 @@
-"""Inference-engine entry points: the call signatures of vLLM's flash-attention fork / SGLang's sgl-kernel.
+"""Inference-engine entry points: the call signatures and results of vLLM's flash-attention fork / SGLang's
+sgl-kernel, so an engine can swap its import for ours and get the same numbers.
 
 * `sparse_attn_func` -- BLHD tensors (``q [B, Lq, Hq, D]``, ``k, v [B, Lk, Hkv, D]``) plus a
   ``block_count, block_offset, column_count, column_index`` index, as vLLM/SGLang's vertical-slash kernel.
-* `sparse_attn_varlen_func` -- the same on packed (``cu_seqlens``) tensors, one index entry per sequence.
-* `sparse_prefill_varlen` -- estimate + attend each packed sequence separately with a `Pattern`.
-* `convert_vertical_slash_indexes` -- vertical (key position) / slash (diagonal distance) indexes to the block
-  index above, computed with tensor ops (with the CUDA kernel of ``csrc/`` on CUDA tensors when CuPy works).
+* `sparse_attn_varlen_func` -- the same on packed (``cu_seqlens``) tensors, one index entry per sequence, in
+  upstream's argument order (the index before ``cu_seqlens_q``).
+* `convert_vertical_slash_indexes`, `convert_vertical_slash_indexes_mergehead` -- vertical (key position) / slash
+  (diagonal distance) indexes to the block index above, the same tensors as the engines' CUDA kernel
+  (`vertical_slash_engine`); ``clip=True`` gives this package's tighter index instead (`vertical_slash_clipped`).
+* `sparse_prefill_varlen` -- estimate + attend each packed sequence separately with a `Pattern` (ours).
 
-The three attention functions take a keyword ``backend`` (default "auto": the Triton kernel on CUDA tensors, the
+The attention functions take a keyword ``backend`` (default "auto": the Triton kernel on CUDA tensors, the
 compiled CPU kernel on CPU tensors where it builds, torch otherwise), passed on to `sparse_attention`.  Tensors
 are converted between BLHD and the package's canonical BHLD with transposes at the boundary (views, no copies, no
 repeated KV heads).
@@ -16,17 +19,18 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import SparseLayout, keys_in_tiles
-from ..estimators.tiles import block_row_positions, compact, ranges_to_tiles
-from ..backends.cuda.vertical_slash_args import check_vertical_slash_args, vertical_slash_output_sizes
+from ..layout import SparseLayout
+from ..backends.checks import check_softcap
 from ..prefill import sparse_attention, sparse_prefill
+from .vertical_slash_clipped import clipped_vertical_slash_indexes
+from .vertical_slash_engine import engine_convert, engine_convert_unsorted
 
 #: Block sizes of the engines' ``sparse_attn_func`` (fixed there too).
 BLOCK_M = 64
 BLOCK_N = 64
 
-__all__ = ["BLOCK_M", "BLOCK_N", "convert_vertical_slash_indexes", "sparse_attn_func", "sparse_attn_varlen_func",
-           "sparse_prefill_varlen"]
+__all__ = ["BLOCK_M", "BLOCK_N", "convert_vertical_slash_indexes", "convert_vertical_slash_indexes_mergehead",
+           "sparse_attn_func", "sparse_attn_varlen_func", "sparse_prefill_varlen"]
 
 _INDEX_NAMES = ("block_count", "block_offset", "column_count", "column_index")
 
@@ -36,16 +40,20 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- checks
-def _check_unsupported(dropout_p, softcap, alibi_slopes, return_attn_probs) -> None:
+def _check_unsupported(dropout_p, softcap, alibi_slopes) -> None:
+    """What the engines accept and this inference path cannot do.  ``return_attn_probs`` needs no check: the
+    engines only honour it with dropout (``return_attn_probs and dropout_p > 0``), which is refused here."""
     if dropout_p != 0.0:
         raise ValueError(f"dropout_p must be 0.0 (dropout is not supported: this is an inference path), got "
                          f"{dropout_p!r}")
-    if softcap != 0.0:
-        raise ValueError(f"softcap must be 0.0 (logit soft-capping is not supported), got {softcap!r}")
+    check_softcap(softcap)
     if alibi_slopes is not None:
         raise ValueError("alibi_slopes must be None (ALiBi is not supported)")
-    if return_attn_probs:
-        raise ValueError("return_attn_probs must be False (attention probabilities are never materialised)")
+
+
+def _engine_lse(lse):
+    """flash-attention reports a row that sees no key with LSE +inf (ours: -inf)."""
+    return lse.masked_fill_(lse == float("-inf"), float("inf"))
 
 
 def _check_tensor(name: str, t, ndim: int, layout: str) -> None:
@@ -101,11 +109,12 @@ def sparse_attn_func(q, k, v, block_count, block_offset, column_count, column_in
     index alone decides which keys a query sees; with ``causal=True`` the bottom-right causal mask applies too.
 
     Returns ``out [B, Lq, Hq, D]`` (written into ``out`` when given) and, with ``return_softmax_lse``, also the
-    natural-log LSE ``[B, Hq, Lq]`` (fp32; -inf for a row that sees no key, whose output is 0).
-    ``dropout_p``, ``softcap``, ``alibi_slopes`` and ``return_attn_probs`` must keep their defaults (ValueError
-    otherwise); ``deterministic`` is accepted and ignored (this path is deterministic).  ``backend`` is passed to
+    natural-log LSE ``[B, Hq, Lq]`` (fp32; +inf for a row that sees no key, whose output is 0, as in
+    flash-attention).  ``softcap > 0`` caps the scaled scores at ``softcap * tanh(s / softcap)`` (Gemma-2).
+    ``dropout_p`` and ``alibi_slopes`` must keep their defaults (ValueError otherwise); ``deterministic`` and
+    ``return_attn_probs`` are accepted and ignored, as upstream does without dropout.  ``backend`` is passed to
     `sparse_attention` ("auto", "torch", "triton", ...)."""
-    _check_unsupported(dropout_p, softcap, alibi_slopes, return_attn_probs)
+    _check_unsupported(dropout_p, softcap, alibi_slopes)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, 4, "[batch, seqlen, heads, head_dim] (BLHD)")
     B, Lq, Hq, D = q.shape
@@ -117,8 +126,8 @@ def sparse_attn_func(q, k, v, block_count, block_offset, column_count, column_in
         o, lse = q.new_empty(B, 0, Hq, D), torch.empty(B, Hq, 0, dtype=torch.float32, device=q.device)
     else:
         o, lse = sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout, causal=causal,
-                                  scale=softmax_scale, return_lse=True, backend=backend)
-        o = o.transpose(1, 2)
+                                  scale=softmax_scale, return_lse=True, backend=backend, softcap=float(softcap))
+        o, lse = o.transpose(1, 2), _engine_lse(lse)
     if out is not None:
         out.copy_(o)
         o = out
@@ -173,8 +182,8 @@ def _bhld(t, start: int, end: int):
     return t[start:end].unsqueeze(0).transpose(1, 2)
 
 
-def sparse_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_count,
-                            block_offset, column_count, column_index, dropout_p=0.0, softmax_scale=None,
+def sparse_attn_varlen_func(q, k, v, block_count, block_offset, column_count, column_index, cu_seqlens_q,
+                            cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
                             causal=False, softcap=0.0, alibi_slopes=None, deterministic=False,
                             return_attn_probs=False, *, return_softmax_lse=False, out=None, backend="auto"):
     """`sparse_attn_func` on packed tensors: ``q [total_q, Hq, D]``, ``k, v [total_k, Hkv, D]``, sequence ``i``
@@ -183,9 +192,10 @@ def sparse_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
 
     The index tensors have one entry per sequence: ``block_count [num_seqs, Hq, nQb]`` etc., ``nQb`` at least
     ``ceil(max seqlen_q / 64)`` (sequence ``i`` uses its first ``ceil(seqlen_q_i / 64)`` rows).  Returns
-    ``out [total_q, Hq, D]`` and, with ``return_softmax_lse``, the LSE ``[Hq, total_q]`` (fp32), flash-attention's
-    varlen LSE layout."""
-    _check_unsupported(dropout_p, softcap, alibi_slopes, return_attn_probs)
+    ``out [total_q, Hq, D]`` and, with ``return_softmax_lse``, the LSE ``[Hq, total_q]`` (fp32, +inf for a row
+    with no key), flash-attention's varlen LSE layout.  Arguments in upstream's order; the rest as
+    `sparse_attn_func`."""
+    _check_unsupported(dropout_p, softcap, alibi_slopes)
     seqs = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     Hq = q.shape[1]
     lead = (len(seqs), Hq)
@@ -196,20 +206,20 @@ def sparse_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     if out is not None:
         _check_out(out, tuple(q.shape), q.dtype, q.device)
     result = out if out is not None else torch.empty_like(q)
-    lse = torch.full((Hq, q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    lse = torch.full((Hq, q.shape[0]), float("inf"), dtype=torch.float32, device=q.device)
     for i, (q0, q1, k0, k1) in enumerate(seqs):
         if q1 == q0:
             continue
         layout = _layout(tuple(t[i:i + 1] for t in indexes), (1, Hq), q1 - q0, k1 - k0)
         o, l = sparse_attention(_bhld(q, q0, q1), _bhld(k, k0, k1), _bhld(v, k0, k1), layout, causal=causal,
-                                scale=softmax_scale, return_lse=True, backend=backend)
+                                scale=softmax_scale, return_lse=True, backend=backend, softcap=float(softcap))
         result[q0:q1] = o[0].transpose(0, 1)
-        lse[:, q0:q1] = l[0]
+        lse[:, q0:q1] = _engine_lse(l[0])
     return (result, lse) if return_softmax_lse else result
 
 
 def sparse_prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, pattern=None, *,
-                          causal=True, softmax_scale=None, dense_below=None, backend="auto"):
+                          causal=True, softmax_scale=None, softcap=0.0, dense_below=None, backend="auto"):
     """`sparse_attn.sparse_prefill` on packed tensors: each sequence is estimated and attended on its own (no
     attention across sequence boundaries).  ``q [total_q, Hq, D]``, ``k, v [total_k, Hkv, D]``, ``cu_seqlens_*``
     int32 ``[num_seqs + 1]``; ``pattern`` as in `sparse_prefill` (None: the default pattern), ``dense_below`` as
@@ -220,75 +230,147 @@ def sparse_prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
         if q1 == q0:
             continue
         o = sparse_prefill(_bhld(q, q0, q1), _bhld(k, k0, k1), _bhld(v, k0, k1), pattern, causal=causal,
-                           scale=softmax_scale, dense_below=dense_below, backend=backend)
+                           scale=softmax_scale, softcap=softcap, dense_below=dense_below, backend=backend)
         result[q0:q1] = o[0].transpose(0, 1)
     return result
 
 
+
+
 # ---------------------------------------------------------------------------------------------------- indexes
-def convert_vertical_slash_indexes(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes, context_size,
-                                   block_size_M, block_size_N, causal=True):
-    """Vertical / slash indexes to the block index of `sparse_attn_func` (vLLM / SGLang's function of that name).
+def _check_int_tensor(name: str, t, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64) or t.dim() != ndim:
+        raise ValueError(f"{name} must be a {ndim}-d int32 (or int64) tensor, got {t.dtype} {tuple(t.shape)}")
 
-    * ``q_seqlens``, ``kv_seqlens``: int32 ``[batch]``; the queries of entry ``b`` are the last ``q_seqlens[b]``
-      of its ``kv_seqlens[b]`` positions.  ``context_size`` (>= every kv length) sizes the output rows.
-    * ``vertical_indexes [batch, heads, NNZ_V]``: key positions every query of the head sees.
-    * ``slash_indexes [batch, heads, NNZ_S]``: diagonals, as distances ``query position - key``: slash ``s`` gives
-      query row at position ``p`` the key ``p - s``.
 
-    Neither needs to be sorted (vLLM wants verticals ascending and slashes descending; both work).  Entries outside
-    the sequence are ignored, duplicates are harmless.  Per query block (``block_size_M`` rows at positions
-    ``p0..p1``) slash ``s`` adds the key range ``[p0 - s, p1 - s]`` (clipped to the sequence, and with ``causal``
-    to ``<= p1``); the ranges are merged (also across gaps shorter than ``block_size_N``) and each merged range
-    ``[a, e)`` is covered by tiles at ``a, a + block_size_N, ...`` (the last may reach up to ``block_size_N - 1``
-    keys past ``e``).  Verticals inside the sequence (with ``causal``, at or before ``p1``) that no tile covers
-    become columns.
+def _check_convert_args(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes, context_size, block_size_M,
+                        block_size_N) -> tuple[list[int], list[int]]:
+    """Raise ValueError naming the bad argument; return the per-entry q / kv lengths as lists (one host sync: the
+    lengths decide the work).  A single length applies to every batch entry (MInference passes that)."""
+    _check_int_tensor("q_seqlens", q_seqlens, 1)
+    _check_int_tensor("kv_seqlens", kv_seqlens, 1)
+    _check_int_tensor("vertical_indexes", vertical_indexes, 3)
+    _check_int_tensor("slash_indexes", slash_indexes, 3)
+    for name, value in (("context_size", context_size), ("block_size_M", block_size_M),
+                        ("block_size_N", block_size_N)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    batch, heads = vertical_indexes.shape[:2]
+    if tuple(slash_indexes.shape[:2]) != (batch, heads):
+        raise ValueError(f"slash_indexes must have leading shape {(batch, heads)} like vertical_indexes, got "
+                         f"{tuple(slash_indexes.shape)}")
+    lens = []
+    for name, t in (("q_seqlens", q_seqlens), ("kv_seqlens", kv_seqlens)):
+        if t.shape[0] not in (1, batch):
+            raise ValueError(f"{name} must have 1 or {batch} entries (the batch of vertical_indexes), got "
+                             f"{t.shape[0]}")
+        values = t.tolist()
+        lens.append(values * batch if len(values) == 1 else values)
+    q_lens, kv_lens = lens
+    bad = [b for b in range(batch) if not 0 <= q_lens[b] <= kv_lens[b]]
+    if bad:
+        raise ValueError(f"q_seqlens / kv_seqlens: entries {bad} break 0 <= q_seqlen <= kv_seqlen (queries are the "
+                         f"last positions of each entry)")
+    return q_lens, kv_lens
 
-    Returns int32 ``block_count [batch, heads, nR]``, ``block_offset [batch, heads, nR, NB]``, ``column_count
-    [batch, heads, nR]``, ``column_index [batch, heads, nR, NNZ_V]`` with ``nR = ceil(context_size /
-    block_size_M)`` (rows past an entry's query blocks are empty) and ``NB = max(1, min(ceil(context_size /
-    block_size_N) + 1, NNZ_S * (ceil(block_size_M / block_size_N) + 1)))``, a bound on the tile count (vLLM uses
-    ``NNZ_S``, which can be too few when ``block_size_M > block_size_N``).  Padding entries are 0."""
-    q_lens, kv_lens = check_vertical_slash_args(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes,
-                                                context_size, block_size_M, block_size_N)
-    if vertical_indexes.is_cuda:
+
+def _is_sorted(t, counts, descending: bool) -> bool:
+    """Whether each head's first ``counts[h]`` entries of ``t [B, H, n]`` are in the engines' order."""
+    if t.shape[-1] < 2:
+        return True
+    step = t[..., 1:].long() - t[..., :-1].long()
+    used = torch.arange(1, t.shape[-1], device=t.device) < counts[:, None]           # pairs inside the count
+    return not bool(((step > 0 if descending else step < 0) & used).any())
+
+
+def _check_counts(name: str, t, heads: int, width: int, of: str):
+    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64) or tuple(t.shape) != (heads,):
+        raise ValueError(f"{name} must be an int32 tensor of shape ({heads},) (one count per head), got "
+                         f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    if bool(((t < 0) | (t > width)).any()):
+        raise ValueError(f"{name} entries must lie in [0, {width}] (the last dimension of {of}), got {t.tolist()}")
+    return t.to(torch.int64)
+
+
+def _past_count(t, counts, fill: int):
+    """``t [B, H, n]`` as int64 with each head's entries past ``counts[h]`` set to ``fill`` (a value the clipped
+    conversion ignores: a negative vertical, a slash too far to reach any key)."""
+    j = torch.arange(t.shape[-1], device=t.device)
+    return torch.where(j < counts[:, None], t.long(), fill)
+
+
+def _convert(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes, v_counts, s_counts, context_size,
+             block_size_M, block_size_N, causal, clip):
+    q_lens, kv_lens = _check_convert_args(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes, context_size,
+                                          block_size_M, block_size_N)
+    heads, dev = vertical_indexes.shape[1], vertical_indexes.device
+    if v_counts is None:
+        v_counts = torch.full((heads,), vertical_indexes.shape[2], dtype=torch.int64, device=dev)
+        s_counts = torch.full((heads,), slash_indexes.shape[2], dtype=torch.int64, device=dev)
+    if not clip:
+        convert = engine_convert if (_is_sorted(vertical_indexes, v_counts, descending=False)
+                                     and _is_sorted(slash_indexes, s_counts, descending=True)) \
+            else engine_convert_unsorted
+        return convert(q_lens, kv_lens, vertical_indexes, slash_indexes, v_counts, s_counts, context_size,
+                       block_size_M, block_size_N, causal)
+    # ours: the entries past a head's count become values the conversion ignores
+    vertical, slash = _past_count(vertical_indexes, v_counts, -1), _past_count(slash_indexes, s_counts, 1 << 40)
+    if not causal:           # the engines place non-causal queries after the last key: shift to bottom-right
+        slash = slash.long() - torch.tensor(q_lens, device=dev)[:, None, None]
+    if vertical.is_cuda and max(kv_lens, default=0) <= context_size:     # the kernel sizes tiles by context_size
         from ..backends.cuda.launcher import cuda_unavailable_reasons, vertical_slash_kernel
         if not cuda_unavailable_reasons():                  # the CUDA kernel when CuPy works; torch otherwise
-            return vertical_slash_kernel(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes, context_size,
-                                         block_size_M, block_size_N, causal)
-    batch, heads = vertical_indexes.shape[:2]
-    dev = vertical_indexes.device
-    bm, bn = block_size_M, block_size_N
-    nnz_v, nnz_s = vertical_indexes.shape[2], slash_indexes.shape[2]
-    n_rows, max_tiles = vertical_slash_output_sizes(context_size, bm, bn, nnz_s)
-    block_count = torch.zeros(batch, heads, n_rows, dtype=torch.int32, device=dev)
-    block_offset = torch.zeros(batch, heads, n_rows, max_tiles, dtype=torch.int32, device=dev)
-    column_count = torch.zeros(batch, heads, n_rows, dtype=torch.int32, device=dev)
-    column_index = torch.zeros(batch, heads, n_rows, nnz_v, dtype=torch.int32, device=dev)
-    for b in range(batch):                                 # entries differ in length; heads are done together
-        q_len, kv_len = q_lens[b], kv_lens[b]
-        if q_len == 0:
-            continue
-        p0, p1 = block_row_positions(q_len, kv_len, bm, device=dev)          # [nQb] first / last row position
-        n_qb = p0.shape[0]
-        limit = (p1 + 1) if causal else torch.full_like(p1, kv_len)           # keys < limit, per block
-        s = slash_indexes[b].long()[:, None, :]                               # [H, 1, S]
-        starts = (p0[None, :, None] - s).clamp(min=0)
-        ends = torch.minimum(p1[None, :, None] - s + 1, limit[None, :, None].clamp(max=kv_len))
-        if nnz_s:
-            count, offsets = ranges_to_tiles(starts, ends, bn, max_tiles)   # [H, nQb], [H, nQb, max_tiles]
-        else:             # ranges_to_tiles fails on zero ranges
-            count = torch.zeros(heads, n_qb, dtype=torch.int32, device=dev)
-            offsets = torch.zeros(heads, n_qb, max_tiles, dtype=torch.int32, device=dev)
-        tiles_valid = torch.arange(max_tiles, device=dev) < count[..., None]
-        vert = vertical_indexes[b].long().sort(-1).values[:, None, :].expand(heads, n_qb, nnz_v)
-        keep = (vert >= 0) & (vert < limit[None, :, None])
-        if nnz_v > 1:
-            first = torch.ones_like(keep)
-            first[..., 1:] = vert[..., 1:] != vert[..., :-1]
-            keep &= first
-        keep &= ~keys_in_tiles(vert, offsets.long(), tiles_valid, bn)
-        c_count, c_index = compact(vert, keep, nnz_v)
-        block_count[b, :, :n_qb], block_offset[b, :, :n_qb] = count, offsets
-        column_count[b, :, :n_qb], column_index[b, :, :n_qb] = c_count, c_index
-    return block_count, block_offset, column_count, column_index
+            return vertical_slash_kernel(torch.tensor(q_lens, dtype=torch.int32, device=dev),
+                                         torch.tensor(kv_lens, dtype=torch.int32, device=dev), vertical, slash,
+                                         context_size, block_size_M, block_size_N, causal)
+    return clipped_vertical_slash_indexes(q_lens, kv_lens, vertical, slash, context_size, block_size_M,
+                                          block_size_N, causal)
+
+
+def convert_vertical_slash_indexes(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes, context_size,
+                                   block_size_M, block_size_N, causal=True, *, clip=False):
+    """Vertical / slash indexes to the block index of `sparse_attn_func`: vLLM's / SGLang's function of that name,
+    returning the same tensors as their CUDA kernel.
+
+    * ``q_seqlens``, ``kv_seqlens``: int32 ``[batch]`` (or ``[1]`` for every entry); entry ``b`` has
+      ``kv_seqlens[b]`` keys and ``q_seqlens[b] <= kv_seqlens[b]`` queries.  With ``causal`` the queries are the
+      last ``q_seqlen`` positions; without it they sit *after* the last key (query ``i`` at ``kv_seqlen + i``, the
+      engines' convention for dual-chunk "succ" / "inter" stages).
+    * ``vertical_indexes [batch, heads, NNZ_V]``: key positions, ascending; ``slash_indexes [batch, heads,
+      NNZ_S]``: distances ``query position - key``, descending (the engines' order; other orders give what the
+      engines give for them too, through a slow per-block walk).
+    * ``context_size`` only sizes the output rows: ``nR = ceil(context_size / block_size_M)``.
+
+    Returns int32 ``block_count [batch, heads, nR]``, ``block_offset [batch, heads, nR, NNZ_S]``, ``column_count
+    [batch, heads, nR]``, ``column_index [batch, heads, nR, NNZ_V]`` (rows past an entry's queries and padding are
+    0).  Which keys: see `sparse_attn.integrations.vertical_slash_engine` (the engines' rules, quirks included:
+    slash chunks near key 0 are clamped to ``[0, block_size_M)``, with ``causal`` verticals past the last slash
+    range are dropped, merged ranges grow by whole ``block_size_M`` chunks).
+
+    ``clip=True`` returns this package's index instead: every key the pattern names, slash ranges clipped to the
+    block's rows, tiles of a merged range never overlapping (``NB`` tile slots, see `vertical_slash_clipped`)."""
+    return _convert(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes, None, None, context_size,
+                    block_size_M, block_size_N, causal, clip)
+
+
+def convert_vertical_slash_indexes_mergehead(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes,
+                                             vertical_indices_count, slash_indices_count, context_size,
+                                             block_size_M, block_size_N, causal=True, *, clip=False):
+    """`convert_vertical_slash_indexes` with a budget per head: head ``h`` uses only the first
+    ``vertical_indices_count[h]`` verticals and ``slash_indices_count[h]`` slashes (int32 ``[heads]``); the rest of
+    each row of ``vertical_indexes`` / ``slash_indexes`` is padding (the engines fill it with int32 max / min).
+    Output widths stay ``NNZ_S`` / ``NNZ_V`` (the buffers' sizes).  Entries the engines leave unwritten
+    (``torch.empty``) are 0 here."""
+    heads = vertical_indexes.shape[1] if isinstance(vertical_indexes, torch.Tensor) and vertical_indexes.dim() == 3 \
+        else None
+    if heads is not None and isinstance(slash_indexes, torch.Tensor) and slash_indexes.dim() == 3:
+        v_counts = _check_counts("vertical_indices_count", vertical_indices_count, heads, vertical_indexes.shape[2],
+                                 "vertical_indexes")
+        s_counts = _check_counts("slash_indices_count", slash_indices_count, heads, slash_indexes.shape[2],
+                                 "slash_indexes")
+    else:                     # let the common checks name the malformed index
+        v_counts = s_counts = None
+    return _convert(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes, v_counts, s_counts, context_size,
+                    block_size_M, block_size_N, causal, clip)

@@ -15,6 +15,11 @@ BM = BN = 64
 SHAPES = {"sq130": (130, 130, 2, 2), "q70k200_gqa": (70, 200, 4, 2), "q1k65_mqa": (1, 65, 2, 1)}
 
 
+def ours(lse):
+    """The engines' LSE (+inf for a row with no key) in this package's convention (-inf)."""
+    return lse.masked_fill(lse == float("inf"), float("-inf"))
+
+
 def blhd(*ts):
     return [t.transpose(1, 2) for t in ts]
 
@@ -51,10 +56,10 @@ def test_func_sparse_layout_matches_bhld_and_oracle(shape, causal):
     assert lse.shape == (2, Hq, Lq) and lse.dtype == torch.float32
     bhld, bhld_lse = sa.sparse_attention(q, k, v, layout, causal=causal, return_lse=True)
     assert_close(out.transpose(1, 2), bhld, atol=1e-6, rtol=1e-6)
-    assert_lse_close(lse, bhld_lse, atol=1e-6, rtol=1e-6)
+    assert_lse_close(ours(lse), bhld_lse, atol=1e-6, rtol=1e-6)
     ref, ref_lse = sa.reference_attention(q, k, v, layout.to_mask(), causal=causal, return_lse=True)
     assert_close(out.transpose(1, 2), ref, atol=1e-5)
-    assert_lse_close(lse, ref_lse, atol=1e-5)
+    assert_lse_close(ours(lse), ref_lse, atol=1e-5)
     assert not torch.equal(ref, sdpa(q, k, v, causal=causal))                # the sparsity matters
 
 
@@ -66,7 +71,7 @@ def test_func_full_cover_equals_dense(shape, causal):
     layout = full_cover_layout(2, Hq, Lq, Lk)
     out, lse = sparse_attn_func(*blhd(q, k, v), *index_of(layout), causal=causal, return_softmax_lse=True)
     assert_close(out.transpose(1, 2), sdpa(q, k, v, causal=causal), atol=1e-5)
-    assert_lse_close(lse, lse_fp64(q, k, causal=causal).float(), atol=1e-5)
+    assert_lse_close(ours(lse), lse_fp64(q, k, causal=causal).float(), atol=1e-5)
 
 
 def test_func_default_is_non_causal_and_scale_is_used():
@@ -92,15 +97,24 @@ def test_func_out_is_filled_and_checked():
         sparse_attn_func(*blhd(q, k, v), *index_of(layout), out=torch.empty(1, 70, 2, 16, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("kwargs,name", [({"dropout_p": 0.1}, "dropout_p"), ({"softcap": 30.0}, "softcap"),
-                                         ({"alibi_slopes": torch.ones(2)}, "alibi_slopes"),
-                                         ({"return_attn_probs": True}, "return_attn_probs")])
+@pytest.mark.parametrize("kwargs,name", [({"dropout_p": 0.1}, "dropout_p"), ({"softcap": -1.0}, "softcap"),
+                                         ({"softcap": "30"}, "softcap"),
+                                         ({"alibi_slopes": torch.ones(2)}, "alibi_slopes")])
 def test_func_unsupported_arguments_raise(kwargs, name):
     q, k, v = make_qkv(B=1, Hq=2, Lq=40, Lk=40, D=16)
     layout = full_cover_layout(1, 2, 40, 40)
     with pytest.raises(ValueError, match=name):
         sparse_attn_func(*blhd(q, k, v), *index_of(layout), **kwargs)
-    sparse_attn_func(*blhd(q, k, v), *index_of(layout), deterministic=True)      # accepted
+
+
+def test_func_accepts_what_upstream_ignores():
+    """``deterministic`` and, without dropout, ``return_attn_probs`` change nothing upstream: same result here."""
+    q, k, v = make_qkv(B=1, Hq=2, Lq=40, Lk=40, D=16)
+    layout, _, _ = random_layout(random.Random(1), 1, 2, 40, 40, BM, BN)
+    plain = sparse_attn_func(*blhd(q, k, v), *index_of(layout), return_softmax_lse=True)
+    for kwargs in ({"deterministic": True}, {"return_attn_probs": True}):
+        got = sparse_attn_func(*blhd(q, k, v), *index_of(layout), return_softmax_lse=True, **kwargs)
+        assert len(got) == 2 and all(torch.equal(a, b) for a, b in zip(got, plain))
 
 
 def test_func_bad_index_raises():
@@ -121,7 +135,7 @@ def brute_force_vs_mask(q_len, kv_len, verticals, slashes, bm, bn, causal):
     """Bool [H, q_len, kv_len] written out key by key from the documented rule: per query block, the keys the
     slashes reach (``p - s`` for the rows' positions ``p``), in maximal runs, runs closer than ``bn`` merged, each
     merged run ``[a, e)`` widened to ``[a, a + bn * ceil((e - a) / bn))``; plus every vertical."""
-    shift = kv_len - q_len
+    shift = kv_len - q_len if causal else kv_len              # without causal the queries sit after the last key
     H = len(verticals)
     mask = torch.zeros(H, q_len, kv_len, dtype=torch.bool)
     for h in range(H):
@@ -171,7 +185,8 @@ def test_convert_matches_brute_force(seed, bm, bn, causal):
     slash = torch.tensor([c[1] for c in cases], dtype=torch.int32)
     q_lens = torch.tensor([q for q, _ in lens], dtype=torch.int32)
     kv_lens = torch.tensor([kv for _, kv in lens], dtype=torch.int32)
-    bc, bo, cc, ci = convert_vertical_slash_indexes(q_lens, kv_lens, vert, slash, context, bm, bn, causal=causal)
+    bc, bo, cc, ci = convert_vertical_slash_indexes(q_lens, kv_lens, vert, slash, context, bm, bn, causal=causal,
+                                                    clip=True)
     n_rows = -(-context // bm)
     assert bc.shape == cc.shape == (2, heads, n_rows) and bo.shape[:3] == ci.shape[:3] == (2, heads, n_rows)
     assert all(t.dtype == torch.int32 for t in (bc, bo, cc, ci))
@@ -196,7 +211,8 @@ def test_convert_vertical_inside_slash_tile_is_not_a_column():
     # one block of 64 queries at the end of 200 keys (positions 136..199); slash 0 covers keys 136..199
     bc, bo, cc, ci = convert_vertical_slash_indexes(
         torch.tensor([64], dtype=torch.int32), torch.tensor([200], dtype=torch.int32),
-        torch.tensor([[[3, 150, 199]]], dtype=torch.int32), torch.tensor([[[0]]], dtype=torch.int32), 200, 64, 64)
+        torch.tensor([[[3, 150, 199]]], dtype=torch.int32), torch.tensor([[[0]]], dtype=torch.int32), 200, 64, 64,
+        clip=True)
     assert bc[0, 0, 0].item() == 1 and bo[0, 0, 0, 0].item() == 136
     assert cc[0, 0, 0].item() == 1 and ci[0, 0, 0, 0].item() == 3
 
@@ -206,7 +222,7 @@ def test_convert_feeds_sparse_attn_func():
     vert = torch.tensor([[[0, 5, 100]], [[7, 8, 219]]], dtype=torch.int32).reshape(1, 2, 3)
     slash = torch.tensor([[[90, 1, 0]], [[200, 64, 2]]], dtype=torch.int32).reshape(1, 2, 3)
     idx = convert_vertical_slash_indexes(torch.tensor([150], dtype=torch.int32), torch.tensor([220], dtype=torch.int32),
-                                         vert, slash, 256, 64, 64)
+                                         vert, slash, 256, 64, 64, clip=True)
     assert idx[0].shape[2] == 4                                              # ceil(256 / 64) rows; 3 are used
     out = sparse_attn_func(*blhd(q, k, v), *idx, causal=True)
     mask = torch.stack([brute_force_vs_mask(150, 220, [vert[0, h].tolist()], [slash[0, h].tolist()], 64, 64, True)[0]
@@ -273,18 +289,18 @@ def test_varlen_func_equals_one_by_one(causal):
     rng = random.Random(3)
     layouts = [random_layout(rng, 1, 4, lq, lk, BM, BN, junk_padding=False)[0] for lq, lk in zip(Q_LENS, K_LENS)]
     bc, bo, cc, ci = stack_layouts(layouts, n_qb=3)                          # ceil(130 / 64) rows
-    out, lse = sparse_attn_varlen_func(q, k, v, cu_q, cu_k, 130, 200, bc, bo, cc, ci, causal=causal,
+    out, lse = sparse_attn_varlen_func(q, k, v, bc, bo, cc, ci, cu_q, cu_k, 130, 200, causal=causal,
                                        return_softmax_lse=True)
     assert out.shape == q.shape and lse.shape == (4, sum(Q_LENS))
     for i, layout in enumerate(layouts):
         o, l = sparse_attn_func(seq(q, cu_q, i), seq(k, cu_k, i), seq(v, cu_k, i), *index_of(layout), causal=causal,
                                 return_softmax_lse=True)
         assert_close(out[cu_q[i]:cu_q[i + 1]], o[0], atol=1e-6, rtol=1e-6, what=f"sequence {i}")
-        assert_lse_close(lse[:, cu_q[i]:cu_q[i + 1]], l[0], atol=1e-6, rtol=1e-6)
+        assert_lse_close(ours(lse[:, cu_q[i]:cu_q[i + 1]]), ours(l[0]), atol=1e-6, rtol=1e-6)
     # full-cover indexes: the varlen result is block-diagonal dense attention
     full = [full_cover_layout(1, 4, lq, lk) for lq, lk in zip(Q_LENS, K_LENS)]
     idx = stack_layouts(full, n_qb=3)
-    out = sparse_attn_varlen_func(q, k, v, cu_q, cu_k, 130, 200, *idx, causal=causal)
+    out = sparse_attn_varlen_func(q, k, v, *idx, cu_q, cu_k, 130, 200, causal=causal)
     ref = sa.reference_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_diagonal_mask(causal),
                                  causal=False)
     assert_close(out, ref[0].transpose(0, 1), atol=1e-5)
@@ -339,20 +355,20 @@ def test_varlen_bad_cu_seqlens(change, match):
         sparse_prefill_varlen(*args)
     idx = index_of(full_cover_layout(3, 4, 130, 200))
     with pytest.raises(ValueError, match=match):
-        sparse_attn_varlen_func(*args, *idx)
+        sparse_attn_varlen_func(*args[:3], *idx, *args[3:])
 
 
 def test_varlen_bad_index_raises():
     q, k, v, cu_q, cu_k = packed()
     bc, bo, cc, ci = index_of(full_cover_layout(3, 4, 130, 200))
     with pytest.raises(ValueError, match="column_index must be int32"):
-        sparse_attn_varlen_func(q, k, v, cu_q, cu_k, 130, 200, bc, bo, cc, ci.long())
+        sparse_attn_varlen_func(q, k, v, bc, bo, cc, ci.long(), cu_q, cu_k, 130, 200)
     with pytest.raises(ValueError, match="block_count must have leading shape"):
-        sparse_attn_varlen_func(q, k, v, cu_q, cu_k, 130, 200, bc[:2], bo, cc, ci)
+        sparse_attn_varlen_func(q, k, v, bc[:2], bo, cc, ci, cu_q, cu_k, 130, 200)
     with pytest.raises(ValueError, match="block_offset has 2 query blocks"):
-        sparse_attn_varlen_func(q, k, v, cu_q, cu_k, 130, 200, bc, bo[:, :, :2], cc, ci)
+        sparse_attn_varlen_func(q, k, v, bc, bo[:, :, :2], cc, ci, cu_q, cu_k, 130, 200)
     with pytest.raises(ValueError, match="dropout_p"):
-        sparse_attn_varlen_func(q, k, v, cu_q, cu_k, 130, 200, bc, bo, cc, ci, 0.5)
+        sparse_attn_varlen_func(q, k, v, bc, bo, cc, ci, cu_q, cu_k, 130, 200, 0.5)
     with pytest.raises(ValueError, match="q must be 3-d"):
         sparse_prefill_varlen(q[None], k, v, cu_q, cu_k, 130, 200)
 
@@ -384,3 +400,20 @@ def test_empty_inputs():
     z3, z4 = torch.zeros(1, 2, 0, dtype=torch.int32), torch.zeros(1, 2, 0, 1, dtype=torch.int32)
     out, lse = sparse_attn_func(q, k, v, z3, z4, z3, z4, return_softmax_lse=True)
     assert out.shape == (1, 0, 2, 16) and lse.shape == (1, 2, 0)
+
+
+def test_row_without_keys_gives_zero_and_lse_plus_inf():
+    """flash-attention's convention for a row that sees no key (the package's own API says -inf)."""
+    q, k, v = make_qkv(B=1, Hq=2, Lq=70, Lk=90, D=16, seed=14)
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)                       # noqa: E731
+    # head 0 row block 0 lists nothing; head 1 lists key 3 only, which causal rows 0..19 (positions 20..39) see
+    bc, cc = i32([[[0, 1], [0, 1]]]), i32([[[0, 0], [1, 0]]])
+    bo, ci = i32([[[[0], [10]], [[0], [10]]]]), i32([[[[0], [0]], [[3], [0]]]])
+    out, lse = sparse_attn_func(*blhd(q, k, v), bc, bo, cc, ci, causal=True, return_softmax_lse=True)
+    assert torch.isposinf(lse[0, 0, :64]).all() and (out[0, :64, 0] == 0).all()
+    assert torch.isfinite(lse[0, 1, :64]).all() and torch.isfinite(lse[0, :, 64:]).all()
+    assert_close(out[0, :64, 1], v[0, 1, 3].expand(64, 16), atol=1e-6)          # one key: its value
+    vout, vlse = sparse_attn_varlen_func(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), bc, bo,
+                                         cc, ci, i32([0, 70]), i32([0, 90]), 70, 90, causal=True,
+                                         return_softmax_lse=True)
+    assert torch.equal(vlse, lse[0]) and torch.equal(vout, out[0])

@@ -10,6 +10,7 @@ from . import launcher
 
 class CudaBackend(Backend):
     name = "cuda"
+    supports_softcap = True
     devices = ("cuda",)
     dtypes = tuple(launcher.ATTENTION_DTYPES)
     in_auto = False

@@ -157,7 +157,8 @@ def attention_shared_bytes(head_dim: int) -> int:
     return 4 * ((_ATT_ROWS + _ATT_KEYS) * (head_dim + 1) + _ATT_KEYS * head_dim + _ATT_KEYS)
 
 
-def attention_launch_args(q, k, v, out, lse, index: tuple, layout: SparseLayout, scale: float, causal: bool):
+def attention_launch_args(q, k, v, out, lse, index: tuple, layout: SparseLayout, scale: float, causal: bool,
+                          softcap: float = 0.0):
     """The kernel arguments of ``sparse_attention_fwd``, in its parameter order and types.  ``index``: the four
     layout tensors, contiguous int32; ``lse`` None when not wanted (a null pointer the kernel never reads)."""
     import numpy as np
@@ -170,7 +171,8 @@ def attention_launch_args(q, k, v, out, lse, index: tuple, layout: SparseLayout,
             _ptr(block_count), _ptr(block_offset), _ptr(column_count), _ptr(column_index), *strides,
             np.int32(Hq), np.int32(Hq // Hkv), np.int32(Lq), np.int32(Lk), np.int32(layout.num_query_blocks),
             np.int32(block_offset.shape[-1]), np.int32(column_index.shape[-1]), np.int32(layout.block_m),
-            np.int32(layout.block_n), np.float32(scale * 1.4426950408889634), np.int32(bool(causal)),
+            np.int32(layout.block_n), np.float32(scale * 1.4426950408889634),
+            np.float32(softcap * 1.4426950408889634), np.int32(bool(causal)),
             np.int32(lse is not None))
 
 
@@ -187,11 +189,12 @@ def attention_reasons(q, k, v, layout) -> list[str]:
 
 
 def cuda_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True, scale=None,
-                          return_lse: bool = False):
+                          return_lse: bool = False, softcap: float = 0.0):
     """Same contract as `backends.torch.attention.torch_sparse_attention`: ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lk, D]``
     (CUDA, fp16/bf16/fp32, any strides), ``layout`` on the same device.  Returns ``out [B, Hq, Lq, D]`` in q's
     dtype and, with ``return_lse``, the natural-log LSE ``[B, Hq, Lq]`` (fp32; -inf, output 0, for a row that
-    sees no key).  The layout's indices are trusted (validate with ``layout.check_indices()``)."""
+    sees no key).  The layout's indices are trusted (validate with ``layout.check_indices()``).  ``softcap > 0``:
+    scores capped to ``softcap * tanh(s / softcap)``."""
     bad = attention_input_reasons(q, k, v)
     if bad:
         raise ValueError("invalid attention inputs: " + "; ".join(bad))
@@ -209,7 +212,7 @@ def cuda_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True,
         device = q.device.index if q.device.index is not None else torch.cuda.current_device()
         kernel = get_kernel(ATTENTION_SOURCE, ATTENTION_KERNEL,
                             {"SA_DTYPE": ATTENTION_DTYPES[q.dtype], "SA_HEAD_DIM": D}, device)
-        args = attention_launch_args(q, k, v, out, lse, index, layout, scale, causal)
+        args = attention_launch_args(q, k, v, out, lse, index, layout, scale, causal, softcap)
         _launch(kernel, (layout.num_query_blocks, Hq, B), (_ATT_THREADS,), args, device, attention_shared_bytes(D))
     elif lse is not None:
         lse.fill_(float("-inf"))

@@ -9,6 +9,7 @@ from .attention import torch_sparse_attention
 
 class TorchBackend(Backend):
     name = "torch"
+    supports_softcap = True
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
     def _run(self, q, k, v, layout, *, causal, scale, return_lse, **options):

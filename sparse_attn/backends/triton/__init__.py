@@ -8,6 +8,7 @@ from . import launcher
 
 class TritonBackend(Backend):
     name = "triton"
+    supports_softcap = True
     devices = ("cuda", "cpu")                       # CPU only under TRITON_INTERPRET=1 (tests)
     dtypes = launcher.TRITON_DTYPES
     head_dims = (launcher.MIN_HEAD_DIM, launcher.MAX_HEAD_DIM, 8)

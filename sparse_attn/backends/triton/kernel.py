@@ -6,7 +6,9 @@ each, at any offset, in ``BLOCK_N`` steps), then its single columns in gathered 
 online softmax in exp2 form (``qk_scale = scale * log2(e)``) and fp32 accumulation.  Query row ``i`` sits at key
 position ``i + k_len - q_len`` (bottom-right); with ``CAUSAL`` it sees keys up to there.  Keys outside
 ``[0, k_len)`` are masked, so junk in an index can never be read.  KV head = query head // ``kv_group`` (GQA by
-index, no repeated KV).  Plain pointer arithmetic with int64 offsets (no block pointers: gone in Triton 3.9).
+index, no repeated KV).  With ``SOFTCAP`` the scaled scores are capped to ``softcap * tanh(s / softcap)`` before
+the mask (Gemma-2; in log2 units the cap is ``softcap * log2(e)``).  Plain pointer arithmetic with int64 offsets (no
+block pointers: gone in Triton 3.9).
 
 Readable reference: `backends.reference.reference_attention` with ``mask=layout.to_mask()``.
 """
@@ -15,9 +17,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _attend_keys(acc, m_i, l_i, q, k_base, v_base, keys, key_ok, pos, d, qk_scale,
+def _soft_cap(x, cap):
+    """``cap * tanh(x / cap)``, tanh from exp2 (no tanh in the interpreter): 1 - 2 / (e^2y + 1) saturates to +-1
+    without overflow."""
+    e2y = tl.exp2(x * (2.0 * 1.4426950408889634 / cap))
+    return cap * (1.0 - 2.0 / (e2y + 1.0))
+
+
+@triton.jit
+def _attend_keys(acc, m_i, l_i, q, k_base, v_base, keys, key_ok, pos, d, qk_scale, softcap_log2,
                  stride_k_l, stride_k_d, stride_v_l, stride_v_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Fold the keys ``keys [N]`` (valid where ``key_ok``) into the running (acc [M, D], max m_i, sum l_i)."""
     keys64 = keys.to(tl.int64)
     k_mask = key_ok[None, :]
@@ -27,6 +37,8 @@ def _attend_keys(acc, m_i, l_i, q, k_base, v_base, keys, key_ok, pos, d, qk_scal
         v_mask = v_mask & (d[None, :] < HEAD_DIM)
     k_t = tl.load(k_base + keys64[None, :] * stride_k_l + d[:, None] * stride_k_d, mask=k_mask, other=0.0)  # [D, N]
     qk = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale                  # [M, N], log2 units
+    if SOFTCAP:
+        qk = _soft_cap(qk, softcap_log2)
     visible = key_ok[None, :]
     if CAUSAL:
         visible = visible & (keys[None, :] <= pos[:, None])
@@ -49,10 +61,10 @@ def sparse_attention_kernel(
         stride_k_b, stride_k_h, stride_k_l, stride_k_d,
         stride_v_b, stride_v_h, stride_v_l, stride_v_d,
         stride_o_b, stride_o_h, stride_o_l, stride_o_d,
-        n_heads, kv_group, q_len, k_len, n_qb, max_blocks, max_columns, qk_scale,
+        n_heads, kv_group, q_len, k_len, n_qb, max_blocks, max_columns, qk_scale, softcap_log2,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr = False):
     SPLIT_M: tl.constexpr = (TILE_M + BLOCK_M - 1) // BLOCK_M
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     qb = n_qb - 1 - pid_m // SPLIT_M                        # last (longest causal) blocks launch first
@@ -93,15 +105,15 @@ def sparse_attention_kernel(
             keys = start + s + lane
             key_ok = (s + lane < TILE_N) & (keys >= 0) & (keys < hi)
             acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_base, v_base, keys, key_ok, pos, d, qk_scale,
-                                         stride_k_l, stride_k_d, stride_v_l, stride_v_d, HEAD_DIM, BLOCK_D, CAUSAL,
-                                         DOT_PRECISION)
+                                         softcap_log2, stride_k_l, stride_k_d, stride_v_l, stride_v_d, HEAD_DIM,
+                                         BLOCK_D, CAUSAL, SOFTCAP, DOT_PRECISION)
     for c in range(0, n_cols, BLOCK_N):
         listed = c + lane < n_cols
         keys = tl.load(ColumnIndex + index_row * max_columns + c + lane, mask=listed, other=-1)
         key_ok = listed & (keys >= 0) & (keys < hi)
         acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_base, v_base, keys, key_ok, pos, d, qk_scale,
-                                     stride_k_l, stride_k_d, stride_v_l, stride_v_d, HEAD_DIM, BLOCK_D, CAUSAL,
-                                     DOT_PRECISION)
+                                     softcap_log2, stride_k_l, stride_k_d, stride_v_l, stride_v_d, HEAD_DIM, BLOCK_D,
+                                     CAUSAL, SOFTCAP, DOT_PRECISION)
 
     # A row that saw no key: output 0, LSE -inf (the torch backend's convention).
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)

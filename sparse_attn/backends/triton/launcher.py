@@ -112,7 +112,7 @@ def triton_not_supported_reasons(q, k, v, layout=None) -> list[str]:
 
 
 def triton_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True, scale=None,
-                            return_lse: bool = False):
+                            return_lse: bool = False, softcap: float = 0.0):
     """Attention of ``q [B, Hq, Lq, D]`` over the keys ``layout`` lists in ``k, v [B, Hkv, Lk, D]`` (any strides;
     query head h reads KV head ``h // (Hq // Hkv)``), with the bottom-right causal mask when ``causal``.
 
@@ -120,7 +120,8 @@ def triton_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = Tru
     ``return_lse``, the natural-log LSE ``[B, Hq, Lq]`` in fp32; a row with no visible key gets output 0 and LSE
     -inf.  ``scale`` defaults to ``D ** -0.5``.  Raises one ValueError listing every unsupported property.  The
     layout's indices are not validated here (`sparse_attention` does that); keys outside ``[0, Lk)`` are
-    masked in the kernel, but a key listed twice would count twice."""
+    masked in the kernel, but a key listed twice would count twice.  ``softcap > 0``: scores capped to
+    ``softcap * tanh(s / softcap)``."""
     reasons = triton_not_supported_reasons(q, k, v, layout)
     if reasons:
         raise ValueError("backend='triton' cannot run these inputs: " + "; ".join(reasons))
@@ -154,7 +155,7 @@ def triton_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = Tru
             q, k, v, out, lse, counts[0], offsets, counts[1], columns,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             Hq, Hq // Hkv, Lq, Lk, layout.num_query_blocks, offsets.shape[-1], columns.shape[-1],
-            scale * 1.4426950408889634,                                             # log2(e): exp2 form
+            scale * 1.4426950408889634, float(softcap) * 1.4426950408889634,      # log2(e): exp2 form
             HEAD_DIM=D, TILE_M=layout.block_m, TILE_N=layout.block_n, CAUSAL=bool(causal), WRITE_LSE=return_lse,
-            **cfg)
+            SOFTCAP=bool(softcap), **cfg)
     return (out, lse) if return_lse else out
