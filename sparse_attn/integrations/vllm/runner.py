@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,14 @@ def save_tiny_llama(path, *, layers=2, hidden=256, heads=8, kv_heads=2, vocab=10
     model.config.max_position_embeddings = 65536
     model.save_pretrained(path)
     return str(path)
+
+
+def random_prompts(lengths, *, shared=0, vocab=1024, seed=0) -> list:
+    """One list of token ids per length in ``lengths``, all starting with the same ``shared`` random tokens (a
+    common prefix, for prefix caching), the rest random per prompt."""
+    rng = random.Random(seed)
+    prefix = [rng.randrange(vocab) for _ in range(shared)]
+    return [prefix + [rng.randrange(vocab) for _ in range(n - shared)] for n in lengths]
 
 
 def run_engine(model, jobs, *, env=None, llm=None, timeout=900) -> EngineResult:

@@ -22,7 +22,13 @@ ONLINE_DENSE_ABOVE = 0.3
 
 
 class PluginConfigError(ValueError):
-    """The plugin is switched on with settings that cannot serve the model (raised before any worker starts)."""
+    """The plugin is switched on with settings that cannot serve the model (raised before any worker starts).
+    vLLM may wrap it (pydantic's ValidationError around the engine config): the message starts with `PREFIX`."""
+
+    PREFIX = "sparse_attn vLLM plugin: "
+
+    def __init__(self, message: str):
+        super().__init__(self.PREFIX + message)
 
 
 @dataclass(frozen=True)
