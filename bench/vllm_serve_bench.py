@@ -27,7 +27,8 @@ import tempfile
 
 import sparse_attn as sa
 from sparse_attn.config import SparseConfig
-from sparse_attn.integrations.vllm.runner import random_prompts, run_engine, save_tiny_llama
+from sparse_attn.integrations.vllm.runner import (EQUALITY_LLM_ARGS, equality_jobs, random_prompts, run_engine,
+                                                  save_tiny_llama)
 
 MODEL = {"layers": 4, "hidden": 512, "heads": 8, "kv_heads": 2}
 VARIANTS = {"base": None, "vs": sa.VerticalSlash(vertical=512, slash=1024), "default": "online"}
@@ -83,9 +84,7 @@ def equal_tokens(args, tmp, log):
     model = save_tiny_llama(os.path.join(tmp, "model"), layers=2, heads=8)
     full = os.path.join(tmp, "full.json")
     SparseConfig.uniform(sa.VerticalSlash(vertical=1 << 16, slash=1 << 16), 2, 8).save(full)
-    jobs = [{"prompts": random_prompts([5000, 9000], shared=4500), "max_tokens": 16}]
-    llm = {"max_num_batched_tokens": 2048, "enable_chunked_prefill": True, "enable_prefix_caching": True,
-           "max_model_len": 10240}
+    jobs, llm = equality_jobs(), EQUALITY_LLM_ARGS
     for tp in args.tp:
         extra = {} if tp == 1 else {"tensor_parallel_size": tp, "distributed_executor_backend": "mp"}
         env = {"VLLM_CPU_KVCACHE_SPACE": "2", "SPARSE_ATTN_VLLM_CONFIG": None}

