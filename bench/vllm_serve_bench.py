@@ -8,7 +8,8 @@ each prompt in one prefill chunk.  Variants: ``base`` (vLLM's CPU attention, plu
 (plugin on, config `VerticalSlash(512, 1024)` on every head), ``default`` (plugin on, no config: the online default
 pattern, which sends layers with diffuse attention, as random weights give, back to vLLM).  Each variant is its own
 engine process; rounds take the variants in turns (this VM's speed drifts), and every process first runs a
-warm-up prompt long enough to take the sparse path.  TTFT = wall time of ``generate(max_tokens=1)`` on a fresh prompt; the 16 greedy tokens come from a
+warm-up prompt long enough to take the sparse path.  TTFT = wall time of ``generate(max_tokens=1)`` on a fresh
+prompt; the 16 greedy tokens come from a
 second call on the same prompt (prefix caching on, so it reuses the prefill's KV).
 
 ``tokens``: the issue's equality workload (prompts of 5K and 9K tokens with a 4.5K shared prefix in one batch,
