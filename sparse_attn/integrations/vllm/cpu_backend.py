@@ -24,7 +24,7 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentio
 
 from ... import prefill
 # the same cheap "is this layer too diffuse to pay?" certificate the HF integration uses (one implementation)
-from ..hf_attention import _mass_needs_dense
+from ..hf.attention import _mass_needs_dense
 from .paged_kv import read_request_kv, readable
 from .settings import load_settings
 

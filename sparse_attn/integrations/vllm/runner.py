@@ -42,8 +42,8 @@ class EngineResult:
 
 
 def save_tiny_llama(path, *, layers=2, hidden=256, heads=8, kv_heads=2, vocab=1024, seed=0) -> str:
-    """Save a random-weight LlamaForCausalLM (`sparse_attn.demo.build_model`) to ``path``; returns ``path``."""
-    from ...demo import build_model
+    """Save a random-weight LlamaForCausalLM (`sparse_attn.tools.demo.build_model`) to ``path``; returns ``path``."""
+    from ...tools.demo import build_model
 
     model = build_model(layers, hidden, heads, kv_heads, vocab, seed)
     model.config.max_position_embeddings = 65536
