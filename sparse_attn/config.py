@@ -263,6 +263,8 @@ def _field_type_reason(cls, name: str, value) -> str | None:
     declared = str({f.name: f.type for f in dataclasses.fields(cls)}[name])
     if declared == "bool":
         return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+    if declared == "str":                           # a choice (e.g. BlockSparse.scoring): the pattern checks which
+        return None if isinstance(value, str) else f"must be a string, got {value!r}"
     if value is None:
         return None if "None" in declared else f"must not be null ({declared})"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
