@@ -14,13 +14,14 @@ from .ops.metrics import attention_recall, relative_error
 from .patterns import AShape, BlockSparse, VerticalSlash
 from .patterns import Grid, QBoundary, TwoDBoundary, with_modality
 from .prefill import DEFAULT_PATTERN, _resolve_backend, dense_attention, estimate, sparse_attention
-from .synthetic import MixedWorkload, Workload, make_mixed_qkv, make_qkv
+from .synthetic import HardWorkload, MixedWorkload, Workload, make_hard_qkv, make_mixed_qkv, make_qkv
 
 PATTERNS = {
     "ashape": lambda: AShape(sink=128, local=1024),
     "vs": lambda: VerticalSlash(vertical=512, slash=1024),
     "block": lambda: BlockSparse(top_k=16),
     "default": lambda: DEFAULT_PATTERN,
+    "old-default": lambda: VerticalSlash(gamma=0.95),            # the default before the per-head Auto pattern
     # modality-aware: they get the spans of `--workload mixed` (on the text workload: text only / one video)
     "grid": lambda: Grid(vertical=128, slash=1024, gamma=0.95, min_vertical=64, min_slash=128),
     "qboundary": lambda: QBoundary(gamma=0.95, min_vertical=64, min_slash=128),
@@ -32,6 +33,10 @@ def _inputs(workload: str, L: int, heads: int, kv_heads: int, head_dim: int):
     """q, k, v and the modality spans (None for the text workload) of one benchmark length."""
     if workload == "mixed":
         return make_mixed_qkv(MixedWorkload(q_heads=heads, kv_heads=kv_heads, seq_len=L, head_dim=head_dim))
+    if workload in ("hard", "diffuse"):
+        kinds = {"hard": HardWorkload.kinds, "diffuse": ("diffuse",)}[workload]
+        return (*make_hard_qkv(HardWorkload(q_heads=heads, kv_heads=kv_heads, seq_len=L, head_dim=head_dim,
+                                            kinds=kinds)), None)
     return (*make_qkv(Workload(q_heads=heads, kv_heads=kv_heads, seq_len=L, head_dim=head_dim)), None)
 
 
@@ -167,8 +172,16 @@ def main(argv=None):
     parser.add_argument("--no-flex", action="store_true", help="skip the compiled FlexAttention peer row")
     parser.add_argument("--no-quality", action="store_true", help="skip the attention-mass recall")
     parser.add_argument("--memory", action="store_true", help="peak memory of sparse_prefill vs dense at max L")
-    parser.add_argument("--workload", choices=["text", "mixed"], default="text",
-                        help="mixed: text, video frames with grid attention, text (modality patterns get its spans)")
+    parser.add_argument("--workload", choices=["text", "mixed", "hard", "diffuse"], default="text",
+                        help="mixed: text, video frames with grid attention, text (modality patterns get its spans); "
+                             "hard: `synthetic.HardWorkload`; diffuse: every head content-random")
+    parser.add_argument("--audit", action="store_true", help="per head: kept mass, density, row-wise optimum, the "
+                        "default pattern's choice (no timing); --plot PATH saves the per-head layouts")
+    parser.add_argument("--plot", default=None, help="with --audit: PNG path of the per-head layout plot")
     args = parser.parse_args(argv)
+    if args.audit:
+        from .audit import run_audit
+        return run_audit(args.lengths, args.patterns, args.heads, args.kv_heads, args.head_dim, args.workload,
+                         args.plot, inputs=_inputs)
     run(args.lengths, args.patterns, args.heads, args.kv_heads, args.head_dim, args.repeat, not args.no_flex,
         not args.no_quality, args.memory, workload=args.workload, backend=args.backend)

@@ -4,16 +4,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .dense_guard import sparse_is_slower
 from .layout import SparseLayout, concat_heads
 from .ops.checks import check_attention_inputs, check_layout_matches, resolve_scale
 from .ops import cpu_kernel
 from .ops.host_values import host_tensor
 from .ops.torch_sparse import torch_sparse_attention
-from .patterns import Dense, Pattern, VerticalSlash
+from .patterns import Auto, Dense, Pattern
 from .patterns.base import patterns_per_head
 
-#: Pattern used when ``pattern=None``: cumulative-mass vertical-slash (gamma 0.95), within MInference's budgets.
-DEFAULT_PATTERN = VerticalSlash(gamma=0.95)
+#: Pattern used when ``pattern=None``: per head the cheapest of vertical-slash / block-sparse / dense keeping 0.95
+#: of the attention mass (`sparse_attn.patterns.auto`).
+DEFAULT_PATTERN = Auto(gamma=0.95)
 #: Key lengths below this run dense attention in `sparse_prefill` (sparse would not pay for its estimate).
 DENSE_BELOW = 4096
 BACKENDS = ("auto", "cpu", "torch", "flex", "triton", "cuda")
@@ -93,10 +95,12 @@ def sparse_prefill(q, k, v, pattern=None, *, causal: bool = True, scale=None, ba
     check_attention_inputs(q, k, v)
     patterns = _patterns_per_head(pattern, q.shape[1])
     threshold = DENSE_BELOW if dense_below is None else dense_below
-    _resolve_backend(backend, q, k, v)
+    chosen = _resolve_backend(backend, q, k, v)
     if k.shape[2] < threshold or all(isinstance(p, Dense) for p in patterns):
         return dense_attention(q, k, v, causal=causal, scale=scale)
     layout = estimate(q, k, patterns, causal=causal, scale=scale)
+    if sparse_is_slower(layout, chosen, causal=causal):        # never slower than dense (`dense_guard`)
+        return dense_attention(q, k, v, causal=causal, scale=scale)
     return sparse_attention(q, k, v, layout, causal=causal, scale=scale, backend=backend, check_layout=False)
 
 

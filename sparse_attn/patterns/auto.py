@@ -1,0 +1,212 @@
+"""Auto: per head, the cheapest of vertical-slash, block-sparse and dense that keeps the promised attention mass.
+
+A sample of the last queries shows what every head needs, but it can mislead: a head whose mass is spread over keys
+that change from row to row looks like a few heavy columns to 64 neighbouring rows.  So each candidate is checked on
+*held-out* query rows spread over the sequence (attention of a few rows against all keys: O(rows x Lk)), and a head
+takes the cheapest candidate that keeps ``gamma`` of their mass there:
+
+1. rows of the sample that need more than ``dense_share`` of their keys for ``gamma`` -> dense (no sparse layout
+   can be cheaper than the dense kernel there, and nothing more needs estimating);
+2. vertical-slash with cumulative-mass budgets whose caps grow with the length;
+3. where vertical-slash misses on the held-out rows: block-sparse with antidiagonal scores (XAttention), kept if it
+   reaches gamma there and is sparser than ``dense_share``;
+4. otherwise dense.
+
+Heads (and batch rows) may choose differently; the result is one `SparseLayout` (dense heads are aligned tiles), so
+one kernel call still runs every head."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..layout import SparseLayout
+from ..ops.host_values import host_tensor
+from ..ops.sample_scores import rows_probs
+from ..ops.scores import last_query_probs
+from .base import Pattern
+from .block_sparse import BlockSparse
+from .dense import Dense
+from .vertical_slash import VerticalSlash
+
+#: Values of `decide`'s choice tensor.
+VERTICAL_SLASH, BLOCK_SPARSE, DENSE = 0, 1, 2
+CHOICE_NAMES = ("vertical_slash", "block_sparse", "dense")
+
+
+@dataclass(frozen=True)
+class Auto(Pattern):
+    """Per-head choice of layout kind (see the module docstring).
+
+    * ``gamma``: the attention mass every head must keep.
+    * ``last_q``: sample rows of the vertical-slash estimate; ``need_rows`` of them (the last) measure how many keys
+      a row needs; ``check_rows`` held-out rows (spread over the second half of the queries... and earlier) judge
+      the candidates, which must keep ``gamma - tolerance`` of their mass.
+    * ``dense_share``: a head needing more than this share of its keys runs dense.
+    * ``vertical_share`` / ``slash_share``: the vertical-slash caps as shares of the key length (never below
+      MInference's 1000 / 6096, so short inputs keep the published budgets); ``min_vertical`` / ``min_slash``: the
+      minimums kept whatever the sample says.
+    * ``stride``: antidiagonal stride of the block-sparse scores."""
+
+    gamma: float = 0.95
+    last_q: int = 64
+    need_rows: int = 16
+    check_rows: int = 16
+    tolerance: float = 0.01
+    dense_share: float = 0.5
+    vertical_share: float = 0.125
+    slash_share: float = 0.5
+    min_vertical: int = 128
+    min_slash: int = 512
+    stride: int = 16
+
+    def invalid_reasons(self):
+        reasons = super().invalid_reasons()
+        for name in ("gamma", "dense_share", "vertical_share", "slash_share"):
+            if not 0 < getattr(self, name) <= 1:
+                reasons.append(f"{name} must lie in (0, 1], got {getattr(self, name)}")
+        for name in ("last_q", "need_rows", "stride"):
+            if getattr(self, name) < 1:
+                reasons.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        return reasons
+
+    def group_key(self):
+        return (type(self), self)                       # one build per distinct setting
+
+    def vertical_slash(self, k_len: int) -> VerticalSlash:
+        """The vertical-slash candidate at key length ``k_len``: caps that grow with the length."""
+        return VerticalSlash(vertical=max(1000, math.ceil(self.vertical_share * k_len)),
+                             slash=max(6096, math.ceil(self.slash_share * k_len)), last_q=self.last_q,
+                             gamma=self.gamma, min_vertical=self.min_vertical, min_slash=self.min_slash)
+
+    def block_sparse(self) -> BlockSparse:
+        return BlockSparse(gamma=self.gamma, scoring="antidiagonal", stride=self.stride)
+
+    @classmethod
+    def build(cls, patterns, heads, q, k, *, causal, scale, block_m, block_n):
+        layout, _ = build_with_choice(patterns[0], heads, q, k, causal=causal, scale=scale, block_m=block_m,
+                                      block_n=block_n)
+        return layout
+
+
+def build_with_choice(p: Auto, heads, q, k, *, causal, scale, block_m, block_n):
+    """The layout of the query heads ``heads`` and the choice ``[B, Hs]`` (`VERTICAL_SLASH`, `BLOCK_SPARSE`,
+    `DENSE`) made for each batch row and head.  Host syncs: a few (which heads need which estimate), on the CPU
+    free; on a GPU they cost a stall per call, but save the estimates a head does not need."""
+    B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]
+    Hs, dev = heads.shape[0], q.device
+    kw = dict(causal=causal, scale=scale, block_m=block_m, block_n=block_n)
+    choice = torch.full((B, Hs), DENSE, dtype=torch.long, device=dev)
+    candidates = {}                                              # kind -> (layout of the heads, those heads' slots)
+
+    sparse_ok = _row_need(q, k, heads, p, scale, causal) <= p.dense_share               # [B, Hs]
+    slots = _slots(sparse_ok.any(0))
+    if slots.numel():
+        vs = p.vertical_slash(Lk)
+        lay = VerticalSlash.build([vs] * slots.numel(), heads[slots], q, k, **kw)
+        candidates[VERTICAL_SLASH] = (lay, slots)
+    check = _check_rows(Lq, p, block_m)
+    if slots.numel() and check.numel():
+        probs, _ = rows_probs(q, k, check, scale, causal)                                # [B, Hq, R, Lk]
+        probs = probs.index_select(1, heads)
+        kept_vs = _kept(candidates[VERTICAL_SLASH][0], probs[:, slots], check // block_m)
+        vs_ok = torch.zeros_like(sparse_ok)
+        vs_ok[:, slots] = kept_vs >= p.gamma - p.tolerance
+        vs_ok &= sparse_ok
+        choice[vs_ok] = VERTICAL_SLASH
+        block_slots = _slots((sparse_ok & ~vs_ok).any(0))
+        if block_slots.numel():
+            lay = BlockSparse.build([p.block_sparse()] * block_slots.numel(), heads[block_slots], q, k, **kw)
+            candidates[BLOCK_SPARSE] = (lay, block_slots)
+            kept_bs = torch.zeros_like(probs[..., 0, 0])
+            kept_bs[:, block_slots] = _kept(lay, probs[:, block_slots], check // block_m)
+            dens = torch.zeros_like(kept_bs)
+            dens[:, block_slots] = _head_density(lay, causal)
+            bs_ok = sparse_ok & ~vs_ok & (kept_bs >= p.gamma - p.tolerance) & (dens <= p.dense_share)
+            choice[bs_ok] = BLOCK_SPARSE
+    elif slots.numel():                                          # too short for held-out rows: trust the sample
+        choice[sparse_ok] = VERTICAL_SLASH
+    dense_slots = _slots((choice == DENSE).any(0))
+    if dense_slots.numel():
+        candidates[DENSE] = (Dense.build([Dense()] * dense_slots.numel(), heads[dense_slots], q, k, **kw),
+                             dense_slots)
+    return _pick(candidates, choice, Hs), choice
+
+
+def _slots(mask: torch.Tensor) -> torch.Tensor:
+    return mask.nonzero().flatten()
+
+
+def _row_need(q, k, heads, p: Auto, scale, causal) -> torch.Tensor:
+    """Per batch row and head ``[B, Hs]``: the largest share of its visible keys that one of the last
+    ``need_rows`` queries needs for ``gamma`` of its mass (the smallest such key set: its top keys)."""
+    probs, pos = last_query_probs(q, k, p.need_rows, scale, causal)                   # [B, Hq, n, Lk]
+    probs = probs.index_select(1, heads)
+    mass = probs.sort(-1, descending=True).values.cumsum(-1)
+    keys = (mass < p.gamma).sum(-1) + 1                                               # [B, Hs, n]
+    visible = (pos + 1).clamp(max=k.shape[2]) if causal else torch.full_like(pos, k.shape[2])
+    return (keys.float() / visible.float()).amax(-1)
+
+
+def _check_rows(q_len: int, p: Auto, block_m: int) -> torch.Tensor:
+    """Held-out query rows: ``check_rows`` rows spread evenly over the queries before the sample (from an eighth of
+    the way in: the first rows see few keys and say little), long ``[R]`` ascending; empty when too short."""
+    end = q_len - p.last_q
+    start = q_len // 8
+    if p.check_rows == 0 or end - start < p.check_rows:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.linspace(start, end - 1, p.check_rows).round().long().unique()
+
+
+def _kept(layout: SparseLayout, probs: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Mean mass ``[B, H]`` that the rows of ``probs [B, H, R, Lk]`` (rows in the query blocks ``blocks [R]``)
+    keep on ``layout``'s keys."""
+    member = layout.block_key_mask(blocks.to(layout.device))                          # [B, H, R, Lk]
+    return (probs * member).sum(-1).mean(-1)
+
+
+def _head_density(layout: SparseLayout, causal: bool) -> torch.Tensor:
+    """Per batch row and head ``[B, H]``: keys computed over the keys dense attention computes (block rows
+    weighted by their row count)."""
+    first = torch.arange(layout.num_query_blocks, device=layout.device) * layout.block_m
+    last = (first + layout.block_m).clamp(max=layout.q_len) - 1
+    rows = (last - first + 1).double()
+    dense = (last + layout.k_len - layout.q_len + 1).double() if causal else torch.full_like(rows, layout.k_len)
+    return ((layout.key_counts(causal).double() * rows).sum(-1) / (dense * rows).sum()).float()
+
+
+def _pick(candidates: dict, choice: torch.Tensor, n_heads: int) -> SparseLayout:
+    """One layout ``[B, n_heads]`` taking batch row b, head h from candidate ``choice[b, h]``; ``candidates``
+    maps a kind to (its layout over some head slots, those slots)."""
+    some = next(iter(candidates.values()))[0]
+    B, n_qb = some.batch, some.num_query_blocks
+    width_t = max(lay.block_offset.shape[-1] for lay, _ in candidates.values())
+    width_c = max(lay.column_index.shape[-1] for lay, _ in candidates.values())
+    dev = choice.device
+    count_t = torch.zeros(B, n_heads, n_qb, dtype=torch.int32, device=dev)
+    count_c = torch.zeros_like(count_t)
+    offsets = torch.zeros(B, n_heads, n_qb, width_t, dtype=torch.int32, device=dev)
+    columns = torch.zeros(B, n_heads, n_qb, width_c, dtype=torch.int32, device=dev)
+    for kind, (lay, slots) in candidates.items():
+        take = (choice[:, slots] == kind)                                             # [B, s]
+        if not bool(take.any()):
+            continue
+        for name, full, width in (("block_count", count_t, None), ("column_count", count_c, None),
+                                  ("block_offset", offsets, width_t), ("column_index", columns, width_c)):
+            part = getattr(lay, name)
+            if width is not None:
+                part = torch.nn.functional.pad(part, (0, width - part.shape[-1]))
+            sel = take.view(B, -1, *([1] * (part.dim() - 2)))
+            full[:, slots] = torch.where(sel, part, full[:, slots])
+    return SparseLayout(count_t, offsets, count_c, columns, q_len=some.q_len, k_len=some.k_len,
+                        block_m=some.block_m, block_n=some.block_n)
+
+
+def choose_per_head(q, k, pattern: Auto, *, causal: bool = True, scale=None, block_m: int = 64,
+                    block_n: int = 64) -> torch.Tensor:
+    """The choice ``[B, Hq]`` (`CHOICE_NAMES` indexes it) that ``pattern`` makes for every head: for audits."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    heads = host_tensor(list(range(q.shape[1])), dtype=torch.long, device=q.device)
+    return build_with_choice(pattern, heads, q, k, causal=causal, scale=scale, block_m=block_m,
+                             block_n=block_n)[1]
