@@ -14,9 +14,14 @@ from .layout import SparseLayout
 #: 2.34-2.57; FlexAttention 1.8-2.1 on block covers).  "triton" and "cuda" are not measured yet (no GPU run):
 #: MInference-like figures, to be replaced by the GPU check's numbers.
 KERNEL_COST = {"cpu": 2.0, "torch": 2.6, "flex": 2.1, "triton": 1.5, "cuda": 2.0}
+#: Below this many keys the guard stays out: fixed costs dominate there, `sparse_prefill`'s ``dense_below`` decides
+#: (and a caller who lowers it asks for the sparse path on purpose, e.g. to test it).
+GUARD_MIN_KEYS = 4096
 
 
 def sparse_is_slower(layout: SparseLayout, backend: str, *, causal: bool = True) -> bool:
     """Whether attention over ``layout`` on ``backend`` (a resolved name, not "auto") is predicted to take at
     least as long as dense attention.  One host read (the density)."""
+    if layout.k_len < GUARD_MIN_KEYS:
+        return False
     return layout.density(causal) * KERNEL_COST.get(backend, 1.0) >= 1.0
