@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from .dense_guard import sparse_is_slower
 from .layout import SparseLayout
 from .ops.metrics import attention_recall, relative_error
 from .patterns import AShape, BlockSparse, VerticalSlash
@@ -110,8 +111,10 @@ def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=Tru
             state = {}
             fns = {"dense": lambda: dense_attention(q, k, v),
                    "estimate": lambda: state.__setitem__("layout", estimate(q, k, pattern)),
-                   "attention": lambda: sparse_attention(q, k, v, state["layout"], check_layout=False,
-                                                         backend=chosen)}
+                   # what sparse_prefill runs after the estimate: SDPA where the dense guard predicts it faster
+                   "attention": lambda: (dense_attention(q, k, v) if sparse_is_slower(state["layout"], chosen) else
+                                         sparse_attention(q, k, v, state["layout"], check_layout=False,
+                                                          backend=chosen))}
             torch_peer = chosen != "torch" and name == patterns[0]
             if torch_peer:
                 fns["torch"] = lambda: sparse_attention(q, k, v, state["layout"], check_layout=False, backend="torch")
@@ -127,7 +130,7 @@ def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=Tru
             out(f"{name:<10} {L:>6} {density:>8.3f} {row['est_ms']:>8.1f} {100 * est_s / (est_s + attn_s):>5.1f}% "
                 f"{row['attn_ms']:>9.1f} "
                 f"{row['dense_ms']:>9.1f} {row['speedup']:>7.2f}x {row['attn_vs_ideal']:>10.2f} {recall:>7.3f} "
-                f"{row['rel_err']:>8.4f}")
+                f"{row['rel_err']:>8.4f}" + ("   (dense guard: SDPA ran)" if sparse_is_slower(layout, chosen) else ""))
             if torch_peer:
                 torch_s = best["torch"]
                 out(f"{'  torch':<10} {L:>6} {density:>8.3f} {row['est_ms']:>8.1f} {'':>6} {torch_s * 1e3:>9.1f} "

@@ -47,19 +47,21 @@ class Auto(Pattern):
     * ``dense_share``: a head needing more than this share of its keys runs dense.
     * ``vertical_share`` / ``slash_share``: the vertical-slash caps as shares of the key length (never below
       MInference's 1000 / 6096, so short inputs keep the published budgets); ``min_vertical`` / ``min_slash``: the
-      minimums kept whatever the sample says.
+      minimums kept whatever the sample says: 128 columns (heavy keys a 64-row sample under-ranks) and only the
+      local band of diagonals, since the held-out rows (not a blanket margin of 512 diagonals) catch a sample
+      that saw too little.
     * ``stride``: antidiagonal stride of the block-sparse scores."""
 
     gamma: float = 0.95
     last_q: int = 64
     need_rows: int = 16
-    check_rows: int = 16
+    check_rows: int = 32
     tolerance: float = 0.01
     dense_share: float = 0.5
     vertical_share: float = 0.125
     slash_share: float = 0.5
     min_vertical: int = 128
-    min_slash: int = 512
+    min_slash: int = 64
     stride: int = 16
 
     def invalid_reasons(self):
