@@ -7,10 +7,11 @@ takes the cheapest candidate that keeps ``gamma`` of their mass there:
 
 1. rows of the sample that need more than ``dense_share`` of their keys for ``gamma`` -> dense (no sparse layout
    can be cheaper than the dense kernel there, and nothing more needs estimating);
-2. vertical-slash with cumulative-mass budgets whose caps grow with the length;
-3. where vertical-slash misses on the held-out rows: block-sparse with antidiagonal scores (XAttention), kept if it
-   reaches gamma there and is sparser than ``dense_share``;
-4. otherwise dense.
+2. vertical-slash with cumulative-mass budgets whose caps grow with the length, small minimums;
+3. where that misses on the held-out rows: the same with MInference-style minimums (512 diagonals);
+4. where that misses too: block-sparse with antidiagonal scores (XAttention);
+5. otherwise dense.  A rung is taken where it keeps gamma on the held-out rows and is sparser than
+   ``dense_share``.
 
 Heads (and batch rows) may choose differently; the result is one `SparseLayout` (dense heads are aligned tiles), so
 one kernel call still runs every head."""
@@ -32,8 +33,8 @@ from .vertical_slash import VerticalSlash
 
 _NEED_KEY_STRIDE = 8
 #: Values of `build_with_choice`'s choice tensor.
-VERTICAL_SLASH, BLOCK_SPARSE, DENSE = 0, 1, 2
-CHOICE_NAMES = ("vertical_slash", "block_sparse", "dense")
+VERTICAL_SLASH, BLOCK_SPARSE, DENSE, VERTICAL_SLASH_WIDE = 0, 1, 2, 3
+CHOICE_NAMES = ("vertical_slash", "block_sparse", "dense", "vertical_slash_wide")
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,12 @@ class Auto(Pattern):
                              slash=max(6096, math.ceil(self.slash_share * k_len)), last_q=self.last_q,
                              gamma=self.gamma, min_vertical=self.min_vertical, min_slash=self.min_slash)
 
+    def vertical_slash_wide(self, k_len: int) -> VerticalSlash:
+        """The second vertical-slash rung: MInference-style minimums (128 columns, 512 diagonals) for heads whose
+        sample under-ranks what the other rows need."""
+        return VerticalSlash(**{**self.vertical_slash(k_len).__dict__, "min_vertical": max(self.min_vertical, 128),
+                                "min_slash": max(self.min_slash, 512)})
+
     def block_sparse(self) -> BlockSparse:
         return BlockSparse(gamma=self.gamma, scoring="antidiagonal", stride=self.stride)
 
@@ -94,8 +101,8 @@ class Auto(Pattern):
 
 
 def build_with_choice(p: Auto, heads, q, k, *, causal, scale, block_m, block_n):
-    """The layout of the query heads ``heads`` and the choice ``[B, Hs]`` (`VERTICAL_SLASH`, `BLOCK_SPARSE`,
-    `DENSE`) made for each batch row and head.  Host syncs: a few (which heads need which estimate), on the CPU
+    """The layout of the query heads ``heads`` and the choice ``[B, Hs]`` (`CHOICE_NAMES` indexes it)
+    made for each batch row and head.  Host syncs: a few (which heads need which estimate), on the CPU
     free; on a GPU they cost a stall per call, but save the estimates a head does not need."""
     B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]
     Hs, dev = heads.shape[0], q.device
@@ -104,32 +111,34 @@ def build_with_choice(p: Auto, heads, q, k, *, causal, scale, block_m, block_n):
     candidates = {}                                              # kind -> (layout of the heads, those heads' slots)
 
     sparse_ok = _row_need(q, k, heads, p, scale, causal) <= p.dense_share               # [B, Hs]
-    slots = _slots(sparse_ok.any(0))
-    if slots.numel():
-        vs = p.vertical_slash(Lk)
-        lay = VerticalSlash.build([vs] * slots.numel(), heads[slots], q, k, **kw)
-        candidates[VERTICAL_SLASH] = (lay, slots)
     check = _check_rows(Lq, p, block_m)
-    if slots.numel() and check.numel():
-        probs, _ = rows_probs(q, k, check, scale, causal)                                # [B, Hq, R, Lk]
-        probs = probs.index_select(1, heads)
-        kept_vs = _kept(candidates[VERTICAL_SLASH][0], probs[:, slots], check // block_m)
-        vs_ok = torch.zeros_like(sparse_ok)
-        vs_ok[:, slots] = kept_vs >= p.gamma - p.tolerance
-        vs_ok &= sparse_ok
-        choice[vs_ok] = VERTICAL_SLASH
-        block_slots = _slots((sparse_ok & ~vs_ok).any(0))
-        if block_slots.numel():
-            lay = BlockSparse.build([p.block_sparse()] * block_slots.numel(), heads[block_slots], q, k, **kw)
-            candidates[BLOCK_SPARSE] = (lay, block_slots)
-            kept_bs = torch.zeros_like(probs[..., 0, 0])
-            kept_bs[:, block_slots] = _kept(lay, probs[:, block_slots], check // block_m)
-            dens = torch.zeros_like(kept_bs)
-            dens[:, block_slots] = _head_density(lay, causal)
-            bs_ok = sparse_ok & ~vs_ok & (kept_bs >= p.gamma - p.tolerance) & (dens <= p.dense_share)
-            choice[bs_ok] = BLOCK_SPARSE
-    elif slots.numel():                                          # too short for held-out rows: trust the sample
-        choice[sparse_ok] = VERTICAL_SLASH
+    if not check.numel():                                      # too short for held-out rows: trust the sample
+        slots = _slots(sparse_ok.any(0))
+        if slots.numel():
+            candidates[VERTICAL_SLASH] = (VerticalSlash.build([p.vertical_slash(Lk)] * slots.numel(), heads[slots],
+                                                              q, k, **kw), slots)
+            choice[sparse_ok] = VERTICAL_SLASH
+    else:
+        probs = None
+        # The ladder, cheapest kind first: each rung is estimated only for the heads no earlier rung served.
+        rungs = {VERTICAL_SLASH: (VerticalSlash, p.vertical_slash(Lk)),
+                 VERTICAL_SLASH_WIDE: (VerticalSlash, p.vertical_slash_wide(Lk)),
+                 BLOCK_SPARSE: (BlockSparse, p.block_sparse())}
+        for kind, (family, pattern) in rungs.items():
+            open_ = sparse_ok & (choice == DENSE)
+            slots = _slots(open_.any(0))
+            if not slots.numel():
+                break
+            lay = family.build([pattern] * slots.numel(), heads[slots], q, k, **kw)
+            if probs is None:
+                probs = rows_probs(q, k, check, scale, causal)[0].index_select(1, heads)   # [B, Hs, R, Lk]
+            kept = torch.zeros(B, Hs, device=dev)
+            dens = torch.ones(B, Hs, device=dev)
+            kept[:, slots] = _kept(lay, probs[:, slots], check // block_m)
+            dens[:, slots] = _head_density(lay, causal)
+            ok = open_ & (kept >= p.gamma - p.tolerance) & (dens <= p.dense_share)
+            choice[ok] = kind
+            candidates[kind] = (lay, slots)
     dense_slots = _slots((choice == DENSE).any(0))
     if dense_slots.numel():
         candidates[DENSE] = (Dense.build([Dense()] * dense_slots.numel(), heads[dense_slots], q, k, **kw),
