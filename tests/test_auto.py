@@ -117,3 +117,11 @@ def test_guard_sends_dense_layouts_to_sdpa():
     # random inputs: every head diffuse, Auto picks dense heads, the guard runs SDPA (bitwise its result)
     out = sa.sparse_prefill(q, k, v, sa.Auto(check_rows=4, need_rows=4, last_q=16), dense_below=0, backend="torch")
     assert torch.equal(out, sa.dense_attention(q, k, v))
+
+
+def test_auto_round_trips_through_a_config(tmp_path):
+    from sparse_attn.config import SparseConfig
+
+    cfg = SparseConfig(num_layers=1, num_heads=2, layers=[[sa.Auto(gamma=0.9, dense_share=0.4), sa.VerticalSlash()]])
+    cfg.save(tmp_path / "c.json")
+    assert SparseConfig.load(tmp_path / "c.json").layers == cfg.layers
