@@ -8,7 +8,8 @@ import torch
 from .layout import SparseLayout
 from .ops.metrics import attention_recall_per_head
 from .patterns import Auto
-from .patterns.auto import CHOICE_NAMES, _head_density, choose_per_head
+from .patterns.auto import CHOICE_NAMES, choose_per_head
+from .patterns.base import computed_share
 from .prefill import estimate
 
 
@@ -48,7 +49,7 @@ def audit(q, k, patterns: dict, *, gamma: float = 0.95, causal: bool = True, row
         choice = None
         if isinstance(p, Auto):
             choice = [CHOICE_NAMES[c] for c in choose_per_head(q, k, p, causal=causal)[0].tolist()]
-        result[name] = dict(layout=lay, kept=kept[i], density=_head_density(lay, causal).mean(0), choice=choice)
+        result[name] = dict(layout=lay, kept=kept[i], density=computed_share(lay, causal).mean(0), choice=choice)
     return result, optimum_density(q, k, gamma, rows=rows, causal=causal)
 
 

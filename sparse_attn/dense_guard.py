@@ -8,6 +8,7 @@ the sparse kernel runs them as tiles."""
 from __future__ import annotations
 
 from .layout import SparseLayout
+from .patterns.base import computed_share
 
 #: attention time / (dense SDPA time x density), per backend, on the 2-core CPU development machine
 #: (bench/results/cpu-2core-2026-11-28-session4.txt: "cpu" 1.11-1.75 at 16K-32K, 2.07-2.22 at 64K; "torch"
@@ -24,4 +25,5 @@ def sparse_is_slower(layout: SparseLayout, backend: str, *, causal: bool = True)
     least as long as dense attention.  One host read (the density)."""
     if layout.k_len < GUARD_MIN_KEYS:
         return False
-    return layout.density(causal) * KERNEL_COST.get(backend, 1.0) >= 1.0
+    return float(computed_share(layout, causal).mean()) * KERNEL_COST.get(backend, 1.0) >= 1.0
+

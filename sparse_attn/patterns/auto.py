@@ -26,7 +26,7 @@ from ..layout import SparseLayout
 from ..ops.host_values import host_tensor
 from ..ops.sample_scores import rows_probs
 from ..ops.scores import last_query_probs
-from .base import Pattern
+from .base import Pattern, computed_share
 from .block_sparse import BlockSparse
 from .dense import Dense
 from .vertical_slash import VerticalSlash
@@ -135,7 +135,7 @@ def build_with_choice(p: Auto, heads, q, k, *, causal, scale, block_m, block_n):
             kept = torch.zeros(B, Hs, device=dev)
             dens = torch.ones(B, Hs, device=dev)
             kept[:, slots] = _kept(lay, probs[:, slots], check // block_m)
-            dens[:, slots] = _head_density(lay, causal)
+            dens[:, slots] = computed_share(lay, causal)
             ok = open_ & (kept >= p.gamma - p.tolerance) & (dens <= p.dense_share)
             choice[ok] = kind
             candidates[kind] = (lay, slots)
@@ -192,19 +192,13 @@ def _kept(layout: SparseLayout, probs: torch.Tensor, blocks: torch.Tensor) -> to
     return ((tiles * used).sum(-1) + (columns * used_c).sum(-1)).mean(-1).float()
 
 
-def _head_density(layout: SparseLayout, causal: bool) -> torch.Tensor:
-    """Per batch row and head ``[B, H]``: keys computed over the keys dense attention computes (block rows
-    weighted by their row count)."""
-    first = torch.arange(layout.num_query_blocks, device=layout.device) * layout.block_m
-    last = (first + layout.block_m).clamp(max=layout.q_len) - 1
-    rows = (last - first + 1).double()
-    dense = (last + layout.k_len - layout.q_len + 1).double() if causal else torch.full_like(rows, layout.k_len)
-    return ((layout.key_counts(causal).double() * rows).sum(-1) / (dense * rows).sum()).float()
-
-
 def _pick(candidates: dict, choice: torch.Tensor, n_heads: int) -> SparseLayout:
     """One layout ``[B, n_heads]`` taking batch row b, head h from candidate ``choice[b, h]``; ``candidates``
     maps a kind to (its layout over some head slots, those slots)."""
+    if len(candidates) == 1:                 # one kind for every head (e.g. all dense): nothing to merge
+        kind, (lay, slots) = next(iter(candidates.items()))
+        if slots.numel() == n_heads and bool((choice == kind).all()):
+            return lay
     some = next(iter(candidates.values()))[0]
     B, n_qb = some.batch, some.num_query_blocks
     width_t = max(lay.block_offset.shape[-1] for lay, _ in candidates.values())
