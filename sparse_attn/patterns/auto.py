@@ -182,14 +182,14 @@ def _kept(layout: SparseLayout, probs: torch.Tensor, blocks: torch.Tensor) -> to
     twice; keys after a row's position have zero probability."""
     Lk = probs.shape[-1]
     blocks = blocks.to(layout.device)
-    prefix = torch.nn.functional.pad(probs.double().cumsum(-1), (1, 0))               # [B, H, R, Lk + 1]
+    prefix = torch.nn.functional.pad(probs.cumsum(-1), (1, 0))                        # [B, H, R, Lk + 1]
     off = layout.block_offset.index_select(2, blocks).long()
     used = torch.arange(off.shape[-1], device=off.device) < layout.block_count.index_select(2, blocks)[..., None]
     tiles = prefix.gather(-1, (off + layout.block_n).clamp(max=Lk)) - prefix.gather(-1, off.clamp(max=Lk))
     cols = layout.column_index.index_select(2, blocks).long()
     used_c = torch.arange(cols.shape[-1], device=cols.device) < layout.column_count.index_select(2, blocks)[..., None]
-    columns = probs.gather(-1, cols.clamp(max=Lk - 1)).double()
-    return ((tiles * used).sum(-1) + (columns * used_c).sum(-1)).mean(-1).float()
+    columns = probs.gather(-1, cols.clamp(max=Lk - 1))
+    return ((tiles * used).sum(-1) + (columns * used_c).sum(-1)).mean(-1)
 
 
 def _pick(candidates: dict, choice: torch.Tensor, n_heads: int) -> SparseLayout:
