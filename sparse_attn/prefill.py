@@ -91,7 +91,8 @@ def sparse_prefill(q, k, v, pattern=None, *, causal: bool = True, scale=None, ba
                    dense_below: int | None = None):
     """Estimate per-head layouts and run sparse attention: ``out [B, Hq, Lq, D]``.
 
-    Key lengths below ``dense_below`` (default `DENSE_BELOW`) and all-`Dense` patterns run dense attention."""
+    Key lengths below ``dense_below`` (default `DENSE_BELOW`) and all-`Dense` patterns run dense attention, and so
+    does an estimated layout the chosen backend would run slower than dense (`dense_guard`)."""
     check_attention_inputs(q, k, v)
     patterns = _patterns_per_head(pattern, q.shape[1])
     threshold = DENSE_BELOW if dense_below is None else dense_below
