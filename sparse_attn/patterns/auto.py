@@ -111,7 +111,7 @@ def build_with_choice(p: Auto, heads, q, k, *, causal, scale, block_m, block_n):
     candidates = {}                                              # kind -> (layout of the heads, those heads' slots)
 
     sparse_ok = _row_need(q, k, heads, p, scale, causal) <= p.dense_share               # [B, Hs]
-    check = _check_rows(Lq, p, block_m)
+    check = _check_rows(Lq, p, block_m).to(dev)
     if not check.numel():                                      # too short for held-out rows: trust the sample
         slots = _slots(sparse_ok.any(0))
         if slots.numel():
