@@ -59,7 +59,7 @@ class Auto(Pattern):
     check_rows: int = 32
     tolerance: float = 0.01
     dense_share: float = 0.5
-    vertical_share: float = 0.125
+    vertical_share: float = 1 / 32
     slash_share: float = 0.5
     min_vertical: int = 128
     min_slash: int = 64
@@ -131,7 +131,7 @@ def build_with_choice(p: Auto, heads, q, k, *, causal, scale, block_m, block_n):
                 break
             lay = family.build([pattern] * slots.numel(), heads[slots], q, k, **kw)
             if probs is None:
-                probs = rows_probs(q, k, check, scale, causal)[0].index_select(1, heads)   # [B, Hs, R, Lk]
+                probs = _of_heads(rows_probs(q, k, check, scale, causal)[0], heads)      # [B, Hs, R, Lk]
             kept = torch.zeros(B, Hs, device=dev)
             dens = torch.ones(B, Hs, device=dev)
             kept[:, slots] = _kept(lay, probs[:, slots], check // block_m)
@@ -146,6 +146,12 @@ def build_with_choice(p: Auto, heads, q, k, *, causal, scale, block_m, block_n):
     return _pick(candidates, choice, Hs), choice
 
 
+def _of_heads(probs: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    """``probs [B, Hq, ...]`` of the query heads ``heads`` (ascending, as `estimate` groups them): no copy when
+    they are all the heads."""
+    return probs if heads.numel() == probs.shape[1] else probs.index_select(1, heads)
+
+
 def _slots(mask: torch.Tensor) -> torch.Tensor:
     return mask.nonzero().flatten()
 
@@ -156,7 +162,7 @@ def _row_need(q, k, heads, p: Auto, scale, causal) -> torch.Tensor:
     every ``_NEED_KEY_STRIDE``-th key (a sort of all keys cost a third of the estimate at 32K).  Only ever routes
     a head to dense early, so an error costs time, never accuracy: the sparse choices are checked on their own."""
     probs, pos = last_query_probs(q, k, p.need_rows, scale, causal)                   # [B, Hq, n, Lk]
-    probs = probs.index_select(1, heads)[..., ::_NEED_KEY_STRIDE]
+    probs = _of_heads(probs, heads)[..., ::_NEED_KEY_STRIDE]
     probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-30)
     mass = probs.sort(-1, descending=True).values.cumsum(-1)
     keys = (mass < p.gamma).sum(-1) + 1                                               # [B, Hs, n]
