@@ -32,6 +32,7 @@ from .dense import Dense
 from .vertical_slash import VerticalSlash
 
 _NEED_KEY_STRIDE = 8
+_WIDE_REACH = 0.1
 #: Values of `build_with_choice`'s choice tensor.
 VERTICAL_SLASH, BLOCK_SPARSE, DENSE, VERTICAL_SLASH_WIDE = 0, 1, 2, 3
 CHOICE_NAMES = ("vertical_slash", "block_sparse", "dense", "vertical_slash_wide")
@@ -124,11 +125,14 @@ def build_with_choice(p: Auto, heads, q, k, *, causal, scale, block_m, block_n):
         rungs = {VERTICAL_SLASH: (VerticalSlash, p.vertical_slash(Lk)),
                  VERTICAL_SLASH_WIDE: (VerticalSlash, p.vertical_slash_wide(Lk)),
                  BLOCK_SPARSE: (BlockSparse, p.block_sparse())}
+        near = torch.ones_like(sparse_ok)            # heads the wide rung may still serve
         for kind, (family, pattern) in rungs.items():
             open_ = sparse_ok & (choice == DENSE)
+            if kind == VERTICAL_SLASH_WIDE:
+                open_ = open_ & near
             slots = _slots(open_.any(0))
             if not slots.numel():
-                break
+                continue
             lay = family.build([pattern] * slots.numel(), heads[slots], q, k, **kw)
             if probs is None:
                 probs = _of_heads(rows_probs(q, k, check, scale, causal)[0], heads)      # [B, Hs, R, Lk]
@@ -138,6 +142,9 @@ def build_with_choice(p: Auto, heads, q, k, *, causal, scale, block_m, block_n):
             dens[:, slots] = computed_share(lay, causal)
             ok = open_ & (kept >= p.gamma - p.tolerance) & (dens <= p.dense_share)
             choice[ok] = kind
+            if kind == VERTICAL_SLASH:
+                # 448 more diagonals rescue a head that nearly made it, not one whose mass lies elsewhere
+                near = kept >= p.gamma - _WIDE_REACH
             candidates[kind] = (lay, slots)
     dense_slots = _slots((choice == DENSE).any(0))
     if dense_slots.numel():
