@@ -44,8 +44,8 @@ class Auto(Pattern):
 
     * ``gamma``: the attention mass every head must keep.
     * ``last_q``: sample rows of the vertical-slash estimate; ``need_rows`` of them (the last) measure how many keys
-      a row needs; ``check_rows`` held-out rows (spread over the second half of the queries... and earlier) judge
-      the candidates, which must keep ``gamma - tolerance`` of their mass.
+      a row needs; ``check_rows`` held-out rows (spread evenly from an eighth of the queries to just before the
+      sample) judge the candidates, which must keep ``gamma - tolerance`` of their mass there.
     * ``dense_share``: a head needing more than this share of its keys runs dense.
     * ``vertical_share`` / ``slash_share``: the vertical-slash caps as shares of the key length (never below
       MInference's 1000 / 6096, so short inputs keep the published budgets); ``min_vertical`` / ``min_slash``: the
