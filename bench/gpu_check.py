@@ -293,7 +293,10 @@ def run_length(report: Report, L: int, cfg: dict, patterns: dict, backends, devi
 def estimate_by_scores(report: Report, row: dict, q, k, pattern, measure):
     """VerticalSlash estimate time with the sample scored by the Triton kernels vs by torch (`ops.scores`): rows
     "estimate (triton scores)" / "estimate (torch scores)"; the note says the ratio and whether the layouts agree.
-    Other patterns, and the triton scores off CUDA without TRITON_INTERPRET=1, are skipped."""
+    `Auto` is measured by its first vertical-slash rung (the estimate every head of it starts with).  Other
+    patterns, and the triton scores off CUDA without TRITON_INTERPRET=1, are skipped."""
+    if isinstance(pattern, sa.Auto):
+        pattern = pattern.vertical_slash(k.shape[2])
     if not isinstance(pattern, sa.VerticalSlash):
         return
     from sparse_attn.estimators.triton_scores import scores_not_supported_reasons

@@ -56,7 +56,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 
-from .patterns import AShape, BlockSparse, Dense, Pattern, VerticalSlash
+from .patterns import AShape, Auto, BlockSparse, Dense, Pattern, VerticalSlash
 from .patterns.modality import MODALITY_PATTERNS, _ModalityPattern
 from .patterns.base import patterns_per_head
 from .patterns.vertical_slash import VerticalSlashBudgets
@@ -65,7 +65,7 @@ FORMAT = "sparse_attn.config"
 VERSION = 1
 #: our pattern names <-> dataclasses
 PATTERN_NAMES = {"vertical_slash": VerticalSlash, "a_shape": AShape, "block_sparse": BlockSparse, "dense": Dense,
-                 **MODALITY_PATTERNS}
+                 "auto": Auto, **MODALITY_PATTERNS}
 NAME_OF = {cls: name for name, cls in PATTERN_NAMES.items()}
 #: MInference type -> our pattern class
 MINFERENCE_TYPES = {"vertical_and_slash": VerticalSlash, "stream_llm": AShape, "block_sparse": BlockSparse,
@@ -263,6 +263,8 @@ def _field_type_reason(cls, name: str, value) -> str | None:
     declared = str({f.name: f.type for f in dataclasses.fields(cls)}[name])
     if declared == "bool":
         return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+    if declared == "str":                           # a choice (e.g. BlockSparse.scoring): the pattern checks which
+        return None if isinstance(value, str) else f"must be a string, got {value!r}"
     if value is None:
         return None if "None" in declared else f"must not be null ({declared})"
     if isinstance(value, bool) or not isinstance(value, (int, float)):

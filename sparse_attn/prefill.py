@@ -9,13 +9,15 @@ import torch.nn.functional as F
 from .backends import BACKEND_NAMES, select_backend
 from .backends.checks import check_attention_inputs, check_layout_matches, check_softcap, resolve_scale
 from .backends.host_copy import host_tensor
+from .dense_guard import sparse_is_slower
 from .errors import InvalidArgumentError, InvalidTypeError
 from .layout import SparseLayout, concat_heads
-from .patterns import Dense, Pattern, VerticalSlash
+from .patterns import Auto, Dense, Pattern
 from .patterns.base import patterns_per_head
 
-#: Pattern used when ``pattern=None``: cumulative-mass vertical-slash (gamma 0.95), within MInference's budgets.
-DEFAULT_PATTERN = VerticalSlash(gamma=0.95)
+#: Pattern used when ``pattern=None``: per head the cheapest of vertical-slash / block-sparse / dense keeping 0.95
+#: of the attention mass (`sparse_attn.patterns.auto`).
+DEFAULT_PATTERN = Auto(gamma=0.95)
 #: Key lengths below this run dense attention in `sparse_prefill` (sparse would not pay for its estimate).
 DENSE_BELOW = 4096
 #: What ``backend=`` accepts (kept for callers of the old name).
@@ -94,7 +96,8 @@ def sparse_prefill(q, k, v, pattern=None, *, causal: bool = True, scale=None, ba
     """Estimate per-head layouts (`estimate`) and run sparse attention over them (`sparse_attention`).
 
     Arguments are those of `estimate` and `sparse_attention`; ``dense_below``: key lengths below it (default
-    `DENSE_BELOW`) run dense attention, as do all-`Dense` patterns (sparse would not pay for its estimate there).
+    `DENSE_BELOW`) run dense attention, as do all-`Dense` patterns (sparse would not pay for its estimate there)
+    and an estimated layout the chosen backend would run slower than dense SDPA (`dense_guard`).
 
     Returns ``out [batch, Hq, Lq, head_dim]`` in q's dtype."""
     check_attention_inputs(q, k, v)
@@ -109,6 +112,8 @@ def sparse_prefill(q, k, v, pattern=None, *, causal: bool = True, scale=None, ba
             return chosen.run(q, k, v, layout, causal=causal, scale=scale, softcap=softcap)
         return _dense(q, k, v, causal=causal, scale=scale)
     layout = _estimate(q, k, patterns, causal=causal, scale=scale, block_m=64, block_n=64)
+    if not softcap and sparse_is_slower(layout, chosen.name, causal=causal):   # never slower than dense
+        return _dense(q, k, v, causal=causal, scale=scale)
     return chosen.run(q, k, v, layout, causal=causal, scale=scale, softcap=softcap)
 
 

@@ -151,9 +151,11 @@ def test_vertical_slash_gamma_reaches_gamma_on_the_sample_rows(gamma, structured
     assert (recall >= gamma - 5e-3).all(), f"recall {recall.min().item():.3f} < gamma {gamma}"
 
 
-def test_block_sparse_gamma_is_monotone():
+@pytest.mark.parametrize("scoring", ["antidiagonal", "mean"])
+def test_block_sparse_gamma_is_monotone(scoring):
     q, k, _ = make_qkv(2, 4, 2, 700, 700, 64, seed=8, structured=True)
-    pats = [sa.BlockSparse(top_k=8, gamma=g) for g in (0.3, 0.6, 0.9)] + [sa.BlockSparse(top_k=8)]
+    pats = [sa.BlockSparse(top_k=8, gamma=g, scoring=scoring) for g in (0.3, 0.6, 0.9)]
+    pats.append(sa.BlockSparse(top_k=8, scoring=scoring))
     masks = [sa.estimate(q, k, p).to_mask() for p in pats]
     for small, big in zip(masks, masks[1:]):
         assert (big | ~small).all(), "a larger gamma (or the top_k cap alone) must keep at least the same blocks"

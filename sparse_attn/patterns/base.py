@@ -91,3 +91,14 @@ def layout_from_ranges(starts, ends, columns, column_keep, *, q_len, k_len, bloc
 def tile_bound(k_len: int, block_n: int) -> int:
     """Disjoint tiles of width block_n starting inside [0, k_len) number at most this."""
     return -(-k_len // block_n)
+
+
+def computed_share(layout: SparseLayout, causal: bool = True) -> torch.Tensor:
+    """Per batch row and head ``[B, H]`` (fp32): keys the kernel computes (whole query blocks x listed keys, cut
+    at each block's last visible key) over the keys dense attention computes, block rows weighted by their row
+    count.  What kernel time follows; cheaper than `SparseLayout.density` (no per-tile triangle sums)."""
+    first = torch.arange(layout.num_query_blocks, device=layout.device) * layout.block_m
+    last = (first + layout.block_m).clamp(max=layout.q_len) - 1
+    rows = (last - first + 1).double()
+    dense = (last + layout.k_len - layout.q_len + 1).double() if causal else torch.full_like(rows, layout.k_len)
+    return ((layout.key_counts(causal).double() * rows).sum(-1) / (dense * rows).sum()).float()

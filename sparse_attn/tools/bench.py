@@ -9,19 +9,21 @@ import time
 
 import torch
 
+from ..dense_guard import sparse_is_slower
 from ..layout import SparseLayout
 from .metrics import attention_recall, relative_error
 from ..patterns import AShape, BlockSparse, VerticalSlash
 from ..patterns import Grid, QBoundary, TwoDBoundary, with_modality
 from ..backends import BACKEND_NAMES, select_backend
 from ..prefill import DEFAULT_PATTERN, dense_attention, estimate, sparse_attention
-from .synthetic import MixedWorkload, Workload, make_mixed_qkv, make_qkv
+from .synthetic import HardWorkload, MixedWorkload, Workload, make_hard_qkv, make_mixed_qkv, make_qkv
 
 PATTERNS = {
     "ashape": lambda: AShape(sink=128, local=1024),
     "vs": lambda: VerticalSlash(vertical=512, slash=1024),
     "block": lambda: BlockSparse(top_k=16),
     "default": lambda: DEFAULT_PATTERN,
+    "old-default": lambda: VerticalSlash(gamma=0.95),            # the default before the per-head Auto pattern
     # modality-aware: they get the spans of `--workload mixed` (on the text workload: text only / one video)
     "grid": lambda: Grid(vertical=128, slash=1024, gamma=0.95, min_vertical=64, min_slash=128),
     "qboundary": lambda: QBoundary(gamma=0.95, min_vertical=64, min_slash=128),
@@ -33,6 +35,10 @@ def _inputs(workload: str, L: int, heads: int, kv_heads: int, head_dim: int):
     """q, k, v and the modality spans (None for the text workload) of one benchmark length."""
     if workload == "mixed":
         return make_mixed_qkv(MixedWorkload(q_heads=heads, kv_heads=kv_heads, seq_len=L, head_dim=head_dim))
+    if workload in ("hard", "diffuse"):
+        kinds = {"hard": HardWorkload.kinds, "diffuse": ("diffuse",)}[workload]
+        return (*make_hard_qkv(HardWorkload(q_heads=heads, kv_heads=kv_heads, seq_len=L, head_dim=head_dim,
+                                            kinds=kinds)), None)
     return (*make_qkv(Workload(q_heads=heads, kv_heads=kv_heads, seq_len=L, head_dim=head_dim)), None)
 
 
@@ -106,8 +112,10 @@ def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=Tru
             state = {}
             fns = {"dense": lambda: dense_attention(q, k, v),
                    "estimate": lambda: state.__setitem__("layout", estimate(q, k, pattern)),
-                   "attention": lambda: sparse_attention(q, k, v, state["layout"], check_layout=False,
-                                                         backend=chosen)}
+                   # what sparse_prefill runs after the estimate: SDPA where the dense guard predicts it faster
+                   "attention": lambda: (dense_attention(q, k, v) if sparse_is_slower(state["layout"], chosen) else
+                                         sparse_attention(q, k, v, state["layout"], check_layout=False,
+                                                          backend=chosen))}
             torch_peer = torch_row and chosen != "torch" and name == patterns[0]
             if torch_peer:
                 fns["torch"] = lambda: sparse_attention(q, k, v, state["layout"], check_layout=False, backend="torch")
@@ -127,7 +135,7 @@ def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=Tru
             out(f"{name:<10} {L:>6} {density:>8.3f} {row['est_ms']:>8.1f} {100 * est_s / (est_s + attn_s):>5.1f}% "
                 f"{row['attn_ms']:>9.1f} "
                 f"{row['dense_ms']:>9.1f} {row['speedup']:>7.2f}x {row['attn_vs_ideal']:>10.2f} {recall:>7.3f} "
-                f"{row['rel_err']:>8.4f}")
+                f"{row['rel_err']:>8.4f}" + ("   (dense guard: SDPA ran)" if sparse_is_slower(layout, chosen) else ""))
             if torch_peer:
                 torch_s = best["torch"]
                 out(f"{'  torch':<10} {L:>6} {density:>8.3f} {row['est_ms']:>8.1f} {'':>6} {torch_s * 1e3:>9.1f} "
@@ -232,13 +240,21 @@ def main(argv=None):
     parser.add_argument("--no-torch-peer", action="store_true", help="skip the torch-backend peer row")
     parser.add_argument("--no-quality", action="store_true", help="skip the attention-mass recall")
     parser.add_argument("--memory", action="store_true", help="peak memory of sparse_prefill vs dense at max L")
-    parser.add_argument("--workload", choices=["text", "mixed"], default="text",
-                        help="mixed: text, video frames with grid attention, text (modality patterns get its spans)")
+    parser.add_argument("--workload", choices=["text", "mixed", "hard", "diffuse"], default="text",
+                        help="mixed: text, video frames with grid attention, text (modality patterns get its spans); "
+                             "hard: `synthetic.HardWorkload`; diffuse: every head content-random")
     parser.add_argument("--bf16", action="store_true",
                         help="also time the first pattern's layout on bf16 inputs (error vs the fp32 dense output)")
     parser.add_argument("--save", metavar="JSONL", help="append the rows to this file (JSON lines)")
-    parser.add_argument("--plot", metavar="PNG", help="log-log plot of time vs length from the --save file")
+    parser.add_argument("--audit", action="store_true", help="per head: kept mass, density, row-wise optimum, the "
+                        "default pattern's choice (no timing)")
+    parser.add_argument("--plot", metavar="PNG", help="with --audit: the per-head layouts; else a log-log plot of "
+                        "time vs length from the --save file")
     args = parser.parse_args(argv)
+    if args.audit:
+        from .audit import run_audit
+        return run_audit(args.lengths, args.patterns, args.heads, args.kv_heads, args.head_dim, args.workload,
+                         args.plot, inputs=_inputs)
     rows = run(args.lengths, args.patterns, args.heads, args.kv_heads, args.head_dim, args.repeat, not args.no_flex,
                not args.no_quality, args.memory, workload=args.workload, backend=args.backend, bf16=args.bf16,
                torch_row=not args.no_torch_peer)
@@ -246,5 +262,5 @@ def main(argv=None):
         save_rows(rows, args.save)
     if args.plot:
         if not args.save:
-            parser.error("--plot draws from the --save file")
+            parser.error("--plot draws from the --save file (or use it with --audit)")
         plot_rows(args.save, args.plot)

@@ -197,3 +197,110 @@ def make_mixed_qkv(w: MixedWorkload = MixedWorkload(), device="cpu"):
     add_q(slice(salient_p, salient_p + 1), salient_w, a_salient, after)
 
     return (*_rotated_qkv(q_pre, k_pre, theta, w, gen, device), spans)
+
+
+# ---------------------------------------------------------------------------------------------------- hard workload
+#: Head kinds of `HardWorkload`, assigned to query heads in this order (cycled).
+HARD_KINDS = ("sink", "far_needle", "document", "periodic", "broad", "document", "diffuse", "far_needle")
+
+
+@dataclass(frozen=True)
+class HardWorkload:
+    """A workload made to break sample-based estimators: every query head has one kind (`HARD_KINDS`, cycled):
+
+    * ``sink``: sinks and a sharp local band (the easy case);
+    * ``far_needle``: a few needle keys in the first quarter of the sequence, far from the sampled last queries;
+    * ``document``: the sequence is a run of documents (``doc_min``..``doc_max`` tokens); a query attends to its whole
+      own document almost uniformly (mass spread over thousands of keys, but in one contiguous block per row);
+    * ``periodic``: repeats every ``period`` tokens (diagonals far from the main one);
+    * ``broad``: a slowly decaying band (about half of the keys before a query for 0.95 of its mass);
+    * ``diffuse``: content-random attention with log-normal weights (``diffuse_sigma``): no structure at all.
+    Same RoPE frame and per-head weights as `make_qkv`; deterministic in ``seed``."""
+
+    batch: int = 1
+    q_heads: int = 8
+    kv_heads: int = 2
+    seq_len: int = 16384
+    head_dim: int = 128
+    q_len: int | None = None
+    sinks: int = 4
+    needles: int = 8
+    period: int = 1531
+    doc_min: int = 1024
+    doc_max: int = 4096
+    diffuse_sigma: float = 1.5
+    kinds: tuple = HARD_KINDS
+    seed: int = 0
+    dtype: torch.dtype = torch.float32
+
+
+def make_hard_qkv(w: HardWorkload = HardWorkload(), device="cpu"):
+    """``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, L, D]`` of `HardWorkload` ``w``."""
+    if w.head_dim < 64 or w.head_dim % 2:
+        raise ValueError(f"head_dim must be an even number >= 64, got {w.head_dim}")
+    if w.q_heads % w.kv_heads:
+        raise ValueError(f"q_heads ({w.q_heads}) must be a multiple of kv_heads ({w.kv_heads})")
+    bad = [kind for kind in w.kinds if kind not in HARD_KINDS]
+    if bad or not w.kinds:
+        raise ValueError(f"kinds must be a non-empty tuple of {HARD_KINDS}, got {w.kinds!r}")
+    gen = torch.Generator().manual_seed(w.seed)
+    B, Hq, Hkv, L, D = w.batch, w.q_heads, w.kv_heads, w.seq_len, w.head_dim
+    pairs = D // 2
+    n_topic, n_noise, n_comb, n_flat = 8, 8, 6, 2                 # document topics, diffuse noise, comb, sink+needle
+    n_local = pairs - n_topic - n_noise - n_comb - n_flat
+    c0 = n_local
+    t0 = c0 + n_comb
+    z0 = t0 + n_topic
+    sink_p, needle_p = z0 + n_noise, z0 + n_noise + 1
+    # Local pairs: the first half on RoPE's fast frequencies (sharp band), the second on slow ones (broad band).
+    half = n_local // 2
+    theta = torch.cat([10000.0 ** (-torch.arange(half) / n_local),
+                       (2 * math.pi / L) * (torch.arange(n_local - half) + 1) / (n_local - half),
+                       2 * math.pi * torch.arange(1, n_comb + 1) / w.period, torch.zeros(n_topic + n_noise + n_flat)])
+
+    def amplitude(logit: float, n_pairs: int) -> float:
+        return math.sqrt(logit * math.sqrt(D) / n_pairs)
+
+    kind = [w.kinds[h % len(w.kinds)] for h in range(Hq)]
+    k_pre = torch.randn(B, Hkv, L, pairs, 2, generator=gen) * 0.3
+    q_pre = torch.randn(B, Hq, L, pairs, 2, generator=gen) * 0.3
+    k_pre[..., n_local:, :] *= 0.3                                # quiet structure pairs unless a kind uses them
+    q_pre[..., n_local:, :] *= 0.3
+    k_pre[..., :half, 0] += amplitude(14.0, half)
+    k_pre[..., half:n_local, 0] += amplitude(12.0, n_local - half)
+    k_pre[..., c0:t0, 0] += amplitude(10.0, n_comb)
+    k_pre[..., :w.sinks, sink_p, 0] += amplitude(16.0, 1)
+    needle_pos = torch.rand(B, Hkv, max(L // 4 - w.sinks, 1), generator=gen).argsort(-1)[..., :w.needles] + w.sinks
+    k_pre[..., needle_p, 0].scatter_add_(-1, needle_pos.clamp(max=L - 1),
+                                         torch.full(needle_pos.shape, amplitude(15.0, 1)))
+    # Documents: each gets a random unit topic vector; its keys carry it (and so do document heads' queries).
+    bounds = [0]
+    while bounds[-1] < L:
+        bounds.append(bounds[-1] + int(torch.randint(w.doc_min, w.doc_max + 1, (1,), generator=gen)))
+    doc_of = torch.bucketize(torch.arange(L), torch.tensor(bounds[1:]), right=True)           # [L]
+    topics = torch.randn(B, Hkv, len(bounds), n_topic * 2, generator=gen)
+    topics = topics / topics.norm(dim=-1, keepdim=True) * math.sqrt(12.0 * math.sqrt(D))
+    k_pre[..., t0:z0, :] += topics[:, :, doc_of].reshape(B, Hkv, L, n_topic, 2)
+    # Diffuse: strong random components on the noise pairs of keys; diffuse queries read them.
+    k_noise = torch.randn(B, Hkv, L, n_noise, 2, generator=gen)
+    k_pre[..., z0:sink_p, :] = k_noise
+
+    a_sink = amplitude(16.0, 1)
+    for h, kd in enumerate(kind):
+        kv = h // (Hq // Hkv)
+        q_pre[:, h, :, sink_p, 0] += a_sink * (1.0 if kd == "sink" else 0.3)
+        if kd in ("sink", "far_needle", "periodic"):
+            q_pre[:, h, :, :half, 0] += amplitude(14.0, half)
+        if kd == "far_needle":
+            q_pre[:, h, :, needle_p, 0] += amplitude(15.0, 1)
+        if kd == "periodic":
+            q_pre[:, h, :, c0:t0, 0] += amplitude(10.0, n_comb)
+        if kd == "broad":
+            q_pre[:, h, :, half:n_local, 0] += amplitude(12.0, n_local - half)
+        if kd == "document":
+            q_pre[:, h, :, t0:z0, :] += topics[:, kv, doc_of].reshape(B, L, n_topic, 2)
+        if kd == "diffuse":
+            # logit std sigma from q . k over 2 n_noise unit-variance key components, after 1/sqrt(D)
+            q_pre[:, h, :, z0:sink_p, :] = torch.randn(B, L, n_noise, 2, generator=gen) * (
+                w.diffuse_sigma * math.sqrt(D) / math.sqrt(2 * n_noise) / 1.0)
+    return _rotated_qkv(q_pre, k_pre, theta, w, gen, device)
