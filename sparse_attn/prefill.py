@@ -112,7 +112,7 @@ def sparse_prefill(q, k, v, pattern=None, *, causal: bool = True, scale=None, ba
             return chosen.run(q, k, v, layout, causal=causal, scale=scale, softcap=softcap)
         return _dense(q, k, v, causal=causal, scale=scale)
     layout = _estimate(q, k, patterns, causal=causal, scale=scale, block_m=64, block_n=64)
-    if not softcap and sparse_is_slower(layout, chosen.name, causal=causal):   # never slower than dense
+    if not softcap and sparse_is_slower(layout, chosen, causal=causal):   # never slower than dense
         return _dense(q, k, v, causal=causal, scale=scale)
     return chosen.run(q, k, v, layout, causal=causal, scale=scale, softcap=softcap)
 

@@ -25,6 +25,10 @@ class Backend:
     head_dims: tuple = (1, 1 << 30, 1)
     supports_lse: bool = True
     supports_softcap: bool = False
+    #: attention time / (dense SDPA time x density): what `dense_guard` predicts with.  Measured on the 2-core CPU
+    #: machine for "cpu", "torch" and "flex" (bench/results/cpu-2core-2026-11-28-session4.txt); "triton" and
+    #: "cuda" are MInference-like guesses until the GPU check measures them.
+    cost_per_key: float = 1.0
     #: whether ``"auto"`` may pick it (opt-in backends: a compile per shape, a test-only mode)
     in_auto: bool = True
 

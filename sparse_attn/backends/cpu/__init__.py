@@ -9,6 +9,7 @@ from . import loader
 
 class CpuBackend(Backend):
     name = "cpu"
+    cost_per_key = 2.0
     devices = ("cpu",)
     dtypes = (torch.float32, torch.float16, torch.bfloat16)      # fp64 stays on the torch backend, in fp64
     supports_softcap = True

@@ -10,6 +10,7 @@ from . import launcher
 
 class CudaBackend(Backend):
     name = "cuda"
+    cost_per_key = 2.0
     supports_softcap = True
     devices = ("cuda",)
     dtypes = tuple(launcher.ATTENTION_DTYPES)

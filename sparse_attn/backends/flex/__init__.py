@@ -8,6 +8,7 @@ from .attention import flex_sparse_attention
 
 class FlexBackend(Backend):
     name = "flex"
+    cost_per_key = 2.1
     devices = ("cpu", "cuda")
     in_auto = False
 

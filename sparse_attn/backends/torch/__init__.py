@@ -9,6 +9,7 @@ from .attention import torch_sparse_attention
 
 class TorchBackend(Backend):
     name = "torch"
+    cost_per_key = 2.6
     supports_softcap = True
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -8,6 +8,7 @@ from . import launcher
 
 class TritonBackend(Backend):
     name = "triton"
+    cost_per_key = 1.5
     supports_softcap = True
     devices = ("cuda", "cpu")                       # CPU only under TRITON_INTERPRET=1 (tests)
     dtypes = launcher.TRITON_DTYPES
