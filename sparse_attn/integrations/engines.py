@@ -21,6 +21,7 @@ import torch
 
 from ..layout import SparseLayout
 from ..backends.checks import check_softcap
+from ..backends.cuda.vertical_slash_args import check_vertical_slash_args
 from ..prefill import sparse_attention, sparse_prefill
 from .vertical_slash_clipped import clipped_vertical_slash_indexes
 from .vertical_slash_engine import engine_convert, engine_convert_unsorted
@@ -235,47 +236,7 @@ def sparse_prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
     return result
 
 
-
-
 # ---------------------------------------------------------------------------------------------------- indexes
-def _check_int_tensor(name: str, t, ndim: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in (torch.int32, torch.int64) or t.dim() != ndim:
-        raise ValueError(f"{name} must be a {ndim}-d int32 (or int64) tensor, got {t.dtype} {tuple(t.shape)}")
-
-
-def _check_convert_args(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes, context_size, block_size_M,
-                        block_size_N) -> tuple[list[int], list[int]]:
-    """Raise ValueError naming the bad argument; return the per-entry q / kv lengths as lists (one host sync: the
-    lengths decide the work).  A single length applies to every batch entry (MInference passes that)."""
-    _check_int_tensor("q_seqlens", q_seqlens, 1)
-    _check_int_tensor("kv_seqlens", kv_seqlens, 1)
-    _check_int_tensor("vertical_indexes", vertical_indexes, 3)
-    _check_int_tensor("slash_indexes", slash_indexes, 3)
-    for name, value in (("context_size", context_size), ("block_size_M", block_size_M),
-                        ("block_size_N", block_size_N)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    batch, heads = vertical_indexes.shape[:2]
-    if tuple(slash_indexes.shape[:2]) != (batch, heads):
-        raise ValueError(f"slash_indexes must have leading shape {(batch, heads)} like vertical_indexes, got "
-                         f"{tuple(slash_indexes.shape)}")
-    lens = []
-    for name, t in (("q_seqlens", q_seqlens), ("kv_seqlens", kv_seqlens)):
-        if t.shape[0] not in (1, batch):
-            raise ValueError(f"{name} must have 1 or {batch} entries (the batch of vertical_indexes), got "
-                             f"{t.shape[0]}")
-        values = t.tolist()
-        lens.append(values * batch if len(values) == 1 else values)
-    q_lens, kv_lens = lens
-    bad = [b for b in range(batch) if not 0 <= q_lens[b] <= kv_lens[b]]
-    if bad:
-        raise ValueError(f"q_seqlens / kv_seqlens: entries {bad} break 0 <= q_seqlen <= kv_seqlen (queries are the "
-                         f"last positions of each entry)")
-    return q_lens, kv_lens
-
-
 def _is_sorted(t, counts, descending: bool) -> bool:
     """Whether each head's first ``counts[h]`` entries of ``t [B, H, n]`` are in the engines' order."""
     if t.shape[-1] < 2:
@@ -303,8 +264,8 @@ def _past_count(t, counts, fill: int):
 
 def _convert(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes, v_counts, s_counts, context_size,
              block_size_M, block_size_N, causal, clip):
-    q_lens, kv_lens = _check_convert_args(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes, context_size,
-                                          block_size_M, block_size_N)
+    q_lens, kv_lens = check_vertical_slash_args(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes, context_size,
+                                                block_size_M, block_size_N, kv_within_context=False)
     heads, dev = vertical_indexes.shape[1], vertical_indexes.device
     if v_counts is None:
         v_counts = torch.full((heads,), vertical_indexes.shape[2], dtype=torch.int64, device=dev)
