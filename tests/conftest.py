@@ -35,6 +35,18 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 # oracle or torch-backend call could fail at atol 1e-5 for no fault of the code under test.
 torch.randn(1 << 16).exp()
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """The one GPU marker (`@pytest.mark.gpu`) skips by itself where no CUDA device is visible."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 CONTIGUITY = ("contiguous", "blhd", "strided")
 HEAD_CONFIGS = {"mha": (3, 3), "gqa": (4, 2), "mqa": (4, 1)}
 

@@ -21,7 +21,6 @@ pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not triton_launch.interpreter_enabled():
     pytest.skip("no GPU and TRITON_INTERPRET is off", allow_module_level=True)
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # (Lq, Lk, heads, D, contiguity, block_m, block_n, dtypes): awkward lengths, Lq < Lk, every head config, padded
 # head dims, non-contiguous inputs, and layout blocks narrower / wider than the kernel's steps or not powers of two.
@@ -239,7 +238,6 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
 
 # ---------------------------------------------------------------------------------------------------- GPU only
 @pytest.mark.gpu
-@needs_gpu
 @pytest.mark.parametrize("shape", ["L63", "q113k300", "q65k130_d256"])
 def test_bf16_on_gpu_matches_oracle(shape):
     lq, lk, heads, d, contiguity, bm, bn, _ = SHAPES[shape]
@@ -250,7 +248,6 @@ def test_bf16_on_gpu_matches_oracle(shape):
 
 
 @pytest.mark.gpu
-@needs_gpu
 def test_auto_picks_triton_on_cuda(monkeypatch):
     q, k, v = qkv(1, 2, 1, 130, 130, 64, torch.float16, seed=13)
     layout = sa.estimate(q, k, sa.AShape(sink=4, local=16))
