@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .index_exact import exact_topk
-from .index_ivf import _faiss
+from .index_ivf import _faiss, best_candidates
 from .index_query_aware import QueryAwareIndex
 
 
@@ -166,15 +166,7 @@ class FastScanIndex(QueryAwareIndex):
             read += n_read
             scores.append(s_ivf)
             ids.append(i_ivf)
-        if not scores:
-            none = torch.full((S, m, top_k), -1, dtype=torch.int64)
-            return none, scanned, read
-        all_s, all_i = torch.cat(scores, -1), torch.cat(ids, -1)
-        best, pick = all_s.topk(min(top_k, all_s.shape[-1]), dim=-1)
-        out = all_i.gather(-1, pick).masked_fill(torch.isinf(best), -1)
-        if out.shape[-1] < top_k:
-            out = torch.cat([out, torch.full((S, m, top_k - out.shape[-1]), -1, dtype=torch.int64)], -1)
-        return out, scanned, read
+        return best_candidates(scores, ids, (S, m), top_k), scanned, read
 
     def shortlist_for(self, top_k: int) -> int:
         """Candidates re-ranked exactly per query row for a search of ``top_k``."""

@@ -169,14 +169,7 @@ class IVFIndex:
                 s_ivf[s], i_ivf[s] = torch.from_numpy(d), torch.from_numpy(i)
             scores.append(s_ivf.masked_fill(i_ivf < 0, float("-inf")))
             ids.append(i_ivf)
-        if not scores:
-            return torch.full((S, m, top_k), -1, dtype=torch.int64), scanned, scanned
-        all_s, all_i = torch.cat(scores, -1), torch.cat(ids, -1)
-        best, pick = all_s.topk(min(top_k, all_s.shape[-1]), dim=-1)
-        out = all_i.gather(-1, pick).masked_fill(torch.isinf(best), -1)
-        if out.shape[-1] < top_k:
-            out = torch.cat([out, torch.full((S, m, top_k - out.shape[-1]), -1, dtype=torch.int64)], -1)
-        return out, scanned, scanned
+        return best_candidates(scores, ids, (S, m), top_k), scanned, scanned
 
     # ------------------------------------------------------------------------------------------ saving
     _state_fields = ("trained", "n_indexed", "tail", "train_seconds")
@@ -213,6 +206,19 @@ class IVFIndex:
             if self.key_map is not None:
                 total += (self.key_map.numel() + self.query_map.numel()) * 4
         return total
+
+
+def best_candidates(scores: list, ids: list, lead: tuple, top_k: int) -> torch.Tensor:
+    """The ``top_k`` best of the candidate lists ``scores`` / ``ids`` (each ``[*lead, n_i]``; -inf scores are
+    missing candidates): long ``[*lead, top_k]``, -1 where fewer than ``top_k`` real candidates exist."""
+    if not scores:
+        return torch.full((*lead, top_k), -1, dtype=torch.int64)
+    all_s, all_i = torch.cat(scores, -1), torch.cat(ids, -1)
+    best, pick = all_s.topk(min(top_k, all_s.shape[-1]), dim=-1)
+    out = all_i.gather(-1, pick).masked_fill(torch.isinf(best), -1)
+    if out.shape[-1] < top_k:
+        out = torch.cat([out, torch.full((*lead, top_k - out.shape[-1]), -1, dtype=torch.int64)], -1)
+    return out
 
 
 def _chunked_argmax(x: torch.Tensor, centroids: torch.Tensor, bias, chunk: int = 32768) -> torch.Tensor:
