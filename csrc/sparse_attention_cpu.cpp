@@ -13,6 +13,8 @@
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
+#include "cpu_exp.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -33,38 +35,6 @@ template <typename T>
 inline void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, float* C,
                  int64_t ldc, bool accumulate) {
   at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/!std::is_same_v<T, float>);
-}
-
-// exp(y) for y <= 0 (0 below -87): Cody-Waite reduction and a degree-7 polynomial (relative error about 1e-7),
-// inline so that the loops calling it vectorise.
-inline float exp_nonpositive(float y) {
-  const float z = std::max(y, -87.0f);
-  const float t = z * 1.44269504088896341f;
-  const float nf = (t + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = (z - nf * 0.693145751953125f) - nf * 1.428606765330187e-06f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(nf) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(float));
-  return y < -87.0f ? 0.0f : p * scale;
-}
-
-// x[i] = exp(x[i] - shift) for n values, -inf giving 0; returns their sum.
-inline float exp_shifted_sum(float* x, int64_t n, float shift) {
-  float total = 0.f;
-#pragma omp simd reduction(+ : total)
-  for (int64_t i = 0; i < n; ++i) {
-    const float e = exp_nonpositive(x[i] - shift);
-    x[i] = e;
-    total += e;
-  }
-  return total;
 }
 
 // x[i] *= scale, then with softcap > 0: x[i] = softcap * tanh(x[i] / softcap), tanh(a) = sign(a) (1 - e) / (1 + e)

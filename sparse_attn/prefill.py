@@ -25,7 +25,7 @@ BACKENDS = BACKEND_NAMES
 
 
 def estimate(q, k, pattern=None, *, causal: bool = True, scale=None, block_m: int = 64,
-             block_n: int = 64) -> SparseLayout:
+             block_n: int = 64, scores_backend: str = "auto") -> SparseLayout:
     """Estimate the `SparseLayout` of ``pattern`` for every batch row and query head, from a sample of the queries.
 
     Arguments:
@@ -42,6 +42,8 @@ def estimate(q, k, pattern=None, *, causal: bool = True, scale=None, block_m: in
 
         scale: softmax scale of the scores (default ``head_dim ** -0.5``).
         block_m, block_n: query rows per layout row block, keys per tile (64, 64).
+        scores_backend: what scores the vertical-slash sample (`sparse_attn.estimators.score_backends`): "auto"
+            (Triton on CUDA tensors, the fused C++ pass on CPU tensors, else torch), "triton", "cpu" or "torch".
 
     Returns:
         A `SparseLayout` ``[batch, Hq, ceil(Lq / block_m)]`` on q's device.  No host synchronisation on a GPU.
@@ -52,7 +54,8 @@ def estimate(q, k, pattern=None, *, causal: bool = True, scale=None, block_m: in
     _check_block("block_m", block_m)
     _check_block("block_n", block_n)
     return _estimate(q, k, _patterns_per_head(pattern, q.shape[1]), causal=causal,
-                     scale=resolve_scale(scale, q.shape[-1]), block_m=block_m, block_n=block_n)
+                     scale=resolve_scale(scale, q.shape[-1]), block_m=block_m, block_n=block_n,
+                     scores_backend=scores_backend)
 
 
 def sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True, scale=None, backend: str = "auto",
@@ -136,7 +139,7 @@ def _dense(q, k, v, *, causal: bool, scale: float):
 
 
 def _estimate(q, k, patterns: list[Pattern], *, causal: bool, scale: float, block_m: int,
-              block_n: int) -> SparseLayout:
+              block_n: int, scores_backend: str = "auto") -> SparseLayout:
     """`estimate` on checked inputs: heads grouped by pattern family, one `build` call per group."""
     groups: dict = {}
     for head, p in enumerate(patterns):
@@ -145,8 +148,9 @@ def _estimate(q, k, patterns: list[Pattern], *, causal: bool, scale: float, bloc
     for heads in groups.values():
         family = type(patterns[heads[0]])
         index = host_tensor(heads, dtype=torch.long, device=q.device)          # no stream sync on a GPU
+        options = {"scores_backend": scores_backend} if family.takes_scores_backend else {}
         layouts.append(family.build([patterns[h] for h in heads], index, q, k, causal=causal, scale=scale,
-                                    block_m=block_m, block_n=block_n))
+                                    block_m=block_m, block_n=block_n, **options))
         order.extend(heads)
     layout = layouts[0] if len(layouts) == 1 else concat_heads(layouts)
     if order != sorted(order):

@@ -211,7 +211,7 @@ def test_bad_input_is_rejected_with_the_reason():
         args = {"scale": 0.125, **kwargs}
         with pytest.raises(ValueError, match=reason):
             triton_sample_scores(args.pop("q"), args.pop("k"), args.pop("last_q"), args.pop("scale"), **args)
-    with pytest.raises(ValueError, match="scores_backend must be"):
+    with pytest.raises(ValueError, match="must be 'auto' or one of"):
         vs_layout(q, k, [sa.VerticalSlash()] * 4, torch.arange(4, device=DEVICE), "cupy")
     scores = triton_sample_scores(q, k, 8, 0.125)
     with pytest.raises(ValueError, match="picked must be"):

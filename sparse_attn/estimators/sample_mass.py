@@ -6,20 +6,31 @@ from __future__ import annotations
 import torch
 
 
-def last_query_probs(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float, causal: bool = True):
+def last_query_probs(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float, causal: bool = True,
+                     key_stride: int = 1):
     """Softmax (fp32) of the last ``last_q`` queries of ``q [B, Hq, Lq, D]`` against ``k [B, Hkv, Lk, D]``,
     causal inside the sample: ``[B, Hq, n, Lk]`` with ``n = min(last_q, Lq)``, and the key positions ``[n]`` of
-    those queries."""
+    those queries.  ``key_stride``: against every ``key_stride``-th key only (``[B, Hq, n, ceil(Lk / stride)]``,
+    normalised over those keys)."""
+    logits, pos = last_query_logits(q, k, last_q, scale, causal, key_stride)
+    return torch.softmax(logits, dim=-1), pos
+
+
+def last_query_logits(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float, causal: bool = True,
+                      key_stride: int = 1):
+    """The scaled logits behind `last_query_probs` (-inf where causally hidden), and the rows' key positions."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     n = min(last_q, Lq)
     sample = (q[:, :, Lq - n:].float() * scale).reshape(B, Hkv, Hq // Hkv, n, D)     # scale n x D, not n x Lk
-    logits = torch.einsum("bhgnd,bhkd->bhgnk", sample, k.float()).reshape(B, Hq, n, Lk)
+    keys = k[:, :, ::key_stride]
+    logits = torch.einsum("bhgnd,bhkd->bhgnk", sample, keys.float()).reshape(B, Hq, n, keys.shape[2])
     pos = torch.arange(Lq - n, Lq, device=q.device) + (Lk - Lq)
     if causal:             # only the last n keys can lie after a sample row
-        tail = torch.arange(Lk - n, Lk, device=q.device)
-        logits[..., Lk - n:].masked_fill_(tail > pos[:, None], float("-inf"))
-    return torch.softmax(logits, dim=-1), pos
+        first = -(-(Lk - n) // key_stride)                      # first strided key among the last n
+        tail = torch.arange(first, keys.shape[2], device=q.device) * key_stride
+        logits[..., first:].masked_fill_(tail > pos[:, None], float("-inf"))
+    return logits, pos
 
 
 def column_mass(probs: torch.Tensor) -> torch.Tensor:
@@ -103,3 +114,74 @@ def antidiagonal_block_mass(q: torch.Tensor, k: torch.Tensor, block_m: int, bloc
     rows_in_block = valid_row.reshape(qb1 - qb0, block_m // S).sum(-1).clamp(min=1)
     per_block = per_block / rows_in_block[:, None]
     return torch.nn.functional.pad(per_block, (0, n_kb - k_blocks))
+
+
+def column_mass_by_group(probs: torch.Tensor, pos: torch.Tensor, group: int) -> torch.Tensor:
+    """Column mass of the sample rows ``probs [B, H, n, K]`` (consecutive positions ``pos [n]``) split by diagonal
+    group: ``[B, H, K, G]``, slot ``t`` of key ``j`` holding the rows at distance ``d = pos - j >= 0`` in group
+    ``d // group == (pos[0] - j) // group + t`` (n consecutive rows span ``G = (n + group - 2) // group + 1``
+    groups).  With it the mass on any set of diagonal groups is a lookup per key (`GroupedScores.on_diagonals`)."""
+    B, H, n, K = probs.shape
+    G = (n + group - 2) // group + 1
+    keys = torch.arange(K, device=probs.device)
+    dist = pos[:, None] - keys                                                        # [n, K]
+    slot = torch.where(dist >= 0, dist.div(group, rounding_mode="floor") -
+                       (pos[0] - keys).div(group, rounding_mode="floor"), G)           # G: not on any diagonal
+    out = torch.zeros(B, H, K, G + 1, dtype=probs.dtype, device=probs.device)
+    out.scatter_add_(-1, slot.t().expand(B, H, K, n), probs.transpose(-1, -2))
+    return out[..., :G]
+
+
+class GroupedScores:
+    """Column and diagonal mass of a sample of the last ``n`` queries (the contract of
+    `estimators.triton_scores.SampleScores`): ``column``, ``column_off_local``, ``diagonal`` ``[B, Hs, Lk]`` fp32,
+    plus ``by_group [B, Hs, Lk, G]`` (`column_mass_by_group` for diagonal groups of ``group`` keys) and ``lse [B, Hs,
+    n]`` (natural log of each row's softmax sum), the rows sitting at key positions ``pos0 .. pos0 + n - 1``."""
+
+    def __init__(self, column, column_off_local, diagonal, by_group, lse, pos0: int, group: int):
+        self.column, self.column_off_local, self.diagonal = column, column_off_local, diagonal
+        self.by_group, self.lse, self.pos0, self.group = by_group, lse, pos0, group
+
+    def on_diagonals(self, picked: torch.Tensor, group: int) -> torch.Tensor:
+        """Column mass lying on chosen diagonal groups: ``picked [B, Hs, n_groups + 1]`` (bool; the last slot must be
+        False) -> [B, Hs, Lk]: per key, its ``G`` group slots weighed by whether their group is picked."""
+        if group != self.group:
+            raise ValueError(f"group must be the {self.group} the scores were split by, got {group}")
+        B, Hs, Lk, G = self.by_group.shape
+        keys = torch.arange(Lk, device=picked.device)
+        first = (self.pos0 - keys).div(group, rounding_mode="floor")[:, None] + torch.arange(G, device=picked.device)
+        n_groups = picked.shape[-1] - 1
+        index = torch.where((first >= 0) & (first < n_groups), first, n_groups).reshape(1, 1, -1)
+        on = picked.gather(-1, index.expand(B, Hs, -1)).view(B, Hs, Lk, G)
+        return (self.by_group * on).sum(-1)
+
+
+def torch_sample_scores(q, k, last_q: int, scale: float, causal: bool = True, *, heads, sink, local, group: int,
+                        max_bytes: int = 256 << 20) -> GroupedScores:
+    """`GroupedScores` of the last ``n = min(last_q, Lq)`` queries of the query heads ``heads`` (long [Hs],
+    ascending) with ``sink``, ``local`` (long [Hs]) per head: the readable reference (softmax probabilities in
+    memory, a chunk of KV heads at a time so they stay under ``max_bytes``; GQA without repeating KV), and the
+    path where no fused pass runs."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    n, g = min(last_q, Lq), Hq // Hkv
+    per_kv = max(1, max_bytes // max(B * g * n * Lk * 4 * 3, 1))
+    keys = torch.arange(Lk, device=q.device)
+    parts = []
+    for kv0 in range(0, Hkv, per_kv):
+        kv1 = min(Hkv, kv0 + per_kv)
+        mine = ((heads >= kv0 * g) & (heads < kv1 * g)).nonzero().flatten()            # slots of these KV heads
+        if not mine.numel():
+            continue
+        logits, pos = last_query_logits(q[:, kv0 * g:kv1 * g], k[:, kv0:kv1], n, scale, causal)
+        logits = logits.index_select(1, heads[mine] - kv0 * g)
+        lse = torch.logsumexp(logits, -1)
+        probs = (logits - lse[..., None]).exp_()
+        col = column_mass(probs)
+        dist = pos[:, None] - keys
+        near = (dist >= 0) & (dist < local[mine, None, None])                            # [h, n, Lk]
+        sinks = keys < sink[mine, None]                                                  # [h, Lk]
+        parts.append((col, col - column_mass(probs * near), diagonal_mass(probs * ~sinks[:, None], pos),
+                      column_mass_by_group(probs, pos, group), lse))
+    column, off, diag, by_group, lse = (torch.cat(t, 1) for t in zip(*parts))
+    return GroupedScores(column, off, diag, by_group, lse, Lk - n, group)

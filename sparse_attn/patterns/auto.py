@@ -94,20 +94,23 @@ class Auto(Pattern):
     def block_sparse(self) -> BlockSparse:
         return BlockSparse(gamma=self.gamma, scoring="antidiagonal", stride=self.stride)
 
+    takes_scores_backend = True
+
     @classmethod
-    def build(cls, patterns, heads, q, k, *, causal, scale, block_m, block_n):
+    def build(cls, patterns, heads, q, k, *, causal, scale, block_m, block_n, scores_backend="auto"):
         layout, _ = build_with_choice(patterns[0], heads, q, k, causal=causal, scale=scale, block_m=block_m,
-                                      block_n=block_n)
+                                      block_n=block_n, scores_backend=scores_backend)
         return layout
 
 
-def build_with_choice(p: Auto, heads, q, k, *, causal, scale, block_m, block_n):
+def build_with_choice(p: Auto, heads, q, k, *, causal, scale, block_m, block_n, scores_backend="auto"):
     """The layout of the query heads ``heads`` and the choice ``[B, Hs]`` (`CHOICE_NAMES` indexes it)
     made for each batch row and head.  Host syncs: a few (which heads need which estimate), on the CPU
     free; on a GPU they cost a stall per call, but save the estimates a head does not need."""
     B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]
     Hs, dev = heads.shape[0], q.device
     kw = dict(causal=causal, scale=scale, block_m=block_m, block_n=block_n)
+    vs_kw = dict(kw, scores_backend=scores_backend)
     choice = torch.full((B, Hs), DENSE, dtype=torch.long, device=dev)
     candidates = {}                                              # kind -> (layout of the heads, those heads' slots)
 
@@ -117,7 +120,7 @@ def build_with_choice(p: Auto, heads, q, k, *, causal, scale, block_m, block_n):
         slots = _slots(sparse_ok.any(0))
         if slots.numel():
             candidates[VERTICAL_SLASH] = (VerticalSlash.build([p.vertical_slash(Lk)] * slots.numel(), heads[slots],
-                                                              q, k, **kw), slots)
+                                                              q, k, **vs_kw), slots)
             choice[sparse_ok] = VERTICAL_SLASH
     else:
         probs = None
@@ -133,7 +136,8 @@ def build_with_choice(p: Auto, heads, q, k, *, causal, scale, block_m, block_n):
             slots = _slots(open_.any(0))
             if not slots.numel():
                 continue
-            lay = family.build([pattern] * slots.numel(), heads[slots], q, k, **kw)
+            lay = family.build([pattern] * slots.numel(), heads[slots], q, k,
+                               **(vs_kw if family is VerticalSlash else kw))
             if probs is None:
                 probs = _of_heads(rows_probs(q, k, check, scale, causal)[0], heads)      # [B, Hs, R, Lk]
             kept = torch.zeros(B, Hs, device=dev)
@@ -166,11 +170,11 @@ def _slots(mask: torch.Tensor) -> torch.Tensor:
 def _row_need(q, k, heads, p: Auto, scale, causal) -> torch.Tensor:
     """Per batch row and head ``[B, Hs]``: the largest share of its visible keys that one of the last
     ``need_rows`` queries needs for ``gamma`` of its mass (the smallest such key set: its top keys), measured on
-    every ``_NEED_KEY_STRIDE``-th key (a sort of all keys cost a third of the estimate at 32K).  Only ever routes
+    every ``_NEED_KEY_STRIDE``-th key (a sort of all keys cost a third of the estimate at 32K; scoring only
+    those keys, an eighth of the GEMM: it is all an all-diffuse input pays before the dense guard).  Only ever routes
     a head to dense early, so an error costs time, never accuracy: the sparse choices are checked on their own."""
-    probs, pos = last_query_probs(q, k, p.need_rows, scale, causal)                   # [B, Hq, n, Lk]
-    probs = _of_heads(probs, heads)[..., ::_NEED_KEY_STRIDE]
-    probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-30)
+    probs, pos = last_query_probs(q, k, p.need_rows, scale, causal, key_stride=_NEED_KEY_STRIDE)  # [B, Hq, n, Lk/8]
+    probs = _of_heads(probs, heads)
     mass = probs.sort(-1, descending=True).values.cumsum(-1)
     keys = (mass < p.gamma).sum(-1) + 1                                               # [B, Hs, n]
     visible = (pos + 1).clamp(max=k.shape[2]) if causal else torch.full_like(pos, k.shape[2])

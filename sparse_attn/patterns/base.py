@@ -31,6 +31,9 @@ class Pattern:
                 reasons.append(f"{f.name} must be >= 0, got {value!r}")
         return reasons
 
+    #: whether `build` takes ``scores_backend`` (`estimators.score_backends`: which implementation scores a sample)
+    takes_scores_backend = False
+
     def group_key(self):
         """Heads whose patterns share this key are estimated together by one `build` call."""
         return (type(self),)

@@ -10,7 +10,8 @@ import torch
 from ..layout import kept_first
 from ..backends.host_copy import host_tensor
 from ..estimators.tiles import block_row_positions
-from ..estimators.sample_mass import column_mass, diagonal_mass, last_query_probs
+from ..estimators.sample_mass import column_mass, diagonal_mass
+from ..estimators.score_backends import select_scores
 from .base import Pattern, compacts_slots, layout_from_ranges, per_head, tile_bound
 
 
@@ -57,13 +58,14 @@ class VerticalSlash(VerticalSlashBudgets):
     def group_key(self):
         return (type(self), self.last_q)
 
+    #: `estimate`'s ``scores_backend`` choice reaches `build` (`estimators.score_backends`)
+    takes_scores_backend = True
+
     @classmethod
-    def build(cls, patterns, heads, q, k, *, causal, scale, block_m, block_n, max_bytes=256 << 20,
-              scores_backend="auto"):
-        """``scores_backend``: "triton" scores the sample with the fused kernels (`estimators.triton_scores`: no
-        [last_q, Lk] probabilities in memory, no host sync; CUDA tensors, or CPU under TRITON_INTERPRET=1),
-        "torch" with `estimators.sample_mass` (the readable reference, the CPU path), "auto" triton on CUDA tensors the
-        kernels support, else torch."""
+    def build(cls, patterns, heads, q, k, *, causal, scale, block_m, block_n, scores_backend="auto"):
+        """``scores_backend``: which implementation scores the sample (`estimators.score_backends`: "triton" the fused
+        Triton kernels, "cpu" the fused C++ pass, "torch" the readable reference; "auto" by the tensors' device).
+        None of them holds the [last_q, Lk] probabilities twice or syncs with the host."""
         B, Hq, Lq, _ = q.shape
         Hkv, Lk, dev = k.shape[1], k.shape[2], q.device
         n_buckets = -(-Lk // block_n)
@@ -74,35 +76,13 @@ class VerticalSlash(VerticalSlashBudgets):
         # Host-known maxima (no device read): widths of the top-k and of the slices the corrections touch.
         width_v = max(1, min(max(p.vertical for p in patterns), Lk))
         width_s = max(1, min(max(-(-p.slash // block_n) for p in patterns), n_buckets))
-        g, n = Hq // Hkv, min(patterns[0].last_q, Lq)
-        host = dict(first_pos=Lk - n, max_local=max(p.local for p in patterns),
-                    max_sink=max(p.sink for p in patterns), gamma_mode=any(p.gamma is not None for p in patterns))
-
-        if _scores_backend(scores_backend, q, k, n) == "triton":
-            from ..estimators.triton_scores import triton_sample_scores
-            scores = triton_sample_scores(q, k, n, scale, causal, heads=heads, sink=prm["sink"], local=prm["local"])
-            verticals, v_ok, buckets, s_ok = _choose(
-                scores.column, scores.column_off_local, scores.diagonal, n, prm, block_n, n_buckets, width_v,
-                width_s, host["gamma_mode"], lambda picked: scores.on_diagonals(picked, block_n))
-        else:
-            # The sample's probabilities are [B, heads, last_q, Lk]: go a chunk of KV heads at a time.
-            per_kv = max(1, max_bytes // max(B * g * n * Lk * 4 * 3, 1))
-            where = {h: i for i, h in enumerate(heads.tolist())}
-            parts, order = [], []
-            for kv0 in range(0, Hkv, per_kv):
-                kv1 = min(Hkv, kv0 + per_kv)
-                mine = [h for h in range(kv0 * g, kv1 * g) if h in where]
-                if not mine:
-                    continue
-                probs, pos = last_query_probs(q[:, kv0 * g:kv1 * g], k[:, kv0:kv1], n, scale, causal)
-                if len(mine) < (kv1 - kv0) * g:
-                    probs = probs[:, [h - kv0 * g for h in mine]]
-                idx = host_tensor([where[h] for h in mine], device=dev)
-                parts.append(_select(probs, pos, {name: t[idx] for name, t in prm.items()}, block_n, n_buckets,
-                                     width_v, width_s, host=host))
-                order.extend(where[h] for h in mine)
-            inverse = host_tensor(sorted(range(len(order)), key=order.__getitem__), device=dev)
-            verticals, v_ok, buckets, s_ok = (torch.cat(t, 1).index_select(1, inverse) for t in zip(*parts))
+        n = min(patterns[0].last_q, Lq)
+        gamma_mode = any(p.gamma is not None for p in patterns)
+        sample = select_scores(scores_backend, q, k).run(q, k, n, scale, causal, heads=heads, sink=prm["sink"],
+                                                 local=prm["local"], group=block_n)
+        verticals, v_ok, buckets, s_ok = _choose(
+            sample.column, sample.column_off_local, sample.diagonal, n, prm, block_n, n_buckets, width_v, width_s,
+            gamma_mode, lambda picked: sample.on_diagonals(picked, block_n))
 
         if compacts_slots(dev):
             # Keep only as many slots as the fullest head uses (one sync, free on the CPU): per-block work below
@@ -128,17 +108,6 @@ class VerticalSlash(VerticalSlashBudgets):
         return layout_from_ranges(starts, ends, cols, keep, q_len=Lq, k_len=Lk, block_m=block_m, block_n=block_n,
                                   max_tiles=min(buckets.shape[-1] * _tiles_per_group(block_m, block_n),
                                                 tile_bound(Lk, block_n)))
-
-
-def _scores_backend(choice, q, k, n) -> str:
-    if choice not in ("auto", "torch", "triton"):
-        raise ValueError(f"scores_backend must be 'auto', 'torch' or 'triton', got {choice!r}")
-    if choice != "auto":
-        return choice
-    if q.device.type != "cuda":
-        return "torch"
-    from ..estimators.triton_scores import scores_not_supported_reasons       # no triton import: a spec lookup
-    return "torch" if scores_not_supported_reasons(q, k, n) else "triton"
 
 
 def _select(probs, pos, prm, block_n, n_buckets, width_v, width_s, column_mass=column_mass, host=None):

@@ -42,12 +42,18 @@ def cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def build_name(source: bytes, flags=FLAGS, torch_version: str = torch.__version__, cpu: str | None = None) -> str:
+def build_name(source: bytes, flags=FLAGS, torch_version: str = torch.__version__, cpu: str | None = None,
+               prefix: str = "sparse_attn_cpu") -> str:
     digest = hashlib.sha256()
     for part in (source, " ".join(flags).encode(), torch_version.encode(), (cpu or cpu_signature()).encode()):
         digest.update(part)
         digest.update(b"\0")
-    return "sparse_attn_cpu_" + digest.hexdigest()[:16]
+    return f"{prefix}_" + digest.hexdigest()[:16]
+
+
+def source_with_headers(source: Path) -> bytes:
+    """The source and the ``csrc/`` headers it may include: a change to either is a new build."""
+    return source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
 
 
 def checksum_path(library: Path) -> Path:
@@ -94,7 +100,7 @@ def _build_or_reuse(directory: Path, name: str, source: Path) -> None:
                 warnings.warn(f"sparse_attn: the cached CPU kernel {library} does not match its recorded checksum "
                               "(an interrupted build or a damaged file); rebuilding it", RuntimeWarning, stacklevel=3)
             shutil.rmtree(directory)
-        print(f"sparse_attn: building the CPU kernel in {directory} (once per machine, about 15 s)", file=sys.stderr)
+        print(f"sparse_attn: building {source.name} in {directory} (once per machine, about 15 s)", file=sys.stderr)
         directory.mkdir(parents=True)
         build(name=name, sources=[str(source)], extra_cflags=list(FLAGS), extra_ldflags=["-fopenmp"],
               build_directory=str(directory), is_python_module=False, verbose=False)
@@ -105,18 +111,24 @@ def _build_or_reuse(directory: Path, name: str, source: Path) -> None:
 def load():
     """The kernel's ops (``torch.ops.sparse_attn_cpu``), or None where it is turned off or cannot be built here
     (a warning says why, once per process)."""
+    return load_library(SOURCE_NAME, "sparse_attn_cpu", "the compiled CPU kernel", "the slower torch backend")
+
+
+def load_library(source_name: str, prefix: str, what: str, fallback: str):
+    """Build (or reuse) ``csrc/<source_name>`` and return its ops namespace ``torch.ops.<prefix>``; None where
+    ``SPARSE_ATTN_CPU_KERNEL=0`` or it cannot be built here (one warning naming ``what`` and the ``fallback``)."""
     if os.environ.get("SPARSE_ATTN_CPU_KERNEL", "1") == "0":
         return None
     try:
-        source = source_path()
-        name = build_name(source.read_bytes())
+        source = source_dir() / source_name
+        name = build_name(source_with_headers(source), prefix=prefix)
         directory = default_cache_dir() / "cpu" / name
         directory.parent.mkdir(parents=True, exist_ok=True)
         _build_or_reuse(directory, name, source)
-        return torch.ops.sparse_attn_cpu
-    except Exception as err:  # no compiler, no ninja, a failed build: the torch backend still runs
-        warnings.warn(f"sparse_attn: the compiled CPU kernel is unavailable ({type(err).__name__}: "
-                      f"{str(err)[:500]}); backend='auto' uses the slower torch backend", RuntimeWarning, stacklevel=2)
+        return getattr(torch.ops, prefix)
+    except Exception as err:  # no compiler, no ninja, a failed build: the torch path still runs
+        warnings.warn(f"sparse_attn: {what} is unavailable ({type(err).__name__}: {str(err)[:500]}); "
+                      f"backend='auto' uses {fallback}", RuntimeWarning, stacklevel=3)
         return None
 
 

@@ -1,0 +1,39 @@
+// Vectorisable exp for the CPU kernels (sparse_attention_cpu.cpp, sample_scores_cpu.cpp): std::exp does not
+// vectorise without -ffast-math, these inline polynomials do.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+// exp(y) for y <= 0 (0 below -87): Cody-Waite reduction and a degree-7 polynomial (relative error about 1e-7),
+// inline so that the loops calling it vectorise.
+inline float exp_nonpositive(float y) {
+  const float z = std::max(y, -87.0f);
+  const float t = z * 1.44269504088896341f;
+  const float nf = (t + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = (z - nf * 0.693145751953125f) - nf * 1.428606765330187e-06f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(nf) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(float));
+  return y < -87.0f ? 0.0f : p * scale;
+}
+
+// x[i] = exp(x[i] - shift) for n values, -inf giving 0; returns their sum.
+inline float exp_shifted_sum(float* x, int64_t n, float shift) {
+  float total = 0.f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t i = 0; i < n; ++i) {
+    const float e = exp_nonpositive(x[i] - shift);
+    x[i] = e;
+    total += e;
+  }
+  return total;
+}

@@ -1,0 +1,50 @@
+"""The fused CPU pass for the sample scores (``csrc/sample_scores_cpu.cpp``): the contract of
+`sample_mass.torch_sample_scores` (its readable reference) without the [heads, last_q, Lk] probabilities.  Built
+on first use through the CPU kernel's loader (same JIT cache, checksum, file lock and ``SPARSE_ATTN_CPU_KERNEL=0``
+off switch); where it cannot be built, one warning and the torch reference runs instead."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..backends.cpu import loader
+from .sample_mass import GroupedScores
+
+SOURCE_NAME = "sample_scores_cpu.cpp"
+
+
+@functools.lru_cache(maxsize=1)
+def load():
+    """``torch.ops.sparse_attn_cpu_scores``, or None (turned off, or no compiler here: one warning)."""
+    return loader.load_library(SOURCE_NAME, "sparse_attn_cpu_scores", "the fused CPU score pass",
+                               "the torch sample scores")
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def low_precision(q: torch.Tensor) -> bool:
+    """Whether the scores' GEMMs run in bf16 (fp32 accumulation and softmax): for bf16 inputs where this CPU has
+    native bf16 GEMMs.  fp32 inputs stay in fp32: measured at 32K (8 heads, D=128, 2 cores) the bf16 route was
+    slower (76 ms vs 57 ms), its key conversion and small GEMMs costing more than the GEMM rate gains."""
+    return q.dtype == torch.bfloat16 and q.shape[-1] % 2 == 0 and loader.native_low_precision(torch.bfloat16,
+                                                                                                q.shape[-1])
+
+
+def cpu_sample_scores(q, k, last_q: int, scale: float, causal: bool = True, *, heads, sink, local, group: int,
+                      bf16: bool | None = None) -> GroupedScores:
+    """`torch_sample_scores`'s contract on the fused pass.  ``bf16``: GEMMs in bf16 (default `low_precision`);
+    q is scaled in fp32 before the cast."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    n = min(last_q, Lq)
+    dtype = torch.bfloat16 if (low_precision(q) if bf16 is None else bf16) else torch.float32
+    sample = (q[:, :, Lq - n:].index_select(1, heads).float() * scale).to(dtype).contiguous()
+    keys = k if k.dtype == dtype and k.stride(-1) == 1 else k.to(dtype).contiguous()
+    as_long = (lambda t: t.to(torch.long).contiguous())
+    column, off, diag, by_group, lse = load().sample_scores(sample, keys, as_long(heads // (Hq // Hkv)),
+                                                            as_long(sink), as_long(local), Lk - n, bool(causal),
+                                                            int(group))
+    return GroupedScores(column, off, diag, by_group, lse, Lk - n, group)
