@@ -1,0 +1,154 @@
+"""Sample scores of the vertical-slash estimators: the torch reference (`sample_mass.torch_sample_scores`) against an
+fp64 dense softmax written out here, the fused C++ pass (`cpu_scores`) against the reference on awkward shapes,
+their dispatch (`score_backends`), and identical layouts whichever implementation scores."""
+import pytest
+import torch
+
+import sparse_attn as sa
+from sparse_attn.backends.cpu import loader
+from sparse_attn.errors import NotSupportedError
+from sparse_attn.estimators import cpu_scores, score_backends
+from sparse_attn.estimators.sample_mass import torch_sample_scores
+from sparse_attn.tools.synthetic import HardWorkload, Workload, make_hard_qkv
+from sparse_attn.tools.synthetic import make_qkv as make_workload
+from conftest import causal_mask, make_qkv
+
+# B, Hq, Hkv, Lq, Lk, D, last_q, causal, contiguity, heads, group: lengths off the 64 grid, Lq < Lk, a sample
+# longer than Lq, MHA / GQA / MQA, head subsets out of order, non-contiguous inputs, samples spanning several groups.
+CASES = {
+    "L1": (1, 2, 2, 1, 1, 32, 64, True, "contiguous", [0, 1], 64),
+    "q63_gqa": (2, 4, 2, 63, 63, 48, 64, True, "blhd", [0, 1, 2, 3], 16),
+    "q65k113_mqa_subset": (2, 4, 1, 65, 113, 64, 64, True, "strided", [3, 0], 64),
+    "q30k300_lastq_gt_lq": (2, 2, 1, 30, 300, 32, 64, True, "contiguous", [1, 0], 8),
+    "q113_noncausal": (2, 3, 3, 113, 113, 16, 100, False, "contiguous", [2, 0, 1], 32),
+    "q70k1000_gqa": (1, 8, 2, 70, 1000, 64, 64, True, "contiguous", [0, 3, 4, 7], 64),
+}
+
+
+def oracle(q, k, rows_n, scale, causal, heads, sink, local, group):
+    """fp64 softmax of the last rows over all keys, reduced with explicit index arithmetic."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    n = min(rows_n, Lq)
+    kk = k.double().repeat_interleave(Hq // Hkv, 1)[:, heads]
+    logits = q.double()[:, heads, Lq - n:] @ kk.transpose(-1, -2) * scale
+    if causal:
+        logits = logits.masked_fill(~causal_mask(Lq, Lk)[Lq - n:], float("-inf"))
+    p = torch.softmax(logits, -1)                                     # [B, Hs, n, Lk]
+    pos = torch.arange(Lq - n, Lq) + Lk - Lq
+    dist = pos[:, None] - torch.arange(Lk)                           # [n, Lk]
+    column = p.sum(2)
+    near = ((dist >= 0)[None] & (dist[None] <= local[:, None, None])).double()
+    off = column - (p * near).sum(2)
+    diag = torch.zeros(B, len(heads), Lk, dtype=torch.float64)
+    group_of = torch.div(dist, group, rounding_mode="floor")         # [n, Lk]
+    by_group = {}
+    for r in range(n):
+        for j in range(Lk):
+            d = int(dist[r, j])
+            if d < 0:
+                continue
+            keep = (j >= sink).double()                                  # [Hs]
+            diag[:, :, d] += p[:, :, r, j] * keep
+            by_group.setdefault((j, int(group_of[r, j])), []).append(r)
+    return column, off, diag, by_group, p, group_of, torch.logsumexp(logits, -1)
+
+
+def inputs(name):
+    B, Hq, Hkv, Lq, Lk, D, last_q, causal, contiguity, heads, group = CASES[name]
+    q, k, _ = make_qkv(B, Hq, Hkv, Lq, Lk, D, seed=11, contiguity=contiguity, structured=True)
+    heads = torch.tensor(heads)
+    sink = torch.tensor([0, 5, 64, 2][:len(heads)] * 2)[:len(heads)]
+    local = torch.tensor([64, 1, 0, 130][:len(heads)] * 2)[:len(heads)]
+    return q, k, last_q, D ** -0.5, causal, heads, sink, local, group
+
+
+def picked_groups(B, Hs, Lk, group, seed=3):
+    picked = torch.rand(B, Hs, -(-Lk // group) + 1, generator=torch.Generator().manual_seed(seed)) < 0.5
+    picked[..., -1] = False
+    return picked
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_torch_reference_matches_the_fp64_oracle(name):
+    q, k, last_q, scale, causal, heads, sink, local, group = inputs(name)
+    got = torch_sample_scores(q, k, last_q, scale, causal, heads=heads, sink=sink, local=local, group=group)
+    column, off, diag, _, p, group_of, lse = oracle(q, k, last_q, scale, causal, heads, sink, local, group)
+    for actual, expected in ((got.column, column), (got.column_off_local, off), (got.diagonal, diag),
+                             (got.lse, lse)):
+        torch.testing.assert_close(actual.double(), expected, atol=2e-5, rtol=1e-4)
+    picked = picked_groups(q.shape[0], len(heads), k.shape[2], group)
+    slot = torch.where(group_of >= 0, group_of, picked.shape[-1] - 1)                 # [n, Lk]
+    expected = (p * picked[:, :, slot].double()).sum(2)               # mass on the picked diagonal groups
+    torch.testing.assert_close(got.on_diagonals(picked, group).double(), expected, atol=2e-5, rtol=1e-4)
+
+
+needs_cpu_pass = pytest.mark.skipif("not cpu_scores.available()", reason="the fused CPU score pass cannot be built")
+
+
+@needs_cpu_pass
+@pytest.mark.parametrize("name", list(CASES))
+def test_cpu_pass_matches_the_torch_reference(name):
+    q, k, last_q, scale, causal, heads, sink, local, group = inputs(name)
+    want = torch_sample_scores(q, k, last_q, scale, causal, heads=heads, sink=sink, local=local, group=group)
+    got = cpu_scores.cpu_sample_scores(q, k, last_q, scale, causal, heads=heads, sink=sink, local=local,
+                                       group=group, bf16=False)
+    for field in ("column", "column_off_local", "diagonal", "by_group", "lse"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), atol=2e-5, rtol=1e-4, msg=field)
+    picked = picked_groups(q.shape[0], len(heads), k.shape[2], group)
+    torch.testing.assert_close(got.on_diagonals(picked, group), want.on_diagonals(picked, group), atol=2e-5,
+                               rtol=1e-4)
+    with pytest.raises(ValueError, match="group must be"):
+        got.on_diagonals(picked, group * 2)
+
+
+@needs_cpu_pass
+@pytest.mark.skipif("not loader.native_low_precision(torch.bfloat16, 64)", reason="no native bf16 GEMM here")
+@pytest.mark.parametrize("name", ["q65k113_mqa_subset", "q70k1000_gqa"])
+def test_cpu_pass_bf16_matches_the_reference_on_the_same_rounded_inputs(name):
+    """bf16 GEMMs with fp32 accumulation: against the reference on bf16-rounded inputs (the scaled sample rounded
+    as the pass rounds it), so only summation order differs."""
+    q, k, last_q, scale, causal, heads, sink, local, group = inputs(name)
+    got = cpu_scores.cpu_sample_scores(q.bfloat16(), k.bfloat16(), last_q, scale, causal, heads=heads, sink=sink,
+                                       local=local, group=group)
+    q_rounded = (q.bfloat16().float() * scale).bfloat16().float()
+    want = torch_sample_scores(q_rounded, k.bfloat16().float(), last_q, 1.0, causal, heads=heads, sink=sink,
+                               local=local, group=group)
+    for field in ("column", "column_off_local", "diagonal", "lse"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), atol=1e-4, rtol=1e-3, msg=field)
+
+
+def test_auto_dispatch_by_device_and_named_choices(monkeypatch):
+    q, k, _ = make_qkv(1, 4, 2, 64, 64, 32)
+    expected = "cpu" if cpu_scores.available() else "torch"
+    assert score_backends.select_scores("auto", q, k).name == expected
+    assert score_backends.select_scores("auto", q.double(), k.double()).name == "torch"    # fp64 stays exact
+    assert score_backends.select_scores("torch", q, k) is score_backends.TORCH_SCORES
+    with pytest.raises(ValueError, match="must be 'auto' or one of"):
+        score_backends.select_scores("cupy", q, k)
+    with pytest.raises(NotSupportedError, match="cpu"):
+        score_backends.select_scores("cpu", q.double(), k.double())
+    # where the pass cannot be built: auto takes the reference, naming it by choice says why not
+    monkeypatch.setattr(cpu_scores, "available", lambda: False)
+    assert score_backends.select_scores("auto", q, k).name == "torch"
+    with pytest.raises(NotSupportedError, match="fused CPU score pass is unavailable"):
+        score_backends.select_scores("cpu", q, k)
+
+
+@needs_cpu_pass
+@pytest.mark.parametrize("pattern", [sa.VerticalSlash(vertical=64, slash=256, sink=8, local=64),
+                                     sa.VerticalSlash(vertical=256, slash=1024, gamma=0.9, min_vertical=16,
+                                                      min_slash=64),
+                                     sa.Auto(gamma=0.95)], ids=["topk", "gamma", "auto"])
+@pytest.mark.parametrize("workload", ["text", "hard"])
+def test_layouts_identical_with_cpu_and_torch_scores(pattern, workload):
+    """Batch 2 with different content, GQA, Lq < Lk off the 64 grid: the same layout from either implementation."""
+    if workload == "text":
+        q, k, _ = make_workload(Workload(batch=2, q_heads=4, kv_heads=2, seq_len=1500, head_dim=64, seed=5))
+    else:
+        q, k, _ = make_hard_qkv(HardWorkload(batch=2, q_heads=4, kv_heads=2, seq_len=1500, head_dim=64))
+    q = q[:, :, -1100:]
+    layouts = [sa.estimate(q, k, pattern, scores_backend=name) for name in ("cpu", "torch")]
+    for field in ("block_count", "column_count"):
+        assert torch.equal(getattr(layouts[0], field), getattr(layouts[1], field)), field
+    assert torch.equal(layouts[0].to_mask(1100, 1500), layouts[1].to_mask(1100, 1500))
