@@ -3,8 +3,9 @@
 // without a [heads, n, Lk] probability tensor (one [Lk, n] fp32 buffer per (batch row, head), reused in place).
 // Per (batch row, head): scores S^T = K Q^T by batch-reduce GEMMs over chunks of keys (the keys' rows are read where
 // they are: no transposed copy), the causal mask on the last n keys, a row max, exp in place with the row sums, then
-// one pass over the keys that turns each row of S^T into the reductions.  fp32, or bf16 on the CPU's bf16 GEMMs
-// (fp32 accumulation and softmax).  Readable definition: sparse_attn.estimators.sample_mass.torch_sample_scores.
+// one pass over the keys that turns each row of S^T into the reductions.  Also the prefix sums of the softmax of
+// any query rows (row_prefix_mass: the held-out rows on which Auto checks its candidates).  fp32, or bf16 on the
+// CPU's bf16 GEMMs (fp32 accumulation and softmax).  Readable definition: sparse_attn.estimators.sample_mass.torch_sample_scores.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -24,12 +25,10 @@ constexpr int64_t kChunk = 256;  // keys per GEMM call
 
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
-// One (batch row, head): q [n, D] (pre-scaled, rows), k [Lk, D] (rows, stride ldk), rows at key positions
-// pos0 .. pos0 + n - 1.  Writes column, off_local, diagonal [Lk], by_group [Lk, G], lse [n].
+// S [Lk, n] = K Q^T for q [n, D] (rows, stride ldq) and k [Lk, D] (rows, stride ldk), by chunks of keys.
 template <typename T>
-void score_head(const T* q, int64_t ldq, const T* k, int64_t ldk, int64_t n, int64_t Lk, int64_t D, int64_t pos0,
-                bool causal, int64_t sink, int64_t local, int64_t group, int64_t G, std::vector<float>& S,
-                std::vector<T>& qt, float* column, float* off_local, float* diagonal, float* by_group, float* lse) {
+void scores_transposed(const T* q, int64_t ldq, const T* k, int64_t ldk, int64_t n, int64_t Lk, int64_t D,
+                       std::vector<float>& S, std::vector<T>& qt) {
   constexpr bool kLow = !std::is_same_v<T, float>;
   // B = Q^T [D, n] (bf16: VNNI, element (d, r) at (d / 2) * 2n + 2r + d % 2)
   for (int64_t r = 0; r < n; ++r)
@@ -37,6 +36,55 @@ void score_head(const T* q, int64_t ldq, const T* k, int64_t ldk, int64_t n, int
   for (int64_t j0 = 0; j0 < Lk; j0 += kChunk)
     at::native::cpublas::brgemm(std::min(kChunk, Lk - j0), n, D, ldk, n, n, false, k + j0 * ldk, qt.data(),
                                 S.data() + j0 * n, kLow);
+}
+
+// One (batch row, head) of `row_prefix_mass`: rows at key positions pos [R] (any order), each seeing keys
+// [0, pos + 1) when causal; out [R, Lk + 1]: prefix sums of each row's softmax (out[r][0] = 0).
+template <typename T>
+void prefix_head(const T* q, int64_t ldq, const T* k, int64_t ldk, int64_t R, int64_t Lk, int64_t D,
+                 const int64_t* pos, bool causal, std::vector<float>& S, std::vector<T>& qt, float* out) {
+  scores_transposed(q, ldq, k, ldk, R, Lk, D, S, qt);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  std::vector<int64_t> lim(R);
+  for (int64_t r = 0; r < R; ++r) lim[r] = causal ? std::clamp<int64_t>(pos[r] + 1, 0, Lk) : Lk;
+  std::vector<float> m(R, ninf), sum(R, 0.f), run(R, 0.f);
+  for (int64_t j = 0; j < Lk; ++j) {
+    float* s = S.data() + j * R;
+#pragma omp simd
+    for (int64_t r = 0; r < R; ++r) {
+      s[r] = j < lim[r] ? s[r] : ninf;
+      m[r] = s[r] > m[r] ? s[r] : m[r];
+    }
+  }
+  for (int64_t j = 0; j < Lk; ++j) {
+    float* s = S.data() + j * R;
+#pragma omp simd
+    for (int64_t r = 0; r < R; ++r) {
+      const float e = exp_nonpositive(s[r] - m[r]);
+      s[r] = e;
+      sum[r] += e;
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    sum[r] = sum[r] > 0.f ? 1.f / sum[r] : 0.f;
+    out[r * (Lk + 1)] = 0.f;
+  }
+  for (int64_t j = 0; j < Lk; ++j) {
+    const float* s = S.data() + j * R;
+    for (int64_t r = 0; r < R; ++r) {
+      run[r] += s[r] * sum[r];
+      out[r * (Lk + 1) + j + 1] = run[r];
+    }
+  }
+}
+
+// One (batch row, head): q [n, D] (pre-scaled, rows), k [Lk, D] (rows, stride ldk), rows at key positions
+// pos0 .. pos0 + n - 1.  Writes column, off_local, diagonal [Lk], by_group [Lk, G], lse [n].
+template <typename T>
+void score_head(const T* q, int64_t ldq, const T* k, int64_t ldk, int64_t n, int64_t Lk, int64_t D, int64_t pos0,
+                bool causal, int64_t sink, int64_t local, int64_t group, int64_t G, std::vector<float>& S,
+                std::vector<T>& qt, float* column, float* off_local, float* diagonal, float* by_group, float* lse) {
+  scores_transposed(q, ldq, k, ldk, n, Lk, D, S, qt);
   const float ninf = -std::numeric_limits<float>::infinity();
   if (causal)  // only the last n keys can lie after a sample row: key j hides it from rows r < j - pos0
     for (int64_t j = std::max<int64_t>(pos0 + 1, 0); j < Lk; ++j)
@@ -118,7 +166,57 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, cons
   });
 }
 
+template <typename T>
+void run_prefix(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, const at::Tensor& pos, bool causal,
+                at::Tensor& out) {
+  const int64_t B = q.size(0), Hs = q.size(1), R = q.size(2), D = q.size(3), Hkv = k.size(1), Lk = k.size(2);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const int64_t* kv = kv_of.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B * Hs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> S(Lk * R);
+    std::vector<T> qt(D * R);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / Hs, h = bh % Hs, kvh = std::clamp<int64_t>(kv[h], 0, Hkv - 1);
+      prefix_head<T>(qp + b * q.stride(0) + h * q.stride(1), q.stride(2), kp + b * k.stride(0) + kvh * k.stride(1),
+                     k.stride(2), R, Lk, D, pos.data_ptr<int64_t>(), causal, S, qt, op + bh * R * (Lk + 1));
+    }
+    if constexpr (!std::is_same_v<T, float>) at::native::cpublas::brgemm_release(true);
+  });
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of) {
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "sample_scores_cpu: q must be fp32 or bf16, got ", dtype);
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.scalar_type() == dtype && q.is_contiguous() && k.stride(3) == 1 &&
+                  q.device().is_cpu() && k.device().is_cpu() && k.size(0) == q.size(0) && k.size(3) == q.size(3) &&
+                  k.size(1) >= 1 && q.size(2) >= 1 && (dtype == at::kFloat || q.size(3) % 2 == 0),
+              "sample_scores_cpu: q [B, Hs, n, D] contiguous and k [B, Hkv, Lk, D] (last dimension contiguous), one "
+              "dtype, on the CPU; bf16 needs an even D");
+  TORCH_CHECK(kv_of.scalar_type() == at::kLong && kv_of.is_contiguous() && kv_of.dim() == 1 &&
+                  kv_of.size(0) == q.size(1),
+              "sample_scores_cpu: kv_of must be contiguous int64 [Hs]");
+}
+
 }  // namespace
+
+// q [B, Hs, R, D]: query rows of the chosen heads at key positions pos (int64 [R], contiguous), scale folded in;
+// k, kv_of as for sample_scores.  Returns [B, Hs, R, Lk + 1] fp32: prefix sums of each row's softmax over the keys
+// (causal: keys up to its position), so the mass of keys [a, b) is out[..., b] - out[..., a].
+at::Tensor row_prefix_mass(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, const at::Tensor& pos,
+                           bool causal) {
+  check_inputs(q, k, kv_of);
+  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.dim() == 1 && pos.size(0) == q.size(2),
+              "sample_scores_cpu: pos must be contiguous int64 [R]");
+  auto out = at::empty({q.size(0), q.size(1), q.size(2), k.size(2) + 1}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  if (q.scalar_type() == at::kFloat)
+    run_prefix<float>(q, k, kv_of, pos, causal, out);
+  else
+    run_prefix<at::BFloat16>(q, k, kv_of, pos, causal, out);
+  return out;
+}
 
 // q [B, Hs, n, D]: the sample rows of the chosen heads, scale folded in; k [B, Hkv, Lk, D] (same dtype, fp32 or
 // bf16, last dimension contiguous); kv_of, sink, local: int64 [Hs].  The rows sit at key positions pos0 .. pos0 + n - 1.
@@ -127,17 +225,12 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, cons
 std::vector<at::Tensor> sample_scores(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of,
                                       const at::Tensor& sink, const at::Tensor& local, int64_t pos0, bool causal,
                                       int64_t group) {
+  check_inputs(q, k, kv_of);
   const auto dtype = q.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "sample_scores_cpu: q must be fp32 or bf16, got ", dtype);
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.scalar_type() == dtype && q.is_contiguous() && k.stride(3) == 1 &&
-                  q.device().is_cpu() && k.device().is_cpu() && k.size(0) == q.size(0) && k.size(3) == q.size(3) &&
-                  k.size(1) >= 1 && q.size(2) >= 1 && (dtype == at::kFloat || q.size(3) % 2 == 0),
-              "sample_scores_cpu: q [B, Hs, n, D] contiguous and k [B, Hkv, Lk, D] (last dimension contiguous), one "
-              "dtype, on the CPU; bf16 needs an even D");
   const int64_t Hs = q.size(1), n = q.size(2);
-  for (const at::Tensor* t : {&kv_of, &sink, &local})
+  for (const at::Tensor* t : {&sink, &local})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1 && t->size(0) == Hs,
-                "sample_scores_cpu: kv_of, sink, local must be contiguous int64 [Hs]");
+                "sample_scores_cpu: sink, local must be contiguous int64 [Hs]");
   TORCH_CHECK(group >= 1 && pos0 >= 0 && pos0 + n <= k.size(2),
               "sample_scores_cpu: group >= 1 and the rows' positions inside the keys");
   const int64_t B = q.size(0), Lk = k.size(2), G = (n + group - 2) / group + 1;
@@ -157,4 +250,6 @@ TORCH_LIBRARY(sparse_attn_cpu_scores, m) {
   m.def("sample_scores(Tensor q, Tensor k, Tensor kv_of, Tensor sink, Tensor local, int pos0, bool causal, "
         "int group) -> Tensor[]");
   m.impl("sample_scores", c10::DispatchKey::CPU, &sample_scores);
+  m.def("row_prefix_mass(Tensor q, Tensor k, Tensor kv_of, Tensor pos, bool causal) -> Tensor");
+  m.impl("row_prefix_mass", c10::DispatchKey::CPU, &row_prefix_mass);
 }

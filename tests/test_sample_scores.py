@@ -38,7 +38,7 @@ def oracle(q, k, rows_n, scale, causal, heads, sink, local, group):
     pos = torch.arange(Lq - n, Lq) + Lk - Lq
     dist = pos[:, None] - torch.arange(Lk)                           # [n, Lk]
     column = p.sum(2)
-    near = ((dist >= 0)[None] & (dist[None] <= local[:, None, None])).double()
+    near = ((dist >= 0)[None] & (dist[None] < local[:, None, None])).double()
     off = column - (p * near).sum(2)
     diag = torch.zeros(B, len(heads), Lk, dtype=torch.float64)
     group_of = torch.div(dist, group, rounding_mode="floor")         # [n, Lk]
@@ -152,3 +152,23 @@ def test_layouts_identical_with_cpu_and_torch_scores(pattern, workload):
     for field in ("block_count", "column_count"):
         assert torch.equal(getattr(layouts[0], field), getattr(layouts[1], field)), field
     assert torch.equal(layouts[0].to_mask(1100, 1500), layouts[1].to_mask(1100, 1500))
+
+
+@needs_cpu_pass
+@pytest.mark.parametrize("name", ["q63_gqa", "q65k113_mqa_subset", "q113_noncausal", "q70k1000_gqa"])
+def test_cpu_rows_prefix_mass_matches_the_reference(name):
+    """Held-out rows in any order, on odd lengths: the fused pass's prefix sums equal the reference's, and the
+    reference's equal an fp64 softmax's (so a range's mass is right at both ends)."""
+    from sparse_attn.estimators.row_sample import rows_prefix_mass
+    q, k, _, scale, causal, heads, *_ = inputs(name)
+    Lq, Lk = q.shape[2], k.shape[2]
+    rows = torch.tensor(sorted({0, Lq // 3, Lq // 2, Lq - 1}))
+    want = rows_prefix_mass(q, k, rows, scale, causal, heads=heads)
+    got = cpu_scores.cpu_rows_prefix_mass(q, k, rows, scale, causal, heads=heads)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    logits = q.double()[:, heads][:, :, rows] @ k.double().repeat_interleave(q.shape[1] // k.shape[1], 1)[
+        :, heads].transpose(-1, -2) * scale
+    if causal:
+        logits = logits.masked_fill(~causal_mask(Lq, Lk)[rows], float("-inf"))
+    expected = torch.nn.functional.pad(torch.softmax(logits, -1).cumsum(-1), (1, 0))
+    torch.testing.assert_close(want.double(), expected, atol=2e-5, rtol=1e-4)

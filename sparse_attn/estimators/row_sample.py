@@ -29,3 +29,14 @@ def consistent_column_mass(probs: torch.Tensor) -> torch.Tensor:
     if half == 0:
         return probs.sum(-2)
     return 2 * torch.minimum(probs[..., :half, :].sum(-2), probs[..., half:2 * half, :].sum(-2))
+
+
+def rows_prefix_mass(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float, causal: bool = True, *,
+                     heads: torch.Tensor):
+    """Prefix sums of the softmax of the query rows ``rows`` (long [R]) of the query heads ``heads`` (long [Hs]):
+    ``[B, Hs, R, Lk + 1]`` fp32, entry ``j`` the mass of keys ``[0, j)``, so a key range's mass is one difference
+    (the readable reference of the fused CPU pass `cpu_scores.cpu_rows_prefix_mass`)."""
+    probs = rows_probs(q, k, rows, scale, causal)[0]
+    if heads.numel() != probs.shape[1] or not torch.equal(heads, torch.arange(probs.shape[1], device=heads.device)):
+        probs = probs.index_select(1, heads)
+    return torch.nn.functional.pad(probs.cumsum(-1), (1, 0))

@@ -158,8 +158,7 @@ class GroupedScores:
 
 def torch_sample_scores(q, k, last_q: int, scale: float, causal: bool = True, *, heads, sink, local, group: int,
                         max_bytes: int = 256 << 20) -> GroupedScores:
-    """`GroupedScores` of the last ``n = min(last_q, Lq)`` queries of the query heads ``heads`` (long [Hs],
-    ascending) with ``sink``, ``local`` (long [Hs]) per head: the readable reference (softmax probabilities in
+    """`GroupedScores` of the last ``n = min(last_q, Lq)`` queries of the query heads ``heads`` (long [Hs]) with ``sink``, ``local`` (long [Hs]) per head: the readable reference (softmax probabilities in
     memory, a chunk of KV heads at a time so they stay under ``max_bytes``; GQA without repeating KV), and the
     path where no fused pass runs."""
     B, Hq, Lq, D = q.shape
@@ -167,7 +166,7 @@ def torch_sample_scores(q, k, last_q: int, scale: float, causal: bool = True, *,
     n, g = min(last_q, Lq), Hq // Hkv
     per_kv = max(1, max_bytes // max(B * g * n * Lk * 4 * 3, 1))
     keys = torch.arange(Lk, device=q.device)
-    parts = []
+    parts, slots = [], []
     for kv0 in range(0, Hkv, per_kv):
         kv1 = min(Hkv, kv0 + per_kv)
         mine = ((heads >= kv0 * g) & (heads < kv1 * g)).nonzero().flatten()            # slots of these KV heads
@@ -183,5 +182,7 @@ def torch_sample_scores(q, k, last_q: int, scale: float, causal: bool = True, *,
         sinks = keys < sink[mine, None]                                                  # [h, Lk]
         parts.append((col, col - column_mass(probs * near), diagonal_mass(probs * ~sinks[:, None], pos),
                       column_mass_by_group(probs, pos, group), lse))
-    column, off, diag, by_group, lse = (torch.cat(t, 1) for t in zip(*parts))
+        slots.append(mine)
+    order = torch.cat(slots).argsort()                      # back to the order of ``heads``
+    column, off, diag, by_group, lse = (torch.cat(t, 1).index_select(1, order) for t in zip(*parts))
     return GroupedScores(column, off, diag, by_group, lse, Lk - n, group)

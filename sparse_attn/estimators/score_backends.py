@@ -6,7 +6,8 @@
 * ``"torch"``: the readable reference (`sample_mass.torch_sample_scores`), any device and dtype.
 
 Each ``run(q, k, last_q, scale, causal, *, heads, sink, local, group)`` returns column, column-off-local and
-diagonal mass ``[B, Hs, Lk]`` and ``on_diagonals(picked, group)`` (`sample_mass.GroupedScores`' contract)."""
+diagonal mass ``[B, Hs, Lk]`` and ``on_diagonals(picked, group)`` (`sample_mass.GroupedScores`' contract);
+``rows_prefix_mass(q, k, rows, scale, causal, *, heads)`` the prefix sums of held-out rows' softmax."""
 from __future__ import annotations
 
 import torch
@@ -19,6 +20,11 @@ class ScoreBackend(Backend):
 
     def run(self, q, k, last_q, scale, causal, *, heads, sink, local, group):
         raise NotImplementedError
+
+    def rows_prefix_mass(self, q, k, rows, scale, causal, *, heads):
+        """`row_sample.rows_prefix_mass` (the reference, unless the backend has a fused pass)."""
+        from .row_sample import rows_prefix_mass
+        return rows_prefix_mass(q, k, rows, scale, causal, heads=heads)
 
 
 class TorchScores(ScoreBackend):
@@ -44,6 +50,10 @@ class CpuScores(ScoreBackend):
     def run(self, q, k, last_q, scale, causal, *, heads, sink, local, group):
         from .cpu_scores import cpu_sample_scores
         return cpu_sample_scores(q, k, last_q, scale, causal, heads=heads, sink=sink, local=local, group=group)
+
+    def rows_prefix_mass(self, q, k, rows, scale, causal, *, heads):
+        from .cpu_scores import cpu_rows_prefix_mass
+        return cpu_rows_prefix_mass(q, k, rows, scale, causal, heads=heads)
 
 
 class TritonScores(ScoreBackend):
