@@ -3,8 +3,9 @@
 // without a [heads, n, Lk] probability tensor (one [Lk, n] fp32 buffer per (batch row, head), reused in place).
 // Per (batch row, head): scores S^T = K Q^T by batch-reduce GEMMs over chunks of keys (the keys' rows are read where
 // they are: no transposed copy), the causal mask on the last n keys, a row max, exp in place with the row sums, then
-// one pass over the keys that turns each row of S^T into the reductions.  Also the prefix sums of the softmax of
-// any query rows (row_prefix_mass: the held-out rows on which Auto checks its candidates).  fp32, or bf16 on the
+// one pass over the keys that turns each row of S^T into the reductions.  Also the mass a layout keeps of the softmax
+// of any query rows (rows_kept_mass: the held-out rows on which Auto checks its candidates), without their
+// [heads, rows, Lk] probabilities either.  fp32, or bf16 on the
 // CPU's bf16 GEMMs (fp32 accumulation and softmax).  Readable definition: sparse_attn.estimators.sample_mass.torch_sample_scores.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -38,16 +39,20 @@ void scores_transposed(const T* q, int64_t ldq, const T* k, int64_t ldk, int64_t
                                 S.data() + j0 * n, kLow);
 }
 
-// One (batch row, head) of `row_prefix_mass`: rows at key positions pos [R] (any order), each seeing keys
-// [0, pos + 1) when causal; out [R, Lk + 1]: prefix sums of each row's softmax (out[r][0] = 0).
+// One (batch row, head) of `rows_kept_mass`: rows at key positions pos [R] (any order), each seeing keys
+// [0, pos + 1) when causal, each in query block blocks[r] of a layout row (tiles at offsets[qb, :counts[qb]] of
+// width block_n, single keys columns[qb, :col_counts[qb]]).  Returns the mean over the rows of the softmax mass
+// on the layout's keys; prefix is a per-thread [Lk + 1] buffer (a row's mass on a tile is one difference).
 template <typename T>
-void prefix_head(const T* q, int64_t ldq, const T* k, int64_t ldk, int64_t R, int64_t Lk, int64_t D,
-                 const int64_t* pos, bool causal, std::vector<float>& S, std::vector<T>& qt, float* out) {
+float kept_head(const T* q, int64_t ldq, const T* k, int64_t ldk, int64_t R, int64_t Lk, int64_t D,
+                const int64_t* pos, const int64_t* blocks, bool causal, const int32_t* offsets, const int32_t* counts,
+                int64_t width, const int32_t* columns, const int32_t* col_counts, int64_t col_width, int64_t block_n,
+                std::vector<float>& S, std::vector<T>& qt, std::vector<float>& prefix) {
   scores_transposed(q, ldq, k, ldk, R, Lk, D, S, qt);
   const float ninf = -std::numeric_limits<float>::infinity();
   std::vector<int64_t> lim(R);
   for (int64_t r = 0; r < R; ++r) lim[r] = causal ? std::clamp<int64_t>(pos[r] + 1, 0, Lk) : Lk;
-  std::vector<float> m(R, ninf), sum(R, 0.f), run(R, 0.f);
+  std::vector<float> m(R, ninf), sum(R, 0.f);
   for (int64_t j = 0; j < Lk; ++j) {
     float* s = S.data() + j * R;
 #pragma omp simd
@@ -65,17 +70,26 @@ void prefix_head(const T* q, int64_t ldq, const T* k, int64_t ldk, int64_t R, in
       sum[r] += e;
     }
   }
+  double total = 0.0;
   for (int64_t r = 0; r < R; ++r) {
-    sum[r] = sum[r] > 0.f ? 1.f / sum[r] : 0.f;
-    out[r * (Lk + 1)] = 0.f;
-  }
-  for (int64_t j = 0; j < Lk; ++j) {
-    const float* s = S.data() + j * R;
-    for (int64_t r = 0; r < R; ++r) {
-      run[r] += s[r] * sum[r];
-      out[r * (Lk + 1) + j + 1] = run[r];
+    if (!(sum[r] > 0.f)) continue;
+    const float inv = 1.f / sum[r];
+    float acc = 0.f;
+    prefix[0] = 0.f;
+    for (int64_t j = 0; j < Lk; ++j) prefix[j + 1] = acc += S[j * R + r] * inv;
+    const int64_t qb = blocks[r];
+    float kept = 0.f;
+    for (int64_t t = 0; t < std::clamp<int64_t>(counts[qb], 0, width); ++t) {
+      const int64_t off = offsets[qb * width + t], lo = std::clamp<int64_t>(off, 0, Lk);
+      kept += prefix[std::clamp<int64_t>(off + block_n, lo, Lk)] - prefix[lo];
     }
+    for (int64_t c = 0; c < std::clamp<int64_t>(col_counts[qb], 0, col_width); ++c) {
+      const int64_t key = columns[qb * col_width + c];
+      if (key >= 0 && key < Lk) kept += prefix[key + 1] - prefix[key];
+    }
+    total += kept;
   }
+  return static_cast<float>(total / R);
 }
 
 // One (batch row, head): q [n, D] (pre-scaled, rows), k [Lk, D] (rows, stride ldk), rows at key positions
@@ -167,20 +181,26 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, cons
 }
 
 template <typename T>
-void run_prefix(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, const at::Tensor& pos, bool causal,
-                at::Tensor& out) {
+void run_kept(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, const at::Tensor& pos,
+              const at::Tensor& blocks, bool causal, const at::Tensor& offsets, const at::Tensor& counts,
+              const at::Tensor& columns, const at::Tensor& col_counts, int64_t block_n, at::Tensor& out) {
   const int64_t B = q.size(0), Hs = q.size(1), R = q.size(2), D = q.size(3), Hkv = k.size(1), Lk = k.size(2);
+  const int64_t n_qb = counts.size(2), width = offsets.size(3), col_width = columns.size(3);
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
   const int64_t* kv = kv_of.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, B * Hs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> S(Lk * R);
+    std::vector<float> S(Lk * R), prefix(Lk + 1);
     std::vector<T> qt(D * R);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / Hs, h = bh % Hs, kvh = std::clamp<int64_t>(kv[h], 0, Hkv - 1);
-      prefix_head<T>(qp + b * q.stride(0) + h * q.stride(1), q.stride(2), kp + b * k.stride(0) + kvh * k.stride(1),
-                     k.stride(2), R, Lk, D, pos.data_ptr<int64_t>(), causal, S, qt, op + bh * R * (Lk + 1));
+      op[bh] = kept_head<T>(qp + b * q.stride(0) + h * q.stride(1), q.stride(2),
+                            kp + b * k.stride(0) + kvh * k.stride(1), k.stride(2), R, Lk, D, pos.data_ptr<int64_t>(),
+                            blocks.data_ptr<int64_t>(), causal, offsets.data_ptr<int32_t>() + bh * n_qb * width,
+                            counts.data_ptr<int32_t>() + bh * n_qb, width,
+                            columns.data_ptr<int32_t>() + bh * n_qb * col_width, col_counts.data_ptr<int32_t>() + bh * n_qb,
+                            col_width, block_n, S, qt, prefix);
     }
     if constexpr (!std::is_same_v<T, float>) at::native::cpublas::brgemm_release(true);
   });
@@ -201,20 +221,35 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv
 
 }  // namespace
 
-// q [B, Hs, R, D]: query rows of the chosen heads at key positions pos (int64 [R], contiguous), scale folded in;
-// k, kv_of as for sample_scores.  Returns [B, Hs, R, Lk + 1] fp32: prefix sums of each row's softmax over the keys
-// (causal: keys up to its position), so the mass of keys [a, b) is out[..., b] - out[..., a].
-at::Tensor row_prefix_mass(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, const at::Tensor& pos,
-                           bool causal) {
+// q [B, Hs, R, D]: query rows of the chosen heads at key positions pos (int64 [R]), in the query blocks blocks
+// (int64 [R]), scale folded in; k, kv_of as for sample_scores; the layout of those heads as SparseLayout's int32
+// tensors [B, Hs, nQb(, width)].  Returns [B, Hs] fp32: the mean over the rows of the softmax mass (causal: keys up
+// to the row's position) on the keys the layout lists for the row's query block.  Indices are bounded.
+at::Tensor rows_kept_mass(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, const at::Tensor& pos,
+                          const at::Tensor& blocks, bool causal, const at::Tensor& offsets, const at::Tensor& counts,
+                          const at::Tensor& columns, const at::Tensor& col_counts, int64_t block_n) {
   check_inputs(q, k, kv_of);
-  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.dim() == 1 && pos.size(0) == q.size(2),
-              "sample_scores_cpu: pos must be contiguous int64 [R]");
-  auto out = at::empty({q.size(0), q.size(1), q.size(2), k.size(2) + 1}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0) return out;
+  for (const at::Tensor* t : {&pos, &blocks})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1 && t->size(0) == q.size(2),
+                "sample_scores_cpu: pos and blocks must be contiguous int64 [R]");
+  for (const at::Tensor* t : {&offsets, &counts, &columns, &col_counts})
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && t->size(0) == q.size(0) &&
+                    t->size(1) == q.size(1),
+                "sample_scores_cpu: layout tensors must be contiguous int32 [B, Hs, ...]");
+  TORCH_CHECK(counts.dim() == 3 && col_counts.dim() == 3 && offsets.dim() == 4 && columns.dim() == 4 &&
+                  offsets.size(2) == counts.size(2) && columns.size(2) == counts.size(2) &&
+                  col_counts.size(2) == counts.size(2) && block_n >= 1,
+              "sample_scores_cpu: counts [B, Hs, nQb], offsets and columns [B, Hs, nQb, width], block_n >= 1");
+  const int64_t n_qb = counts.size(2);
+  const int64_t* bp = blocks.data_ptr<int64_t>();
+  for (int64_t r = 0; r < q.size(2); ++r)
+    TORCH_CHECK(bp[r] >= 0 && bp[r] < n_qb, "sample_scores_cpu: blocks must index the layout's query blocks");
+  auto out = at::zeros({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 || q.size(2) == 0) return out;
   if (q.scalar_type() == at::kFloat)
-    run_prefix<float>(q, k, kv_of, pos, causal, out);
+    run_kept<float>(q, k, kv_of, pos, blocks, causal, offsets, counts, columns, col_counts, block_n, out);
   else
-    run_prefix<at::BFloat16>(q, k, kv_of, pos, causal, out);
+    run_kept<at::BFloat16>(q, k, kv_of, pos, blocks, causal, offsets, counts, columns, col_counts, block_n, out);
   return out;
 }
 
@@ -250,6 +285,7 @@ TORCH_LIBRARY(sparse_attn_cpu_scores, m) {
   m.def("sample_scores(Tensor q, Tensor k, Tensor kv_of, Tensor sink, Tensor local, int pos0, bool causal, "
         "int group) -> Tensor[]");
   m.impl("sample_scores", c10::DispatchKey::CPU, &sample_scores);
-  m.def("row_prefix_mass(Tensor q, Tensor k, Tensor kv_of, Tensor pos, bool causal) -> Tensor");
-  m.impl("row_prefix_mass", c10::DispatchKey::CPU, &row_prefix_mass);
+  m.def("rows_kept_mass(Tensor q, Tensor k, Tensor kv_of, Tensor pos, Tensor blocks, bool causal, Tensor offsets, "
+        "Tensor counts, Tensor columns, Tensor col_counts, int block_n) -> Tensor");
+  m.impl("rows_kept_mass", c10::DispatchKey::CPU, &rows_kept_mass);
 }

@@ -154,21 +154,27 @@ def test_layouts_identical_with_cpu_and_torch_scores(pattern, workload):
     assert torch.equal(layouts[0].to_mask(1100, 1500), layouts[1].to_mask(1100, 1500))
 
 
-@needs_cpu_pass
 @pytest.mark.parametrize("name", ["q63_gqa", "q65k113_mqa_subset", "q113_noncausal", "q70k1000_gqa"])
-def test_cpu_rows_prefix_mass_matches_the_reference(name):
-    """Held-out rows in any order, on odd lengths: the fused pass's prefix sums equal the reference's, and the
-    reference's equal an fp64 softmax's (so a range's mass is right at both ends)."""
-    from sparse_attn.estimators.row_sample import rows_prefix_mass
+@pytest.mark.parametrize("impl", ["torch", "cpu"])
+def test_rows_kept_mass_matches_an_fp64_oracle(name, impl):
+    """Held-out rows in several query blocks, a random valid layout (unaligned tiles, single columns, junk
+    padding), odd lengths: the mass the rows keep on it equals an fp64 softmax summed over the layout's mask."""
+    import random
+
+    from conftest import random_layout
+    from sparse_attn.estimators.row_sample import rows_kept_mass
+    if impl == "cpu" and not cpu_scores.available():
+        pytest.skip("the fused CPU score pass cannot be built")
     q, k, _, scale, causal, heads, *_ = inputs(name)
-    Lq, Lk = q.shape[2], k.shape[2]
+    B, Hq, Lq, _ = q.shape
+    Lk = k.shape[2]
     rows = torch.tensor(sorted({0, Lq // 3, Lq // 2, Lq - 1}))
-    want = rows_prefix_mass(q, k, rows, scale, causal, heads=heads)
-    got = cpu_scores.cpu_rows_prefix_mass(q, k, rows, scale, causal, heads=heads)
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
-    logits = q.double()[:, heads][:, :, rows] @ k.double().repeat_interleave(q.shape[1] // k.shape[1], 1)[
+    layout, *_ = random_layout(random.Random(7), B, len(heads), Lq, Lk, 16, 16)
+    fn = cpu_scores.cpu_rows_kept_mass if impl == "cpu" else rows_kept_mass
+    got = fn(q, k, rows, scale, causal, heads=heads, layout=layout)
+    logits = q.double()[:, heads][:, :, rows] @ k.double().repeat_interleave(Hq // k.shape[1], 1)[
         :, heads].transpose(-1, -2) * scale
     if causal:
         logits = logits.masked_fill(~causal_mask(Lq, Lk)[rows], float("-inf"))
-    expected = torch.nn.functional.pad(torch.softmax(logits, -1).cumsum(-1), (1, 0))
-    torch.testing.assert_close(want.double(), expected, atol=2e-5, rtol=1e-4)
+    expected = (torch.softmax(logits, -1) * layout.to_mask(Lq, Lk)[:, :, rows]).sum(-1).mean(-1)
+    torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-4)

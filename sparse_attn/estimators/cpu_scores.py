@@ -50,14 +50,16 @@ def cpu_sample_scores(q, k, last_q: int, scale: float, causal: bool = True, *, h
     return GroupedScores(column, off, diag, by_group, lse, Lk - n, group)
 
 
-def cpu_rows_prefix_mass(q, k, rows, scale: float, causal: bool = True, *, heads) -> torch.Tensor:
-    """`row_sample.rows_prefix_mass`'s contract on the fused pass (fp32 GEMMs; bf16 ones for bf16 inputs where
-    the CPU has them)."""
+def cpu_rows_kept_mass(q, k, rows, scale: float, causal: bool = True, *, heads, layout) -> torch.Tensor:
+    """`row_sample.rows_kept_mass`'s contract on the fused pass (no [heads, rows, Lk] tensor; fp32 GEMMs, bf16
+    ones for bf16 inputs where the CPU has them)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     dtype = torch.bfloat16 if low_precision(q) else torch.float32
     sample = (q.index_select(1, heads).index_select(2, rows).float() * scale).to(dtype).contiguous()
     keys = k if k.dtype == dtype and k.stride(-1) == 1 else k.to(dtype).contiguous()
-    pos = (rows + (Lk - Lq)).to(torch.long).contiguous()
-    return load().row_prefix_mass(sample, keys, (heads // (Hq // Hkv)).to(torch.long).contiguous(), pos,
-                                  bool(causal))
+    as_long = (lambda t: t.to(torch.long).contiguous())
+    return load().rows_kept_mass(sample, keys, as_long(heads // (Hq // Hkv)), as_long(rows + (Lk - Lq)),
+                                 as_long(rows // layout.block_m), bool(causal), layout.block_offset.contiguous(),
+                                 layout.block_count.contiguous(), layout.column_index.contiguous(),
+                                 layout.column_count.contiguous(), layout.block_n)

@@ -7,7 +7,7 @@
 
 Each ``run(q, k, last_q, scale, causal, *, heads, sink, local, group)`` returns column, column-off-local and
 diagonal mass ``[B, Hs, Lk]`` and ``on_diagonals(picked, group)`` (`sample_mass.GroupedScores`' contract);
-``rows_prefix_mass(q, k, rows, scale, causal, *, heads)`` the prefix sums of held-out rows' softmax."""
+``rows_kept_mass(q, k, rows, scale, causal, *, heads, layout)`` the mass held-out rows keep on a layout."""
 from __future__ import annotations
 
 import torch
@@ -21,10 +21,10 @@ class ScoreBackend(Backend):
     def run(self, q, k, last_q, scale, causal, *, heads, sink, local, group):
         raise NotImplementedError
 
-    def rows_prefix_mass(self, q, k, rows, scale, causal, *, heads):
-        """`row_sample.rows_prefix_mass` (the reference, unless the backend has a fused pass)."""
-        from .row_sample import rows_prefix_mass
-        return rows_prefix_mass(q, k, rows, scale, causal, heads=heads)
+    def rows_kept_mass(self, q, k, rows, scale, causal, *, heads, layout):
+        """`row_sample.rows_kept_mass` (the reference, unless the backend has a fused pass)."""
+        from .row_sample import rows_kept_mass
+        return rows_kept_mass(q, k, rows, scale, causal, heads=heads, layout=layout)
 
 
 class TorchScores(ScoreBackend):
@@ -51,9 +51,9 @@ class CpuScores(ScoreBackend):
         from .cpu_scores import cpu_sample_scores
         return cpu_sample_scores(q, k, last_q, scale, causal, heads=heads, sink=sink, local=local, group=group)
 
-    def rows_prefix_mass(self, q, k, rows, scale, causal, *, heads):
-        from .cpu_scores import cpu_rows_prefix_mass
-        return cpu_rows_prefix_mass(q, k, rows, scale, causal, heads=heads)
+    def rows_kept_mass(self, q, k, rows, scale, causal, *, heads, layout):
+        from .cpu_scores import cpu_rows_kept_mass
+        return cpu_rows_kept_mass(q, k, rows, scale, causal, heads=heads, layout=layout)
 
 
 class TritonScores(ScoreBackend):

@@ -123,7 +123,7 @@ def build_with_choice(p: Auto, heads, q, k, *, causal, scale, block_m, block_n, 
                                                               q, k, **vs_kw), slots)
             choice[sparse_ok] = VERTICAL_SLASH
     else:
-        prefix = None
+        scorer = select_scores(scores_backend, q, k)
         # The ladder, cheapest kind first: each rung is estimated only for the heads no earlier rung served.
         rungs = {VERTICAL_SLASH: (VerticalSlash, p.vertical_slash(Lk)),
                  VERTICAL_SLASH_WIDE: (VerticalSlash, p.vertical_slash_wide(Lk)),
@@ -138,12 +138,9 @@ def build_with_choice(p: Auto, heads, q, k, *, causal, scale, block_m, block_n, 
                 continue
             lay = family.build([pattern] * slots.numel(), heads[slots], q, k,
                                **(vs_kw if family is VerticalSlash else kw))
-            if prefix is None:                                                            # [B, Hs, R, Lk + 1]
-                prefix = select_scores(scores_backend, q, k).rows_prefix_mass(q, k, check, scale, causal,
-                                                                             heads=heads)
             kept = torch.zeros(B, Hs, device=dev)
             dens = torch.ones(B, Hs, device=dev)
-            kept[:, slots] = _kept(lay, prefix[:, slots], check // block_m)
+            kept[:, slots] = scorer.rows_kept_mass(q, k, check, scale, causal, heads=heads[slots], layout=lay)
             dens[:, slots] = computed_share(lay, causal)
             ok = open_ & (kept >= p.gamma - p.tolerance) & (dens <= p.dense_share)
             choice[ok] = kind
@@ -191,22 +188,6 @@ def _check_rows(q_len: int, p: Auto, block_m: int) -> torch.Tensor:
     if p.check_rows == 0 or end - start < p.check_rows:
         return torch.zeros(0, dtype=torch.long)
     return torch.linspace(start, end - 1, p.check_rows).round().long().unique()
-
-
-def _kept(layout: SparseLayout, prefix: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """Mean mass ``[B, H]`` that the rows whose softmax prefix sums are ``prefix [B, H, R, Lk + 1]`` (rows in the
-    query blocks ``blocks [R]``) keep on ``layout``'s keys: a tile's mass is a difference of prefix sums, a column's
-    another, so a row costs O(tiles + columns) (a key mask per row cost a fifth of the estimate at 32K).  Valid
-    layouts list no key twice; keys after a row's position have zero probability."""
-    Lk = prefix.shape[-1] - 1
-    blocks = blocks.to(layout.device)
-    off = layout.block_offset.index_select(2, blocks).long()
-    used = torch.arange(off.shape[-1], device=off.device) < layout.block_count.index_select(2, blocks)[..., None]
-    tiles = prefix.gather(-1, (off + layout.block_n).clamp(max=Lk)) - prefix.gather(-1, off.clamp(max=Lk))
-    cols = layout.column_index.index_select(2, blocks).long().clamp(max=Lk - 1)
-    used_c = torch.arange(cols.shape[-1], device=cols.device) < layout.column_count.index_select(2, blocks)[..., None]
-    columns = prefix.gather(-1, cols + 1) - prefix.gather(-1, cols)
-    return ((tiles * used).sum(-1) + (columns * used_c).sum(-1)).mean(-1)
 
 
 def _pick(candidates: dict, choice: torch.Tensor, n_heads: int) -> SparseLayout:
