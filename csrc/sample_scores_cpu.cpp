@@ -42,12 +42,12 @@ void scores_transposed(const T* q, int64_t ldq, const T* k, int64_t ldk, int64_t
 // One (batch row, head) of `rows_kept_mass`: rows at key positions pos [R] (any order), each seeing keys
 // [0, pos + 1) when causal, each in query block blocks[r] of a layout row (tiles at offsets[qb, :counts[qb]] of
 // width block_n, single keys columns[qb, :col_counts[qb]]).  Returns the mean over the rows of the softmax mass
-// on the layout's keys; prefix is a per-thread [Lk + 1] buffer (a row's mass on a tile is one difference).
+// on the layout's keys (a tile's mass is one difference of prefix sums, kept in S in place).
 template <typename T>
 float kept_head(const T* q, int64_t ldq, const T* k, int64_t ldk, int64_t R, int64_t Lk, int64_t D,
                 const int64_t* pos, const int64_t* blocks, bool causal, const int32_t* offsets, const int32_t* counts,
                 int64_t width, const int32_t* columns, const int32_t* col_counts, int64_t col_width, int64_t block_n,
-                std::vector<float>& S, std::vector<T>& qt, std::vector<float>& prefix) {
+                std::vector<float>& S, std::vector<T>& qt) {
   scores_transposed(q, ldq, k, ldk, R, Lk, D, S, qt);
   const float ninf = -std::numeric_limits<float>::infinity();
   std::vector<int64_t> lim(R);
@@ -70,22 +70,29 @@ float kept_head(const T* q, int64_t ldq, const T* k, int64_t ldk, int64_t R, int
       sum[r] += e;
     }
   }
+  // S becomes each row's inclusive prefix sums of its probabilities, in place (rows side by side: vectorised)
+  std::vector<float> run(R, 0.f);
+  for (int64_t r = 0; r < R; ++r) sum[r] = sum[r] > 0.f ? 1.f / sum[r] : 0.f;
+  for (int64_t j = 0; j < Lk; ++j) {
+    float* s = S.data() + j * R;
+#pragma omp simd
+    for (int64_t r = 0; r < R; ++r) {
+      run[r] += s[r] * sum[r];
+      s[r] = run[r];
+    }
+  }
   double total = 0.0;
   for (int64_t r = 0; r < R; ++r) {
-    if (!(sum[r] > 0.f)) continue;
-    const float inv = 1.f / sum[r];
-    float acc = 0.f;
-    prefix[0] = 0.f;
-    for (int64_t j = 0; j < Lk; ++j) prefix[j + 1] = acc += S[j * R + r] * inv;
+    auto before = [&](int64_t key) { return key <= 0 ? 0.f : S[(std::min(key, Lk) - 1) * R + r]; };  // keys < key
     const int64_t qb = blocks[r];
     float kept = 0.f;
     for (int64_t t = 0; t < std::clamp<int64_t>(counts[qb], 0, width); ++t) {
       const int64_t off = offsets[qb * width + t], lo = std::clamp<int64_t>(off, 0, Lk);
-      kept += prefix[std::clamp<int64_t>(off + block_n, lo, Lk)] - prefix[lo];
+      kept += before(std::clamp<int64_t>(off + block_n, lo, Lk)) - before(lo);
     }
     for (int64_t c = 0; c < std::clamp<int64_t>(col_counts[qb], 0, col_width); ++c) {
       const int64_t key = columns[qb * col_width + c];
-      if (key >= 0 && key < Lk) kept += prefix[key + 1] - prefix[key];
+      if (key >= 0 && key < Lk) kept += before(key + 1) - before(key);
     }
     total += kept;
   }
@@ -191,7 +198,7 @@ void run_kept(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of,
   const int64_t* kv = kv_of.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, B * Hs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> S(Lk * R), prefix(Lk + 1);
+    std::vector<float> S(Lk * R);
     std::vector<T> qt(D * R);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / Hs, h = bh % Hs, kvh = std::clamp<int64_t>(kv[h], 0, Hkv - 1);
@@ -200,7 +207,7 @@ void run_kept(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of,
                             blocks.data_ptr<int64_t>(), causal, offsets.data_ptr<int32_t>() + bh * n_qb * width,
                             counts.data_ptr<int32_t>() + bh * n_qb, width,
                             columns.data_ptr<int32_t>() + bh * n_qb * col_width, col_counts.data_ptr<int32_t>() + bh * n_qb,
-                            col_width, block_n, S, qt, prefix);
+                            col_width, block_n, S, qt);
     }
     if constexpr (!std::is_same_v<T, float>) at::native::cpublas::brgemm_release(true);
   });

@@ -56,7 +56,8 @@ def cpu_rows_kept_mass(q, k, rows, scale: float, causal: bool = True, *, heads, 
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     dtype = torch.bfloat16 if low_precision(q) else torch.float32
-    sample = (q.index_select(1, heads).index_select(2, rows).float() * scale).to(dtype).contiguous()
+    # rows first: selecting the heads first would copy all of q
+    sample = (q.index_select(2, rows).index_select(1, heads).float() * scale).to(dtype).contiguous()
     keys = k if k.dtype == dtype and k.stride(-1) == 1 else k.to(dtype).contiguous()
     as_long = (lambda t: t.to(torch.long).contiguous())
     return load().rows_kept_mass(sample, keys, as_long(heads // (Hq // Hkv)), as_long(rows + (Lk - Lq)),
