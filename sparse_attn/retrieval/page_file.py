@@ -217,22 +217,26 @@ class PagedVectorFile:
             pages[i] = cached
         return pages[inverse, (idx % self.P).flatten()].view(S, m, self.dim)
 
-    def read_all(self, run_bytes: int = 64 << 20) -> torch.Tensor:
+    def read_all(self, run_bytes: int = 64 << 20, out: torch.Tensor | None = None) -> torch.Tensor:
         """Every stored token, ``[S, count, D]`` (for rebuilding an index after a restart, or restoring a saved
-        context), checksums verified.  Full pages are read in runs of about ``run_bytes`` (one ``pread`` each:
-        consecutive pages are contiguous in the file), not page by page."""
-        S, n_full = self.streams, self.count // self.P
-        out = torch.empty(S, n_full * self.P + (self.P if self.count % self.P else 0), self.dim, dtype=self.dtype)
+        context), checksums verified; written into ``out`` (``[S, count, D]``, contiguous in its last two dims)
+        when given.  Full pages are read in runs of about ``run_bytes`` (one ``pread`` each: consecutive pages are
+        contiguous in the file), not page by page."""
+        S, P, n_full = self.streams, self.P, self.count // self.P
+        if out is None:
+            out = torch.empty(S, self.count, self.dim, dtype=self.dtype)
+        elif out.shape != (S, self.count, self.dim) or out.dtype != self.dtype:
+            raise ValueError(f"out must be [{S}, {self.count}, {self.dim}] {self.dtype}, got {tuple(out.shape)} {out.dtype}")
         step = max(1, run_bytes // (S * self.page_bytes))
         for first in range(0, n_full, step):
             n = min(step, n_full - first)
-            out[:, first * self.P:(first + n) * self.P] = self._read_run(first, n)
-        if self.count % self.P:
-            out[:, n_full * self.P:] = self.staging
-        return out[:, :self.count]
+            out[:, first * P:(first + n) * P].view(S, n, P, self.dim).copy_(self._read_run(first, n).transpose(0, 1))
+        if self.count % P:
+            out[:, n_full * P:] = self.staging[:, :self.count % P]
+        return out
 
     def _read_run(self, first_page: int, n: int) -> torch.Tensor:
-        """Pages ``first_page .. first_page + n`` of every stream in one read, as ``[S, n * P, D]``, CRCs checked."""
+        """Pages ``first_page .. first_page + n`` of every stream in one read, as ``[n, S, P, D]``, CRCs checked."""
         S, size = self.streams, n * self.streams * self.page_bytes
         buf = bytearray(size)
         got = os.preadv(self._fd, [buf], HEADER_BYTES + first_page * S * self.page_bytes)
@@ -247,7 +251,7 @@ class PagedVectorFile:
         pages = torch.from_numpy(np.frombuffer(buf, dtype=_NP_VIEW[self.dtype]).reshape(n, S, self.P, self.dim))
         if self.dtype == torch.bfloat16:
             pages = pages.view(torch.bfloat16)
-        return pages.transpose(0, 1).reshape(S, n * self.P, self.dim)
+        return pages
 
     def nbytes_disk(self) -> int:
         return HEADER_BYTES + self.crc.shape[0] * self.streams * self.page_bytes + self.crc.nbytes + 32

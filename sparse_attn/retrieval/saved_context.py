@@ -182,14 +182,21 @@ def read_context_kv(directory, layer: int):
         raise KVFileError(f"saved layer {layer} in {os.fspath(directory)!r}: window positions do not fit "
                           f"{n_sink} sinks + {n_off} offloaded tokens of {meta['seen']}")
     out, nbytes = [], 2 * wk.numel() * wk.element_size()
+    B, Hkv, _, D = wk.shape
     for what, w in (("keys", wk), ("values", wv)):
         f = PagedVectorFile.open(os.path.join(os.fspath(directory), f"layer{layer}.{what}.kv"), 0, read_only=True)
         if f.count != n_off:
             raise KVFileError(f"{f.path!r} holds {f.count} tokens, metadata says {n_off}")
-        mid = f.read_all().reshape(w.shape[0], w.shape[1], n_off, w.shape[3]).to(w.dtype)
+        full = torch.empty(B, Hkv, meta["seen"], D, dtype=w.dtype)         # filled in place: one copy of the KV
+        full[:, :, :n_sink], full[:, :, n_sink + n_off:] = w[:, :, :n_sink], w[:, :, n_sink:]
+        middle = full.view(B * Hkv, meta["seen"], D)[:, n_sink:n_sink + n_off]
+        if f.dtype == w.dtype:
+            f.read_all(out=middle)
+        else:
+            middle.copy_(f.read_all())
         nbytes += f.bytes_read
         f.close()
-        out.append(torch.cat([w[:, :, :n_sink], mid, w[:, :, n_sink:]], 2))
+        out.append(full)
     return out[0], out[1], nbytes
 
 
