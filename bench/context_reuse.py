@@ -104,6 +104,7 @@ def main(argv=None):
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--top-k", type=int, default=100)
+    parser.add_argument("--read-mib", type=int, default=512, help="size of the disk read-speed probe file")
     parser.add_argument("--dir", default=None, help="where the contexts go (default: a temporary directory)")
     parser.add_argument("--out", default=None, help="also write the report to this file")
     args = parser.parse_args(argv)
@@ -123,14 +124,16 @@ def main(argv=None):
         catalogue = ContextCatalogue(os.path.join(work, "contexts"))
         start = time.perf_counter()
         with torch.no_grad():
-            cache = model(context, use_cache=True, logits_to_keep=1).past_key_values
+            out = model(context, use_cache=True, logits_to_keep=1)
+        cache = out.cache if "cache" in out else out.past_key_values      # renamed in transformers 5.x
+        del out
         prefill_s = time.perf_counter() - start
         start = time.perf_counter()
         directory = sah.save_context(model, cache, context, catalogue)
         save_s = time.perf_counter() - start
         saved_bytes = catalogue.total_bytes()
         del cache
-        speed = disk_read_speed(work)
+        speed = disk_read_speed(work, args.read_mib)
 
         sdpa = model.config._attn_implementation
         pattern = sa.VerticalSlash(vertical=512, slash=1024)
@@ -197,7 +200,7 @@ def main(argv=None):
         say(f"command: python bench/context_reuse.py {' '.join(argv if argv is not None else os.sys.argv[1:])}")
         say(f"first prefill (sdpa, once) {prefill_s:.2f} s; save_context {save_s:.2f} s, {saved_bytes / 2**20:.1f} MiB "
             f"on disk")
-        say(f"disk sequential read of a fresh 512 MiB file: cold {speed['cold'][0]:.0f} MiB/s "
+        say(f"disk sequential read of a fresh {args.read_mib} MiB file: cold {speed['cold'][0]:.0f} MiB/s "
             f"({speed['cold'][1]:.0f} MiB from the device), warm (page cache) {speed['warm'][0]:.0f} MiB/s "
             f"({speed['warm'][1]:.0f} MiB from the device)")
         say(f"rounds {args.rounds}; restores per round {args.restores}; times are medians (all runs listed)")

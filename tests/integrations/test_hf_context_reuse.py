@@ -38,7 +38,8 @@ def _logits(model, ids, cache=None):
 @torch.no_grad()
 def _prefilled(model, ids, cache=None):
     """The cache after a prefill of ``ids`` (a DynamicCache unless one is given)."""
-    return model(ids, cache=cache, use_cache=True).past_key_values
+    out = model(ids, cache=cache, use_cache=True)
+    return out.cache if "cache" in out else out.past_key_values          # renamed in transformers 5.x
 
 
 def _close(actual, expected):                    # fp32 rounding: different summation orders, same numbers
@@ -148,3 +149,22 @@ def test_bad_arguments(tmp_path):
         sah.save_context(model, _prefilled(model, ids[:, :10]), ids[:, :11], tmp_path / "x")
     with pytest.raises(TypeError, match="cache must be"):
         sah.save_context(model, None, ids, tmp_path / "y")
+
+
+def test_reuse_benchmark_script_runs(tmp_path):
+    """bench/context_reuse.py at a toy size: every variant runs; full-KV restores give the dense first token."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "context_reuse.py")
+    spec = importlib.util.spec_from_file_location("context_reuse_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "report.txt"
+    bench.main(["--context", "300", "--question", "7", "--rounds", "1", "--restores", "1", "--layers", "1",
+                "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--vocab", "97", "--read-mib", "8",
+                "--dir", str(tmp_path), "--out", str(out)])
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.read_text().splitlines()
+            if line.startswith("| ") and "variant" not in line}
+    assert sorted(rows) == ["dense", "ram", "sparse", "ssd", "ssd-retrieval"]
+    for name in ("ram", "ssd"):
+        assert float(rows[name][4]) < 1e-4 and rows[name][5] == "True"
