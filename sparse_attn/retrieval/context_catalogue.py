@@ -10,7 +10,6 @@ hashes only locate a candidate: restoring compares the token ids themselves."""
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import uuid
 from dataclasses import dataclass

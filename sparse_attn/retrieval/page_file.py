@@ -226,7 +226,8 @@ class PagedVectorFile:
         if out is None:
             out = torch.empty(S, self.count, self.dim, dtype=self.dtype)
         elif out.shape != (S, self.count, self.dim) or out.dtype != self.dtype:
-            raise ValueError(f"out must be [{S}, {self.count}, {self.dim}] {self.dtype}, got {tuple(out.shape)} {out.dtype}")
+            raise ValueError(f"out must be [{S}, {self.count}, {self.dim}] {self.dtype}, "
+                             f"got {tuple(out.shape)} {out.dtype}")
         step = max(1, run_bytes // (S * self.page_bytes))
         for first in range(0, n_full, step):
             n = min(step, n_full - first)

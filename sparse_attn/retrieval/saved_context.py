@@ -101,7 +101,8 @@ def save_context_kv(directory, layers, token_ids, identity: dict, *, sink: int =
     Returns the bytes written."""
     ids, identity = token_list(token_ids), _canonical(identity)
     if not isinstance(layers, (list, tuple)) or not layers:
-        raise InvalidArgumentError(f"layers must be a non-empty list (one entry per layer), got {type(layers).__name__}")
+        raise InvalidArgumentError(f"layers must be a non-empty list (one entry per layer), "
+                                   f"got {type(layers).__name__}")
     directory = check_writable_dir(directory, "directory")
     context_path = os.path.join(directory, CONTEXT_FILE)
     if os.path.exists(context_path):

@@ -142,7 +142,8 @@ def restore_context(model, directory, input_ids, *, tokens: int | None = None, i
         cache = DynamicCache(config=model.config)
         for i in range(info["layers"]):
             k, v, _ = read_context_kv(directory, i)
-            cache.update(k[:, :, :tokens].to(param.device, param.dtype), v[:, :, :tokens].to(param.device, param.dtype), i)
+            to_model = dict(device=param.device, dtype=param.dtype)
+            cache.update(k[:, :, :tokens].to(**to_model), v[:, :, :tokens].to(**to_model), i)
         return RestoredContext(cache, tokens)
     if scratch_dir is None:
         raise InvalidArgumentError("scratch_dir is required with into='retrieval': a writable directory for the "
