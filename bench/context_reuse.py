@@ -20,7 +20,7 @@ way.  Variants run in turns, round after round, in one process (the VM's speed d
 variant's median and its ratio to dense, the logits' max difference from dense, and the bytes read.
 
     flock /tmp/sparse_attn_bench.lock env PYTHONPATH=. python bench/context_reuse.py \
-        [--context 32768] [--question 64] [--rounds 2] [--out bench/results/context-reuse-....txt]
+        [--context 32768] [--question 64] [--rounds 3] [--out bench/results/context-reuse-....txt]
 """
 from __future__ import annotations
 
@@ -75,9 +75,9 @@ def disk_read_speed(directory, mib: int = 512) -> dict:
 
 
 def build(args):
-    from sparse_attn.tools.demo import build_model
+    from sparse_attn.tools.tiny_model import tiny_llama
 
-    return build_model(args.layers, args.hidden, args.heads, args.kv_heads, args.vocab, seed=0)
+    return tiny_llama(args.layers, args.hidden, args.heads, args.kv_heads, args.vocab, seed=0)
 
 
 @torch.no_grad()
@@ -92,12 +92,12 @@ def main(argv=None):
     import sparse_attn.hf as sah
     from sparse_attn.integrations.hf.decode_cache import register
     from sparse_attn.retrieval import ContextCatalogue
+    from sparse_attn.tools.timing import time_in_turns
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--question", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--restores", type=int, default=3, help="restores of each kind per round")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--heads", type=int, default=16)
@@ -169,25 +169,26 @@ def main(argv=None):
                 model.set_attn_implementation(sdpa)
                 shutil.rmtree(scratch, ignore_errors=True)
 
-        variants = {"dense": (dense, 1), "sparse": (sparse, 1), "ram": (restored(False), args.restores),
-                    "ssd": (restored(True), args.restores), "ssd-retrieval": (retrieval, args.restores)}
-        times = {name: [] for name in variants}
+        variants = {"dense": dense, "sparse": sparse, "ram": restored(False), "ssd": restored(True),
+                    "ssd-retrieval": retrieval}
         io = {name: [] for name in variants}
-        logits = {}
+
+        def counted(name, fn):                                     # the bytes each call read
+            def run():
+                before = proc_io()
+                result = fn()
+                after = proc_io()
+                io[name].append((after[0] - before[0], after[1] - before[1]))
+                return result
+            return run
+
         restored(False)()                                          # warm-up: the restore and suffix paths
+        retrieval()
         sah.patch(model, pattern)                                  # and the sparse kernel (built on first use)
         first_token(model, ids[:, -8192:])
         sah.unpatch(model)
-        for r in range(args.rounds):
-            for name, (fn, reps) in variants.items():
-                for _ in range(reps):
-                    before, start = proc_io(), time.perf_counter()
-                    out, token = fn()
-                    times[name].append(time.perf_counter() - start)
-                    after = proc_io()
-                    io[name].append((after[0] - before[0], after[1] - before[1]))
-                    logits[name] = (out, token)
-                print(f"round {r + 1}: {name} {times[name][-reps:]}", flush=True)
+        timings = time_in_turns({name: counted(name, fn) for name, fn in variants.items()}, args.rounds, warmup=0)
+        times, logits = timings.samples, timings.results
 
         say(f"# context reuse: time to first token, {args.context}-token context + {args.question}-token question")
         say(f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.machine()} CPU, "
@@ -203,15 +204,16 @@ def main(argv=None):
         say(f"disk sequential read of a fresh {args.read_mib} MiB file: cold {speed['cold'][0]:.0f} MiB/s "
             f"({speed['cold'][1]:.0f} MiB from the device), warm (page cache) {speed['warm'][0]:.0f} MiB/s "
             f"({speed['warm'][1]:.0f} MiB from the device)")
-        say(f"rounds {args.rounds}; restores per round {args.restores}; times are medians (all runs listed)")
+        say(f"rounds {args.rounds} (sparse_attn.tools.timing.time_in_turns: every variant once per round, in turns); "
+            f"times are medians (all runs listed)")
         say()
         say("| variant | TTFT median | runs (s) | vs dense | max abs logit diff vs dense | same first token | "
             "read from device | read calls (rchar) |")
         say("|---|---|---|---|---|---|---|---|")
-        base = statistics.median(times["dense"])
+        base = timings.median("dense")
         ref_logits, ref_token = logits["dense"]
         for name in variants:
-            med = statistics.median(times[name])
+            med = timings.median(name)
             out, token = logits[name]
             dev = statistics.median(b for b, _ in io[name]) / 2**20
             rchar = statistics.median(c for _, c in io[name]) / 2**20

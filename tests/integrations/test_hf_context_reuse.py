@@ -16,14 +16,14 @@ from sparse_attn import VerticalSlash  # noqa: E402
 from sparse_attn.errors import SavedContextMismatchError, SparseAttnError  # noqa: E402
 from sparse_attn.integrations.hf.decode_cache import RetrievalCache, register  # noqa: E402
 from sparse_attn.retrieval import ContextCatalogue, KVFileError  # noqa: E402
-from sparse_attn.tools.demo import build_model  # noqa: E402
+from sparse_attn.tools.tiny_model import tiny_llama  # noqa: E402
 
 FULL = VerticalSlash(vertical=10**6, slash=10**6, last_q=16)
 CONTEXT, SUFFIX = 77, 23
 
 
 def _model(seed=0, kv_heads=2):
-    return build_model(layers=2, hidden=64, heads=4, kv_heads=kv_heads, vocab=97, seed=seed)
+    return tiny_llama(layers=2, hidden=64, heads=4, kv_heads=kv_heads, vocab=97, seed=seed)
 
 
 def _ids(n=CONTEXT + SUFFIX, seed=1):
@@ -160,7 +160,7 @@ def test_reuse_benchmark_script_runs(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "report.txt"
-    bench.main(["--context", "300", "--question", "7", "--rounds", "1", "--restores", "1", "--layers", "1",
+    bench.main(["--context", "300", "--question", "7", "--rounds", "1", "--layers", "1",
                 "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--vocab", "97", "--read-mib", "8",
                 "--dir", str(tmp_path), "--out", str(out)])
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.read_text().splitlines()
