@@ -89,6 +89,10 @@ def test_live_cache_saved_and_restored_attends_the_same(tmp_path, where):
     assert _file_hashes(saved) == hashes
     again = open_context_cache(saved, 0, scratch_dir=tmp_path / "scratch2")
     assert torch.equal(retrieval_attention(q, again, top_k), before)
+    # the next turn: the restored, extended cache is saved in turn (its values in two files)
+    save_context_kv(tmp_path / "turn2", [restored], _ids(153), IDENTITY)
+    k3, v3, _ = read_context_kv(tmp_path / "turn2", 0)
+    assert torch.equal(k3, torch.cat([k, k_new], 2)) and torch.equal(v3, torch.cat([v, v_new], 2))
 
 
 def test_prefix_of_a_saved_context_restores_only_that_prefix(tmp_path):

@@ -129,8 +129,8 @@ def restore_context(model, directory, input_ids, *, tokens: int | None = None, i
 
     ``into="dynamic"``: a ``DynamicCache`` with the full KV on the model's device.  ``into="retrieval"``: a
     `RetrievalCache` (``top_k`` keys retrieved per query row; ``index`` None = the saved index, or a name to build)
-    whose values stay in the saved files; ``scratch_dir`` (required) receives the request's own offloaded tokens
-    (the saved files are never written).  Returns ``(cache, tokens)``."""
+    whose values stay in the saved files; ``scratch_dir`` (required; one per live request) receives the request's
+    own offloaded tokens (the saved files are never written).  Returns ``(cache, tokens)``."""
     if into not in INTO:
         raise InvalidArgumentError(f"into must be one of {INTO}, got {into!r}")
     info = read_context_info(directory)
