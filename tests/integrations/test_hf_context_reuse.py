@@ -80,6 +80,25 @@ def test_restored_retrieval_cache_covering_every_key_gives_the_dense_logits(tmp_
     assert layer.seq_len == CONTEXT + SUFFIX
 
 
+@pytest.mark.parametrize("into", ["dynamic", "retrieval"])
+def test_generate_goes_on_from_a_restored_cache(tmp_path, into):
+    model, ids = _model(), _ids()
+
+    def generate(cache=None):
+        with torch.no_grad():
+            return model.generate(ids, max_new_tokens=6, do_sample=False, cache=cache,
+                                  attention_mask=torch.ones_like(ids), pad_token_id=0)
+
+    dense = generate()
+    sah.save_context(model, _prefilled(model, ids[:, :CONTEXT]), ids[:, :CONTEXT], tmp_path / "ctx", sink=4,
+                     window=16)
+    if into == "retrieval":
+        model.set_attn_implementation(register())
+    restored = sah.restore_context(model, tmp_path / "ctx", ids, into=into, top_k=512,
+                                   scratch_dir=tmp_path / "scratch")
+    assert torch.equal(generate(restored.cache), dense)          # generate prefills only the uncached suffix
+
+
 def test_catalogue_serves_the_longest_saved_prefix(tmp_path):
     model, ids = _model(), _ids()
     dense = _logits(model, ids)

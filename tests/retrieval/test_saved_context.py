@@ -11,7 +11,7 @@ import torch
 
 import sparse_attn as sa
 from sparse_attn.errors import InvalidArgumentError, SavedContextMismatchError, SparseAttnError
-from sparse_attn.retrieval import (KVFileError, RetrievalKVCache, check_context, open_context_cache,
+from sparse_attn.retrieval import (KVFileError, PagedVectorFile, RetrievalKVCache, check_context, open_context_cache,
                                    read_context_info, read_context_kv, retrieval_attention, save_context_kv)
 from conftest import assert_close
 
@@ -108,6 +108,9 @@ def test_scratch_dir_must_not_be_the_saved_directory(tmp_path):
     save_context_kv(tmp_path, [_kv(50, 0)], _ids(50), IDENTITY, sink=4, window=16)
     with pytest.raises(ValueError, match="scratch_dir must differ"):
         RetrievalKVCache.open(tmp_path, 0, scratch_dir=tmp_path)
+    saved = PagedVectorFile.open(tmp_path / "layer0.values.kv", read_only=True)
+    with pytest.raises(KVFileError, match="read-only"):
+        saved.append(torch.zeros(2, 1, 32))
 
 
 # ---------------------------------------------------------------------------------------------------- refusals
