@@ -13,7 +13,7 @@ import sparse_attn as sa
 from sparse_attn.errors import InvalidArgumentError, SavedContextMismatchError, SparseAttnError
 from sparse_attn.retrieval import (KVFileError, PagedVectorFile, RetrievalKVCache, check_context, open_context_cache,
                                    read_context_info, read_context_kv, retrieval_attention, save_context_kv)
-from conftest import assert_close
+from helpers import assert_close
 
 from retrieval_helpers import decode_inputs, filled_cache
 
