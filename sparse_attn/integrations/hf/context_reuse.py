@@ -1,20 +1,21 @@
 """Reuse of a prefilled context across requests with transformers models: save a cache's KV, restore it into a
 new request's cache, and prefill only the request's own suffix.
 
-    import sparse_attn.hf as sah  # or sparse_attn.integrations.hf.context_reuse
+    import sparse_attn.hf as sah
     catalogue = sparse_attn.retrieval.ContextCatalogue("contexts/", max_bytes=50 << 30)
     out = model(ids, use_cache=True)                         # the first request: a full prefill
-    save_context(model, out.past_key_values, ids, catalogue)
+    sah.save_context(model, out.cache, ids, catalogue)       # (out.past_key_values in older transformers)
     ...
-    restored = reuse_context(model, new_ids, catalogue)      # a later request starting with those tokens
+    restored = sah.reuse_context(model, new_ids, catalogue)  # a later request starting with those tokens
     if restored is not None:
-        logits = model(new_ids[:, restored.tokens:], past_key_values=restored.cache).logits
+        logits = model(new_ids[:, restored.tokens:], cache=restored.cache).logits
 
 ``into="dynamic"`` restores the full KV into a ``DynamicCache`` (any attention implementation: sdpa, eager, a
 model patched by `sparse_attn.hf.patch`: the suffix's queries attend to context + suffix, bottom-right aligned);
 ``into="retrieval"`` restores a `RetrievalCache` (sinks + window on the device, keys in RAM, values left in the
 saved files on SSD) for a model using the retrieval attention function.  Another model's context, other tokens or
-a damaged file are refused (`SavedContextMismatchError`, `KVFileError`) before anything is restored."""
+a damaged file are refused (`SavedContextMismatchError`, `KVFileError`) before a cache is returned (value pages
+left on SSD are checked when read)."""
 from __future__ import annotations
 
 import hashlib
@@ -98,7 +99,7 @@ def _cache_layers(cache) -> list:
 def save_context(model, cache, input_ids, directory, *, sink: int = 128, window: int = 512, page_tokens: int = 16,
                  storage_dtype=None) -> str:
     """Save ``cache`` (a ``DynamicCache`` or `RetrievalCache` that holds exactly the tokens ``input_ids``, ``[1, n]``
-    or ``[n]``, e.g. ``model(input_ids, use_cache=True).past_key_values``) with ``model``'s identity.
+    or ``[n]``, e.g. ``model(input_ids, use_cache=True).cache``) with ``model``'s identity.
 
     ``directory``: a directory path, or a :class:`~sparse_attn.retrieval.ContextCatalogue` (a new directory under
     its root, registered, then the catalogue evicts by size).  ``sink``/``window``: how a retrieval restore
@@ -125,7 +126,8 @@ def restore_context(model, directory, input_ids, *, tokens: int | None = None, i
     with its tokens (the first ``tokens`` of them, default all).  Refuses, before restoring anything, a context
     of another model (:class:`~sparse_attn.errors.SavedContextMismatchError` naming the differing fields), of
     other tokens (naming the first differing position), or with a damaged file
-    (:class:`~sparse_attn.retrieval.KVFileError`).
+    (:class:`~sparse_attn.retrieval.KVFileError`; the value pages a retrieval restore leaves on disk are checked
+    when retrieval reads them).
 
     ``into="dynamic"``: a ``DynamicCache`` with the full KV on the model's device.  ``into="retrieval"``: a
     `RetrievalCache` (``top_k`` keys retrieved per query row; ``index`` None = the saved index, or a name to build)
