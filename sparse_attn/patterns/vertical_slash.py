@@ -54,6 +54,12 @@ class VerticalSlash(VerticalSlashBudgets):
       rectangular tile computes a band of 64 diagonals anyway, so a lone diagonal would cost as much as its group.
     """
 
+    def invalid_reasons(self):
+        if self.vertical == 0 and self.slash == 0:      # said first: the sink/local relations would only confuse
+            return ["vertical and slash are both 0, so no key would be kept (an all-zero output); give vertical >= 1 "
+                    "or slash >= 1"]
+        return super().invalid_reasons()
+
     def group_key(self):
         return (type(self), self.last_q)
 
