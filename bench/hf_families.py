@@ -34,8 +34,8 @@ def main(argv=None):
         print(f"{family}: done in {results[-1].seconds:.1f} s", file=sys.stderr, flush=True)
     header = [
         f"# Model families x sparse_attn.hf.patch (full budget), {datetime.date.today()}",
-        f"# machine: {platform.machine()} CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, python {platform.python_version()}",
+        f"# machine: {platform.machine()} CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}",
         f"# each model: 4 layers, hidden 64, 4 query heads / 2 KV heads, vocab 128, random weights (fp32); prompt "
         f"{LENGTH} tokens; padded batch: 2 different rows, the second left-padded by {PAD}; greedy {NEW_TOKENS} new "
         f"tokens for the row and the batch; patch(VerticalSlash(10**6, 10**6), dense_below=0, dense_above=1.0); "
