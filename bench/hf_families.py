@@ -1,4 +1,4 @@
-"""The model-family table of issue 17: every family of `sparse_attn.tools.tiny_models.FAMILIES` (tiny configs,
+"""The model-family table of issue 17: every family of `sparse_attn.tools.tiny_model.FAMILIES` (tiny configs,
 random weights, nothing downloaded) patched with a full budget against its own attention: logit diffs (one row and
 a left-padded batch), greedy tokens, sparse layer calls, unpatch.  Prints the table and writes it with the machine,
 versions and date.
@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sparse_attn.tools.families import LENGTH, NEW_TOKENS, PAD, check_family, format_table  # noqa: E402
-from sparse_attn.tools.tiny_models import FAMILIES  # noqa: E402
+from sparse_attn.tools.tiny_model import FAMILIES  # noqa: E402
 
 TOLERANCE = 1e-4
 

@@ -12,7 +12,7 @@ import time
 import torch
 
 from .cli import Parser, input_errors
-from .tiny_models import build_model          # the vLLM runner imports it from here too
+from .tiny_model import tiny_llama
 
 PATTERNS = {
     "vs": "VerticalSlash(vertical=256, slash=512)",
@@ -108,7 +108,7 @@ def main(argv=None):
 
     import sparse_attn.hf as sah
 
-    model = build_model(args.layers, args.hidden, args.heads, args.kv_heads, args.vocab, args.seed)
+    model = tiny_llama(args.layers, args.hidden, args.heads, args.kv_heads, args.vocab, seed=args.seed)
     ids = torch.randint(1, args.vocab, (1, args.length), generator=torch.Generator().manual_seed(args.seed))
     print(f"model: Llama-style, {args.layers} layers, hidden {args.hidden}, {args.heads} heads "
           f"({args.kv_heads} KV heads), random weights, fp32, torch threads {torch.get_num_threads()}")

@@ -1,5 +1,5 @@
 """The model-family check behind `bench/hf_families.py`: one tiny random-weight model per family
-(`tiny_models.FAMILIES`), patched with a budget covering every key, against the same model with its own attention
+(`tiny_model.FAMILIES`), patched with a budget covering every key, against the same model with its own attention
 (``sdpa``; Gemma-2 has none, so ``eager``).
 
 Per family: max |logit diff| of one row, of a left-padded batch of two different rows (kept positions), greedy
@@ -60,10 +60,10 @@ def check_family(family: str, *, pattern=None, layers: int = 4) -> FamilyResult:
     tell a real budget apart from dense)."""
     import sparse_attn as sa
     import sparse_attn.hf as sah
-    from .tiny_models import build_model
+    from .tiny_model import tiny_causal_lm
 
     start = time.perf_counter()
-    model = build_model(layers=layers, vocab=VOCAB, family=family)
+    model = tiny_causal_lm(family, layers, hidden=64, vocab=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     result = FamilyResult(family, type(model).__name__, model.config._attn_implementation, layers=layers)
     row, batch, mask = _inputs()
     base_logits, base_padded, base_tokens, base_padded_tokens = _outputs(model, row, batch, mask)

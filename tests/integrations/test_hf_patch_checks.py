@@ -12,10 +12,14 @@ import sparse_attn as sa  # noqa: E402
 import sparse_attn.hf as sah  # noqa: E402
 from sparse_attn import prefill  # noqa: E402
 from sparse_attn.integrations.hf.attention import STATE_ATTR  # noqa: E402
-from sparse_attn.tools.tiny_models import build_model  # noqa: E402
+from sparse_attn.tools.tiny_model import tiny_causal_lm  # noqa: E402
 
 VOCAB, L = 128, 200
 FULL = sa.VerticalSlash(vertical=10**6, slash=10**6)
+
+
+def _model(family="llama", layers=2, **fields):
+    return tiny_causal_lm(family, layers, hidden=64, vocab=VOCAB, **fields)
 
 
 def _ids(batch=1, seed=1):
@@ -38,13 +42,13 @@ def _sliding_warnings(fn):
 def test_gemma2_softcap_runs_sparse_and_equals_eager(monkeypatch):
     """Full budget on Gemma-2 (softcap 2.0, alternating sliding layers): the full-attention layers run the sparse
     kernel with the cap and the logits equal the model's own eager attention, single row and left-padded batch."""
-    model = build_model(family="gemma2", layers=4, vocab=VOCAB)
+    model = _model(family="gemma2", layers=4)
     ids, batch = _ids(), _ids(2, seed=2)
     mask = torch.ones_like(batch)
     mask[1, :37] = 0
     dense, dense_batch = _logits(model, ids), _logits(model, batch, mask)
     # The cap matters at this size: without it the logits move far beyond the tolerance used below.
-    uncapped = build_model(family="gemma2", layers=4, vocab=VOCAB, attn_logit_softcapping=None)
+    uncapped = _model(family="gemma2", layers=4, attn_logit_softcapping=None)
     assert (_logits(uncapped, ids) - dense).abs().max() > 1e-2
 
     caps = []
@@ -66,14 +70,14 @@ def test_gemma2_softcap_runs_sparse_and_equals_eager(monkeypatch):
     ({"retrieval": {}}, r"retrieval: .*soft-caps"),
 ])
 def test_softcap_settings_that_cannot_run_are_refused_at_patch(kwargs, match):
-    model = build_model(family="gemma2", layers=2, vocab=VOCAB)
+    model = _model(family="gemma2", layers=2)
     with pytest.raises(ValueError, match=match):
         sah.patch(model, **kwargs)
     assert model.config._attn_implementation == "eager" and not sah.is_patched(model)
 
 
 def test_attention_sinks_are_refused_at_patch():
-    model = build_model(vocab=VOCAB)
+    model = _model()
     model.model.layers[1].self_attn.sinks = torch.nn.Parameter(torch.zeros(4))     # gpt-oss style
     with pytest.raises(ValueError, match=r"sinks \(layers \[1\]\)"):
         sah.patch(model)
@@ -82,20 +86,20 @@ def test_attention_sinks_are_refused_at_patch():
 
 # ------------------------------------------------------------------------------------ sliding windows
 def test_sliding_layers_are_named_once_at_patch():
-    gemma3 = build_model(family="gemma3", layers=4, vocab=VOCAB)
+    gemma3 = _model(family="gemma3", layers=4)
     [message] = _sliding_warnings(lambda: sah.patch(gemma3, FULL, dense_below=0))
     assert "layers [0, 2] of Gemma3ForCausalLM" in message and "window of 48 keys" in message
     assert "while the keys fit the window" in message and "layers [1, 3]" in message
-    mistral = build_model(family="mistral-window", vocab=VOCAB)
+    mistral = _model(family="mistral-window")
     [message] = _sliding_warnings(lambda: sah.patch(mistral))                # default dense_below 4096 > 48
     assert "layers [0, 1]" in message and "never run sparse" in message and "dense_below (4096)" in message
     for family in ("llama", "qwen2", "qwen2-moe"):                          # no window, or full layer types
-        assert _sliding_warnings(lambda: sah.patch(build_model(family=family, vocab=VOCAB))) == []
+        assert _sliding_warnings(lambda: sah.patch(_model(family=family))) == []
 
 
 def test_sliding_layers_run_sparse_while_the_input_fits_the_window(monkeypatch):
     """Within the window a sliding layer is plain causal attention, so the patterns apply there too."""
-    model = build_model(family="gemma3", layers=2, vocab=VOCAB, sliding_window=4096)
+    model = _model(family="gemma3", layers=2, sliding_window=4096)
     calls = []
     real = prefill.sparse_attention
     monkeypatch.setattr(prefill, "sparse_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
@@ -120,7 +124,7 @@ def _minference(entry, layers=2, heads=4):
     (None, {"pattern": sa.AShape(sink=0, local=0)}, r"pattern: AShape sink and local are both 0"),
 ])
 def test_empty_or_negative_budgets_are_refused(tmp_path, config, options, match):
-    model = build_model(vocab=VOCAB)
+    model = _model()
     if isinstance(config, list):
         path = tmp_path / "heads.json"
         path.write_text(json.dumps(config))

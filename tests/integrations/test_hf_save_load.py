@@ -11,10 +11,14 @@ import sparse_attn as sa  # noqa: E402
 import sparse_attn.hf as sah  # noqa: E402
 from sparse_attn.integrations.hf.attention import STATE_ATTR  # noqa: E402
 from sparse_attn.integrations.hf.saved_config import FIELD  # noqa: E402
-from sparse_attn.tools.tiny_models import build_model  # noqa: E402
+from sparse_attn.tools.tiny_model import tiny_causal_lm  # noqa: E402
 
 VOCAB, L = 128, 200
 SPARSE = sa.VerticalSlash(vertical=8, slash=64, sink=4, local=16)     # a real budget at L=200
+
+
+def _model(family="llama", layers=2, **fields):
+    return tiny_causal_lm(family, layers, hidden=64, vocab=VOCAB, **fields)
 
 
 def _ids():
@@ -34,7 +38,7 @@ def _load(path, **kwargs):
 def saved(tmp_path_factory):
     """A tiny Qwen2 saved while patched with a real budget: (directory, dense logits, patched logits)."""
     path = tmp_path_factory.mktemp("patched_qwen2")
-    model = build_model(family="qwen2", vocab=VOCAB)
+    model = _model(family="qwen2")
     dense = _logits(model)
     sah.patch(model, SPARSE, dense_below=0, dense_above=0.9)
     sparse = _logits(model)
@@ -76,7 +80,7 @@ def test_patch_reads_the_saved_settings_and_arguments_override(saved):
 
 
 def test_from_pretrained_without_saved_settings_uses_the_online_defaults(tmp_path):
-    build_model(vocab=VOCAB).save_pretrained(tmp_path)
+    _model().save_pretrained(tmp_path)
     model = _load(tmp_path, attn_implementation=sah.IMPLEMENTATION)
     dense = _logits(_load(tmp_path))
     torch.testing.assert_close(_logits(model), dense, rtol=1e-5, atol=1e-5)     # 200 keys < dense_below
@@ -87,7 +91,7 @@ def test_from_pretrained_without_saved_settings_uses_the_online_defaults(tmp_pat
 
 
 def test_a_bad_saved_field_names_itself(tmp_path):
-    model = build_model(vocab=VOCAB)
+    model = _model()
     setattr(model.config, FIELD, {"format": "sparse_attn.hf", "version": 1, "dense_below": -1})
     with pytest.raises(ValueError, match="dense_below must be an int >= 0"):
         sah.patch(model)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from ...config import resolve_config
 from .attention import STATE_ATTR, sparse_attention_forward
 from .model_checks import check_model_attention, warn_sliding_layers
+from .registry import register_attention, set_implementation
 from .saved_config import FIELD, read_settings, saved_settings, settings_of
 from .state import DEFAULT_OPTIONS, ONLINE_DENSE_ABOVE, PatchState, check_options  # noqa: F401 (re-exported)
 
@@ -61,7 +62,7 @@ def patch(model, config=None, *, retrieval=None, **options):
     try:
         model.set_attn_implementation(IMPLEMENTATION)
     except Exception:
-        _set_implementation(model, previous)
+        set_implementation(model, previous)
         raise
     for module in [model, *attention_modules]:
         setattr(module, STATE_ATTR, state)
@@ -78,7 +79,7 @@ def unpatch(model):
     if state is None and model.config._attn_implementation != IMPLEMENTATION:
         return model
     text_config = _text_config(model)
-    _set_implementation(model, state.previous if state is not None else _implementation_to_restore(model, text_config))
+    set_implementation(model, state.previous if state is not None else _implementation_to_restore(model, text_config))
     if FIELD in text_config.__dict__:
         delattr(text_config, FIELD)
     for module in model.modules():
@@ -125,11 +126,7 @@ def register() -> None:
     """Register ``"sparse_attn"`` in transformers' attention and mask registries, so that
     ``from_pretrained(..., attn_implementation="sparse_attn")`` and ``set_attn_implementation("sparse_attn")``
     accept it (`patch` does this too; ``import sparse_attn.hf`` calls it)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    AttentionInterface.register(IMPLEMENTATION, sparse_attention_forward)
-    AttentionMaskInterface.register(IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
+    register_attention(IMPLEMENTATION, sparse_attention_forward)
 
 
 def _implementation_to_restore(model, text_config) -> str | None:
@@ -143,13 +140,6 @@ def _implementation_to_restore(model, text_config) -> str | None:
     if previous and previous != IMPLEMENTATION:
         return previous
     return "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
-
-
-def _set_implementation(model, implementation) -> None:
-    if implementation is None:
-        model.config._attn_implementation_internal = None
-    else:
-        model.set_attn_implementation(implementation)
 
 
 def _check_model(model) -> None:
