@@ -141,3 +141,23 @@ def test_vertical_slash_without_any_budget_names_both_fields():
     with pytest.raises(ValueError, match="vertical and slash are both 0"):
         sa.VerticalSlash(0, 0, sink=0, local=0)
     assert sa.VerticalSlash(0, 64, sink=0, local=64).slash == 64          # diagonals only is a real budget
+
+
+def test_capped_dense_fallback_matches_the_reference():
+    """The dense route of a soft-capped model (decode, windowed layers, padding) against the oracle with an explicit
+    mask: window 40, a left-padded row, GQA, 65 queries over 113 keys."""
+    from sparse_attn.integrations.hf.attention import masked_dense_attention
+
+    gen = torch.Generator().manual_seed(4)
+    q = 3 * torch.randn(2, 4, 65, 16, generator=gen)
+    k, v = 3 * torch.randn(2, 2, 113, 16, generator=gen), torch.randn(2, 2, 113, 16, generator=gen)
+    keep = torch.ones(2, 113, dtype=torch.bool)
+    keep[1, :30] = False
+    pos = torch.arange(65)[:, None] + 113 - 65
+    key = torch.arange(113)[None, :]
+    mask = ((key <= pos) & (key > pos - 40))[None, None] & keep[:, None, None, :]
+    ref = sa.reference_attention(q, k, v, mask, causal=False, softcap=2.0)
+    out = masked_dense_attention(q, k, v, keep, causal=True, window=40, softcap=2.0)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    uncapped = masked_dense_attention(q, k, v, keep, causal=True, window=40)
+    assert (uncapped - ref).abs().max() > 1e-2                     # the cap matters at these scores
