@@ -40,7 +40,7 @@ def main(argv=None):
         f"{LENGTH} tokens; padded batch: 2 different rows, the second left-padded by {PAD}; greedy {NEW_TOKENS} new "
         f"tokens for the row and the batch; patch(VerticalSlash(10**6, 10**6), dense_below=0, dense_above=1.0); "
         f"'ok' = within {TOLERANCE}; baseline = the model's own attention (sdpa; eager for Gemma-2, which has no sdpa)",
-        f"# command: PYTHONPATH=. python bench/hf_families.py",
+        "# command: PYTHONPATH=. python bench/hf_families.py",
         "",
     ]
     text = "\n".join(header) + format_table(results, TOLERANCE) + "\n"

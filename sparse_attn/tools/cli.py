@@ -3,6 +3,7 @@ argparse does for a bad option, without the usage block), never a traceback; pro
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from contextlib import contextmanager
 
@@ -10,6 +11,8 @@ from ..errors import InvalidArgumentError
 
 #: exit code of a command whose input is wrong (argparse's)
 INPUT_ERROR = 2
+#: files of which a model directory needs one for `AutoTokenizer` to load it
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tokenizer.tiktoken")
 
 
 class InputError(InvalidArgumentError):
@@ -31,6 +34,11 @@ def report(prog: str, error: Exception) -> int:
     return INPUT_ERROR
 
 
+def warn(prog: str, message: str) -> None:
+    """A command's warning about its input (the run goes on): one line on stderr."""
+    print(f"{prog}: warning: {' '.join(message.split())}", file=sys.stderr)
+
+
 @contextmanager
 def input_errors(what: str, *kinds):
     """Turn ``kinds`` of exceptions (default: OSError, ValueError) raised inside into `InputError` prefixed by
@@ -41,6 +49,13 @@ def input_errors(what: str, *kinds):
         raise
     except (kinds or (OSError, ValueError)) as e:
         raise InputError(f"{what}: {e}") from e
+
+
+def require_tokenizer(path, why: str) -> None:
+    """`InputError` when the model directory ``path`` holds no tokenizer files (before anything loads)."""
+    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise InputError(f"--model {path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); {why} (save it "
+                         f"beside the weights: tokenizer.save_pretrained(path))")
 
 
 def progress(iterable, total: int, desc: str):

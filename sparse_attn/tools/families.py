@@ -96,15 +96,18 @@ def check_family(family: str, *, pattern=None, layers: int = 4) -> FamilyResult:
 
 
 def format_table(results, tolerance: float) -> str:
-    head = (f"| family | model | baseline | full-budget max logit diff | padded batch max diff | greedy tokens equal | "
-            f"sparse layer calls | unpatch restores | time |")
+    head = ("| family | model | baseline | full-budget max logit diff | padded batch max diff | greedy tokens equal | "
+            "sparse layer calls | unpatch restores | time |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def ok(diff):
+        return f"{diff:.1e} {'ok' if diff <= tolerance else 'FAIL'}"
+
     for r in results:
         if r.refused:
             lines.append(f"| {r.family} | {r.model} | {r.baseline} | refused at patch: {r.refused} | | | | | "
                          f"{r.seconds:.1f} s |")
             continue
-        ok = lambda d: f"{d:.1e} {'ok' if d <= tolerance else 'FAIL'}"  # noqa: E731
         lines.append(f"| {r.family} | {r.model} | {r.baseline} | {ok(r.logit_diff)} | {ok(r.padded_diff)} | "
                      f"{'yes' if r.tokens_equal else 'NO'} | {r.sparse_calls} of {r.layers} | "
                      f"{'yes' if r.unpatch_restores else 'NO'} | {r.seconds:.1f} s |")

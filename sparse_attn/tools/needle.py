@@ -12,7 +12,7 @@ import random
 
 import torch
 
-from .cli import InputError, Parser, input_errors, progress
+from .cli import InputError, Parser, input_errors, progress, require_tokenizer
 
 FILLER = (
     "The river bends twice before it reaches the old mill at the edge of the valley.",
@@ -27,8 +27,6 @@ FILLER = (
 NEEDLE = "The secret number is {value}."
 QUESTION = " What is the secret number? The secret number is"
 TINY_PARAMS = 100_000_000
-#: files of which a model directory needs one for `AutoTokenizer` to load it
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tokenizer.tiktoken")
 
 
 def build_prompt(tokenizer, length: int, depth: float, needle: str, question: str = QUESTION) -> tuple[list, int]:
@@ -120,9 +118,7 @@ def load_inputs(path: str, dtype: str, config_path):
     config, then the weights) so that a wrong input fails before anything heavy loads; `InputError` naming it."""
     if not os.path.isdir(path):
         raise InputError(f"--model {path}: no such directory (a local model directory with weights and tokenizer)")
-    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
-        raise InputError(f"--model {path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); the needle prompts need "
-                         f"the model's tokenizer (save it beside the weights: tokenizer.save_pretrained(path))")
+    require_tokenizer(path, "the needle prompts need the model's tokenizer")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     with input_errors(f"--model {path}: cannot read its config"):

@@ -59,7 +59,8 @@ def check_options(options: dict, *, has_config: bool) -> dict:
     elif opts["pattern"] is not None and empty_budget_reason(opts["pattern"]):
         reasons.append(f"pattern: {empty_budget_reason(opts['pattern'])}")
     if opts["on_layout"] is not None and not callable(opts["on_layout"]):
-        reasons.append(f"on_layout must be callable(layer_idx, layout, density) or None, got {type(opts['on_layout']).__name__}")
+        reasons.append(f"on_layout must be callable(layer_idx, layout, density) or None, "
+                       f"got {type(opts['on_layout']).__name__}")
     if reasons:
         raise ValueError("patch: " + "; ".join(reasons))
     if opts["dense_above"] is None:
