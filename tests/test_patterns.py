@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import sparse_attn as sa
-from conftest import causal_mask, make_qkv, pattern_cases, pattern_strategy, per_head_mix, resolve_pattern
+from helpers import causal_mask, make_qkv, pattern_cases, pattern_strategy, per_head_mix, resolve_pattern
 
 SHAPES = [(1, 1), (63, 63), (65, 65), (113, 113), (1000, 1000), (65, 300), (1, 130)]
 PATTERN_NAMES = list(pattern_cases())
