@@ -216,9 +216,13 @@ def scale_pattern(pattern: Pattern, factor: float) -> Pattern:
 # ---------------------------------------------------------------------------------------------------- checks
 def empty_budget_reason(pattern) -> str | None:
     """Why a head running ``pattern`` would attend to no key at all (an all-zero output), or None.  A model's config
-    never wants that; the pattern object itself allows it (`AShape(0, 0)` is the empty layout in kernel tests)."""
+    never wants that; the pattern objects allow it (`AShape(0, 0)` and `VerticalSlash(0, 0, sink=0, local=0)` are
+    the empty layout in kernel tests)."""
     if isinstance(pattern, AShape) and pattern.sink == 0 and pattern.local == 0:
         return "AShape sink and local are both 0, so the head would keep no key (an all-zero output)"
+    if type(pattern) is VerticalSlash and pattern.vertical == 0 and pattern.slash == 0:
+        return ("VerticalSlash vertical and slash are both 0, so the head would keep no key (an all-zero output); "
+                "give vertical >= 1 or slash >= 1")
     return None
 
 

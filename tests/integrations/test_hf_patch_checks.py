@@ -138,8 +138,12 @@ def test_empty_or_negative_budgets_are_refused(tmp_path, config, options, match)
 def test_vertical_slash_without_any_budget_names_both_fields():
     with pytest.raises(ValueError, match=r"vertical and slash are both 0.*give vertical >= 1 or slash >= 1"):
         sa.VerticalSlash(0, 0)
-    with pytest.raises(ValueError, match="vertical and slash are both 0"):
-        sa.VerticalSlash(0, 0, sink=0, local=0)
+    empty = sa.VerticalSlash(0, 0, sink=0, local=0)          # the empty layout stays a pattern (kernel tests) ...
+    model = _model()
+    with pytest.raises(ValueError, match="pattern: VerticalSlash vertical and slash are both 0"):
+        sah.patch(model, pattern=empty)                      # ... but no model runs it
+    with pytest.raises(ValueError, match="layer 0, head 0: VerticalSlash vertical and slash are both 0"):
+        sah.patch(model, empty)
     assert sa.VerticalSlash(0, 64, sink=0, local=64).slash == 64          # diagonals only is a real budget
 
 
