@@ -21,6 +21,7 @@ import torch
 
 from ..layout import SparseLayout
 from ..backends.checks import check_softcap
+from ..backends.cuda import CUDA
 from ..backends.cuda.vertical_slash_args import check_vertical_slash_args
 from ..prefill import sparse_attention, sparse_prefill
 from .vertical_slash_clipped import clipped_vertical_slash_indexes
@@ -279,12 +280,9 @@ def _convert(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes, v_counts, s
     vertical, slash = _past_count(vertical_indexes, v_counts, -1), _past_count(slash_indexes, s_counts, 1 << 40)
     if not causal:           # the engines place non-causal queries after the last key: shift to bottom-right
         slash = slash.long() - torch.tensor(q_lens, device=dev)[:, None, None]
-    if vertical.is_cuda and max(kv_lens, default=0) <= context_size:     # the kernel sizes tiles by context_size
-        from ..backends.cuda.launcher import cuda_unavailable_reasons, vertical_slash_kernel
-        if not cuda_unavailable_reasons():                  # the CUDA kernel when CuPy works; torch otherwise
-            return vertical_slash_kernel(torch.tensor(q_lens, dtype=torch.int32, device=dev),
-                                         torch.tensor(kv_lens, dtype=torch.int32, device=dev), vertical, slash,
-                                         context_size, block_size_M, block_size_N, causal)
+    if not CUDA.vertical_slash_index_reasons(vertical, kv_lens, context_size):     # else the torch conversion
+        return CUDA.vertical_slash_index(q_lens, kv_lens, vertical, slash, context_size, block_size_M, block_size_N,
+                                         causal)
     return clipped_vertical_slash_indexes(q_lens, kv_lens, vertical, slash, context_size, block_size_M,
                                           block_size_N, causal)
 
