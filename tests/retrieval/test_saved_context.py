@@ -20,8 +20,11 @@ from retrieval_helpers import decode_inputs, filled_cache
 IDENTITY = {"architecture": "Toy", "layers": 2, "kv_heads": 2, "rope": {"theta": 10000.0}}
 
 
-def _kv(L, seed, Hkv=2, D=32, dtype=torch.float32):
+def _kv(L, seed, Hkv=2, D=32, dtype=torch.float32, blhd=False):
+    """``k, v [1, Hkv, L, D]``; ``blhd``: views of ``[1, L, Hkv, D]`` tensors (not contiguous)."""
     gen = torch.Generator().manual_seed(seed)
+    if blhd:
+        return tuple(torch.randn(1, L, Hkv, D, generator=gen).to(dtype).transpose(1, 2) for _ in range(2))
     return (torch.randn(1, Hkv, L, D, generator=gen).to(dtype), torch.randn(1, Hkv, L, D, generator=gen).to(dtype))
 
 
@@ -37,7 +40,7 @@ def _file_hashes(directory):
 @pytest.mark.parametrize("L", [1, 20, 113])                     # inside the sinks, inside the window, offloaded
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_full_kv_round_trip_is_exact(tmp_path, L, dtype):
-    layers = [_kv(L, 0, dtype=dtype), _kv(L, 1, dtype=dtype)]
+    layers = [_kv(L, 0, dtype=dtype), _kv(L, 1, dtype=dtype, blhd=True)]
     ids = _ids(L)
     nbytes = save_context_kv(tmp_path, layers, ids, IDENTITY, sink=4, window=16, page_tokens=8)
     assert nbytes > sum(2 * k.numel() * k.element_size() for k, _ in layers)
