@@ -117,9 +117,5 @@ def retrieval_attention_forward(module, query, key, value, attention_mask=None, 
 def register(name: str = IMPLEMENTATION) -> str:
     """Register :func:`retrieval_attention_forward` under ``name`` (and the flash-attention mask function, so
     transformers passes no ``[Lq, Lk]`` mask); then ``model.set_attn_implementation(name)``."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    AttentionInterface.register(name, retrieval_attention_forward)
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
-    return name
+    from .registry import register_attention
+    return register_attention(name, retrieval_attention_forward)
