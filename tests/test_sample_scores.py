@@ -11,7 +11,7 @@ from sparse_attn.estimators import cpu_scores, score_backends
 from sparse_attn.estimators.sample_mass import torch_sample_scores
 from sparse_attn.tools.synthetic import HardWorkload, Workload, make_hard_qkv
 from sparse_attn.tools.synthetic import make_qkv as make_workload
-from conftest import causal_mask, make_qkv
+from helpers import causal_mask, make_qkv
 
 # B, Hq, Hkv, Lq, Lk, D, last_q, causal, contiguity, heads, group: lengths off the 64 grid, Lq < Lk, a sample
 # longer than Lq, MHA / GQA / MQA, head subsets out of order, non-contiguous inputs, samples spanning several groups.
@@ -161,7 +161,7 @@ def test_rows_kept_mass_matches_an_fp64_oracle(name, impl):
     padding), odd lengths: the mass the rows keep on it equals an fp64 softmax summed over the layout's mask."""
     import random
 
-    from conftest import random_layout
+    from helpers import random_layout
     from sparse_attn.estimators.row_sample import rows_kept_mass
     if impl == "cpu" and not cpu_scores.available():
         pytest.skip("the fused CPU score pass cannot be built")
