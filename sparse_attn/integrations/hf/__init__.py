@@ -19,7 +19,7 @@ from ... import prefill
 from ...backends import BACKEND_NAMES
 from ...config import resolve_config
 from ...patterns import Pattern
-from .attention import STATE_ATTR, sparse_attention_forward
+from .attention import STATE_ATTR, register
 
 #: Name of our entry in transformers' attention and mask registries.
 IMPLEMENTATION = "sparse_attn"
@@ -142,11 +142,7 @@ def is_patched(model) -> bool:
 
 
 def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    AttentionInterface.register(IMPLEMENTATION, sparse_attention_forward)
-    AttentionMaskInterface.register(IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
+    register(IMPLEMENTATION)
 
 
 def _set_implementation(model, implementation) -> None:

@@ -7,15 +7,30 @@ transformers' flash-attention mask function for our name, ``attention_mask`` is 
 ``[B, Lk]`` key mask (True = keep) with padding; no ``[Lq, Lk]`` mask is ever built.  Returns ``(out [B, Lq, Hq, D],
 None)``.
 
-Routing: prefill (Lq > 1) of a causal full-attention layer runs the layer's per-head patterns through
-`sparse_attn.estimate` + `sparse_attn.sparse_attention` (dense below ``dense_below`` keys and above
-``dense_above`` density); decode steps (Lq == 1), sliding-window layers whose
-window is shorter than the keys, non-causal modules and modules without patch state run exact dense attention.
-Left-padded batches run row by row over each row's valid (right-aligned) keys; any other padding runs dense.
-Modality patterns (`Grid`, `QBoundary`, `TwoDBoundary`) get the spans of the current ``sparse_attn.hf.modality``
-block (`modality.py`; outside one, an all-text call).
-With a `sparse_attn.integrations.hf.decode_cache.RetrievalCache` (``sparse_attn.hf.retrieval_cache(model)``) the prompt runs
-the sparse prefill above and every later forward runs `sparse_attn.retrieval.retrieval_attention`.
+One function, one registration (`sparse_attn.hf.IMPLEMENTATION`; `decode_cache.register` names the same function).
+Each call takes one of three routes, decided once at the top:
+
+* **retrieval decode**: a `decode_cache.RetrievalLayer` was updated for this call and holds earlier tokens (decode
+  steps, later chunks): `sparse_attn.retrieval.retrieval_attention` over its device window and index.  The layer is
+  found through `retrieval_link` (its ``update`` notes itself for the attention call that follows), not through an
+  attribute on the key tensor, so a cast or copy of the key between the two does not lose it.  The prompt of such a
+  cache (all keys present) is shown to the index and takes the prefill route.
+* **dense**: decode steps (Lq == 1), sliding-window layers whose window is shorter than the keys, non-causal
+  modules: exact dense attention (`masked_dense_attention`).
+* **sparse prefill**: the layer's per-head patterns through `sparse_attn.estimate` + `sparse_attn.sparse_attention`
+  (dense below ``dense_below`` keys, above ``dense_above`` density, and for all-`Dense` patterns); left-padded
+  batches row by row over each row's valid keys, any other padding dense.  Modality patterns (`Grid`,
+  `QBoundary`, `TwoDBoundary`) get the spans of the current ``sparse_attn.hf.modality`` block.  For inference this
+  runs as the custom op `custom_ops.hf_sparse_prefill`, so ``torch.compile`` traces it without a graph break.
+
+**Training.**  When autograd records and query, key or value requires grad, the sparse prefill route runs eagerly
+with `backends.torch.differentiable.differentiable_sparse_attention` in place of the (forward-only) kernels: the
+same layouts, the exact gradient of the sparse function (with a budget covering every key, the dense gradient).
+The dense routes are differentiable as they are.  Memory is O(Lq x keys per block) (autograd keeps the gathered
+keys and block scores), and under ``torch.compile`` this route breaks the graph at the estimate.
+
+Modules without patch state (the name set by hand, e.g. ``from_pretrained(attn_implementation=...)``) run the
+online defaults, as ``sparse_attn.hf.patch(model)`` would.
 """
 from __future__ import annotations
 
@@ -27,16 +42,19 @@ import torch.nn.functional as F
 
 from ... import prefill
 from ...backends.checks import resolve_scale
+from ...backends.torch.differentiable import differentiable_sparse_attention
 from ...estimators.sample_mass import last_query_probs
 from ...prefill import dense_attention
-from ...retrieval.cache import HF_LAYER_TAG
+from .custom_ops import hf_sparse_prefill, state_handle
 from .modality import patterns_for_call
+from .retrieval_link import take_updated_layer
 
 #: Attribute holding the patch state on each attention module (and on the model).
 STATE_ATTR = "_sparse_attn_state"
 #: Elements of one [B, H, rows, keys] score block in the masked dense path (bounds its memory, never O(L^2)).
 _SCORE_BLOCK_ELEMENTS = 1 << 25
 _warned: set = set()
+_default_states: dict = {}
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -47,25 +65,14 @@ def _warn_once(key: str, message: str) -> None:
 
 def sparse_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                              sliding_window=None, is_causal=None, **kwargs):
-    """transformers attention-function signature; see the module docstring for shapes and routing."""
-    for name in ("softcap", "s_aux", "sinks"):
-        if kwargs.get(name) is not None:
-            raise NotImplementedError(f"sparse_attn: attention with `{name}` is not supported; "
-                                      f"unpatch the model (sparse_attn.hf.unpatch) to use its own attention")
-    if dropout and module.training:
-        raise ValueError("sparse_attn: attention dropout > 0 in training mode is not supported; call model.eval() "
-                         "or unpatch the model")
-    state = getattr(module, STATE_ATTR, None)
-    layer = _retrieval_layer(key)
+    """transformers attention-function signature; see the module docstring for shapes and routes."""
+    _check_supported(module, dropout, kwargs)
+    layer = take_updated_layer(key)
     if layer is not None:
-        if attention_mask is not None and not bool(attention_mask.to(torch.bool).all()):
-            raise NotImplementedError("sparse_attn: retrieval decode does not support padded batches; generate "
-                                      "one row at a time or without the retrieval cache")
+        _check_unpadded(attention_mask)
         if layer.cache.seq_len != key.shape[2]:
-            # decode steps (and later prefill chunks): the device window + the top-k keys from the index
             from ...retrieval.attention import retrieval_attention
-            out = retrieval_attention(query, layer.cache, layer.top_k, scale=scaling)
-            return out.transpose(1, 2).contiguous(), None
+            return _as_output(retrieval_attention(query, layer.cache, layer.top_k, scale=scaling))
         layer.cache.observe_queries(query)      # the prompt's queries shape the attention-aware index
         attention_mask = None
     causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
@@ -75,19 +82,51 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     if key_keep is None and causal and Lq == Lk > 1:
         _check_not_packed(kwargs.get("position_ids"))
 
-    if state is None or not causal or window is not None or Lq == 1:
+    if not causal or window is not None or Lq == 1:
         out = masked_dense_attention(query, key, value, key_keep, causal=causal, scale=scaling, window=window)
-    elif key_keep is None:
-        out = _sparse(state, module, query, key, value, scaling)
     else:
-        out = _sparse_padded(state, module, query, key, value, key_keep, scaling)
+        state = _state_of(module, query.shape[1])
+        layer_idx = getattr(module, "layer_idx", None)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+            out = prefill_route(state, layer_idx, query, key, value, key_keep, scaling,
+                                kernel=differentiable_sparse_attention)
+        else:
+            out = hf_sparse_prefill(query, key, value, key_keep, scaling, state_handle(state),
+                                    -1 if layer_idx is None else layer_idx)
+    return _as_output(out)
+
+
+def _as_output(out):
+    """[B, Hq, Lq, D] -> transformers' [B, Lq, Hq, D]."""
     return out.transpose(1, 2).contiguous(), None
 
 
-def _retrieval_layer(key):
-    """The `RetrievalLayer` of a `sparse_attn.integrations.hf.decode_cache.RetrievalCache` whose ``update`` returned ``key``
-    (it tags the tensor), or None for any other cache."""
-    return getattr(key, HF_LAYER_TAG, None)
+def _check_supported(module, dropout, kwargs) -> None:
+    for name in ("softcap", "s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"sparse_attn: attention with `{name}` is not supported; "
+                                      f"unpatch the model (sparse_attn.hf.unpatch) to use its own attention")
+    if dropout and module.training:
+        raise ValueError("sparse_attn: attention dropout > 0 in training mode is not supported; set the model's "
+                         "attention_dropout to 0, call model.eval(), or unpatch the model")
+
+
+def _check_unpadded(attention_mask) -> None:
+    if attention_mask is not None and not bool(attention_mask.to(torch.bool).all()):
+        raise NotImplementedError("sparse_attn: retrieval decode does not support padded batches; generate "
+                                  "one row at a time or without the retrieval cache")
+
+
+def _state_of(module, num_heads: int):
+    """The module's patch state, or (name set without `patch`) the online defaults of `sparse_attn.hf.patch`."""
+    state = getattr(module, STATE_ATTR, None)
+    if state is not None:
+        return state
+    if num_heads not in _default_states:
+        from . import DEFAULT_OPTIONS, ONLINE_DENSE_ABOVE, PatchState
+        options = {**DEFAULT_OPTIONS, "dense_above": ONLINE_DENSE_ABOVE}
+        _default_states[num_heads] = PatchState(None, options, None, num_heads)
+    return _default_states[num_heads]
 
 
 def _key_mask(attention_mask, key, value):
@@ -110,22 +149,37 @@ def _key_mask(attention_mask, key, value):
 
 
 def _check_not_packed(position_ids) -> None:
-    """Packed sequences (position ids restarting inside a row, no mask) would need a block-diagonal mask."""
+    """Packed sequences (position ids restarting inside a row, no mask) would need a block-diagonal mask.  Under
+    ``torch.compile`` the check stays in the graph as an assertion (a RuntimeError with the same message) instead of
+    a host-side branch, which would break the graph."""
     if position_ids is None or position_ids.shape[-1] < 2:
         return
-    if bool((position_ids[..., 1:] - position_ids[..., :-1] != 1).any()):
-        raise ValueError("sparse_attn: packed sequences (position_ids restarting inside a row without an "
-                         "attention_mask) are not supported; pass an attention_mask or unpatch the model")
+    consecutive = (position_ids[..., 1:] - position_ids[..., :-1] == 1).all()
+    message = ("sparse_attn: packed sequences (position_ids restarting inside a row without an attention_mask) "
+               "are not supported; pass an attention_mask or unpatch the model")
+    if torch.compiler.is_compiling():
+        torch._assert_async(consecutive, message)
+    elif not bool(consecutive):
+        raise ValueError(message)
 
 
-def _sparse(state, module, q, k, v, scale, row=None):
+def prefill_route(state, layer_idx, q, k, v, key_keep, scale, kernel=None):
+    """The sparse prefill route of `sparse_attention_forward` (body of the custom op `hf_sparse_prefill`):
+    ``q [B, Hq, Lq, D]`` over ``k, v [B, Hkv, Lk, D]`` with the optional bool key mask ``key_keep [B, Lk]`` ->
+    ``[B, Hq, Lq, D]``.  ``kernel``: None (the patch's backend through `sparse_attention`) or a function
+    ``(q, k, v, layout, *, causal, scale)`` such as `differentiable_sparse_attention`."""
+    if key_keep is None:
+        return _sparse(state, layer_idx, q, k, v, scale, kernel)
+    return _sparse_padded(state, layer_idx, q, k, v, key_keep, scale, kernel)
+
+
+def _sparse(state, layer_idx, q, k, v, scale, kernel=None, row=None):
     """Sparse prefill of unpadded rows: ``q [B, Hq, Lq, D]`` over ``k, v [B, Hkv, Lk, D]`` -> [B, Hq, Lq, D],
     with the module's layer patterns for Lk keys (modality patterns get the spans of the current
     `sparse_attn.hf.modality` block; ``row``: the batch row when a padded batch runs row by row).  Dense where the
     config keeps the layer dense, below ``dense_below`` keys, for all-`Dense` patterns, and where the estimated
     layout is denser than ``dense_above`` (there the sparse kernel would cost more than dense attention)."""
     options = state.options
-    layer_idx = getattr(module, "layer_idx", None)
     patterns = state.patterns(layer_idx, k.shape[2])
     if (patterns is None or k.shape[2] < options["dense_below"]
             or all(isinstance(p, prefill.Dense) for p in patterns)):
@@ -139,6 +193,8 @@ def _sparse(state, module, q, k, v, scale, row=None):
         options["on_layout"](layer_idx, layout, density)
     if density is not None and density > options["dense_above"]:
         return dense_attention(q, k, v, causal=True, scale=scale)
+    if kernel is not None:
+        return kernel(q, k, v, layout, causal=True, scale=resolve_scale(scale, q.shape[-1]))
     return prefill.sparse_attention(q, k, v, layout, causal=True, scale=scale, backend=options["backend"],
                                     check_layout=False)
 
@@ -164,7 +220,7 @@ def _mass_needs_dense(q, k, patterns, scale, dense_above: float, rows: int = 16)
     return bool((mass_bound < gamma).float().mean() > 0.5)
 
 
-def _sparse_padded(state, module, q, k, v, key_keep, scale):
+def _sparse_padded(state, layer_idx, q, k, v, key_keep, scale, kernel=None):
     """Rows of a left-padded batch, each over its own valid keys (right-aligned, so a slice); pad queries get 0."""
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
@@ -180,8 +236,8 @@ def _sparse_padded(state, module, q, k, v, key_keep, scale):
         if n == 0 or first_query == Lq:
             continue
         rows = slice(row, row + 1)
-        out[rows, :, first_query:] = _sparse(state, module, q[rows, :, first_query:], k[rows, :, Lk - n:],
-                                             v[rows, :, Lk - n:], scale, row)
+        out[rows, :, first_query:] = _sparse(state, layer_idx, q[rows, :, first_query:], k[rows, :, Lk - n:],
+                                             v[rows, :, Lk - n:], scale, kernel, row)
     return out
 
 
@@ -214,3 +270,15 @@ def masked_dense_attention(q, k, v, key_keep=None, *, causal=True, scale=None, w
                                                attn_mask=mask, scale=scale, enable_gqa=Hq != k.shape[1])
         out.append(torch.where(mask.any(-1, keepdim=True), chunk, 0.0).to(q.dtype))
     return torch.cat(out, 2) if len(out) > 1 else out[0]
+
+
+def register(name: str) -> str:
+    """Register `sparse_attention_forward` in transformers' `AttentionInterface` under ``name``, with
+    transformers' flash-attention mask function in `AttentionMaskInterface` (so no ``[Lq, Lk]`` mask is built and
+    the function sees a ``[B, Lk]`` padding mask at most).  Returns ``name``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(name, sparse_attention_forward)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
+    return name
