@@ -184,10 +184,11 @@ def _sparse(state, layer_idx, q, k, v, scale, kernel=None, row=None):
     if (patterns is None or k.shape[2] < options["dense_below"]
             or all(isinstance(p, prefill.Dense) for p in patterns)):
         return dense_attention(q, k, v, causal=True, scale=scale)
-    if options["dense_above"] < 1 and _mass_needs_dense(q, k, patterns, scale, options["dense_above"]):
+    q_est, k_est = q.detach(), k.detach()             # the layout is discrete: no gradient flows through it
+    if options["dense_above"] < 1 and _mass_needs_dense(q_est, k_est, patterns, scale, options["dense_above"]):
         return dense_attention(q, k, v, causal=True, scale=scale)
     patterns = patterns_for_call(patterns, q.shape[0], k.shape[2], row)
-    layout = prefill.estimate(q, k, patterns, causal=True, scale=scale)
+    layout = prefill.estimate(q_est, k_est, patterns, causal=True, scale=scale)
     density = layout.density() if options["dense_above"] < 1 or options["on_layout"] is not None else None
     if options["on_layout"] is not None:
         options["on_layout"](layer_idx, layout, density)
