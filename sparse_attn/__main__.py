@@ -9,7 +9,7 @@ import sys
 #: command -> (module relative to this package, one-line help)
 COMMANDS = {
     "bench": (".tools.bench", "sparse vs dense attention on the synthetic workload (a table)"),
-    "calibrate": (".tools.calibrate", "per-head pattern search on a model's calibration input -> a config JSON"),
+    "calibrate": (".tools.calibrate_cli", "per-head pattern search on a model's calibration input -> a config JSON"),
     "demo": (".tools.demo", "a small random Llama: generate with sdpa vs sparse attention (time, density, agreement)"),
     "needle": (".tools.needle", "needle-in-a-haystack accuracy of a local causal LM, dense vs sparse (table, heatmap)"),
 }

@@ -7,9 +7,11 @@ import torch
 
 from sparse_attn import (AShape, BlockSparse, Dense, Grid, ModalitySpans, QBoundary, TwoDBoundary, VerticalSlash,
                          estimate)
-from sparse_attn.tools.calibrate import (CAPTURE_NAME, build_tiny_model, calibrate_model, calibrate_qk, capture_attention,
-                                   parse_modality,
-                                   choose, default_candidates, kernel_cost, main, parse_candidates)
+from sparse_attn.tools.calibrate import calibrate_model, calibrate_qk, choose, kernel_cost
+from sparse_attn.tools.calibrate_candidates import default_candidates, parse_candidates, parse_modality
+from sparse_attn.tools.calibrate_capture import CAPTURE_NAME, capture_attention
+from sparse_attn.tools.calibrate_cli import main
+from sparse_attn.tools.tiny_model import tiny_llama
 from sparse_attn.config import SparseConfig
 from sparse_attn.tools.metrics import attention_recall, attention_recall_per_head
 
@@ -106,7 +108,7 @@ def test_candidates_parse_and_defaults():
 # ---------------------------------------------------------------------------------------------------- on a model
 @pytest.fixture(scope="module")
 def tiny():
-    model = build_tiny_model(num_layers=2, hidden=64, heads=4, kv_heads=2, vocab=256, seed=1)
+    model = tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, vocab=256, seed=1)
     ids = torch.randint(0, 256, (2, L), generator=torch.Generator().manual_seed(3))   # batch 2, different rows
     return model, ids
 
@@ -164,7 +166,6 @@ def test_calibrate_model_chooses_cheapest_reaching_target(tiny, target, fallback
 
 
 def test_capture_restores_implementation_even_on_error(tiny):
-    from transformers.modeling_utils import AttentionInterface
     model, ids = tiny
     with torch.no_grad():
         before = model(input_ids=ids[:, :40]).logits
@@ -177,7 +178,9 @@ def test_capture_restores_implementation_even_on_error(tiny):
         with capture_attention(model, boom):
             model(input_ids=ids[:, :40])
     assert model.config._attn_implementation == "eager"
-    assert CAPTURE_NAME not in AttentionInterface._global_mapping
+    model.set_attn_implementation(CAPTURE_NAME)        # still registered, but outside a block it only runs SDPA
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids[:, :40]).logits, before, atol=1e-5)
     model.set_attn_implementation("sdpa")
     calibrate_model(model, ids[:, :100], CANDIDATES[:1], block_m=BLOCK, block_n=BLOCK, progress=False)
     assert model.config._attn_implementation == "sdpa"
@@ -242,7 +245,7 @@ def test_cli_saved_model_dir_token_ids_minference(tmp_path, tiny):
 
 def test_cli_synthetic_and_command_table(tmp_path):
     from sparse_attn.__main__ import COMMANDS
-    assert COMMANDS["calibrate"][0] == ".tools.calibrate"
+    assert COMMANDS["calibrate"][0] == ".tools.calibrate_cli"
     out = tmp_path / "syn.json"
     assert main(["--synthetic", "--layers", "1", "--seq-len", "512", "-o", str(out), "--no-progress"]) == 0
     assert SparseConfig.load(out).num_heads == 4

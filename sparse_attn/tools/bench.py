@@ -16,6 +16,7 @@ from ..patterns import AShape, BlockSparse, VerticalSlash
 from ..patterns import Grid, QBoundary, TwoDBoundary, with_modality
 from ..backends import BACKEND_NAMES, select_backend
 from ..prefill import DEFAULT_PATTERN, dense_attention, estimate, sparse_attention
+from .timing import time_call, time_in_turns
 from .synthetic import HardWorkload, MixedWorkload, Workload, make_hard_qkv, make_mixed_qkv, make_qkv
 
 PATTERNS = {
@@ -42,24 +43,6 @@ def _inputs(workload: str, L: int, heads: int, kv_heads: int, head_dim: int):
     return (*make_qkv(Workload(q_heads=heads, kv_heads=kv_heads, seq_len=L, head_dim=head_dim)), None)
 
 
-def _timed_rounds(fns: dict, repeat: int):
-    """Best time and last result of each function, run in turns (round after round), so that drift of the
-    machine's speed (large on shared VMs) hits them alike and their ratios stay meaningful."""
-    best = {name: float("inf") for name in fns}
-    results = {}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            results[name] = fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best, results
-
-
-def _timed(fn, repeat: int):
-    best, results = _timed_rounds({"fn": fn}, repeat)
-    return best["fn"], results["fn"]
-
-
 def _flex_time(q, k, v, layout: SparseLayout, repeat: int):
     """Compiled FlexAttention on the layout's aligned cover: (seconds, compile seconds, its density)."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -69,7 +52,8 @@ def _flex_time(q, k, v, layout: SparseLayout, repeat: int):
     start = time.perf_counter()
     flex(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
     compile_s = time.perf_counter() - start
-    seconds, _ = _timed(lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1]), repeat)
+    seconds, _ = time_call(lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1]),
+                           repeat, warmup=0)     # the compile call above was the warm-up
     cover = SparseLayout.from_block_mask(layout.to_block_mask(causal=True), layout.q_len, layout.k_len,
                                          layout.block_m, layout.block_n)
     return seconds, compile_s, cover.density()
@@ -95,7 +79,7 @@ def _status_kb(field: str) -> int:
     raise OSError(field)
 
 
-def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=True, quality=True, memory=False,
+def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=3, flex=True, quality=True, memory=False,
         out=print, workload="text", backend="auto", bf16=False, torch_row=True):
     probe = torch.empty(1, 1, 1, head_dim)
     chosen = select_backend(backend, probe, probe, probe).name
@@ -123,7 +107,9 @@ def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=Tru
             if bf16_peer:   # the same layout on bf16 copies of q, k, v (made once, outside the timing)
                 low = [t.to(torch.bfloat16) for t in (q, k, v)]
                 fns["bf16"] = lambda: sparse_attention(*low, state["layout"], check_layout=False, backend=chosen)
-            best, results = _timed_rounds(fns, repeat)
+            timings = time_in_turns(fns, repeat)
+            best = {name: timings.best(name) for name in fns}
+            results = timings.results
             dense_s, est_s, attn_s = best["dense"], best["estimate"], best["attention"]
             ref, o, layout = results["dense"], results["attention"], state["layout"]
             density = layout.density()
@@ -135,7 +121,7 @@ def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=Tru
             out(f"{name:<10} {L:>6} {density:>8.3f} {row['est_ms']:>8.1f} {100 * est_s / (est_s + attn_s):>5.1f}% "
                 f"{row['attn_ms']:>9.1f} "
                 f"{row['dense_ms']:>9.1f} {row['speedup']:>7.2f}x {row['attn_vs_ideal']:>10.2f} {recall:>7.3f} "
-                f"{row['rel_err']:>8.4f}" + ("   (dense guard: SDPA ran)" if sparse_is_slower(layout, chosen) else ""))
+                f"{row['rel_err']:>8.4f}" + _row_note(row, sparse_is_slower(layout, chosen)))
             if torch_peer:
                 torch_s = best["torch"]
                 out(f"{'  torch':<10} {L:>6} {density:>8.3f} {row['est_ms']:>8.1f} {'':>6} {torch_s * 1e3:>9.1f} "
@@ -169,13 +155,22 @@ def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=1, flex=Tru
             f"{L * L * 4 / 2 ** 20:.0f} MiB")
     out("speedup = dense / (estimate + attention); attn/ideal = attention time / (dense time x density); "
         "recall = attention mass kept (mean over query rows); rel err = ||out - dense|| / ||dense||; dense, estimate "
-        "and attention of a row are timed in turns, best of --repeat each")
+        "and attention of a row are timed warm, in turns, best of --repeat rounds each")
     return rows
 
 
+def _row_note(row: dict, guard_ran_dense: bool) -> str:
+    """Why a row is not a win: the dense guard ran SDPA, or sparse attention does not pay at this length."""
+    if guard_ran_dense:
+        return "   (dense guard: SDPA ran)"
+    if row["speedup"] < 1:
+        return "   (below 1x: sparse does not pay for this pattern at this length)"
+    return ""
+
+
 def _native_bf16(head_dim: int) -> bool:
-    from .ops import cpu_kernel
-    return cpu_kernel.available() and cpu_kernel.native_low_precision(torch.bfloat16, head_dim)
+    from ..backends.cpu import loader
+    return loader.available() and loader.native_low_precision(torch.bfloat16, head_dim)
 
 
 def save_rows(rows, path: str) -> None:
@@ -224,7 +219,7 @@ def plot_rows(path: str, image: str) -> None:
 
 def main(argv=None):
     if "--decode" in (sys.argv[1:] if argv is None else argv):
-        from ..retrieval.bench import main as decode_main   # retrieval decode bench: its own options
+        from .decode_bench import main as decode_main   # retrieval decode bench: its own options
         return decode_main(argv)
     parser = argparse.ArgumentParser(prog="python -m sparse_attn bench", description=__doc__)
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192])
@@ -233,7 +228,8 @@ def main(argv=None):
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--repeat", type=int, default=1, help="best of N timings")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="timed rounds after one warm-up round; each column is the best of them")
     parser.add_argument("--backend", default="auto", choices=BACKEND_NAMES,
                         help="engine of the attention column (auto: the compiled CPU kernel where it builds)")
     parser.add_argument("--no-flex", action="store_true", help="skip the compiled FlexAttention peer row")

@@ -12,23 +12,13 @@ import time
 
 import torch
 
+from .tiny_model import tiny_llama
+
 PATTERNS = {
     "vs": "VerticalSlash(vertical=256, slash=512)",
     "default": "the online default (VerticalSlash(gamma=0.95))",
     "ashape": "AShape(sink=128, local=1024)",
 }
-
-
-def build_model(layers: int, hidden: int, heads: int, kv_heads: int, vocab: int, seed: int):
-    """A LlamaForCausalLM with random weights from a small config; `sdpa` attention."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=1 << 20)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
 
 
 def pattern_of(name: str):
@@ -70,7 +60,7 @@ def main(argv=None):
 
     import sparse_attn.hf as sah
 
-    model = build_model(args.layers, args.hidden, args.heads, args.kv_heads, args.vocab, args.seed)
+    model = tiny_llama(args.layers, args.hidden, args.heads, args.kv_heads, args.vocab, seed=args.seed)
     ids = torch.randint(1, args.vocab, (1, args.length), generator=torch.Generator().manual_seed(args.seed))
     print(f"model: Llama-style, {args.layers} layers, hidden {args.hidden}, {args.heads} heads "
           f"({args.kv_heads} KV heads), random weights, fp32, torch threads {torch.get_num_threads()}")

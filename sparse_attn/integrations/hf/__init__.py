@@ -19,7 +19,8 @@ from ... import prefill
 from ...backends import BACKEND_NAMES
 from ...config import resolve_config
 from ...patterns import Pattern
-from .attention import STATE_ATTR, register
+from .attention import STATE_ATTR, sparse_attention_forward
+from .registry import register_attention, set_implementation
 
 #: Name of our entry in transformers' attention and mask registries.
 IMPLEMENTATION = "sparse_attn"
@@ -80,14 +81,14 @@ def patch(model, config=None, *, retrieval=None, **options):
     attention_modules = _attention_modules(model)
     retrieval = _check_retrieval(retrieval, num_layers)
 
-    _register()
+    register_attention(IMPLEMENTATION, sparse_attention_forward)
     old = getattr(model, STATE_ATTR, None)
     previous = old.previous if old is not None else model.config._attn_implementation
     state = PatchState(resolved, opts, previous, num_heads, num_layers, retrieval)
     try:
         model.set_attn_implementation(IMPLEMENTATION)
     except Exception:
-        _set_implementation(model, previous)
+        set_implementation(model, previous)
         raise
     for module in [model, *attention_modules]:
         setattr(module, STATE_ATTR, state)
@@ -100,7 +101,7 @@ def unpatch(model):
     state = getattr(model, STATE_ATTR, None)
     if state is None:
         return model
-    _set_implementation(model, state.previous)
+    set_implementation(model, state.previous)
     for module in model.modules():
         if STATE_ATTR in module.__dict__:
             delattr(module, STATE_ATTR)
@@ -139,17 +140,6 @@ def _check_retrieval(retrieval, num_layers: int):
 
 def is_patched(model) -> bool:
     return getattr(model, STATE_ATTR, None) is not None
-
-
-def _register() -> None:
-    register(IMPLEMENTATION)
-
-
-def _set_implementation(model, implementation) -> None:
-    if implementation is None:
-        model.config._attn_implementation_internal = None
-    else:
-        model.set_attn_implementation(implementation)
 
 
 def _check_model(model) -> None:

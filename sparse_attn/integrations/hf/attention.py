@@ -272,14 +272,3 @@ def masked_dense_attention(q, k, v, key_keep=None, *, causal=True, scale=None, w
         out.append(torch.where(mask.any(-1, keepdim=True), chunk, 0.0).to(q.dtype))
     return torch.cat(out, 2) if len(out) > 1 else out[0]
 
-
-def register(name: str) -> str:
-    """Register `sparse_attention_forward` in transformers' `AttentionInterface` under ``name``, with
-    transformers' flash-attention mask function in `AttentionMaskInterface` (so no ``[Lq, Lk]`` mask is built and
-    the function sees a ``[B, Lk]`` padding mask at most).  Returns ``name``."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    AttentionInterface.register(name, sparse_attention_forward)
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
-    return name

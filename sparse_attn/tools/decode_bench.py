@@ -19,9 +19,10 @@ import time
 
 import torch
 
-from .attention import retrieval_attention
-from .cache import INDEX_NAMES, RetrievalKVCache, make_index
-from .workload import DecodeWorkload, make_decode_workload
+from ..retrieval.attention import retrieval_attention
+from ..retrieval.cache import INDEX_NAMES, RetrievalKVCache, make_index
+from ..retrieval.workload import DecodeWorkload, make_decode_workload
+from .timing import time_in_turns
 
 
 @contextlib.contextmanager
@@ -120,7 +121,7 @@ def _make_index(spec, probe_keys, shortlist):
     """``spec``: an index name, or ``fast:key=value,...`` (FastScanIndex arguments, e.g. ``fast:codes=sq8``)."""
     name, _, options = spec.partition(":")
     if options:
-        from .index_fast import FastScanIndex
+        from ..retrieval.index_fast import FastScanIndex
         if name not in ("fast", "auto"):
             raise ValueError(f"index options are for the fast index only, got {spec!r}")
         kwargs = {key: ast.literal_eval(value) if value[:1].isdigit() or value[:1] == "-" else value
@@ -146,7 +147,6 @@ def run(keys_list, heads, kv_heads, indexes, top_k=100, sink=128, window=512, re
         f"{'recall':>6} {'mass':>6} {'rel err':>7} {'oracle':>7} {'scanned':>7} {'read':>6} {'MB/head':>7} "
         f"{'idx MB/h':>8} {'rss GiB':>7}")
     rows = []
-    g = heads // kv_heads
     for N in keys_list:
         need = 2 * 2 * N * head_dim * kv_heads * torch.tensor([], dtype=storage_dtype).element_size()   # KV twice
         avail = _available_bytes()
@@ -178,29 +178,28 @@ def run(keys_list, heads, kv_heads, indexes, top_k=100, sink=128, window=512, re
             with intra_op_threads(threads):
                 cache.sync_index()
             build_s = time.perf_counter() - start
-            # turns: per round, every decode query through retrieval (1 thread) and exact (its best thread count)
-            t_step, t_exact = [], {n: [] for n in sorted({1, torch.get_num_threads()})}
-            t_exact32 = {n: [] for n in t_exact} if kv32 else {}
-            results = [None] * decode_queries
-            for _ in range(repeat):
-                for r, qr in enumerate(queries):
-                    with intra_op_threads(threads):
-                        start = time.perf_counter()
-                        results[r] = retrieval_attention(qr, cache, top_k, scale=scale, return_indices=True,
-                                                         return_stats=True)
-                        t_step.append(time.perf_counter() - start)
-                    for n in t_exact:
-                        for times, (kk, vv) in ((t_exact, (k, v)), (t_exact32, kv32 or (None, None))):
-                            if kk is None:
-                                continue
-                            with intra_op_threads(n):
-                                start = time.perf_counter()
-                                exact_decode(qr, kk, vv, scale)
-                                times[n].append(time.perf_counter() - start)
-            step_s = statistics.median(t_step)
-            exact_n = min(t_exact, key=lambda n: statistics.median(t_exact[n]))
-            exact_s = statistics.median(t_exact[exact_n])
-            exact32_s = min((statistics.median(t) for t in t_exact32.values()), default=float("nan"))
+            # turns: per round, every decode query through retrieval (its thread count) and exact (1 and all threads,
+            # over the stored KV and over an fp32 copy where there is one); medians per query
+            def on_threads(n, fn):
+                def call():
+                    with intra_op_threads(n):
+                        return [fn(qr) for qr in queries]
+                return call
+
+            fns = {"retrieval": on_threads(threads, lambda qr: retrieval_attention(
+                qr, cache, top_k, scale=scale, return_indices=True, return_stats=True))}
+            exact_threads = sorted({1, torch.get_num_threads()})
+            for n in exact_threads:
+                fns[f"exact/{n}"] = on_threads(n, lambda qr: exact_decode(qr, k, v, scale))
+                if kv32:
+                    fns[f"exact32/{n}"] = on_threads(n, lambda qr: exact_decode(qr, *kv32, scale))
+            timings = time_in_turns(fns, repeat)
+            per_query = {name: timings.median(name) / decode_queries for name in fns}
+            results = timings.results["retrieval"]
+            step_s = per_query["retrieval"]
+            exact_n = min(exact_threads, key=lambda n: per_query[f"exact/{n}"])
+            exact_s = per_query[f"exact/{exact_n}"]
+            exact32_s = min((per_query[f"exact32/{n}"] for n in exact_threads if kv32), default=float("nan"))
             qual = [_quality(cache, logits, v, ref, o, idx.reshape(logits.shape[0], logits.shape[1], -1), top_k)
                     for (ref, logits), (o, idx, _) in zip(refs, results)]
             recall, mass, err, oracle = (statistics.fmean(x) for x in zip(*qual))
@@ -225,7 +224,7 @@ def run(keys_list, heads, kv_heads, indexes, top_k=100, sink=128, window=512, re
             if tmp:
                 tmp.cleanup()
         del k, v, refs, kv32
-    out("step ms / exact ms = medians over rounds x decode queries, timed in turns; exact = fp32 matmul + softmax + "
+    out("step ms / exact ms = per decode query, medians over rounds (after a warm-up round), timed in turns; exact = fp32 matmul + softmax + "
         "matmul over every key, the faster of: over the stored KV (converted chunk by chunk) and over an fp32 copy "
         "of it (when that fits in RAM), each with its best of 1 or all threads; speedup = exact / step; recall = fraction of the exact top-k keys "
         "(over all keys) attended (window or retrieved); mass = exact attention mass on the attended keys; rel err "
