@@ -19,8 +19,8 @@ from ... import prefill
 from ...backends import BACKEND_NAMES
 from ...config import resolve_config
 from ...patterns import Pattern
-from .attention import STATE_ATTR, sparse_attention_forward
-from .registry import register_attention, set_implementation
+from .attention import STATE_ATTR, register
+from .registry import set_implementation
 
 #: Name of our entry in transformers' attention and mask registries.
 IMPLEMENTATION = "sparse_attn"
@@ -81,7 +81,7 @@ def patch(model, config=None, *, retrieval=None, **options):
     attention_modules = _attention_modules(model)
     retrieval = _check_retrieval(retrieval, num_layers)
 
-    register_attention(IMPLEMENTATION, sparse_attention_forward)
+    register(IMPLEMENTATION)
     old = getattr(model, STATE_ATTR, None)
     previous = old.previous if old is not None else model.config._attn_implementation
     state = PatchState(resolved, opts, previous, num_heads, num_layers, retrieval)

@@ -168,7 +168,7 @@ def prefill_route(state, layer_idx, q, k, v, key_keep, scale, kernel=None):
     ``q [B, Hq, Lq, D]`` over ``k, v [B, Hkv, Lk, D]`` with the optional bool key mask ``key_keep [B, Lk]`` ->
     ``[B, Hq, Lq, D]``.  ``kernel``: None (the patch's backend through `sparse_attention`) or a function
     ``(q, k, v, layout, *, causal, scale)`` such as `differentiable_sparse_attention`."""
-    if key_keep is None:
+    if key_keep is None or bool(key_keep.all()):          # an all-True mask (see `key_padding_mask`): no padding
         return _sparse(state, layer_idx, q, k, v, scale, kernel)
     return _sparse_padded(state, layer_idx, q, k, v, key_keep, scale, kernel)
 
@@ -272,3 +272,18 @@ def masked_dense_attention(q, k, v, key_keep=None, *, causal=True, scale=None, w
         out.append(torch.where(mask.any(-1, keepdim=True), chunk, 0.0).to(q.dtype))
     return torch.cat(out, 2) if len(out) > 1 else out[0]
 
+
+def key_padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                     attention_mask=None, **kwargs):
+    """The mask function registered with `sparse_attention_forward` (transformers' `AttentionMaskInterface`
+    signature): the 2D padding mask cut to the last ``kv_length`` keys (bool ``[B, kv_length]``, True = keep), or
+    None without one; never an ``[Lq, Lk]`` mask.  Unlike transformers' flash-attention mask function it does not
+    test whether every key is kept (a host synchronisation, and under ``torch.compile`` a graph break): the
+    attention function takes an all-True mask as no padding."""
+    return None if attention_mask is None else attention_mask[:, -kv_length:]
+
+
+def register(name: str) -> str:
+    """Register `sparse_attention_forward` with `key_padding_mask` under ``name``; returns ``name``."""
+    from .registry import register_attention
+    return register_attention(name, sparse_attention_forward, mask=key_padding_mask)

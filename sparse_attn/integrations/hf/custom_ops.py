@@ -23,8 +23,11 @@ _HANDLES = itertools.count(1)
 _HANDLE_ATTR = "_sparse_attn_op_handle"
 
 
+@torch.compiler.assume_constant_result
 def state_handle(state) -> int:
-    """The int that names ``state`` (a `PatchState`) in the op's calls; assigned on first use, held weakly."""
+    """The int that names ``state`` (a `PatchState`) in the op's calls; assigned on first use, held weakly.
+    Under ``torch.compile`` it runs once at trace time and its result is a constant of the graph (registering into
+    a weak dictionary is nothing Dynamo can trace)."""
     handle = state.__dict__.get(_HANDLE_ATTR)
     if handle is None:
         handle = next(_HANDLES)

@@ -18,8 +18,8 @@ import copy
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ...retrieval.cache import RetrievalKVCache
+from .attention import register as _register
 from .attention import sparse_attention_forward
-from .registry import register_attention
 from .retrieval_link import note_updated_layer
 
 #: The package's one attention implementation name (the same as ``sparse_attn.hf.IMPLEMENTATION``).
@@ -97,5 +97,5 @@ class RetrievalCache(Cache):
 
 def register(name: str = IMPLEMENTATION) -> str:
     """Register the package's attention function under ``name`` (default: the one ``sparse_attn.hf.patch`` uses)
-    with the flash-attention mask function; then ``model.set_attn_implementation(name)``."""
-    return register_attention(name, sparse_attention_forward)
+    and its key-padding mask function; then ``model.set_attn_implementation(name)``."""
+    return _register(name)
