@@ -3,9 +3,8 @@
 transformers (4.53+/5.x, `AttentionInterface`) calls it once per layer with inputs after RoPE and the cache update:
 ``query [B, Hq, Lq, D]``, ``key, value [B, Hkv, Lk, D]`` (KV heads not repeated), the queries being the last Lq
 positions of the keys (bottom-right causal alignment, also in chunked prefill).  Because the patch registers
-transformers' flash-attention mask function for our name, ``attention_mask`` is ``None`` without padding, or a bool
-``[B, Lk]`` key mask (True = keep) with padding; no ``[Lq, Lk]`` mask is ever built.  Returns ``(out [B, Lq, Hq, D],
-None)``.
+`key_padding_mask` as the mask function of our name, ``attention_mask`` is ``None`` or the bool ``[B, Lk]`` key mask
+(True = keep; all True without padding); no ``[Lq, Lk]`` mask is ever built.  Returns ``(out [B, Lq, Hq, D], None)``.
 
 One function, one registration (`sparse_attn.hf.IMPLEMENTATION`; `decode_cache.register` names the same function).
 Each call takes one of three routes, decided once at the top:
