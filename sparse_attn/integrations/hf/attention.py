@@ -129,8 +129,8 @@ def _state_of(module, num_heads: int):
 
 
 def _key_mask(attention_mask, key, value):
-    """The bool [B, Lk] key mask (True = keep), or None when every key is kept; keys past a shorter mask (a static
-    cache's unfilled slots) are dropped so the queries stay the last positions of the keys."""
+    """The bool [B, Lk] key mask (True = keep; all True without padding), or None without a mask; keys past a
+    shorter mask (a static cache's unfilled slots) are dropped so the queries stay the last positions of the keys."""
     if attention_mask is None:
         return None, key, value
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
