@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 import sparse_attn as sa  # noqa: E402
 import sparse_attn.hf as sah  # noqa: E402
-from conftest import make_qkv, random_layout  # noqa: E402
+from helpers import make_qkv, random_layout  # noqa: E402
 from sparse_attn.backends.torch.differentiable import differentiable_sparse_attention  # noqa: E402
 from sparse_attn.integrations.hf import attention as hf_attention  # noqa: E402
 from sparse_attn.tools.tiny_model import tiny_llama  # noqa: E402
@@ -25,11 +25,11 @@ SPARSE = sa.VerticalSlash(vertical=4, slash=64, sink=2, local=8)
 L = 200                                   # not a multiple of the 64-row blocks
 
 
-def _grads_against_oracle(q, k, v, layout, causal):
+def _grads_against_oracle(q, k, v, layout, causal, softcap=0.0):
     q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
     scale = q.shape[-1] ** -0.5
-    out = differentiable_sparse_attention(q, k, v, layout, causal=causal, scale=scale)
-    ref = sa.reference_attention(q, k, v, layout.to_mask(), causal=causal, scale=scale)
+    out = differentiable_sparse_attention(q, k, v, layout, causal=causal, scale=scale, softcap=softcap)
+    ref = sa.reference_attention(q, k, v, layout.to_mask(), causal=causal, scale=scale, softcap=softcap)
     grad_out = torch.randn_like(ref)
     got = torch.autograd.grad(out, (q, k, v), grad_out)
     want = torch.autograd.grad(ref, (q, k, v), grad_out)
@@ -54,6 +54,7 @@ def test_differentiable_kernel_matches_oracle_on_estimated_layouts_and_empty_row
     layout = sa.estimate(q, k, sa.VerticalSlash(vertical=4, slash=16, sink=2, local=8, last_q=16))
     assert layout.density() < 0.9
     _grads_against_oracle(q, k, v, layout, True)
+    _grads_against_oracle(q * 8, k, v, layout, True, softcap=2.0)          # Gemma-2's cap, scores well past it
     empty = sa.SparseLayout.from_block_mask(torch.zeros(2, 4, 3, 3, dtype=torch.bool), 150, 150)
     q64 = q.detach().double().requires_grad_()
     out = differentiable_sparse_attention(q64, k.double(), v.double(), empty, scale=0.25)
@@ -127,8 +128,8 @@ def test_real_budget_gradients_are_those_of_the_sparse_layout(monkeypatch):
     q_proj = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.allclose(grads[q_proj], dense[q_proj], rtol=1e-2, atol=1e-4)    # not the dense gradient
 
-    def oracle(q, k, v, layout, *, causal, scale):
-        return sa.reference_attention(q, k, v, layout.to_mask(), causal=causal, scale=scale)
+    def oracle(q, k, v, layout, *, causal, scale, softcap=0.0):
+        return sa.reference_attention(q, k, v, layout.to_mask(), causal=causal, scale=scale, softcap=softcap)
 
     monkeypatch.setattr(hf_attention, "differentiable_sparse_attention", oracle)
     loss_oracle, want = _loss_and_grads(model, ids, mask)

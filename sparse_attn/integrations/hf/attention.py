@@ -28,8 +28,9 @@ same layouts, the exact gradient of the sparse function (with a budget covering 
 The dense routes are differentiable as they are.  Memory is O(Lq x keys per block) (autograd keeps the gathered
 keys and block scores), and under ``torch.compile`` this route breaks the graph at the estimate.
 
-Modules without patch state (the name set by hand, e.g. ``from_pretrained(attn_implementation=...)``) run the
-online defaults, as ``sparse_attn.hf.patch(model)`` would.
+Modules without patch state (loaded with ``from_pretrained(attn_implementation="sparse_attn")`` or switched by hand)
+get one from the settings saved in their config, else the online defaults (`saved_config.state_for_module`).
+``softcap`` (Gemma-2) is applied by every route but retrieval decode.
 """
 from __future__ import annotations
 
@@ -40,20 +41,21 @@ import torch
 import torch.nn.functional as F
 
 from ... import prefill
-from ...backends.checks import resolve_scale
+from ...backends.checks import check_softcap, resolve_scale
+from ...backends.reference import reference_attention
 from ...backends.torch.differentiable import differentiable_sparse_attention
 from ...estimators.sample_mass import last_query_probs
 from ...prefill import dense_attention
 from .custom_ops import hf_sparse_prefill, state_handle
 from .modality import patterns_for_call
 from .retrieval_link import take_updated_layer
+from .saved_config import state_for_module
 
 #: Attribute holding the patch state on each attention module (and on the model).
 STATE_ATTR = "_sparse_attn_state"
 #: Elements of one [B, H, rows, keys] score block in the masked dense path (bounds its memory, never O(L^2)).
 _SCORE_BLOCK_ELEMENTS = 1 << 25
 _warned: set = set()
-_default_states: dict = {}
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -65,7 +67,7 @@ def _warn_once(key: str, message: str) -> None:
 def sparse_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                              sliding_window=None, is_causal=None, **kwargs):
     """transformers attention-function signature; see the module docstring for shapes and routes."""
-    _check_supported(module, dropout, kwargs)
+    softcap = _check_supported(module, dropout, kwargs)
     layer = take_updated_layer(key)
     if layer is not None:
         _check_unpadded(attention_mask)
@@ -81,16 +83,17 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     if key_keep is None and causal and Lq == Lk > 1:
         _check_not_packed(kwargs.get("position_ids"))
 
-    if not causal or window is not None or Lq == 1:
-        out = masked_dense_attention(query, key, value, key_keep, causal=causal, scale=scaling, window=window)
+    state = _state_of(module)
+    if state is None or not causal or window is not None or Lq == 1:
+        out = masked_dense_attention(query, key, value, key_keep, causal=causal, scale=scaling, window=window,
+                                     softcap=softcap)
     else:
-        state = _state_of(module, query.shape[1])
         layer_idx = getattr(module, "layer_idx", None)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-            out = prefill_route(state, layer_idx, query, key, value, key_keep, scaling,
+            out = prefill_route(state, layer_idx, query, key, value, key_keep, scaling, softcap,
                                 kernel=differentiable_sparse_attention)
         else:
-            out = hf_sparse_prefill(query, key, value, key_keep, scaling, state_handle(state),
+            out = hf_sparse_prefill(query, key, value, key_keep, scaling, softcap, state_handle(state),
                                     -1 if layer_idx is None else layer_idx)
     return _as_output(out)
 
@@ -100,14 +103,17 @@ def _as_output(out):
     return out.transpose(1, 2).contiguous(), None
 
 
-def _check_supported(module, dropout, kwargs) -> None:
-    for name in ("softcap", "s_aux", "sinks"):
+def _check_supported(module, dropout, kwargs) -> float:
+    """Refuses what the function cannot run; returns the checked ``softcap`` (Gemma-2's attn_logit_softcapping,
+    0.0 without one)."""
+    for name in ("s_aux", "sinks"):
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"sparse_attn: attention with `{name}` is not supported; "
                                       f"unpatch the model (sparse_attn.hf.unpatch) to use its own attention")
     if dropout and module.training:
         raise ValueError("sparse_attn: attention dropout > 0 in training mode is not supported; set the model's "
                          "attention_dropout to 0, call model.eval(), or unpatch the model")
+    return check_softcap(kwargs.get("softcap") or 0.0)
 
 
 def _check_unpadded(attention_mask) -> None:
@@ -116,16 +122,15 @@ def _check_unpadded(attention_mask) -> None:
                                   "one row at a time or without the retrieval cache")
 
 
-def _state_of(module, num_heads: int):
-    """The module's patch state, or (name set without `patch`) the online defaults of `sparse_attn.hf.patch`."""
+def _state_of(module):
+    """The module's patch state; for a model running our implementation without `patch` (loaded with
+    ``attn_implementation="sparse_attn"`` or switched by hand) the settings saved in its config or the online
+    defaults, kept on the module; None (dense) where the module has no config to read its shape from."""
     state = getattr(module, STATE_ATTR, None)
-    if state is not None:
-        return state
-    if num_heads not in _default_states:
-        from . import DEFAULT_OPTIONS, ONLINE_DENSE_ABOVE, PatchState
-        options = {**DEFAULT_OPTIONS, "dense_above": ONLINE_DENSE_ABOVE}
-        _default_states[num_heads] = PatchState(None, options, None, num_heads)
-    return _default_states[num_heads]
+    if state is None:
+        state = state_for_module(module)
+        setattr(module, STATE_ATTR, state)
+    return state
 
 
 def _key_mask(attention_mask, key, value):
@@ -162,41 +167,44 @@ def _check_not_packed(position_ids) -> None:
         raise ValueError(message)
 
 
-def prefill_route(state, layer_idx, q, k, v, key_keep, scale, kernel=None):
+def prefill_route(state, layer_idx, q, k, v, key_keep, scale, softcap=0.0, kernel=None):
     """The sparse prefill route of `sparse_attention_forward` (body of the custom op `hf_sparse_prefill`):
     ``q [B, Hq, Lq, D]`` over ``k, v [B, Hkv, Lk, D]`` with the optional bool key mask ``key_keep [B, Lk]`` ->
-    ``[B, Hq, Lq, D]``.  ``kernel``: None (the patch's backend through `sparse_attention`) or a function
-    ``(q, k, v, layout, *, causal, scale)`` such as `differentiable_sparse_attention`."""
+    ``[B, Hq, Lq, D]``.  ``softcap`` > 0: Gemma-2's score cap.  ``kernel``: None (the patch's backend through
+    `sparse_attention`) or a function ``(q, k, v, layout, *, causal, scale, softcap)`` such as
+    `differentiable_sparse_attention`."""
     if key_keep is None or bool(key_keep.all()):          # an all-True mask (see `key_padding_mask`): no padding
-        return _sparse(state, layer_idx, q, k, v, scale, kernel)
-    return _sparse_padded(state, layer_idx, q, k, v, key_keep, scale, kernel)
+        return _sparse(state, layer_idx, q, k, v, scale, softcap, kernel)
+    return _sparse_padded(state, layer_idx, q, k, v, key_keep, scale, softcap, kernel)
 
 
-def _sparse(state, layer_idx, q, k, v, scale, kernel=None, row=None):
+def _sparse(state, layer_idx, q, k, v, scale, softcap=0.0, kernel=None, row=None):
     """Sparse prefill of unpadded rows: ``q [B, Hq, Lq, D]`` over ``k, v [B, Hkv, Lk, D]`` -> [B, Hq, Lq, D],
     with the module's layer patterns for Lk keys (modality patterns get the spans of the current
     `sparse_attn.hf.modality` block; ``row``: the batch row when a padded batch runs row by row).  Dense where the
     config keeps the layer dense, below ``dense_below`` keys, for all-`Dense` patterns, and where the estimated
-    layout is denser than ``dense_above`` (there the sparse kernel would cost more than dense attention)."""
+    layout is denser than ``dense_above`` (there the sparse kernel would cost more than dense attention).
+    ``softcap`` > 0: Gemma-2's score cap, applied by the kernel and the dense fallback (the estimate ranks uncapped
+    scores: the cap is monotonic)."""
     options = state.options
     patterns = state.patterns(layer_idx, k.shape[2])
     if (patterns is None or k.shape[2] < options["dense_below"]
             or all(isinstance(p, prefill.Dense) for p in patterns)):
-        return dense_attention(q, k, v, causal=True, scale=scale)
+        return masked_dense_attention(q, k, v, scale=scale, softcap=softcap)
     q_est, k_est = q.detach(), k.detach()             # the layout is discrete: no gradient flows through it
     if options["dense_above"] < 1 and _mass_needs_dense(q_est, k_est, patterns, scale, options["dense_above"]):
-        return dense_attention(q, k, v, causal=True, scale=scale)
+        return masked_dense_attention(q, k, v, scale=scale, softcap=softcap)
     patterns = patterns_for_call(patterns, q.shape[0], k.shape[2], row)
     layout = prefill.estimate(q_est, k_est, patterns, causal=True, scale=scale)
     density = layout.density() if options["dense_above"] < 1 or options["on_layout"] is not None else None
     if options["on_layout"] is not None:
         options["on_layout"](layer_idx, layout, density)
     if density is not None and density > options["dense_above"]:
-        return dense_attention(q, k, v, causal=True, scale=scale)
+        return masked_dense_attention(q, k, v, scale=scale, softcap=softcap)
     if kernel is not None:
-        return kernel(q, k, v, layout, causal=True, scale=resolve_scale(scale, q.shape[-1]))
+        return kernel(q, k, v, layout, causal=True, scale=resolve_scale(scale, q.shape[-1]), softcap=softcap)
     return prefill.sparse_attention(q, k, v, layout, causal=True, scale=scale, backend=options["backend"],
-                                    check_layout=False)
+                                    softcap=softcap, check_layout=False)
 
 
 def _mass_needs_dense(q, k, patterns, scale, dense_above: float, rows: int = 16) -> bool:
@@ -220,7 +228,7 @@ def _mass_needs_dense(q, k, patterns, scale, dense_above: float, rows: int = 16)
     return bool((mass_bound < gamma).float().mean() > 0.5)
 
 
-def _sparse_padded(state, layer_idx, q, k, v, key_keep, scale, kernel=None):
+def _sparse_padded(state, layer_idx, q, k, v, key_keep, scale, softcap=0.0, kernel=None):
     """Rows of a left-padded batch, each over its own valid keys (right-aligned, so a slice); pad queries get 0."""
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
@@ -229,7 +237,7 @@ def _sparse_padded(state, layer_idx, q, k, v, key_keep, scale, kernel=None):
     if not bool((left_padded == key_keep).all()):
         _warn_once("padding", "sparse_attn: the attention mask is not left padding; running dense attention "
                               "for these batches")
-        return masked_dense_attention(q, k, v, key_keep, causal=True, scale=scale)
+        return masked_dense_attention(q, k, v, key_keep, causal=True, scale=scale, softcap=softcap)
     out = q.new_zeros(B, Hq, Lq, D)
     for row, n in enumerate(n_valid.tolist()):
         first_query = max(0, Lq - n)
@@ -237,15 +245,16 @@ def _sparse_padded(state, layer_idx, q, k, v, key_keep, scale, kernel=None):
             continue
         rows = slice(row, row + 1)
         out[rows, :, first_query:] = _sparse(state, layer_idx, q[rows, :, first_query:], k[rows, :, Lk - n:],
-                                             v[rows, :, Lk - n:], scale, kernel, row)
+                                             v[rows, :, Lk - n:], scale, softcap, kernel, row)
     return out
 
 
-def masked_dense_attention(q, k, v, key_keep=None, *, causal=True, scale=None, window=None):
+def masked_dense_attention(q, k, v, key_keep=None, *, causal=True, scale=None, window=None, softcap=0.0):
     """Exact dense attention of ``q [B, Hq, Lq, D]`` over ``k, v [B, Hkv, Lk, D]`` (queries = last Lq keys) with an
     optional bool key mask ``key_keep [B, Lk]`` and sliding ``window`` (a query sees keys ``pos - window < j <=
-    pos``).  Chunked over queries so scores stay O(rows x keys); rows that see no key give 0 (not NaN)."""
-    if key_keep is None and window is None:
+    pos``) and ``softcap`` (> 0: scores capped as in Gemma-2; SDPA has no cap, so those chunks go through the fp32
+    `reference_attention`).  Chunked over queries so scores stay O(rows x keys); rows that see no key give 0."""
+    if key_keep is None and window is None and not softcap:
         return dense_attention(q, k, v, causal=causal, scale=scale)
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
@@ -266,8 +275,12 @@ def masked_dense_attention(q, k, v, key_keep=None, *, causal=True, scale=None, w
         mask = mask[None, None]
         if key_keep is not None:
             mask = mask & key_keep[:, None, None, k_lo:k_hi]
-        chunk = F.scaled_dot_product_attention(q[:, :, start:stop], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi],
-                                               attn_mask=mask, scale=scale, enable_gqa=Hq != k.shape[1])
+        if softcap:
+            chunk = reference_attention(q[:, :, start:stop], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi], mask,
+                                        causal=False, scale=scale, softcap=softcap)
+        else:
+            chunk = F.scaled_dot_product_attention(q[:, :, start:stop], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi],
+                                                   attn_mask=mask, scale=scale, enable_gqa=Hq != k.shape[1])
         out.append(torch.where(mask.any(-1, keepdim=True), chunk, 0.0).to(q.dtype))
     return torch.cat(out, 2) if len(out) > 1 else out[0]
 
@@ -282,7 +295,7 @@ def key_padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, m
     return None if attention_mask is None else attention_mask[:, -kv_length:]
 
 
-def register(name: str) -> str:
+def register_under(name: str) -> str:
     """Register `sparse_attention_forward` with `key_padding_mask` under ``name``; returns ``name``."""
     from .registry import register_attention
     return register_attention(name, sparse_attention_forward, mask=key_padding_mask)

@@ -38,20 +38,22 @@ def state_handle(state) -> int:
 
 @torch.library.custom_op("sparse_attn::hf_sparse_prefill", mutates_args=())
 def hf_sparse_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_keep: Optional[torch.Tensor],
-                      scale: Optional[float], state: int, layer_idx: int) -> torch.Tensor:
+                      scale: Optional[float], softcap: float, state: int, layer_idx: int) -> torch.Tensor:
     """Sparse prefill of one layer: ``query [B, Hq, Lq, D]`` over ``key, value [B, Hkv, Lk, D]`` with the bool
     left-padding mask ``key_keep [B, Lk]`` (or None) -> ``[B, Hq, Lq, D]`` (contiguous, query's dtype).
-    ``state``: `state_handle` of the patch state; ``layer_idx``: the module's layer (-1: none)."""
+    ``softcap``: Gemma-2's score cap (0: none); ``state``: `state_handle` of the patch state; ``layer_idx``: the
+    module's layer (-1: none)."""
     from .attention import prefill_route
 
     patch_state = _STATES.get(state)
     if patch_state is None:
         raise RuntimeError(f"sparse_attn: patch state {state} is gone (the model was patched again or freed); "
                            f"recompile the model after patching it")
-    out = prefill_route(patch_state, None if layer_idx < 0 else layer_idx, query, key, value, key_keep, scale)
+    out = prefill_route(patch_state, None if layer_idx < 0 else layer_idx, query, key, value, key_keep, scale,
+                        softcap)
     return out.contiguous()
 
 
 @hf_sparse_prefill.register_fake
-def _(query, key, value, key_keep, scale, state, layer_idx):
+def _(query, key, value, key_keep, scale, softcap, state, layer_idx):
     return query.new_empty(query.shape)

@@ -18,7 +18,7 @@ import copy
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ...retrieval.cache import RetrievalKVCache
-from .attention import register as _register
+from .attention import register_under
 from .attention import sparse_attention_forward
 from .retrieval_link import note_updated_layer
 
@@ -98,4 +98,4 @@ class RetrievalCache(Cache):
 def register(name: str = IMPLEMENTATION) -> str:
     """Register the package's attention function under ``name`` (default: the one ``sparse_attn.hf.patch`` uses)
     and its key-padding mask function; then ``model.set_attn_implementation(name)``."""
-    return _register(name)
+    return register_under(name)
