@@ -46,9 +46,30 @@ def _count_kernel_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("config", [SPARSE, None], ids=["vertical_slash", "online_default"])
-def test_patched_model_compiles_without_graph_breaks(config):
-    model = _patched(config)
+def _gemma2_with_softcap():
+    config = transformers.Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       max_position_embeddings=512, sliding_window=4096)
+    assert config.attn_logit_softcapping
+    torch.manual_seed(0)
+    return sah.patch(transformers.Gemma2ForCausalLM(config).eval(), SPARSE, dense_below=0)
+
+
+def _switched_by_hand():
+    """A model running "sparse_attn" without `patch` (as after from_pretrained(attn_implementation=...)): its
+    modules build their state on the first call, which under compile happens while tracing."""
+    model = tiny_llama(hidden=64, vocab=128, max_positions=512)
+    model.set_attn_implementation(sah.IMPLEMENTATION)
+    return model
+
+
+MODELS = {"vertical_slash": lambda: _patched(SPARSE), "online_default": lambda: _patched(None),
+          "switched_by_hand": _switched_by_hand, "gemma2_softcap": _gemma2_with_softcap}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_patched_model_compiles_without_graph_breaks(name):
+    model = MODELS[name]()
     ids, mask = _inputs()
     with torch.no_grad():
         explanation = torch._dynamo.explain(model)(ids[:1])

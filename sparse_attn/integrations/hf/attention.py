@@ -46,7 +46,7 @@ from ...backends.reference import reference_attention
 from ...backends.torch.differentiable import differentiable_sparse_attention
 from ...estimators.sample_mass import last_query_probs
 from ...prefill import dense_attention
-from .custom_ops import hf_sparse_prefill, state_handle
+from .custom_ops import hf_sparse_prefill, registered_state, state_handle
 from .modality import patterns_for_call
 from .retrieval_link import take_updated_layer
 from .saved_config import state_for_module
@@ -83,17 +83,18 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     if key_keep is None and causal and Lq == Lk > 1:
         _check_not_packed(kwargs.get("position_ids"))
 
-    state = _state_of(module)
-    if state is None or not causal or window is not None or Lq == 1:
+    state = getattr(module, STATE_ATTR, None)
+    handle = state_handle(state) if state is not None else _adopt_state(module)
+    if handle == 0 or not causal or window is not None or Lq == 1:
         out = masked_dense_attention(query, key, value, key_keep, causal=causal, scale=scaling, window=window,
                                      softcap=softcap)
     else:
         layer_idx = getattr(module, "layer_idx", None)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-            out = prefill_route(state, layer_idx, query, key, value, key_keep, scaling, softcap,
+            out = prefill_route(registered_state(handle), layer_idx, query, key, value, key_keep, scaling, softcap,
                                 kernel=differentiable_sparse_attention)
         else:
-            out = hf_sparse_prefill(query, key, value, key_keep, scaling, softcap, state_handle(state),
+            out = hf_sparse_prefill(query, key, value, key_keep, scaling, softcap, handle,
                                     -1 if layer_idx is None else layer_idx)
     return _as_output(out)
 
@@ -122,15 +123,18 @@ def _check_unpadded(attention_mask) -> None:
                                   "one row at a time or without the retrieval cache")
 
 
-def _state_of(module):
-    """The module's patch state; for a model running our implementation without `patch` (loaded with
-    ``attn_implementation="sparse_attn"`` or switched by hand) the settings saved in its config or the online
-    defaults, kept on the module; None (dense) where the module has no config to read its shape from."""
-    state = getattr(module, STATE_ATTR, None)
+@torch.compiler.assume_constant_result
+def _adopt_state(module) -> int:
+    """For a module running our implementation without `patch` (a model loaded with
+    ``attn_implementation="sparse_attn"`` or switched by hand): its state from the settings saved in its config, or
+    the online defaults, kept on the module; returns its `state_handle`, or 0 (dense) where the module has no
+    config to read its shape from.  Under ``torch.compile`` it runs once at trace time (building the state is
+    nothing to trace); the module's new attribute then makes Dynamo retrace with the state."""
+    state = state_for_module(module)
     if state is None:
-        state = state_for_module(module)
-        setattr(module, STATE_ATTR, state)
-    return state
+        return 0
+    setattr(module, STATE_ATTR, state)
+    return state_handle(state)
 
 
 def _key_mask(attention_mask, key, value):

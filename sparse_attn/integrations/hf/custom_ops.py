@@ -36,6 +36,15 @@ def state_handle(state) -> int:
     return handle
 
 
+def registered_state(handle: int):
+    """The patch state `state_handle` named ``handle``."""
+    state = _STATES.get(handle)
+    if state is None:
+        raise RuntimeError(f"sparse_attn: patch state {handle} is gone (the model was patched again or freed); "
+                           f"recompile the model after patching it")
+    return state
+
+
 @torch.library.custom_op("sparse_attn::hf_sparse_prefill", mutates_args=())
 def hf_sparse_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_keep: Optional[torch.Tensor],
                       scale: Optional[float], softcap: float, state: int, layer_idx: int) -> torch.Tensor:
@@ -45,11 +54,7 @@ def hf_sparse_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     module's layer (-1: none)."""
     from .attention import prefill_route
 
-    patch_state = _STATES.get(state)
-    if patch_state is None:
-        raise RuntimeError(f"sparse_attn: patch state {state} is gone (the model was patched again or freed); "
-                           f"recompile the model after patching it")
-    out = prefill_route(patch_state, None if layer_idx < 0 else layer_idx, query, key, value, key_keep, scale,
+    out = prefill_route(registered_state(state), None if layer_idx < 0 else layer_idx, query, key, value, key_keep, scale,
                         softcap)
     return out.contiguous()
 
