@@ -19,10 +19,6 @@ from .page_file import KVFileError, PagedVectorFile, check_writable_dir
 from .ram_tier import RamTier
 from .window import DeviceWindow
 
-#: Attribute the transformers cache layer (`integrations.hf.decode_cache.RetrievalLayer`) sets on the key tensor its ``update``
-#: returns, so an attention function can find the layer's cache without importing transformers' cache classes.
-HF_LAYER_TAG = "_sparse_attn_retrieval_layer"
-
 META_VERSION = 2                 # 2: the index is saved (layer<L>.index) and restored
 
 
