@@ -96,8 +96,9 @@ class SparseCPUAttentionImpl(CPUAttentionBackendImpl):
         layout = prefill.estimate(q, k, patterns, causal=True, scale=self.scale)
         if dense_above < 1 and layout.density() > dense_above:
             return False
-        result = prefill.sparse_attention(q, k, v, layout, causal=True, scale=self.scale, check_layout=False)
-        out.copy_(result[0].transpose(0, 1))
+        # the kernel writes straight into vLLM's output rows (viewed as BHLD): no result tensor, no copy
+        prefill.sparse_attention(q, k, v, layout, causal=True, scale=self.scale, check_layout=False,
+                                 out=out.transpose(0, 1).unsqueeze(0))
         return True
 
     def _vllm_subset(self, layer, query, key, value, kv_cache, meta, reqs, starts, seq_lens, out) -> None:

@@ -42,11 +42,11 @@ class EngineResult:
 
 
 def save_tiny_llama(path, *, layers=2, hidden=256, heads=8, kv_heads=2, vocab=1024, seed=0) -> str:
-    """Save a random-weight LlamaForCausalLM (`sparse_attn.tools.demo.build_model`) to ``path``; returns ``path``."""
-    from ...tools.demo import build_model
+    """Save a random-weight LlamaForCausalLM (`sparse_attn.tools.tiny_model.tiny_llama`) to ``path``; returns
+    ``path``."""
+    from ...tools.tiny_model import tiny_llama
 
-    model = build_model(layers, hidden, heads, kv_heads, vocab, seed)
-    model.config.max_position_embeddings = 65536
+    model = tiny_llama(layers, hidden, heads, kv_heads, vocab, seed=seed, max_positions=65536)
     model.save_pretrained(path)
     return str(path)
 
