@@ -20,15 +20,20 @@ def readable(isa: str, kv_cache_dtype: str) -> bool:
 
 
 def read_request_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int):
-    """``k, v [1, Hkv, seq_len, D]`` (fresh contiguous tensors) of the request whose block table row starts with
-    ``block_ids`` (at least ``ceil(seq_len / block_size)`` entries)."""
+    """``k, v [1, Hkv, seq_len, D]`` of the request whose block table row starts with ``block_ids`` (at least
+    ``ceil(seq_len / block_size)`` entries): fresh tensors (the first ``seq_len`` rows of ``[Hkv, blocks x
+    block_size, D]`` buffers), each gathered from the cache in one copy."""
     num_blocks, num_kv_heads, block_size, two_d = kv_cache.shape
     head_dim = two_d // 2
     n = -(-seq_len // block_size)
-    blocks = kv_cache.view(num_blocks, num_kv_heads, 2, block_size * head_dim).index_select(0, block_ids[:n])
-    # keys [n, Hkv, D, bs] -> [Hkv, n, bs, D]; values [n, Hkv, bs, D] -> [Hkv, n, bs, D]
-    k = blocks[:, :, 0].view(n, num_kv_heads, head_dim, block_size).permute(1, 0, 3, 2)
-    v = blocks[:, :, 1].view(n, num_kv_heads, block_size, head_dim).permute(1, 0, 2, 3)
-    k = k.reshape(num_kv_heads, n * block_size, head_dim)[:, :seq_len]
-    v = v.reshape(num_kv_heads, n * block_size, head_dim)[:, :seq_len]
-    return k.unsqueeze(0), v.unsqueeze(0)
+    ids = block_ids[:n].long()
+    parts = kv_cache.view(num_blocks, num_kv_heads, 2, block_size * head_dim)
+    k = kv_cache.new_empty(num_kv_heads, n * block_size, head_dim)
+    v = torch.empty_like(k)
+    # index_select writes through the permuted views: keys [n, Hkv, D, bs] and values [n, Hkv, bs, D] per block
+    # land as rows [Hkv, n * bs, D] with no intermediate gather
+    torch.index_select(parts[:, :, 0].view(num_blocks, num_kv_heads, head_dim, block_size), 0, ids,
+                       out=k.view(num_kv_heads, n, block_size, head_dim).permute(1, 0, 3, 2))
+    torch.index_select(parts[:, :, 1].view(num_blocks, num_kv_heads, block_size, head_dim), 0, ids,
+                       out=v.view(num_kv_heads, n, block_size, head_dim).transpose(0, 1))
+    return k[:, :seq_len].unsqueeze(0), v[:, :seq_len].unsqueeze(0)
