@@ -16,7 +16,7 @@ import time
 import torch
 
 import sparse_attn as sa
-from sparse_attn.tools.bench import _timed as timed
+from sparse_attn.tools.timing import time_call as timed
 from sparse_attn.prefill import dense_attention
 from sparse_attn.tools.synthetic import MixedWorkload, make_mixed_qkv
 

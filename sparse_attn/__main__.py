@@ -1,7 +1,8 @@
 """Command line: ``python -m sparse_attn <command> [options]``.
 
 Each command lives in its own module with a ``main(argv)``; it is imported only when asked for, so a command's
-optional dependencies (transformers, faiss) are never needed by the others.
+optional dependencies (transformers, faiss) are never needed by the others.  A command raises
+`sparse_attn.tools.cli.InputError` for a wrong input: one line on stderr, exit code 2.
 """
 import importlib
 import sys
@@ -27,10 +28,15 @@ def main(argv=None):
         print(_usage())
         return 0
     if argv[0] not in COMMANDS:
-        print(f"unknown command {argv[0]!r}\n{_usage()}", file=sys.stderr)
+        print(f"python -m sparse_attn: error: unknown command {argv[0]!r} (commands: {', '.join(COMMANDS)})",
+              file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[argv[0]][0], __package__)
-    result = module.main(argv[1:])
+    from .tools.cli import InputError, report
+    try:
+        result = module.main(argv[1:])
+    except InputError as e:          # a wrong input: one line and exit code 2, not a traceback
+        return report(f"python -m sparse_attn {argv[0]}", e)
     return 0 if result is None else result
 
 

@@ -214,6 +214,18 @@ def scale_pattern(pattern: Pattern, factor: float) -> Pattern:
 
 
 # ---------------------------------------------------------------------------------------------------- checks
+def empty_budget_reason(pattern) -> str | None:
+    """Why a head running ``pattern`` would attend to no key at all (an all-zero output), or None.  A model's config
+    never wants that; the pattern objects allow it (`AShape(0, 0)` and `VerticalSlash(0, 0, sink=0, local=0)` are
+    the empty layout in kernel tests)."""
+    if isinstance(pattern, AShape) and pattern.sink == 0 and pattern.local == 0:
+        return "AShape sink and local are both 0, so the head would keep no key (an all-zero output)"
+    if type(pattern) is VerticalSlash and pattern.vertical == 0 and pattern.slash == 0:
+        return ("VerticalSlash vertical and slash are both 0, so the head would keep no key (an all-zero output); "
+                "give vertical >= 1 or slash >= 1")
+    return None
+
+
 def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
@@ -244,6 +256,8 @@ def _shape_reasons(cfg: SparseConfig) -> list[str]:
         else:
             reasons += [f"layer {i}, head {h}: not a Pattern ({type(p).__name__})"
                         for h, p in enumerate(heads) if not isinstance(p, Pattern)]
+            reasons += [f"layer {i}, head {h}: {why}" for h, p in enumerate(heads)
+                        if (why := empty_budget_reason(p)) is not None]
             reasons += [f"layer {i}, head {h}: {type(p).__name__} carries modality spans; a config holds patterns "
                         f"without spans (spans belong to one input: pass them per call with "
                         f"sparse_attn.hf.modality(spans) or sparse_attn.patterns.with_modality)"
@@ -317,6 +331,18 @@ def _pattern_json(p: Pattern) -> dict:
     if isinstance(p, _ModalityPattern):
         fields.pop(SPANS_FIELD)
     return {"pattern": NAME_OF[type(p)], **fields}
+
+
+def pattern_to_json(pattern: Pattern) -> dict:
+    """One head's object of our schema (``{"pattern": name, field: value, ...}``) for ``pattern``."""
+    return _pattern_json(pattern)
+
+
+def pattern_from_json(obj, where: str = "pattern") -> Pattern:
+    """The pattern of one head's object of our schema; ValueError naming ``where`` and the field when it is bad."""
+    if isinstance(obj, dict) and "score" in obj:
+        raise ValueError(f"{where}: a pattern object has no 'score'")
+    return _head_from_ours(obj, where)[0]
 
 
 def _to_ours(cfg: SparseConfig) -> dict:

@@ -25,11 +25,14 @@ from dataclasses import dataclass
 
 import torch
 
+
+def ceil_div(a: int, b: int) -> int:
+    """Blocks of size ``b`` that cover ``a`` items (the package's one ceil-div)."""
+    return -(-a // b)
+
 _INDEX_FIELDS = ("block_count", "block_offset", "column_count", "column_index")
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def query_positions(q_len: int, k_len: int, device=None) -> torch.Tensor:
@@ -96,7 +99,7 @@ class SparseLayout:
                 reasons.append(f"{name} must have {ndim} dims, got shape {tuple(tensors[name].shape)}")
         if not reasons:
             lead = tuple(self.block_count.shape)
-            n_qb = _ceil_div(self.q_len, self.block_m)
+            n_qb = ceil_div(self.q_len, self.block_m)
             if lead[2] != n_qb:
                 reasons.append(f"block_count has {lead[2]} query blocks, expected ceil(q_len / block_m) = {n_qb}")
             for name in _INDEX_FIELDS[1:]:
@@ -228,7 +231,7 @@ class SparseLayout:
         columns; otherwise the smallest aligned cover).  ``causal`` drops blocks wholly after the block's last
         visible key."""
         B, H, n_qb = self.block_count.shape
-        n_kb = _ceil_div(self.k_len, self.block_n)
+        n_kb = ceil_div(self.k_len, self.block_n)
         out = torch.zeros(B, H, n_qb, n_kb + 1, dtype=torch.bool, device=self.device)
         limit = self._block_key_limit(causal)[:, None]
         offsets = self.block_offset.long()
@@ -254,7 +257,7 @@ class SparseLayout:
         """Layout of aligned tiles from a bool ``[B, H, nQb, nKb]`` block mask (True = compute that key block)."""
         if not isinstance(block_mask, torch.Tensor) or block_mask.dim() != 4:
             raise ValueError("block_mask must be a 4-d tensor [B, H, nQb, nKb]")
-        n_qb, n_kb = _ceil_div(q_len, block_m), _ceil_div(k_len, block_n)
+        n_qb, n_kb = ceil_div(q_len, block_m), ceil_div(k_len, block_n)
         if tuple(block_mask.shape[2:]) != (n_qb, n_kb):
             raise ValueError(f"block_mask must be [B, H, {n_qb}, {n_kb}] for q_len={q_len}, k_len={k_len}, "
                              f"block sizes ({block_m}, {block_n}); got {tuple(block_mask.shape)}")
@@ -311,7 +314,7 @@ class SparseLayout:
         q_len, k_len = block_mask.seq_lengths
         block_m, block_n = block_mask.BLOCK_SIZE
         dense = block_mask.to_dense().bool()
-        n_qb, n_kb = _ceil_div(q_len, block_m), _ceil_div(k_len, block_n)
+        n_qb, n_kb = ceil_div(q_len, block_m), ceil_div(k_len, block_n)
         return cls.from_block_mask(dense[..., :n_qb, :n_kb], q_len, k_len, block_m, block_n)
 
     def to(self, device) -> "SparseLayout":

@@ -98,13 +98,28 @@ def sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True, scal
 
 def sparse_prefill(q, k, v, pattern=None, *, causal: bool = True, scale=None, backend: str = "auto",
                    softcap: float = 0.0, dense_below: int | None = None):
-    """Estimate per-head layouts (`estimate`) and run sparse attention over them (`sparse_attention`).
+    """Estimate per-head layouts (`estimate`) and run sparse attention over them (`sparse_attention`): the one
+    call for a prefill.
 
-    Arguments are those of `estimate` and `sparse_attention`; ``dense_below``: key lengths below it (default
-    `DENSE_BELOW`) run dense attention, as do all-`Dense` patterns (sparse would not pay for its estimate there)
-    and an estimated layout the chosen backend would run slower than dense SDPA (`dense_guard`).
+    Arguments:
+        q: ``[batch, query heads Hq, Lq, head_dim]`` (BHLD), fp16 / bf16 / fp32 / fp64.
+        k, v: ``[batch, kv heads Hkv, Lk, head_dim]``, same dtype and device; ``Hq % Hkv == 0`` (GQA without
+            repeating KV); ``Lq <= Lk``.
+        pattern: one `Pattern` for every head, a list of one per query head, or None (`DEFAULT_PATTERN`).
+        causal: bottom-right alignment: the queries are the **last** Lq key positions (drawn in `estimate`).
+        scale: softmax scale (default ``head_dim ** -0.5``).
+        backend: ``"auto"`` or a name in `sparse_attn.backends.BACKEND_NAMES` (see `sparse_attention`).
+        softcap: ``softcap * tanh(score / softcap)`` before the softmax when > 0 (Gemma-2); 0 = off.
+        dense_below: key lengths below it (default `DENSE_BELOW`) run dense attention.  So do all-`Dense`
+            patterns (sparse would not pay for its estimate there) and an estimated layout the chosen backend
+            would run slower than dense SDPA (`dense_guard`).
 
-    Returns ``out [batch, Hq, Lq, head_dim]`` in q's dtype."""
+    Returns:
+        ``out [batch, Hq, Lq, head_dim]`` in q's dtype.
+
+    Raises:
+        ValueError / TypeError (`sparse_attn.errors`) naming a malformed argument; `NotSupportedError` listing
+        every backend's reasons when none can run the inputs (checked first, even where the input runs dense)."""
     check_attention_inputs(q, k, v)
     patterns = _patterns_per_head(pattern, q.shape[1])
     softcap = check_softcap(softcap)
@@ -123,9 +138,18 @@ def sparse_prefill(q, k, v, pattern=None, *, causal: bool = True, scale=None, ba
 
 
 def dense_attention(q, k, v, *, causal: bool = True, scale=None):
-    """Dense attention through PyTorch SDPA: ``q [batch, Hq, Lq, head_dim]`` over ``k, v [batch, Hkv, Lk,
-    head_dim]``, bottom-right causal (queries are the last Lq keys), GQA without repeating KV.  Returns
-    ``[batch, Hq, Lq, head_dim]`` in q's dtype."""
+    """Dense attention through PyTorch SDPA, the baseline every sparse path is measured against.
+
+    Arguments:
+        q: ``[batch, Hq, Lq, head_dim]``; k, v: ``[batch, Hkv, Lk, head_dim]``, same dtype and device,
+            ``Hq % Hkv == 0`` (GQA without repeating KV), ``Lq <= Lk``.
+        causal: bottom-right alignment (the queries are the last Lq keys); scale: default ``head_dim ** -0.5``.
+
+    Returns:
+        ``[batch, Hq, Lq, head_dim]`` in q's dtype.
+
+    Raises:
+        ValueError / TypeError (`sparse_attn.errors`) naming a malformed argument."""
     check_attention_inputs(q, k, v)
     return _dense(q, k, v, causal=causal, scale=resolve_scale(scale, q.shape[-1]))
 

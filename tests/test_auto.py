@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sparse_attn as sa
-from conftest import assert_close, causal_mask, make_qkv
+from helpers import assert_close, causal_mask, make_qkv
 from sparse_attn.tools.audit import optimum_density
 from sparse_attn.dense_guard import sparse_is_slower
 from sparse_attn.tools.metrics import attention_recall_per_head

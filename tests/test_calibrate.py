@@ -15,7 +15,7 @@ from sparse_attn.tools.tiny_model import tiny_llama
 from sparse_attn.config import SparseConfig
 from sparse_attn.tools.metrics import attention_recall, attention_recall_per_head
 
-from conftest import make_qkv
+from helpers import make_qkv
 
 BLOCK = 16
 CANDIDATES = [VerticalSlash(vertical=32, slash=64, sink=16, local=16), VerticalSlash(vertical=64, slash=128, sink=16,

@@ -12,7 +12,7 @@ import sparse_attn as sa
 from sparse_attn import prefill
 from sparse_attn.backends.cpu import loader as cpu_kernel
 from sparse_attn.backends import select_backend
-from conftest import assert_close, assert_lse_close, make_qkv, plain_attention
+from helpers import assert_close, assert_lse_close, make_qkv, plain_attention
 
 @pytest.fixture
 def compiled_kernel():

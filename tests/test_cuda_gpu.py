@@ -10,8 +10,8 @@ import sparse_attn as sa
 from sparse_attn.integrations import convert_vertical_slash_indexes
 from sparse_attn.integrations.vertical_slash_clipped import clipped_vertical_slash_indexes
 from sparse_attn.backends.cuda.launcher import cuda_convert_vertical_slash_indexes, cuda_sparse_attention
-from conftest import make_qkv, plain_attention, random_layout
-from test_cuda_kernel_mirrors import random_index_case
+from helpers import make_qkv, plain_attention, random_layout
+from cuda_helpers import random_index_case
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("cupy") is None,

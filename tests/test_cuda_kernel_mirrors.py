@@ -14,8 +14,8 @@ import sparse_attn as sa
 from sparse_attn.integrations.vertical_slash_clipped import clipped_vertical_slash_indexes
 from sparse_attn.backends.cuda import launcher as cuda
 
-from conftest import assert_close, assert_lse_close, lse_fp64, make_qkv, random_layout
-from test_cuda_loader import kernel_parameters
+from helpers import assert_close, assert_lse_close, lse_fp64, make_qkv, random_layout
+from cuda_helpers import kernel_parameters, random_index_case
 
 NEG_INF = float("-inf")
 
@@ -157,27 +157,6 @@ class EmulatedDevice:
 @pytest.fixture
 def emulated_device(monkeypatch):
     return EmulatedDevice(monkeypatch)
-
-
-def random_index_case(rng, causal):
-    batch, heads = rng.randint(1, 3), rng.randint(1, 3)
-    bm, bn = rng.choice([(64, 64), (32, 16), (16, 32), (64, 8), (8, 64)])
-    context = rng.randint(1, 300)
-    lens = []
-    for _ in range(batch):
-        kv = rng.randint(0, context)
-        lens.append((rng.randint(0, kv), kv))
-    nnz_v, nnz_s = rng.randint(0, 12), rng.randint(0, 8)
-    # unsorted, duplicates, negatives and positions past the sequence: all must be handled as the torch path does
-    vert = torch.tensor([[[rng.randint(-5, context + 5) for _ in range(nnz_v)] for _ in range(heads)]
-                         for _ in range(batch)], dtype=torch.int64).reshape(batch, heads, nnz_v)
-    slash = torch.tensor([[[rng.choice([rng.randint(-3, 5), rng.randint(0, context + 10)]) for _ in range(nnz_s)]
-                           for _ in range(heads)] for _ in range(batch)], dtype=torch.int64)
-    slash = slash.reshape(batch, heads, nnz_s)
-    dtype = rng.choice([torch.int32, torch.int64])
-    q_lens = torch.tensor([q for q, _ in lens], dtype=torch.int32)
-    kv_lens = torch.tensor([kv for _, kv in lens], dtype=torch.int32)
-    return q_lens, kv_lens, vert.to(dtype), slash.to(dtype), context, bm, bn, causal
 
 
 @pytest.mark.parametrize("causal", [True, False])

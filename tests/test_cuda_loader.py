@@ -15,7 +15,7 @@ import sparse_attn as sa
 from sparse_attn.backends.cuda import launcher as cuda
 from sparse_attn.backends.jit import KernelCache, cache_key
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
+from cuda_helpers import CSRC, kernel_parameters
 
 
 class FakeCompiler:
@@ -218,24 +218,6 @@ def test_import_does_not_load_cupy_or_cuda():
 
 
 # ---------------------------------------------------------------------------------------------------- launch args
-_C_TYPES = {"int": "int32", "long long": "int64", "float": "float32"}
-
-
-def kernel_parameters(source_name, kernel_name):
-    """(name, numpy dtype name) of each parameter of an extern "C" kernel, parsed from its source."""
-    text = re.sub(r"//[^\n]*", "", (CSRC / source_name).read_text())
-    params = re.search(kernel_name + r"\s*\((.*?)\)\s*\{", text, re.S).group(1)
-    out = []
-    for p in params.split(","):
-        p = " ".join(p.replace("__restrict__", "").replace("const ", "").split())
-        ctype, name = p.rsplit(" ", 1)
-        if "*" in p:
-            out.append((name.lstrip("*"), "uint64"))
-        else:
-            out.append((name, _C_TYPES[ctype]))
-    return out
-
-
 def test_attention_launch_args_match_kernel_signature():
     q = torch.randn(2, 4, 4, 160).to(torch.float16)[..., ::2]                                # stride 2 in D
     k = torch.randn(2, 2, 9, 80).to(torch.float16)

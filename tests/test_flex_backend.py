@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sparse_attn as sa
-from conftest import make_qkv
+from helpers import make_qkv
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 import sparse_attn as sa
 from sparse_attn import SparseLayout
-from conftest import assert_close, causal_mask, make_qkv, mask_from_sets, random_layout
+from helpers import assert_close, causal_mask, make_qkv, mask_from_sets, random_layout
 
 BLOCKS = st.sampled_from([(16, 16), (32, 16), (16, 32), (64, 64), (32, 64)])
 

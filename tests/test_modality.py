@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sparse_attn as sa
-from conftest import causal_mask, make_qkv
+from helpers import causal_mask, make_qkv
 from sparse_attn.tools.metrics import attention_recall
 from sparse_attn.estimators.frame_period import detect_period
 from sparse_attn.estimators.row_sample import rows_probs

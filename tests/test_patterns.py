@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import sparse_attn as sa
-from conftest import causal_mask, make_qkv, pattern_cases, pattern_strategy, per_head_mix, resolve_pattern
+from helpers import causal_mask, make_qkv, pattern_cases, pattern_strategy, per_head_mix, resolve_pattern
 
 SHAPES = [(1, 1), (63, 63), (65, 65), (113, 113), (1000, 1000), (65, 300), (1, 130)]
 PATTERN_NAMES = list(pattern_cases())
@@ -330,3 +330,11 @@ def test_ranges_to_tiles_with_no_ranges():
     empty = torch.zeros(2, 0, dtype=torch.long)
     count, offsets = ranges_to_tiles(empty, empty, 64, 3)
     assert count.tolist() == [0, 0] and offsets.shape == (2, 3)
+
+
+def test_pattern_base_classes_refuse_instantiation():
+    from sparse_attn.patterns.base import Pattern
+    from sparse_attn.patterns.vertical_slash import VerticalSlashBudgets
+    for base in (Pattern, VerticalSlashBudgets):
+        with pytest.raises(TypeError, match=f"{base.__name__} is a base class of patterns"):
+            base()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sparse_attn as sa
-from conftest import HEAD_CONFIGS, assert_close, make_qkv, per_head_mix, sdpa
+from helpers import HEAD_CONFIGS, assert_close, make_qkv, per_head_mix, sdpa
 
 
 # ---------------------------------------------------------------------------------------------------- sparse_prefill

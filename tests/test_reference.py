@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sparse_attn as sa
-from conftest import (HEAD_CONFIGS, assert_close, assert_lse_close, causal_mask, lse_fp64, make_qkv,
+from helpers import (HEAD_CONFIGS, assert_close, assert_lse_close, causal_mask, lse_fp64, make_qkv,
                       plain_attention, sdpa)
 
 SHAPES = [(1, 1), (63, 63), (65, 65), (113, 113), (65, 300), (1, 130)]

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import sparse_attn as sa
 from sparse_attn.backends.cpu import loader as cpu_kernel
 from sparse_attn.backends.torch import attention as torch_sparse
-from conftest import (CONTIGUITY, HEAD_CONFIGS, assert_close, assert_lse_close, make_qkv, pattern_cases,
+from helpers import (CONTIGUITY, HEAD_CONFIGS, assert_close, assert_lse_close, make_qkv, pattern_cases,
                       pattern_strategy, plain_attention, random_layout, resolve_pattern, round_up, sdpa)
 
 PATTERN_NAMES = list(pattern_cases())

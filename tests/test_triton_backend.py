@@ -14,7 +14,7 @@ import torch
 
 import sparse_attn as sa
 from sparse_attn.backends.triton import launcher as triton_launch
-from conftest import (HEAD_CONFIGS, assert_close, assert_lse_close, make_qkv, per_head_mix, plain_attention,
+from helpers import (HEAD_CONFIGS, assert_close, assert_lse_close, make_qkv, per_head_mix, plain_attention,
                       random_layout, sdpa)
 
 pytest.importorskip("triton")

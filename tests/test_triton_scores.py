@@ -14,7 +14,7 @@ from sparse_attn.estimators.sample_mass import column_mass, diagonal_mass, last_
 from sparse_attn.patterns import base, block_sparse, vertical_slash
 from sparse_attn.tools.synthetic import Workload
 from sparse_attn.tools.synthetic import make_qkv as make_workload
-from conftest import make_qkv
+from helpers import make_qkv
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -21,10 +21,12 @@ import torch
 
 from ..layout import SparseLayout
 from ..backends.checks import check_softcap
+from ..backends.cuda import CUDA
 from ..backends.cuda.vertical_slash_args import check_vertical_slash_args
 from ..prefill import sparse_attention, sparse_prefill
 from .vertical_slash_clipped import clipped_vertical_slash_indexes
 from .vertical_slash_engine import engine_convert, engine_convert_unsorted
+from ..layout import ceil_div
 
 #: Block sizes of the engines' ``sparse_attn_func`` (fixed there too).
 BLOCK_M = 64
@@ -36,8 +38,6 @@ __all__ = ["BLOCK_M", "BLOCK_N", "convert_vertical_slash_indexes", "convert_vert
 _INDEX_NAMES = ("block_count", "block_offset", "column_count", "column_index")
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -82,7 +82,7 @@ def _check_index(name: str, t, ndim: int, lead: tuple, min_rows: int) -> None:
 def _layout(indexes, lead: tuple, q_len: int, k_len: int) -> SparseLayout:
     """A SparseLayout over the first ``ceil(q_len / BLOCK_M)`` query blocks of the engine's index tensors (engines
     size them for the padded context, so extra trailing rows are allowed and ignored)."""
-    n_qb = _ceil_div(q_len, BLOCK_M)
+    n_qb = ceil_div(q_len, BLOCK_M)
     for name, t, ndim in zip(_INDEX_NAMES, indexes, (3, 4, 3, 4)):
         _check_index(name, t, ndim, lead, n_qb)
     rows = [t[:, :, :n_qb] for t in indexes]
@@ -203,7 +203,7 @@ def sparse_attn_varlen_func(q, k, v, block_count, block_offset, column_count, co
     longest = max([q1 - q0 for q0, q1, _, _ in seqs] + [0])
     indexes = (block_count, block_offset, column_count, column_index)
     for name, t, ndim in zip(_INDEX_NAMES, indexes, (3, 4, 3, 4)):
-        _check_index(name, t, ndim, lead, _ceil_div(longest, BLOCK_M))
+        _check_index(name, t, ndim, lead, ceil_div(longest, BLOCK_M))
     if out is not None:
         _check_out(out, tuple(q.shape), q.dtype, q.device)
     result = out if out is not None else torch.empty_like(q)
@@ -280,12 +280,9 @@ def _convert(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes, v_counts, s
     vertical, slash = _past_count(vertical_indexes, v_counts, -1), _past_count(slash_indexes, s_counts, 1 << 40)
     if not causal:           # the engines place non-causal queries after the last key: shift to bottom-right
         slash = slash.long() - torch.tensor(q_lens, device=dev)[:, None, None]
-    if vertical.is_cuda and max(kv_lens, default=0) <= context_size:     # the kernel sizes tiles by context_size
-        from ..backends.cuda.launcher import cuda_unavailable_reasons, vertical_slash_kernel
-        if not cuda_unavailable_reasons():                  # the CUDA kernel when CuPy works; torch otherwise
-            return vertical_slash_kernel(torch.tensor(q_lens, dtype=torch.int32, device=dev),
-                                         torch.tensor(kv_lens, dtype=torch.int32, device=dev), vertical, slash,
-                                         context_size, block_size_M, block_size_N, causal)
+    if not CUDA.vertical_slash_index_reasons(vertical, kv_lens, context_size):     # else the torch conversion
+        return CUDA.vertical_slash_index(q_lens, kv_lens, vertical, slash, context_size, block_size_M, block_size_N,
+                                         causal)
     return clipped_vertical_slash_indexes(q_lens, kv_lens, vertical, slash, context_size, block_size_M,
                                           block_size_N, causal)
 

@@ -25,20 +25,18 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import keys_in_tiles
+from ..layout import ceil_div, keys_in_tiles
 from ..estimators.tiles import compact
 
 _BIG = torch.iinfo(torch.int64).max // 4
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def engine_output_widths(nnz_v: int, nnz_s: int, block_m: int, block_n: int) -> tuple[int, int]:
     """(tile slots, column slots) of the outputs: the engines' ``NNZ_S`` and ``NNZ_V``.  With ``block_m > block_n``
     a chunk can hold several tiles and the engines write past ``NNZ_S``; here the width grows instead."""
-    return nnz_s * max(1, _ceil_div(block_m, block_n)), nnz_v
+    return nnz_s * max(1, ceil_div(block_m, block_n)), nnz_v
 
 
 def engine_convert(q_lens, kv_lens, vertical, slash, v_counts, s_counts, context_size: int, block_m: int,
@@ -51,14 +49,14 @@ def engine_convert(q_lens, kv_lens, vertical, slash, v_counts, s_counts, context
     B, H, NV = vertical.shape
     NS = slash.shape[2]
     dev = vertical.device
-    n_rows = _ceil_div(context_size, block_m)
+    n_rows = ceil_div(context_size, block_m)
     width_t, width_c = engine_output_widths(NV, NS, block_m, block_n)
     block_count = torch.zeros(B, H, n_rows, dtype=torch.int32, device=dev)
     block_offset = torch.zeros(B, H, n_rows, width_t, dtype=torch.int32, device=dev)
     column_count = torch.zeros(B, H, n_rows, dtype=torch.int32, device=dev)
     column_index = torch.zeros(B, H, n_rows, width_c, dtype=torch.int32, device=dev)
     for b in range(B):                        # entries differ in length; heads and query blocks go together
-        n_qb = min(_ceil_div(q_lens[b], block_m), n_rows)
+        n_qb = min(ceil_div(q_lens[b], block_m), n_rows)
         if n_qb == 0:
             continue
         bc, bo, cc, ci = _one_entry(q_lens[b], kv_lens[b], n_qb, vertical[b].long(), slash[b].long(), v_counts,
@@ -130,7 +128,7 @@ def _one_entry(q_len, kv_len, n_qb, V, S, v_counts, s_counts, M, N, causal, widt
             bo = torch.nn.functional.pad(bo, (0, width_t - bo.shape[-1]))
     else:
         # the group's grid points a + i N inside each chunk, below kv_len (at most ceil(M / N) per chunk)
-        per_chunk = max(1, _ceil_div(M, N))
+        per_chunk = max(1, ceil_div(M, N))
         cs, gs = chunk_start.long(), group_start.long()
         first = gs + ((cs - gs + N - 1) // N) * N
         cand = first[..., None] + N * torch.arange(per_chunk, device=dev)              # [H, nQb, slots, per_chunk]
@@ -160,7 +158,7 @@ def engine_convert_unsorted(q_lens, kv_lens, vertical, slash, v_counts, s_counts
     sort)."""
     B, H, NV = vertical.shape
     NS = slash.shape[2]
-    n_rows = _ceil_div(context_size, block_m)
+    n_rows = ceil_div(context_size, block_m)
     width_t, width_c = engine_output_widths(NV, NS, block_m, block_n)
     out = [torch.zeros(B, H, n_rows, dtype=torch.int32), torch.zeros(B, H, n_rows, width_t, dtype=torch.int32),
            torch.zeros(B, H, n_rows, dtype=torch.int32), torch.zeros(B, H, n_rows, width_c, dtype=torch.int32)]
@@ -168,7 +166,7 @@ def engine_convert_unsorted(q_lens, kv_lens, vertical, slash, v_counts, s_counts
     nv, ns = v_counts.tolist(), s_counts.tolist()
     for b in range(B):
         for h in range(H):
-            for m in range(min(_ceil_div(q_lens[b], block_m), n_rows)):
+            for m in range(min(ceil_div(q_lens[b], block_m), n_rows)):
                 tiles, columns = engine_convert_walk(q_lens[b], kv_lens[b], m, verticals[b][h][:nv[h]],
                                                      slashes[b][h][:ns[h]], block_m, block_n, causal)
                 tiles, columns = tiles[:width_t], columns[:width_c]

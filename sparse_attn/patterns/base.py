@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from ..errors import InvalidTypeError
 from ..layout import SparseLayout, keys_in_tiles
 from ..backends.host_copy import host_tensor
 from ..estimators.tiles import compact, ranges_to_tiles
@@ -17,6 +18,9 @@ class Pattern:
     query heads that all use patterns of that subclass (budgets may differ per head)."""
 
     def __post_init__(self):
+        if type(self).build.__func__ is Pattern.build.__func__:   # a base of patterns (no layout of its own)
+            raise InvalidTypeError(f"{type(self).__name__} is a base class of patterns, not a pattern; use one of "
+                                   f"its subclasses (e.g. VerticalSlash, AShape, BlockSparse, Dense)")
         reasons = self.invalid_reasons()
         if reasons:
             raise ValueError(f"invalid {type(self).__name__}: " + "; ".join(reasons))

@@ -54,6 +54,15 @@ class VerticalSlash(VerticalSlashBudgets):
       rectangular tile computes a band of 64 diagonals anyway, so a lone diagonal would cost as much as its group.
     """
 
+    def invalid_reasons(self):
+        if self.vertical == 0 and self.slash == 0 and (self.sink or self.local):
+            # VerticalSlash(0, 0): say what is wrong instead of "sink (64) must be <= vertical (0)".  With sink and
+            # local 0 too it is the empty layout (kernel tests use it); a model config refuses it
+            # (`sparse_attn.config.empty_budget_reason`).
+            return ["vertical and slash are both 0, so no key would be kept (an all-zero output); give vertical >= 1 "
+                    "or slash >= 1"]
+        return super().invalid_reasons()
+
     def group_key(self):
         return (type(self), self.last_q)
 

@@ -67,7 +67,18 @@ def retrieval_attention(q, cache, top_k: int, *, scale=None, return_lse: bool = 
     tokens are not listed, every row attends all of them); a dict with ``return_stats``: ``scanned`` and ``read``
     ``[B, Hq, Lq]`` (keys the index scored per row, and keys it read in full: for the fast index, codes scanned
     and keys re-ranked), ``offloaded`` (keys outside the window).
-    Thread counts are the caller's (torch's and faiss's own settings); nothing global is changed."""
+    Thread counts are the caller's (torch's and faiss's own settings); nothing global is changed.
+
+    Arguments:
+        q: ``[batch, Hq, Lq, head_dim]``, the queries of the last Lq tokens (already appended to ``cache``);
+            ``Hq`` a multiple of the cache's KV heads (GQA: every query head of a KV head searches its index).
+        cache: a `RetrievalKVCache` holding the context (``cache.append(k, v)``).
+        top_k: offloaded keys retrieved per query row (> 0); all of them when it covers every offloaded key.
+        scale: softmax scale (default ``head_dim ** -0.5``).
+
+    Raises:
+        ValueError / TypeError (`sparse_attn.errors`) naming the argument: q's shape, dtype or batch against the
+        cache, Lq past the cached tokens, a non-positive ``top_k``."""
     _check(q, cache, top_k)
     B, Hq, Lq, D = q.shape
     Hkv, S = cache.kv_heads, B * cache.kv_heads

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 import zlib
 
 import torch
@@ -50,6 +51,21 @@ def make_index(index="auto"):
     raise ValueError(f"index must be one of {', '.join(map(repr, INDEX_NAMES))} or an index object, got {index!r}")
 
 
+# Index objects that serve a cache: an index holds one cache's keys, so a second cache must not share it.  Kept
+# here (weakly) rather than as an attribute stamped on the caller's object.
+_OWNED_INDEXES = weakref.WeakSet()
+
+
+def _claim(index) -> None:
+    try:
+        if index in _OWNED_INDEXES:
+            raise ValueError("index: this index object already serves another cache (layer); pass a new index "
+                             "object or a name per cache")
+        _OWNED_INDEXES.add(index)
+    except TypeError:                 # not weakly referenceable or not hashable: cannot be tracked, trust the caller
+        pass
+
+
 class RetrievalKVCache:
     """KV cache of one attention layer for retrieval decode (see the module docstring).
 
@@ -62,10 +78,7 @@ class RetrievalKVCache:
                  keys_on_ssd: bool = False, layer: int = 0, page_tokens: int = 16, cache_pages: int = 4096):
         self.window = DeviceWindow(sink, window)
         self.index = make_index(index)
-        if getattr(self.index, "_sparse_attn_owned", False):
-            raise ValueError("index: this index object already serves another cache (layer); pass a new index "
-                             "object or a name per cache")
-        self.index._sparse_attn_owned = True
+        _claim(self.index)
         self.storage_dtype, self.layer = storage_dtype, layer
         self.ssd_dir = None if ssd_dir is None else check_writable_dir(ssd_dir, "ssd_dir")
         self.keys_on_ssd, self.page_tokens, self.cache_pages = keys_on_ssd, page_tokens, cache_pages

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .page_cache import PageCache
+from ..layout import ceil_div
 
 MAGIC, TABLE_MAGIC, VERSION, HEADER_BYTES = b"SPATTNKV", b"SPATTNPT", 1, 4096
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -113,7 +114,7 @@ class PagedVectorFile:
             raise KVFileError(f"page table {table!r} is truncated or corrupted (magic or checksum mismatch)")
         count, n_pages, streams = struct.unpack("<QQI", raw[8:28])
         crc = np.frombuffer(raw[28:-4], dtype=np.uint32)
-        if streams != self.streams or crc.size != n_pages * streams or n_pages != -(-count // self.P):
+        if streams != self.streams or crc.size != n_pages * streams or n_pages != ceil_div(count, self.P):
             raise KVFileError(f"page table {table!r} does not match its data file")
         return count, crc.reshape(n_pages, streams).copy()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..patterns import AShape, BlockSparse, Dense, Grid, Pattern, QBoundary, TwoDBoundary, VerticalSlash
 from ..patterns.modality_spans import ModalitySpans
+from ..layout import ceil_div
 
 FAMILIES = ("vertical_slash", "a_shape", "block_sparse", "dense", "grid", "q_boundary", "two_d_boundary")
 MODALITY_FAMILIES = (Grid, QBoundary, TwoDBoundary)
@@ -17,7 +18,7 @@ def default_candidates(seq_len: int, block_n: int = 64) -> list[Pattern]:
         out.append(VerticalSlash(vertical=max(64, seq_len // d), slash=max(64, 2 * seq_len // d)))
     for d in (16, 8, 4):
         out.append(AShape(sink=64, local=max(64, seq_len // d)))
-    n_kb = -(-seq_len // block_n)
+    n_kb = ceil_div(seq_len, block_n)
     for d in (16, 8, 4):
         out.append(BlockSparse(top_k=max(1, n_kb // d)))
     return list(dict.fromkeys(out))

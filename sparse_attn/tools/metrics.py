@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import SparseLayout
+from ..layout import SparseLayout, ceil_div
 
 
 def attention_recall(q, k, layout: SparseLayout, *, causal: bool = True, scale=None, rows_per_chunk: int = 512):
@@ -23,7 +23,7 @@ def attention_recall(q, k, layout: SparseLayout, *, causal: bool = True, scale=N
             pos = torch.arange(r0, r1, device=q.device) + (Lk - Lq)
             logits.masked_fill_(torch.arange(Lk, device=q.device) > pos[:, None], float("-inf"))
         probs = torch.softmax(logits, -1)
-        member = layout.block_key_mask(slice(r0 // bm, -(-r1 // bm)))
+        member = layout.block_key_mask(slice(r0 // bm, ceil_div(r1, bm)))
         member = member.repeat_interleave(bm, dim=2)[:, :, :r1 - r0]
         total += float((probs * member).sum())
     return total / (B * Hq * Lq)
@@ -63,7 +63,7 @@ def attention_recall_per_head(q, k, layouts, *, causal: bool = True, scale=None,
             pos = torch.arange(r0, r1, device=q.device) + (Lk - Lq)
             logits.masked_fill_(torch.arange(Lk, device=q.device) > pos[:, None], float("-inf"))
         probs = torch.softmax(logits, -1)
-        blocks = -(-n // bm)
+        blocks = ceil_div(n, bm)
         if blocks * bm != n:                                                          # a partial last block
             probs = torch.nn.functional.pad(probs, (0, 0, 0, blocks * bm - n))
         mass = probs.reshape(B, Hq, blocks, bm, Lk).sum(3)

@@ -7,10 +7,12 @@ patched with `sparse_attn.hf.patch`, prints a table, and writes a PNG heatmap (w
 """
 from __future__ import annotations
 
-import argparse
+import os
 import random
 
 import torch
+
+from .cli import InputError, Parser, input_errors, progress, require_tokenizer
 
 FILLER = (
     "The river bends twice before it reaches the old mill at the edge of the valley.",
@@ -50,24 +52,23 @@ def is_correct(value: str, answer: str) -> bool:
 
 
 @torch.no_grad()
-def run_grid(model, tokenizer, lengths, depths, *, max_new_tokens: int, seed: int):
-    """Scores [len(lengths)][len(depths)] (1 correct, 0 not) and the answers, for the model as it is."""
+def run_grid(model, tokenizer, lengths, depths, *, max_new_tokens: int, seed: int, label: str = "needle"):
+    """Scores [len(lengths)][len(depths)] (1 correct, 0 not) and the answers, for the model as it is; a progress
+    bar named ``label`` on stderr."""
     rng = random.Random(seed)
     device = next(model.parameters()).device
-    scores, answers = [], []
-    for length in lengths:
-        row, row_answers = [], []
-        for depth in depths:
-            value = str(rng.randrange(1_000_000, 10_000_000))
-            ids, _ = build_prompt(tokenizer, length, depth, NEEDLE.format(value=value))
-            input_ids = torch.tensor([ids], device=device)
-            out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id or 0)
-            answer = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
-            row.append(int(is_correct(value, answer)))
-            row_answers.append(answer)
-        scores.append(row)
-        answers.append(row_answers)
+    pad = tokenizer.pad_token_id or tokenizer.eos_token_id or 0
+    scores, answers = [[] for _ in lengths], [[] for _ in lengths]
+    cells = [(i, length, depth) for i, length in enumerate(lengths) for depth in depths]
+    for i, length, depth in progress(cells, len(cells), label):
+        value = str(rng.randrange(1_000_000, 10_000_000))
+        ids, _ = build_prompt(tokenizer, length, depth, NEEDLE.format(value=value))
+        input_ids = torch.tensor([ids], device=device)
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad)
+        answer = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+        scores[i].append(int(is_correct(value, answer)))
+        answers[i].append(answer)
     return scores, answers
 
 
@@ -111,8 +112,45 @@ def _pattern(name: str):
             "ashape": sa.AShape(sink=128, local=3968)}[name]
 
 
+def load_inputs(path: str, dtype: str, config_path):
+    """(tokenizer, model in eval mode, `SparseConfig` or None) from a local model directory and an optional
+    config file, checked cheapest first (directory, tokenizer files, the model's config.json against the sparse
+    config, then the weights) so that a wrong input fails before anything heavy loads; `InputError` naming it."""
+    if not os.path.isdir(path):
+        raise InputError(f"--model {path}: no such directory (a local model directory with weights and tokenizer)")
+    require_tokenizer(path, "the needle prompts need the model's tokenizer")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    with input_errors(f"--model {path}: cannot read its config"):
+        model_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    config = check_config(config_path, model_config)
+    with input_errors(f"--model {path}: cannot load its tokenizer (the needle prompts need it)", OSError, ValueError,
+                      TypeError):
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    with input_errors(f"--model {path}: cannot load the model"):
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype="auto" if dtype == "auto" else getattr(torch, dtype)).eval()
+    return tokenizer, model, config
+
+
+def check_config(path, model_config):
+    """The `SparseConfig` at ``path`` (None without one), checked against the layers and query heads of
+    ``model_config`` (a transformers config); `InputError` naming --config otherwise."""
+    if path is None:
+        return None
+    from ..config import SparseConfig
+
+    if not os.path.isfile(path):
+        raise InputError(f"--config {path}: no such file")
+    text = model_config.get_text_config(decoder=True)
+    with input_errors(f"--config {path}"):
+        config = SparseConfig.load(path)
+        config.check_model(text.num_hidden_layers, text.num_attention_heads)
+    return config
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m sparse_attn needle", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m sparse_attn needle", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="local model directory (weights and tokenizer)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384], help="context lengths")
     parser.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
@@ -131,13 +169,16 @@ def main(argv=None):
     if bad or min(args.lengths) < 2:
         parser.error(f"--depths must lie in [0, 1] (got {bad}) and --lengths be >= 2")
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    options = {k: v for k, v in (("dense_below", args.dense_below), ("dense_above", args.dense_above))
+               if v is not None}
+    from ..integrations.hf.state import check_options
+
+    with input_errors("--dense-below / --dense-above", ValueError):
+        check_options(options, has_config=args.config is not None)
 
     import sparse_attn.hf as sah
 
-    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=dtype).eval()
+    tokenizer, model, config = load_inputs(args.model, args.dtype, args.config)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {args.model}: {type(model).__name__}, {n_params / 1e6:.1f}M parameters, "
           f"attention {model.config._attn_implementation}")
@@ -145,16 +186,16 @@ def main(argv=None):
         print(f"NOTE: this model is tiny (< {TINY_PARAMS // 1_000_000}M parameters): it cannot retrieve a needle, "
               f"so the scores below are meaningless; they only exercise the mechanics.")
 
-    dense, _ = run_grid(model, tokenizer, args.lengths, args.depths, max_new_tokens=args.max_new_tokens,
-                        seed=args.seed)
-    options = {k: v for k, v in (("dense_below", args.dense_below), ("dense_above", args.dense_above))
-               if v is not None}
-    sah.patch(model, args.config if args.config else _pattern(args.pattern), **options)
+    # Sparse first: patch checks the model, the config and the options before anything long runs.
+    with input_errors("cannot patch the model", ValueError, TypeError):
+        sah.patch(model, config if config is not None else _pattern(args.pattern), **options)
     try:
         sparse, _ = run_grid(model, tokenizer, args.lengths, args.depths, max_new_tokens=args.max_new_tokens,
-                             seed=args.seed)
+                             seed=args.seed, label="needle, sparse")
     finally:
         sah.unpatch(model)
+    dense, _ = run_grid(model, tokenizer, args.lengths, args.depths, max_new_tokens=args.max_new_tokens,
+                        seed=args.seed, label="needle, dense")
     print(format_table(args.lengths, args.depths, dense, sparse))
     if args.png:
         label = args.config or args.pattern

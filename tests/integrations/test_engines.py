@@ -8,7 +8,7 @@ import torch
 import sparse_attn as sa
 from sparse_attn.integrations import (convert_vertical_slash_indexes, sparse_attn_func, sparse_attn_varlen_func,
                                       sparse_prefill_varlen)
-from conftest import assert_close, assert_lse_close, causal_mask, lse_fp64, make_qkv, random_layout, sdpa
+from helpers import assert_close, assert_lse_close, causal_mask, lse_fp64, make_qkv, random_layout, sdpa
 
 BM = BN = 64
 # (Lq, Lk, Hq, Hkv): square, Lq < Lk (chunked prefill), GQA, MQA with a single query

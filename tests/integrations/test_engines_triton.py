@@ -9,7 +9,7 @@ import sparse_attn as sa
 from sparse_attn.integrations import (convert_vertical_slash_indexes, sparse_attn_func, sparse_attn_varlen_func,
                                       sparse_prefill_varlen)
 from sparse_attn.backends.triton import launcher as triton_launch
-from conftest import assert_close, make_qkv, random_layout
+from helpers import assert_close, make_qkv, random_layout
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

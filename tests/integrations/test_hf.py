@@ -258,7 +258,13 @@ def test_bad_patch_of_a_patched_model_keeps_the_patch():
 
 
 def test_import_sparse_attn_does_not_import_transformers():
-    code = "import sys, sparse_attn, sparse_attn.hf; assert 'transformers' not in sys.modules, 'imported'"
+    """``import sparse_attn`` never imports transformers; ``sparse_attn.hf`` registers our name in it (so
+    from_pretrained(attn_implementation="sparse_attn") works) and still imports where transformers is missing."""
+    code = "import sys, sparse_attn; assert 'transformers' not in sys.modules, 'imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    code = ("import sys; sys.modules['transformers'] = None; import sparse_attn.hf as sah, torch\n"
+            "try:\n    sah.patch(torch.nn.Linear(1, 1))\nexcept ImportError as e:\n    assert 'pip install' in str(e)\n"
+            "else:\n    raise AssertionError('no ImportError')")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 
 import sparse_attn as sa
 from sparse_attn.backends.merge import merge_partials
-from conftest import assert_close, assert_lse_close
+from helpers import assert_close, assert_lse_close
 
 
 @given(L=st.integers(1, 70), parts=st.integers(1, 5), Lq=st.integers(1, 4), seed=st.integers(0, 10 ** 6),

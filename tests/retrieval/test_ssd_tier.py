@@ -10,7 +10,7 @@ import torch
 
 import sparse_attn as sa
 from sparse_attn.retrieval import KVFileError, PagedVectorFile, RetrievalKVCache, retrieval_attention
-from conftest import assert_close
+from helpers import assert_close
 
 from retrieval_helpers import decode_inputs, filled_cache
 

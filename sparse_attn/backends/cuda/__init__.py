@@ -27,6 +27,23 @@ class CudaBackend(Backend):
             return [f"head_dim {q.shape[-1]} is not one of {launcher.ATTENTION_HEAD_DIMS}"]
         return []
 
+    def vertical_slash_index_reasons(self, vertical, kv_lens, context_size: int) -> list[str]:
+        """Why the CUDA index kernel cannot convert ``vertical`` (its device decides first, so CPU callers never
+        import CuPy); empty when it can."""
+        if not vertical.is_cuda:
+            return [f"vertical_indexes is on {vertical.device}; the CUDA index kernel needs CUDA tensors"]
+        reasons = launcher.cuda_unavailable_reasons()
+        if max(kv_lens, default=0) > context_size:
+            reasons.append("a kv_seqlen exceeds context_size (the kernel sizes its tiles by context_size)")
+        return reasons
+
+    def vertical_slash_index(self, q_lens, kv_lens, vertical, slash, context_size, block_m, block_n, causal):
+        """The block index of clipped vertical / slash indexes (see `launcher.vertical_slash_kernel`)."""
+        dev = vertical.device
+        return launcher.vertical_slash_kernel(torch.tensor(q_lens, dtype=torch.int32, device=dev),
+                                              torch.tensor(kv_lens, dtype=torch.int32, device=dev), vertical, slash,
+                                              context_size, block_m, block_n, causal)
+
     def _run(self, q, k, v, layout, *, causal, scale, return_lse, **options):
         return launcher.cuda_sparse_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse,
                                               **options)

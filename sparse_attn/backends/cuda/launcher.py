@@ -23,6 +23,7 @@ from .. import jit
 from ..jit import KernelCache
 from ...errors import NotSupportedError
 from .vertical_slash_args import check_vertical_slash_args, vertical_slash_output_sizes
+from ...layout import ceil_div
 
 #: dtype -> the SA_DTYPE define of csrc/sparse_attention.cu
 ATTENTION_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
@@ -254,7 +255,7 @@ def vertical_slash_kernel(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes
     kernel = get_kernel(INDEX_SOURCE, INDEX_KERNEL, {}, device)
     args = vertical_slash_launch_args(q_lens, kv_lens, vertical, slash, outputs, n_rows, max_tiles, block_size_M,
                                       block_size_N, causal)
-    grid = (-(-n_rows // _INDEX_THREADS), heads, batch)
+    grid = (ceil_div(n_rows, _INDEX_THREADS), heads, batch)
     _launch(kernel, grid, (_INDEX_THREADS,), args, device)
     return outputs
 

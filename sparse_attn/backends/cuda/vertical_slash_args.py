@@ -3,10 +3,9 @@ implementation (`integrations.engines.convert_vertical_slash_indexes`) and its C
 from __future__ import annotations
 
 import torch
+from ...layout import ceil_div
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _check_int_tensor(name: str, t, ndim: int) -> None:
@@ -52,7 +51,7 @@ def check_vertical_slash_args(q_seqlens, kv_seqlens, vertical_indexes, slash_ind
 
 def vertical_slash_output_sizes(context_size: int, block_size_M: int, block_size_N: int, nnz_s: int):
     """(query block rows ``nR``, tile slots ``NB``) of the outputs; ``NB`` bounds the tile count of any row."""
-    n_rows = _ceil_div(context_size, block_size_M)
-    max_tiles = max(1, min(_ceil_div(context_size, block_size_N) + 1,
-                           nnz_s * (_ceil_div(block_size_M, block_size_N) + 1)))
+    n_rows = ceil_div(context_size, block_size_M)
+    max_tiles = max(1, min(ceil_div(context_size, block_size_N) + 1,
+                           nnz_s * (ceil_div(block_size_M, block_size_N) + 1)))
     return n_rows, max_tiles

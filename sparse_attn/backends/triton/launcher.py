@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from ...layout import SparseLayout
+from ...layout import SparseLayout, ceil_div
 from ..checks import attention_input_reasons, check_layout_matches, resolve_scale
 
 #: Input dtypes the kernel takes (fp32 accumulation inside; fp32 inputs use IEEE fp32 dots, not TF32).
@@ -148,7 +148,7 @@ def triton_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = Tru
     offsets, columns = offsets.contiguous(), columns.contiguous()
     capability = torch.cuda.get_device_capability(q.device)[0] if q.device.type == "cuda" else 9
     cfg = launch_config(D, q.dtype, layout.block_m, layout.block_n, capability)
-    split_m = -(-layout.block_m // cfg["BLOCK_M"])
+    split_m = ceil_div(layout.block_m, cfg["BLOCK_M"])
     grid = (layout.num_query_blocks * split_m, B * Hq)
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         sparse_attention_kernel[grid](

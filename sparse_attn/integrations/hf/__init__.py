@@ -13,44 +13,15 @@ is rebound.  Every argument and the config are checked before anything changes: 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from ... import prefill
-from ...backends import BACKEND_NAMES
 from ...config import resolve_config
-from ...patterns import Pattern
 from .attention import STATE_ATTR, sparse_attention_forward
+from .model_checks import check_model_attention, warn_sliding_layers
 from .registry import register_attention, set_implementation
+from .saved_config import FIELD, read_settings, saved_settings, settings_of
+from .state import DEFAULT_OPTIONS, ONLINE_DENSE_ABOVE, PatchState, check_options  # noqa: F401 (re-exported)
 
 #: Name of our entry in transformers' attention and mask registries.
 IMPLEMENTATION = "sparse_attn"
-#: patch(**options) defaults; `pattern` is the online pattern of every head when no config is given.
-DEFAULT_OPTIONS = {"dense_below": prefill.DENSE_BELOW, "dense_above": None, "backend": "auto", "pattern": None,
-                   "on_layout": None}
-#: dense_above when it is not given and no config is: the online defaults must never cost more than dense (the CPU
-#: kernel costs ~3x dense attention per computed entry).  With a config the user's patterns are honoured (1.0).
-ONLINE_DENSE_ABOVE = 0.3
-
-
-@dataclass
-class PatchState:
-    """What a patched model remembers: the resolved config (None: online ``pattern`` on every head), the options,
-    the attention implementation to restore, and the model's query heads per layer."""
-
-    config: object
-    options: dict
-    previous: str | None
-    num_heads: int
-    num_layers: int = 0
-    retrieval: dict | None = None
-
-    def patterns(self, layer_idx, seq_len: int):
-        """One pattern per query head of layer ``layer_idx`` for ``seq_len`` keys, or None to run it dense."""
-        if self.config is None:
-            return [self.options["pattern"] or prefill.DEFAULT_PATTERN] * self.num_heads
-        if layer_idx is None:
-            return None
-        return self.config.patterns_for_layer(layer_idx, seq_len)
 
 
 def patch(model, config=None, *, retrieval=None, **options):
@@ -70,20 +41,23 @@ def patch(model, config=None, *, retrieval=None, **options):
     attends to the device window plus the top-k keys retrieved from the CPU index (transformers 5.x).
     Patching a patched model replaces its config and options.  Returns ``model``."""
     _check_model(model)
-    opts = _check_options(options)
     text_config = _text_config(model)
+    saved = saved_settings(text_config)
+    if saved is not None and config is None and "pattern" not in options:      # the settings saved with the model
+        config, saved_options, _ = read_settings(saved)
+        options = {**saved_options, **options}
+    opts = check_options(options, has_config=config is not None)
     num_layers, num_heads = text_config.num_hidden_layers, text_config.num_attention_heads
     if config is not None and opts["pattern"] is not None:
         raise ValueError("patch: give either config or the pattern option, not both")
-    if opts["dense_above"] is None:
-        opts["dense_above"] = ONLINE_DENSE_ABOVE if config is None else 1.0
     resolved = resolve_config(config, num_layers, num_heads)
     attention_modules = _attention_modules(model)
     retrieval = _check_retrieval(retrieval, num_layers)
+    check_model_attention(model, text_config, attention_modules, opts, retrieval)
 
-    register_attention(IMPLEMENTATION, sparse_attention_forward)
+    register()
     old = getattr(model, STATE_ATTR, None)
-    previous = old.previous if old is not None else model.config._attn_implementation
+    previous = old.previous if old is not None else _implementation_to_restore(model, text_config)
     state = PatchState(resolved, opts, previous, num_heads, num_layers, retrieval)
     try:
         model.set_attn_implementation(IMPLEMENTATION)
@@ -92,16 +66,22 @@ def patch(model, config=None, *, retrieval=None, **options):
         raise
     for module in [model, *attention_modules]:
         setattr(module, STATE_ATTR, state)
+    setattr(text_config, FIELD, settings_of(state))          # save_pretrained writes it into config.json
+    warn_sliding_layers(model, text_config, opts["dense_below"])
     return model
 
 
 def unpatch(model):
-    """Restore the attention implementation ``model`` had before `patch` and drop the patch state; a model that is
-    not patched is returned unchanged.  Returns ``model``."""
+    """Restore the attention implementation ``model`` had before `patch` (for a model loaded with
+    ``attn_implementation="sparse_attn"``: the saved previous one, else its default), drop the patch state and the
+    saved settings from its config; a model that runs neither is returned unchanged.  Returns ``model``."""
     state = getattr(model, STATE_ATTR, None)
-    if state is None:
+    if state is None and model.config._attn_implementation != IMPLEMENTATION:
         return model
-    set_implementation(model, state.previous)
+    text_config = _text_config(model)
+    set_implementation(model, state.previous if state is not None else _implementation_to_restore(model, text_config))
+    if FIELD in text_config.__dict__:
+        delattr(text_config, FIELD)
     for module in model.modules():
         if STATE_ATTR in module.__dict__:
             delattr(module, STATE_ATTR)
@@ -142,6 +122,26 @@ def is_patched(model) -> bool:
     return getattr(model, STATE_ATTR, None) is not None
 
 
+def register() -> None:
+    """Register ``"sparse_attn"`` in transformers' attention and mask registries, so that
+    ``from_pretrained(..., attn_implementation="sparse_attn")`` and ``set_attn_implementation("sparse_attn")``
+    accept it (`patch` does this too; ``import sparse_attn.hf`` calls it)."""
+    register_attention(IMPLEMENTATION, sparse_attention_forward)
+
+
+def _implementation_to_restore(model, text_config) -> str | None:
+    """What unpatch goes back to: the model's current implementation, or where that is ours already (loaded with
+    ``attn_implementation="sparse_attn"``), the saved previous one, else sdpa where the model has it, else eager."""
+    current = model.config._attn_implementation
+    if current != IMPLEMENTATION:
+        return current
+    saved = saved_settings(text_config)
+    previous = saved.get("previous_attn_implementation") if isinstance(saved, dict) else None
+    if previous and previous != IMPLEMENTATION:
+        return previous
+    return "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
+
+
 def _check_model(model) -> None:
     try:
         from transformers import PreTrainedModel
@@ -177,27 +177,3 @@ def _text_config(model):
         if not isinstance(getattr(text, name, None), int):
             raise ValueError(f"model: its config has no integer {name}; cannot map a sparse config to its layers")
     return text
-
-
-def _check_options(options: dict) -> dict:
-    unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
-    if unknown:
-        raise TypeError(f"patch: unknown options {unknown}; expected some of {sorted(DEFAULT_OPTIONS)}")
-    opts = {**DEFAULT_OPTIONS, **options}
-    reasons = []
-    below = opts["dense_below"]
-    if not isinstance(below, int) or isinstance(below, bool) or below < 0:
-        reasons.append(f"dense_below must be an int >= 0, got {below!r}")
-    above = opts["dense_above"]
-    if above is not None and (not isinstance(above, (int, float)) or isinstance(above, bool) or not 0 < above <= 1):
-        reasons.append(f"dense_above must be a number in (0, 1], or None, got {above!r}")
-    if opts["backend"] not in BACKEND_NAMES:
-        reasons.append(f"backend must be one of {BACKEND_NAMES}, got {opts['backend']!r}")
-    if opts["pattern"] is not None and not isinstance(opts["pattern"], Pattern):
-        reasons.append(f"pattern must be a Pattern (AShape, VerticalSlash, BlockSparse, Dense) or None, "
-                       f"got {type(opts['pattern']).__name__}")
-    if opts["on_layout"] is not None and not callable(opts["on_layout"]):
-        reasons.append(f"on_layout must be callable(layer_idx, layout, density) or None, got {type(opts['on_layout']).__name__}")
-    if reasons:
-        raise ValueError("patch: " + "; ".join(reasons))
-    return opts

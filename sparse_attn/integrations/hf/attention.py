@@ -26,11 +26,13 @@ import torch
 import torch.nn.functional as F
 
 from ... import prefill
-from ...backends.checks import resolve_scale
+from ...backends.checks import check_softcap, resolve_scale
+from ...backends.reference import reference_attention
 from ...estimators.sample_mass import last_query_probs
 from ...prefill import dense_attention
 from ...retrieval.cache import HF_LAYER_TAG
 from .modality import patterns_for_call
+from .saved_config import state_for_module
 
 #: Attribute holding the patch state on each attention module (and on the model).
 STATE_ATTR = "_sparse_attn_state"
@@ -48,14 +50,18 @@ def _warn_once(key: str, message: str) -> None:
 def sparse_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                              sliding_window=None, is_causal=None, **kwargs):
     """transformers attention-function signature; see the module docstring for shapes and routing."""
-    for name in ("softcap", "s_aux", "sinks"):
+    for name in ("s_aux", "sinks"):
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"sparse_attn: attention with `{name}` is not supported; "
                                       f"unpatch the model (sparse_attn.hf.unpatch) to use its own attention")
     if dropout and module.training:
         raise ValueError("sparse_attn: attention dropout > 0 in training mode is not supported; call model.eval() "
                          "or unpatch the model")
+    softcap = check_softcap(kwargs.get("softcap") or 0.0)        # Gemma-2's attn_logit_softcapping
     state = getattr(module, STATE_ATTR, None)
+    if state is None:       # loaded with attn_implementation="sparse_attn": the settings saved in its config
+        state = state_for_module(module)
+        setattr(module, STATE_ATTR, state)
     layer = _retrieval_layer(key)
     if layer is not None:
         if attention_mask is not None and not bool(attention_mask.to(torch.bool).all()):
@@ -76,11 +82,12 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
         _check_not_packed(kwargs.get("position_ids"))
 
     if state is None or not causal or window is not None or Lq == 1:
-        out = masked_dense_attention(query, key, value, key_keep, causal=causal, scale=scaling, window=window)
+        out = masked_dense_attention(query, key, value, key_keep, causal=causal, scale=scaling, window=window,
+                                     softcap=softcap)
     elif key_keep is None:
-        out = _sparse(state, module, query, key, value, scaling)
+        out = _sparse(state, module, query, key, value, scaling, softcap=softcap)
     else:
-        out = _sparse_padded(state, module, query, key, value, key_keep, scaling)
+        out = _sparse_padded(state, module, query, key, value, key_keep, scaling, softcap)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -118,29 +125,31 @@ def _check_not_packed(position_ids) -> None:
                          "attention_mask) are not supported; pass an attention_mask or unpatch the model")
 
 
-def _sparse(state, module, q, k, v, scale, row=None):
+def _sparse(state, module, q, k, v, scale, row=None, softcap=0.0):
     """Sparse prefill of unpadded rows: ``q [B, Hq, Lq, D]`` over ``k, v [B, Hkv, Lk, D]`` -> [B, Hq, Lq, D],
     with the module's layer patterns for Lk keys (modality patterns get the spans of the current
     `sparse_attn.hf.modality` block; ``row``: the batch row when a padded batch runs row by row).  Dense where the
     config keeps the layer dense, below ``dense_below`` keys, for all-`Dense` patterns, and where the estimated
-    layout is denser than ``dense_above`` (there the sparse kernel would cost more than dense attention)."""
+    layout is denser than ``dense_above`` (there the sparse kernel would cost more than dense attention).
+    ``softcap`` > 0: Gemma-2's score cap, applied by the kernel and the dense fallback (the estimate ranks uncapped
+    scores: the cap is monotonic)."""
     options = state.options
     layer_idx = getattr(module, "layer_idx", None)
     patterns = state.patterns(layer_idx, k.shape[2])
     if (patterns is None or k.shape[2] < options["dense_below"]
             or all(isinstance(p, prefill.Dense) for p in patterns)):
-        return dense_attention(q, k, v, causal=True, scale=scale)
+        return masked_dense_attention(q, k, v, scale=scale, softcap=softcap)
     if options["dense_above"] < 1 and _mass_needs_dense(q, k, patterns, scale, options["dense_above"]):
-        return dense_attention(q, k, v, causal=True, scale=scale)
+        return masked_dense_attention(q, k, v, scale=scale, softcap=softcap)
     patterns = patterns_for_call(patterns, q.shape[0], k.shape[2], row)
     layout = prefill.estimate(q, k, patterns, causal=True, scale=scale)
     density = layout.density() if options["dense_above"] < 1 or options["on_layout"] is not None else None
     if options["on_layout"] is not None:
         options["on_layout"](layer_idx, layout, density)
     if density is not None and density > options["dense_above"]:
-        return dense_attention(q, k, v, causal=True, scale=scale)
+        return masked_dense_attention(q, k, v, scale=scale, softcap=softcap)
     return prefill.sparse_attention(q, k, v, layout, causal=True, scale=scale, backend=options["backend"],
-                                    check_layout=False)
+                                    softcap=softcap, check_layout=False)
 
 
 def _mass_needs_dense(q, k, patterns, scale, dense_above: float, rows: int = 16) -> bool:
@@ -164,7 +173,7 @@ def _mass_needs_dense(q, k, patterns, scale, dense_above: float, rows: int = 16)
     return bool((mass_bound < gamma).float().mean() > 0.5)
 
 
-def _sparse_padded(state, module, q, k, v, key_keep, scale):
+def _sparse_padded(state, module, q, k, v, key_keep, scale, softcap=0.0):
     """Rows of a left-padded batch, each over its own valid keys (right-aligned, so a slice); pad queries get 0."""
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
@@ -173,7 +182,7 @@ def _sparse_padded(state, module, q, k, v, key_keep, scale):
     if not bool((left_padded == key_keep).all()):
         _warn_once("padding", "sparse_attn: the attention mask is not left padding; running dense attention "
                               "for these batches")
-        return masked_dense_attention(q, k, v, key_keep, causal=True, scale=scale)
+        return masked_dense_attention(q, k, v, key_keep, causal=True, scale=scale, softcap=softcap)
     out = q.new_zeros(B, Hq, Lq, D)
     for row, n in enumerate(n_valid.tolist()):
         first_query = max(0, Lq - n)
@@ -181,15 +190,16 @@ def _sparse_padded(state, module, q, k, v, key_keep, scale):
             continue
         rows = slice(row, row + 1)
         out[rows, :, first_query:] = _sparse(state, module, q[rows, :, first_query:], k[rows, :, Lk - n:],
-                                             v[rows, :, Lk - n:], scale, row)
+                                             v[rows, :, Lk - n:], scale, row, softcap)
     return out
 
 
-def masked_dense_attention(q, k, v, key_keep=None, *, causal=True, scale=None, window=None):
+def masked_dense_attention(q, k, v, key_keep=None, *, causal=True, scale=None, window=None, softcap=0.0):
     """Exact dense attention of ``q [B, Hq, Lq, D]`` over ``k, v [B, Hkv, Lk, D]`` (queries = last Lq keys) with an
     optional bool key mask ``key_keep [B, Lk]`` and sliding ``window`` (a query sees keys ``pos - window < j <=
-    pos``).  Chunked over queries so scores stay O(rows x keys); rows that see no key give 0 (not NaN)."""
-    if key_keep is None and window is None:
+    pos``) and ``softcap`` (> 0: scores capped as in Gemma-2; SDPA has no cap, so those chunks go through the fp32
+    `reference_attention`).  Chunked over queries so scores stay O(rows x keys); rows that see no key give 0."""
+    if key_keep is None and window is None and not softcap:
         return dense_attention(q, k, v, causal=causal, scale=scale)
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
@@ -210,7 +220,11 @@ def masked_dense_attention(q, k, v, key_keep=None, *, causal=True, scale=None, w
         mask = mask[None, None]
         if key_keep is not None:
             mask = mask & key_keep[:, None, None, k_lo:k_hi]
-        chunk = F.scaled_dot_product_attention(q[:, :, start:stop], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi],
-                                               attn_mask=mask, scale=scale, enable_gqa=Hq != k.shape[1])
+        if softcap:
+            chunk = reference_attention(q[:, :, start:stop], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi], mask,
+                                        causal=False, scale=scale, softcap=softcap)
+        else:
+            chunk = F.scaled_dot_product_attention(q[:, :, start:stop], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi],
+                                                   attn_mask=mask, scale=scale, enable_gqa=Hq != k.shape[1])
         out.append(torch.where(mask.any(-1, keepdim=True), chunk, 0.0).to(q.dtype))
     return torch.cat(out, 2) if len(out) > 1 else out[0]

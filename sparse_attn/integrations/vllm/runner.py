@@ -46,7 +46,8 @@ def save_tiny_llama(path, *, layers=2, hidden=256, heads=8, kv_heads=2, vocab=10
     ``path``."""
     from ...tools.tiny_model import tiny_llama
 
-    model = tiny_llama(layers, hidden, heads, kv_heads, vocab, seed=seed, max_positions=65536)
+    model = tiny_llama(layers, hidden, heads, kv_heads, vocab, seed=seed)
+    model.config.max_position_embeddings = 65536
     model.save_pretrained(path)
     return str(path)
 
