@@ -6,7 +6,7 @@ import torch
 
 import sparse_attn as sa
 from sparse_attn.backends.cpu import loader as cpu_kernel
-from conftest import assert_close, make_qkv
+from helpers import assert_close, make_qkv
 
 
 def _engine_rows(Lq, Hq, D, dtype, pad=3):
