@@ -90,7 +90,7 @@ def sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True, scal
         layout.check_indices()
     softcap = check_softcap(softcap)
     if out is not None:
-        check_out(out, q)
+        check_out(out, q, k, v)
     chosen = select_backend(backend, q, k, v, layout, return_lse=return_lse, softcap=softcap)
     return chosen.run(q, k, v, layout, causal=causal, scale=resolve_scale(scale, q.shape[-1]),
                       return_lse=return_lse, softcap=softcap, out=out)

@@ -39,6 +39,7 @@ def test_out_receives_the_result_and_nothing_else(backend, dtype):
     (lambda q: torch.empty_like(q, dtype=torch.float64), "float64"),
     (lambda q: torch.empty(q.shape[::-1]).permute(3, 2, 1, 0), "strides"),
     (lambda q: q.numpy(), "torch.Tensor"),
+    (lambda q: q, "share memory with q"),
 ])
 def test_bad_out_is_refused_naming_it(bad, what):
     q, k, v = make_qkv(1, 2, 1, 70, 70, 16, seed=0)
