@@ -23,3 +23,8 @@ class NotSupportedError(InvalidArgumentError):
 
 class BackendUnavailableError(SparseAttnError, RuntimeError):
     """A backend's kernel cannot be built or loaded on this machine (no compiler, no GPU, no CuPy)."""
+
+
+class SavedContextMismatchError(InvalidArgumentError):
+    """A saved context belongs to another model (architecture, heads, dtype, RoPE, weights) or to other tokens than
+    the request's; nothing was restored.  (A damaged saved file raises `sparse_attn.retrieval.KVFileError`.)"""

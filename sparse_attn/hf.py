@@ -7,6 +7,8 @@ installed the import still succeeds and `patch` says what to install.  ``import 
 transformers."""
 from .integrations.hf import (DEFAULT_OPTIONS, IMPLEMENTATION, ONLINE_DENSE_ABOVE, is_patched, patch, register,
                               retrieval_cache, unpatch)
+from .integrations.hf.context_reuse import (RestoredContext, model_identity, restore_context, reuse_context,
+                                            save_context)
 from .integrations.hf.modality import current_spans, modality
 
 try:
@@ -14,5 +16,6 @@ try:
 except ImportError:         # transformers is the hf extra; patch() raises the install hint
     pass
 
-__all__ = ["DEFAULT_OPTIONS", "IMPLEMENTATION", "ONLINE_DENSE_ABOVE", "current_spans", "is_patched", "modality",
-           "patch", "register", "retrieval_cache", "unpatch"]
+__all__ = ["DEFAULT_OPTIONS", "IMPLEMENTATION", "ONLINE_DENSE_ABOVE", "RestoredContext", "current_spans",
+           "is_patched", "model_identity", "modality", "patch", "register", "restore_context", "retrieval_cache",
+           "reuse_context", "save_context", "unpatch"]

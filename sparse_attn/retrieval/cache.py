@@ -6,22 +6,18 @@ to a checksummed page file).  The index receives offloaded keys incrementally, l
 prefill queries seen in between can shape it.  Streams: batch x KV head, ``S = B * Hkv``."""
 from __future__ import annotations
 
-import json
 import os
 import weakref
-import zlib
 
 import torch
 
+from .checked_json import read_checked_json, write_checked_json
 from .index_exact import ExactIndex
 from .index_file import load_index, save_index
+from .overlay_file import OverlayVectorFile
 from .page_file import KVFileError, PagedVectorFile, check_writable_dir
 from .ram_tier import RamTier
 from .window import DeviceWindow
-
-#: Attribute the transformers cache layer (`integrations.hf.decode_cache.RetrievalLayer`) sets on the key tensor its ``update``
-#: returns, so an attention function can find the layer's cache without importing transformers' cache classes.
-HF_LAYER_TAG = "_sparse_attn_retrieval_layer"
 
 META_VERSION = 2                 # 2: the index is saved (layer<L>.index) and restored
 
@@ -98,7 +94,7 @@ class RetrievalKVCache:
         return self.window.seen
 
     def _path(self, what: str) -> str:
-        return os.path.join(self.ssd_dir, f"layer{self.layer}.{what}.kv")
+        return _layer_file(self.ssd_dir, self.layer, f"{what}.kv")
 
     def _init_tiers(self, k: torch.Tensor) -> None:
         B, Hkv, _, D = k.shape
@@ -176,46 +172,32 @@ class RetrievalKVCache:
         """Flush the SSD tier and write the window and metadata next to it, so :meth:`open` can restore it."""
         if self.ssd_dir is None or self.dim is None:
             return
-        S = self.batch * self.kv_heads
-        for what, t in (("window_k", self.window.k), ("window_v", self.window.v)):
-            f = PagedVectorFile(self._path(what), S, self.dim, t.dtype, self.page_tokens, 0)     # exact copy
-            f.append(t.reshape(S, -1, self.dim).cpu())
-            f.close()
-        save_index(self._index_path(), self.index)
-        meta = {"version": META_VERSION, "sink": self.window.sink, "window": self.window.window,
-                "seen": self.window.seen, "positions": self.window.pos.tolist(), "batch": self.batch,
-                "kv_heads": self.kv_heads, "dim": self.dim, "n_offloaded": self.n_offloaded,
-                "n_indexed": self.n_indexed, "keys_on_ssd": self.keys_on_ssd, "index": self.index.name}
-        body = json.dumps(meta, sort_keys=True)
-        with open(os.path.join(self.ssd_dir, f"layer{self.layer}.meta.json"), "w") as f:
-            json.dump({"meta": meta, "crc32": zlib.crc32(body.encode())}, f)
+        write_layer_state(self.ssd_dir, self.layer, self.window, self.index, n_offloaded=self.n_offloaded,
+                          n_indexed=self.n_indexed, keys_on_ssd=self.keys_on_ssd, page_tokens=self.page_tokens)
         for f in (self.ssd_values, self.ssd_keys):
             if f is not None:
                 f.close()
 
-    def _index_path(self) -> str:
-        return os.path.join(self.ssd_dir, f"layer{self.layer}.index")
-
     @classmethod
-    def open(cls, ssd_dir, layer: int = 0, index=None, cache_pages: int = 4096) -> "RetrievalKVCache":
+    def open(cls, ssd_dir, layer: int = 0, index=None, cache_pages: int = 4096, *, scratch_dir=None,
+             device=None) -> "RetrievalKVCache":
         """Restore a cache closed by :meth:`close` (possibly in another process); keys must have been on SSD.
 
         ``index=None`` (default): the saved index, of the saved kind and state, so searches return what they
         returned before :meth:`close`.  An index name or object: that index, rebuilt from the stored keys (and
-        the saved prefill-query sample).  Missing, truncated or corrupted files raise :class:`KVFileError`."""
-        meta_path = os.path.join(os.fspath(ssd_dir), f"layer{layer}.meta.json")
-        try:
-            with open(meta_path) as f:
-                raw = json.load(f)
-            meta = raw["meta"]
-            ok = zlib.crc32(json.dumps(meta, sort_keys=True).encode()) == raw["crc32"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise KVFileError(f"cannot read cache metadata {meta_path!r}: {err}") from None
-        if not ok or meta.get("version") != META_VERSION:
-            raise KVFileError(f"cache metadata {meta_path!r} is corrupted or of another version")
+        the saved prefill-query sample).  ``scratch_dir``: None, the cache goes on in ``ssd_dir`` (later tokens
+        extend its files); a directory, the files in ``ssd_dir`` are only read (a saved context stays as saved)
+        and later tokens go to files in ``scratch_dir`` (a later :meth:`close` there is not reopenable).
+        ``device``: where the window goes (default CPU).  Missing, truncated or corrupted files raise
+        :class:`KVFileError`."""
+        saved_dir = os.fspath(ssd_dir)
+        meta = read_layer_meta(saved_dir, layer)
+        meta_path = _layer_file(saved_dir, layer, "meta.json")
         if not meta["keys_on_ssd"]:
             raise KVFileError(f"{meta_path!r}: keys were kept in RAM only (keys_on_ssd=False); cannot reopen")
-        saved = load_index(os.path.join(os.fspath(ssd_dir), f"layer{layer}.index"))
+        if scratch_dir is not None and os.path.realpath(scratch_dir) == os.path.realpath(saved_dir):
+            raise ValueError("scratch_dir must differ from ssd_dir (the saved files are read-only there)")
+        saved = load_index(_layer_file(saved_dir, layer, "index"))
         if saved.name != meta["index"]:
             raise KVFileError(f"{meta_path!r} names a {meta['index']!r} index, the index file holds {saved.name!r}")
         if index is None:
@@ -224,25 +206,73 @@ class RetrievalKVCache:
             index, n_indexed = make_index(index), 0
             if getattr(saved, "queries", None) is not None:
                 index.observe_queries(saved.queries)
-        self = cls(meta["sink"], meta["window"], index, ssd_dir=ssd_dir, layer=layer, cache_pages=cache_pages)
+        self = cls(meta["sink"], meta["window"], index, ssd_dir=scratch_dir or saved_dir, layer=layer,
+                   cache_pages=cache_pages)
         B, Hkv, D = meta["batch"], meta["kv_heads"], meta["dim"]
         self.batch, self.kv_heads, self.dim, self.keys_on_ssd = B, Hkv, D, True
-        self.ssd_values = PagedVectorFile.open(self._path("values"), cache_pages)
-        self.ssd_keys = PagedVectorFile.open(self._path("keys"), 0)
-        wk, wv = (PagedVectorFile.open(self._path(w), 0) for w in ("window_k", "window_v"))
+        read_only = scratch_dir is not None
+        self.ssd_values = PagedVectorFile.open(_layer_file(saved_dir, layer, "values.kv"), cache_pages, read_only)
+        self.ssd_keys = PagedVectorFile.open(_layer_file(saved_dir, layer, "keys.kv"), 0, read_only)
         self.storage_dtype = self.ssd_values.dtype
         for f in (self.ssd_values, self.ssd_keys):
             if f.count != meta["n_offloaded"] or (f.streams, f.dim) != (B * Hkv, D):
                 raise KVFileError(f"{f.path!r} holds {f.count} tokens of {f.streams} streams, metadata says "
                                   f"{meta['n_offloaded']} of {B * Hkv}")
-        self.window.k = wk.read_all().reshape(B, Hkv, -1, D)
-        self.window.v = wv.read_all().reshape(B, Hkv, -1, D)
-        wk.close()
-        wv.close()
+        self.window.k, self.window.v = read_window(saved_dir, layer, meta, device)
         self.window.pos = torch.tensor(meta["positions"], dtype=torch.int64)
         self.window.seen = meta["seen"]
         self.ram_keys = RamTier(B * Hkv, D, self.storage_dtype, capacity=meta["n_offloaded"])
         self.ram_keys.append(self.ssd_keys.read_all())
+        if read_only:         # the request's own tokens go to new files in scratch_dir
+            self.ssd_values, self.ssd_keys = (
+                OverlayVectorFile(f, PagedVectorFile(self._path(what), f.streams, D, f.dtype, f.P, pages))
+                for f, what, pages in ((self.ssd_values, "values", cache_pages), (self.ssd_keys, "keys", 0)))
         self.index.attach(self.ram_keys)
         self.n_indexed = n_indexed
         return self
+
+
+def _layer_file(ssd_dir, layer: int, what: str) -> str:
+    return os.path.join(os.fspath(ssd_dir), f"layer{layer}.{what}")
+
+
+def write_layer_state(ssd_dir, layer: int, window: DeviceWindow, index, *, n_offloaded: int, n_indexed: int,
+                      keys_on_ssd: bool, page_tokens: int) -> None:
+    """What :meth:`RetrievalKVCache.open` needs beside the offloaded KV's page files (``layer<L>.values.kv``,
+    ``layer<L>.keys.kv``): the window's KV (exact copies, ``layer<L>.window_k.kv`` / ``window_v``), the index
+    (``layer<L>.index``) and the checksummed metadata (``layer<L>.meta.json``)."""
+    B, Hkv, _, D = window.k.shape
+    S = B * Hkv
+    for what, t in (("window_k", window.k), ("window_v", window.v)):
+        f = PagedVectorFile(_layer_file(ssd_dir, layer, f"{what}.kv"), S, D, t.dtype, page_tokens, 0)
+        f.append(t.reshape(S, -1, D).cpu())
+        f.close()
+    save_index(_layer_file(ssd_dir, layer, "index"), index)
+    meta = {"version": META_VERSION, "sink": window.sink, "window": window.window, "seen": window.seen,
+            "positions": window.pos.tolist(), "batch": B, "kv_heads": Hkv, "dim": D, "n_offloaded": n_offloaded,
+            "n_indexed": n_indexed, "keys_on_ssd": keys_on_ssd, "index": index.name}
+    write_checked_json(_layer_file(ssd_dir, layer, "meta.json"), meta)
+
+
+def read_layer_meta(ssd_dir, layer: int) -> dict:
+    """The checked metadata :func:`write_layer_state` wrote for ``layer`` (:class:`KVFileError` if damaged)."""
+    path = _layer_file(ssd_dir, layer, "meta.json")
+    meta = read_checked_json(path, "cache metadata")
+    if meta.get("version") != META_VERSION:
+        raise KVFileError(f"cache metadata {path!r} is of another version ({meta.get('version')}, "
+                          f"expected {META_VERSION})")
+    return meta
+
+
+def read_window(ssd_dir, layer: int, meta: dict, device=None):
+    """The saved window ``(k, v) [B, Hkv, n_static, D]`` of ``layer`` (files only read), on ``device``."""
+    out = []
+    for what in ("window_k", "window_v"):
+        f = PagedVectorFile.open(_layer_file(ssd_dir, layer, f"{what}.kv"), 0, read_only=True)
+        if f.count != len(meta["positions"]) or (f.streams, f.dim) != (meta["batch"] * meta["kv_heads"], meta["dim"]):
+            raise KVFileError(f"{f.path!r} holds {f.count} tokens of {f.streams} streams, metadata says "
+                              f"{len(meta['positions'])} of {meta['batch'] * meta['kv_heads']}")
+        t = f.read_all().reshape(meta["batch"], meta["kv_heads"], -1, meta["dim"])
+        f.close()
+        out.append(t if device is None else t.to(device))
+    return tuple(out)

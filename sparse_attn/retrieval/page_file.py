@@ -5,7 +5,8 @@ meta) followed by pages.  Page ``p`` of stream ``s`` holds tokens ``[p * P, (p +
 ``p * S + s`` (all streams grow together, so no slot table is needed and a run of full pages is one write).
 ``<path>.table`` = the token count and one zlib.crc32 per written page, rewritten atomically on ``flush``.
 Reads check every page's CRC; a short file, a bad header, or a flipped byte raise :class:`KVFileError` naming
-the file, so a damaged tier can never produce attention silently.  A bounded LRU keeps hot pages in RAM."""
+the file, so a damaged tier can never produce attention silently.  A bounded LRU keeps hot pages in RAM.
+``open(..., read_only=True)`` never writes (a saved context shared by later requests stays as it was saved)."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ import zlib
 import numpy as np
 import torch
 
+from ..errors import SparseAttnError
 from .page_cache import PageCache
 from ..layout import ceil_div
 
@@ -24,7 +26,7 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 _NP_VIEW = {torch.float16: np.float16, torch.bfloat16: np.int16, torch.float32: np.float32}
 
 
-class KVFileError(ValueError):
+class KVFileError(SparseAttnError, ValueError):
     """A KV tier file is missing, truncated, corrupted, or of another format/version."""
 
 
@@ -53,7 +55,7 @@ class PagedVectorFile:
             raise ValueError(f"page_tokens, streams, dim must be >= 1, got {page_tokens}, {streams}, {dim}")
         self.path, self.streams, self.dim, self.dtype, self.P = os.fspath(path), streams, dim, dtype, page_tokens
         self.page_bytes = page_tokens * dim * torch.tensor([], dtype=dtype).element_size()
-        self.count = 0
+        self.count, self.read_only, self.bytes_read = 0, False, 0
         self.crc = np.zeros((0, streams), dtype=np.uint32)        # [pages, S]
         self.staging = torch.zeros(streams, page_tokens, dim, dtype=dtype)   # the partial last page
         self.cache = PageCache(cache_pages)
@@ -73,11 +75,12 @@ class PagedVectorFile:
         return head.ljust(HEADER_BYTES, b"\0")
 
     @classmethod
-    def open(cls, path, cache_pages: int = 4096) -> "PagedVectorFile":
-        """Reopen a file written (and flushed) by an earlier process; checks header, table and size."""
+    def open(cls, path, cache_pages: int = 4096, read_only: bool = False) -> "PagedVectorFile":
+        """Reopen a file written (and flushed) by an earlier process; checks header, table and size.
+        ``read_only``: open it for reading only; ``append`` then raises and ``flush``/``close`` write nothing."""
         path = os.fspath(path)
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
         except OSError as err:
             raise KVFileError(f"cannot open KV file {path!r}: {err.strerror}") from None
         head = os.pread(fd, HEADER_BYTES, 0)
@@ -91,7 +94,7 @@ class PagedVectorFile:
             raise KVFileError(f"{path!r}: header version {version} (expected {VERSION}) or header checksum mismatch")
         m = json.loads(meta)
         self = cls(path, m["streams"], m["dim"], _DTYPES[m["dtype"]], m["page_tokens"], cache_pages, _create=False)
-        self._fd = fd
+        self._fd, self.read_only = fd, read_only
         self.count, self.crc = self._read_table()
         n_pages = self.crc.shape[0]
         need = HEADER_BYTES + n_pages * self.streams * self.page_bytes
@@ -120,6 +123,8 @@ class PagedVectorFile:
 
     def flush(self) -> None:
         """Write the partial last page and the table (atomically), then fsync: the file is reopenable."""
+        if self.read_only:
+            return
         if self.count % self.P:
             self._write_pages(self.count // self.P, self.staging[:, None])
         body = TABLE_MAGIC + struct.pack("<QQI", self.count, self.crc.shape[0], self.streams) + self.crc.tobytes()
@@ -156,6 +161,8 @@ class PagedVectorFile:
 
     def append(self, x: torch.Tensor) -> None:
         """``x [S, n, D]``: the next ``n`` tokens of every stream."""
+        if self.read_only:
+            raise KVFileError(f"{self.path!r} was opened read-only; cannot append")
         if x.dim() != 3 or x.shape[0] != self.streams or x.shape[2] != self.dim:
             raise ValueError(f"x must be [{self.streams}, n, {self.dim}], got {tuple(x.shape)}")
         x = x.detach().to("cpu", self.dtype)
@@ -181,6 +188,7 @@ class PagedVectorFile:
 
     def _read_slot(self, slot: int) -> torch.Tensor:
         raw = os.pread(self._fd, self.page_bytes, HEADER_BYTES + slot * self.page_bytes)
+        self.bytes_read += len(raw)
         page, stream = divmod(slot, self.streams)
         if len(raw) != self.page_bytes:
             raise KVFileError(f"{self.path!r} is truncated: page {page} of stream {stream} is short")
@@ -210,16 +218,42 @@ class PagedVectorFile:
             pages[i] = cached
         return pages[inverse, (idx % self.P).flatten()].view(S, m, self.dim)
 
-    def read_all(self) -> torch.Tensor:
-        """Every stored token, ``[S, count, D]`` (for rebuilding an index after a restart), checksums verified."""
-        n_full = self.count // self.P
-        out = torch.empty(self.streams, n_full * self.P + (self.P if self.count % self.P else 0), self.dim,
-                          dtype=self.dtype)
-        for p in range(n_full):
-            out[:, p * self.P:(p + 1) * self.P] = self._read_pages(p)
-        if self.count % self.P:
-            out[:, n_full * self.P:] = self.staging
-        return out[:, :self.count]
+    def read_all(self, run_bytes: int = 64 << 20, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Every stored token, ``[S, count, D]`` (for rebuilding an index after a restart, or restoring a saved
+        context), checksums verified; written into ``out`` (``[S, count, D]``, contiguous in its last two dims)
+        when given.  Full pages are read in runs of about ``run_bytes`` (one ``pread`` each: consecutive pages are
+        contiguous in the file), not page by page."""
+        S, P, n_full = self.streams, self.P, self.count // self.P
+        if out is None:
+            out = torch.empty(S, self.count, self.dim, dtype=self.dtype)
+        elif out.shape != (S, self.count, self.dim) or out.dtype != self.dtype:
+            raise ValueError(f"out must be [{S}, {self.count}, {self.dim}] {self.dtype}, "
+                             f"got {tuple(out.shape)} {out.dtype}")
+        step = max(1, run_bytes // (S * self.page_bytes))
+        for first in range(0, n_full, step):
+            n = min(step, n_full - first)
+            out[:, first * P:(first + n) * P].view(S, n, P, self.dim).copy_(self._read_run(first, n).transpose(0, 1))
+        if self.count % P:
+            out[:, n_full * P:] = self.staging[:, :self.count % P]
+        return out
+
+    def _read_run(self, first_page: int, n: int) -> torch.Tensor:
+        """Pages ``first_page .. first_page + n`` of every stream in one read, as ``[n, S, P, D]``, CRCs checked."""
+        S, size = self.streams, n * self.streams * self.page_bytes
+        buf = bytearray(size)
+        got = os.preadv(self._fd, [buf], HEADER_BYTES + first_page * S * self.page_bytes)
+        self.bytes_read += got
+        if got != size:
+            raise KVFileError(f"{self.path!r} is truncated: pages {first_page}..{first_page + n - 1} are short")
+        view, crc = memoryview(buf), self.crc[first_page:first_page + n].reshape(-1)
+        for i in range(n * S):
+            if zlib.crc32(view[i * self.page_bytes:(i + 1) * self.page_bytes]) != int(crc[i]):
+                page, stream = divmod(first_page * S + i, S)
+                raise KVFileError(f"{self.path!r} is corrupted: checksum mismatch in page {page} of stream {stream}")
+        pages = torch.from_numpy(np.frombuffer(buf, dtype=_NP_VIEW[self.dtype]).reshape(n, S, self.P, self.dim))
+        if self.dtype == torch.bfloat16:
+            pages = pages.view(torch.bfloat16)
+        return pages
 
     def nbytes_disk(self) -> int:
         return HEADER_BYTES + self.crc.shape[0] * self.streams * self.page_bytes + self.crc.nbytes + 32

@@ -220,10 +220,10 @@ def run(keys_list, heads, kv_heads, indexes, top_k=100, sink=128, window=512, re
                 f"{read:>6.2%} {row['mb_per_head']:>7.0f} {row['index_mb_per_head']:>8.1f} {row['peak_rss_gib']:>7.1f}"
                 f"   (exact over the stored KV: {row['exact_stored_ms']:.1f} ms with {exact_n} thread(s); over an "
                 f"fp32 copy: {row['exact32_ms']:.1f} ms)")
-            del cache
+            cache = None                   # free this row's tiers before the next one is built
             if tmp:
                 tmp.cleanup()
-        del k, v, refs, kv32
+        k = v = refs = kv32 = None         # free this length's workload before the next one is made
     out("step ms / exact ms = per decode query, medians over rounds (after a warm-up round), timed in turns; exact = fp32 matmul + softmax + "
         "matmul over every key, the faster of: over the stored KV (converted chunk by chunk) and over an fp32 copy "
         "of it (when that fits in RAM), each with its best of 1 or all threads; speedup = exact / step; recall = fraction of the exact top-k keys "

@@ -6,7 +6,7 @@
     sah.unpatch(model)                            # the previous attention implementation, exactly
 
 `patch` registers one attention function (`attention.sparse_attention_forward`) in transformers'
-`AttentionInterface` and transformers' flash-attention mask function in `AttentionMaskInterface` under the name
+`AttentionInterface` and its mask function (`attention.key_padding_mask`) in `AttentionMaskInterface` under the name
 `IMPLEMENTATION` (so no [L, L] mask is built; the function sees a [B, L] padding mask at most), stores the
 per-model state on the model and on its attention modules, and calls `model.set_attn_implementation`.  No forward
 is rebound.  Every argument and the config are checked before anything changes: on an error the model is untouched.
@@ -14,9 +14,9 @@ is rebound.  Every argument and the config are checked before anything changes: 
 from __future__ import annotations
 
 from ...config import resolve_config
-from .attention import STATE_ATTR, sparse_attention_forward
+from .attention import STATE_ATTR, register_under
 from .model_checks import check_model_attention, warn_sliding_layers
-from .registry import register_attention, set_implementation
+from .registry import set_implementation
 from .saved_config import FIELD, read_settings, saved_settings, settings_of
 from .state import DEFAULT_OPTIONS, ONLINE_DENSE_ABOVE, PatchState, check_options  # noqa: F401 (re-exported)
 
@@ -126,7 +126,7 @@ def register() -> None:
     """Register ``"sparse_attn"`` in transformers' attention and mask registries, so that
     ``from_pretrained(..., attn_implementation="sparse_attn")`` and ``set_attn_implementation("sparse_attn")``
     accept it (`patch` does this too; ``import sparse_attn.hf`` calls it)."""
-    register_attention(IMPLEMENTATION, sparse_attention_forward)
+    register_under(IMPLEMENTATION)
 
 
 def _implementation_to_restore(model, text_config) -> str | None:

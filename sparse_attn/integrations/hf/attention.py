@@ -3,19 +3,34 @@
 transformers (4.53+/5.x, `AttentionInterface`) calls it once per layer with inputs after RoPE and the cache update:
 ``query [B, Hq, Lq, D]``, ``key, value [B, Hkv, Lk, D]`` (KV heads not repeated), the queries being the last Lq
 positions of the keys (bottom-right causal alignment, also in chunked prefill).  Because the patch registers
-transformers' flash-attention mask function for our name, ``attention_mask`` is ``None`` without padding, or a bool
-``[B, Lk]`` key mask (True = keep) with padding; no ``[Lq, Lk]`` mask is ever built.  Returns ``(out [B, Lq, Hq, D],
-None)``.
+`key_padding_mask` as the mask function of our name, ``attention_mask`` is ``None`` or the bool ``[B, Lk]`` key mask
+(True = keep; all True without padding); no ``[Lq, Lk]`` mask is ever built.  Returns ``(out [B, Lq, Hq, D], None)``.
 
-Routing: prefill (Lq > 1) of a causal full-attention layer runs the layer's per-head patterns through
-`sparse_attn.estimate` + `sparse_attn.sparse_attention` (dense below ``dense_below`` keys and above
-``dense_above`` density); decode steps (Lq == 1), sliding-window layers whose
-window is shorter than the keys, non-causal modules and modules without patch state run exact dense attention.
-Left-padded batches run row by row over each row's valid (right-aligned) keys; any other padding runs dense.
-Modality patterns (`Grid`, `QBoundary`, `TwoDBoundary`) get the spans of the current ``sparse_attn.hf.modality``
-block (`modality.py`; outside one, an all-text call).
-With a `sparse_attn.integrations.hf.decode_cache.RetrievalCache` (``sparse_attn.hf.retrieval_cache(model)``) the prompt runs
-the sparse prefill above and every later forward runs `sparse_attn.retrieval.retrieval_attention`.
+One function, one registration (`sparse_attn.hf.IMPLEMENTATION`; `decode_cache.register` names the same function).
+Each call takes one of three routes, decided once at the top:
+
+* **retrieval decode**: a `decode_cache.RetrievalLayer` was updated for this call and holds earlier tokens (decode
+  steps, later chunks): `sparse_attn.retrieval.retrieval_attention` over its device window and index.  The layer is
+  found through `retrieval_link` (its ``update`` notes itself for the attention call that follows), not through an
+  attribute on the key tensor, so a cast or copy of the key between the two does not lose it.  The prompt of such a
+  cache (all keys present) is shown to the index and takes the prefill route.
+* **dense**: decode steps (Lq == 1), sliding-window layers whose window is shorter than the keys, non-causal
+  modules: exact dense attention (`masked_dense_attention`).
+* **sparse prefill**: the layer's per-head patterns through `sparse_attn.estimate` + `sparse_attn.sparse_attention`
+  (dense below ``dense_below`` keys, above ``dense_above`` density, and for all-`Dense` patterns); left-padded
+  batches row by row over each row's valid keys, any other padding dense.  Modality patterns (`Grid`,
+  `QBoundary`, `TwoDBoundary`) get the spans of the current ``sparse_attn.hf.modality`` block.  For inference this
+  runs as the custom op `custom_ops.hf_sparse_prefill`, so ``torch.compile`` traces it without a graph break.
+
+**Training.**  When autograd records and query, key or value requires grad, the sparse prefill route runs eagerly
+with `backends.torch.differentiable.differentiable_sparse_attention` in place of the (forward-only) kernels: the
+same layouts, the exact gradient of the sparse function (with a budget covering every key, the dense gradient).
+The dense routes are differentiable as they are.  Memory is O(Lq x keys per block) (autograd keeps the gathered
+keys and block scores), and under ``torch.compile`` this route breaks the graph at the estimate.
+
+Modules without patch state (loaded with ``from_pretrained(attn_implementation="sparse_attn")`` or switched by hand)
+get one from the settings saved in their config, else the online defaults (`saved_config.state_for_module`).
+``softcap`` (Gemma-2) is applied by every route but retrieval decode.
 """
 from __future__ import annotations
 
@@ -28,10 +43,12 @@ import torch.nn.functional as F
 from ... import prefill
 from ...backends.checks import check_softcap, resolve_scale
 from ...backends.reference import reference_attention
+from ...backends.torch.differentiable import differentiable_sparse_attention
 from ...estimators.sample_mass import last_query_probs
 from ...prefill import dense_attention
-from ...retrieval.cache import HF_LAYER_TAG
+from .custom_ops import hf_sparse_prefill, registered_state, state_handle
 from .modality import patterns_for_call
+from .retrieval_link import take_updated_layer
 from .saved_config import state_for_module
 
 #: Attribute holding the patch state on each attention module (and on the model).
@@ -49,29 +66,14 @@ def _warn_once(key: str, message: str) -> None:
 
 def sparse_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                              sliding_window=None, is_causal=None, **kwargs):
-    """transformers attention-function signature; see the module docstring for shapes and routing."""
-    for name in ("s_aux", "sinks"):
-        if kwargs.get(name) is not None:
-            raise NotImplementedError(f"sparse_attn: attention with `{name}` is not supported; "
-                                      f"unpatch the model (sparse_attn.hf.unpatch) to use its own attention")
-    if dropout and module.training:
-        raise ValueError("sparse_attn: attention dropout > 0 in training mode is not supported; call model.eval() "
-                         "or unpatch the model")
-    softcap = check_softcap(kwargs.get("softcap") or 0.0)        # Gemma-2's attn_logit_softcapping
-    state = getattr(module, STATE_ATTR, None)
-    if state is None:       # loaded with attn_implementation="sparse_attn": the settings saved in its config
-        state = state_for_module(module)
-        setattr(module, STATE_ATTR, state)
-    layer = _retrieval_layer(key)
+    """transformers attention-function signature; see the module docstring for shapes and routes."""
+    softcap = _check_supported(module, dropout, kwargs)
+    layer = take_updated_layer(key)
     if layer is not None:
-        if attention_mask is not None and not bool(attention_mask.to(torch.bool).all()):
-            raise NotImplementedError("sparse_attn: retrieval decode does not support padded batches; generate "
-                                      "one row at a time or without the retrieval cache")
+        _check_unpadded(attention_mask)
         if layer.cache.seq_len != key.shape[2]:
-            # decode steps (and later prefill chunks): the device window + the top-k keys from the index
             from ...retrieval.attention import retrieval_attention
-            out = retrieval_attention(query, layer.cache, layer.top_k, scale=scaling)
-            return out.transpose(1, 2).contiguous(), None
+            return _as_output(retrieval_attention(query, layer.cache, layer.top_k, scale=scaling))
         layer.cache.observe_queries(query)      # the prompt's queries shape the attention-aware index
         attention_mask = None
     causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
@@ -81,25 +83,63 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     if key_keep is None and causal and Lq == Lk > 1:
         _check_not_packed(kwargs.get("position_ids"))
 
-    if state is None or not causal or window is not None or Lq == 1:
+    state = getattr(module, STATE_ATTR, None)
+    handle = state_handle(state) if state is not None else _adopt_state(module)
+    if handle == 0 or not causal or window is not None or Lq == 1:
         out = masked_dense_attention(query, key, value, key_keep, causal=causal, scale=scaling, window=window,
                                      softcap=softcap)
-    elif key_keep is None:
-        out = _sparse(state, module, query, key, value, scaling, softcap=softcap)
     else:
-        out = _sparse_padded(state, module, query, key, value, key_keep, scaling, softcap)
+        layer_idx = getattr(module, "layer_idx", None)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+            out = prefill_route(registered_state(handle), layer_idx, query, key, value, key_keep, scaling, softcap,
+                                kernel=differentiable_sparse_attention)
+        else:
+            out = hf_sparse_prefill(query, key, value, key_keep, scaling, softcap, handle,
+                                    -1 if layer_idx is None else layer_idx)
+    return _as_output(out)
+
+
+def _as_output(out):
+    """[B, Hq, Lq, D] -> transformers' [B, Lq, Hq, D]."""
     return out.transpose(1, 2).contiguous(), None
 
 
-def _retrieval_layer(key):
-    """The `RetrievalLayer` of a `sparse_attn.integrations.hf.decode_cache.RetrievalCache` whose ``update`` returned ``key``
-    (it tags the tensor), or None for any other cache."""
-    return getattr(key, HF_LAYER_TAG, None)
+def _check_supported(module, dropout, kwargs) -> float:
+    """Refuses what the function cannot run; returns the checked ``softcap`` (Gemma-2's attn_logit_softcapping,
+    0.0 without one)."""
+    for name in ("s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"sparse_attn: attention with `{name}` is not supported; "
+                                      f"unpatch the model (sparse_attn.hf.unpatch) to use its own attention")
+    if dropout and module.training:
+        raise ValueError("sparse_attn: attention dropout > 0 in training mode is not supported; set the model's "
+                         "attention_dropout to 0, call model.eval(), or unpatch the model")
+    return check_softcap(kwargs.get("softcap") or 0.0)
+
+
+def _check_unpadded(attention_mask) -> None:
+    if attention_mask is not None and not bool(attention_mask.to(torch.bool).all()):
+        raise NotImplementedError("sparse_attn: retrieval decode does not support padded batches; generate "
+                                  "one row at a time or without the retrieval cache")
+
+
+@torch.compiler.assume_constant_result
+def _adopt_state(module) -> int:
+    """For a module running our implementation without `patch` (a model loaded with
+    ``attn_implementation="sparse_attn"`` or switched by hand): its state from the settings saved in its config, or
+    the online defaults, kept on the module; returns its `state_handle`, or 0 (dense) where the module has no
+    config to read its shape from.  Under ``torch.compile`` it runs once at trace time (building the state is
+    nothing to trace); the module's new attribute then makes Dynamo retrace with the state."""
+    state = state_for_module(module)
+    if state is None:
+        return 0
+    setattr(module, STATE_ATTR, state)
+    return state_handle(state)
 
 
 def _key_mask(attention_mask, key, value):
-    """The bool [B, Lk] key mask (True = keep), or None when every key is kept; keys past a shorter mask (a static
-    cache's unfilled slots) are dropped so the queries stay the last positions of the keys."""
+    """The bool [B, Lk] key mask (True = keep; all True without padding), or None without a mask; keys past a
+    shorter mask (a static cache's unfilled slots) are dropped so the queries stay the last positions of the keys."""
     if attention_mask is None:
         return None, key, value
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
@@ -117,15 +157,32 @@ def _key_mask(attention_mask, key, value):
 
 
 def _check_not_packed(position_ids) -> None:
-    """Packed sequences (position ids restarting inside a row, no mask) would need a block-diagonal mask."""
+    """Packed sequences (position ids restarting inside a row, no mask) would need a block-diagonal mask.  Under
+    ``torch.compile`` the check stays in the graph as an assertion (a RuntimeError with the same message) instead of
+    a host-side branch, which would break the graph."""
     if position_ids is None or position_ids.shape[-1] < 2:
         return
-    if bool((position_ids[..., 1:] - position_ids[..., :-1] != 1).any()):
-        raise ValueError("sparse_attn: packed sequences (position_ids restarting inside a row without an "
-                         "attention_mask) are not supported; pass an attention_mask or unpatch the model")
+    consecutive = (position_ids[..., 1:] - position_ids[..., :-1] == 1).all()
+    message = ("sparse_attn: packed sequences (position_ids restarting inside a row without an attention_mask) "
+               "are not supported; pass an attention_mask or unpatch the model")
+    if torch.compiler.is_compiling():
+        torch._assert_async(consecutive, message)
+    elif not bool(consecutive):
+        raise ValueError(message)
 
 
-def _sparse(state, module, q, k, v, scale, row=None, softcap=0.0):
+def prefill_route(state, layer_idx, q, k, v, key_keep, scale, softcap=0.0, kernel=None):
+    """The sparse prefill route of `sparse_attention_forward` (body of the custom op `hf_sparse_prefill`):
+    ``q [B, Hq, Lq, D]`` over ``k, v [B, Hkv, Lk, D]`` with the optional bool key mask ``key_keep [B, Lk]`` ->
+    ``[B, Hq, Lq, D]``.  ``softcap`` > 0: Gemma-2's score cap.  ``kernel``: None (the patch's backend through
+    `sparse_attention`) or a function ``(q, k, v, layout, *, causal, scale, softcap)`` such as
+    `differentiable_sparse_attention`."""
+    if key_keep is None or bool(key_keep.all()):          # an all-True mask (see `key_padding_mask`): no padding
+        return _sparse(state, layer_idx, q, k, v, scale, softcap, kernel)
+    return _sparse_padded(state, layer_idx, q, k, v, key_keep, scale, softcap, kernel)
+
+
+def _sparse(state, layer_idx, q, k, v, scale, softcap=0.0, kernel=None, row=None):
     """Sparse prefill of unpadded rows: ``q [B, Hq, Lq, D]`` over ``k, v [B, Hkv, Lk, D]`` -> [B, Hq, Lq, D],
     with the module's layer patterns for Lk keys (modality patterns get the spans of the current
     `sparse_attn.hf.modality` block; ``row``: the batch row when a padded batch runs row by row).  Dense where the
@@ -134,20 +191,22 @@ def _sparse(state, module, q, k, v, scale, row=None, softcap=0.0):
     ``softcap`` > 0: Gemma-2's score cap, applied by the kernel and the dense fallback (the estimate ranks uncapped
     scores: the cap is monotonic)."""
     options = state.options
-    layer_idx = getattr(module, "layer_idx", None)
     patterns = state.patterns(layer_idx, k.shape[2])
     if (patterns is None or k.shape[2] < options["dense_below"]
             or all(isinstance(p, prefill.Dense) for p in patterns)):
         return masked_dense_attention(q, k, v, scale=scale, softcap=softcap)
-    if options["dense_above"] < 1 and _mass_needs_dense(q, k, patterns, scale, options["dense_above"]):
+    q_est, k_est = q.detach(), k.detach()             # the layout is discrete: no gradient flows through it
+    if options["dense_above"] < 1 and _mass_needs_dense(q_est, k_est, patterns, scale, options["dense_above"]):
         return masked_dense_attention(q, k, v, scale=scale, softcap=softcap)
     patterns = patterns_for_call(patterns, q.shape[0], k.shape[2], row)
-    layout = prefill.estimate(q, k, patterns, causal=True, scale=scale)
+    layout = prefill.estimate(q_est, k_est, patterns, causal=True, scale=scale)
     density = layout.density() if options["dense_above"] < 1 or options["on_layout"] is not None else None
     if options["on_layout"] is not None:
         options["on_layout"](layer_idx, layout, density)
     if density is not None and density > options["dense_above"]:
         return masked_dense_attention(q, k, v, scale=scale, softcap=softcap)
+    if kernel is not None:
+        return kernel(q, k, v, layout, causal=True, scale=resolve_scale(scale, q.shape[-1]), softcap=softcap)
     return prefill.sparse_attention(q, k, v, layout, causal=True, scale=scale, backend=options["backend"],
                                     softcap=softcap, check_layout=False)
 
@@ -173,7 +232,7 @@ def _mass_needs_dense(q, k, patterns, scale, dense_above: float, rows: int = 16)
     return bool((mass_bound < gamma).float().mean() > 0.5)
 
 
-def _sparse_padded(state, module, q, k, v, key_keep, scale, softcap=0.0):
+def _sparse_padded(state, layer_idx, q, k, v, key_keep, scale, softcap=0.0, kernel=None):
     """Rows of a left-padded batch, each over its own valid keys (right-aligned, so a slice); pad queries get 0."""
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
@@ -189,8 +248,8 @@ def _sparse_padded(state, module, q, k, v, key_keep, scale, softcap=0.0):
         if n == 0 or first_query == Lq:
             continue
         rows = slice(row, row + 1)
-        out[rows, :, first_query:] = _sparse(state, module, q[rows, :, first_query:], k[rows, :, Lk - n:],
-                                             v[rows, :, Lk - n:], scale, row, softcap)
+        out[rows, :, first_query:] = _sparse(state, layer_idx, q[rows, :, first_query:], k[rows, :, Lk - n:],
+                                             v[rows, :, Lk - n:], scale, softcap, kernel, row)
     return out
 
 
@@ -228,3 +287,19 @@ def masked_dense_attention(q, k, v, key_keep=None, *, causal=True, scale=None, w
                                                    attn_mask=mask, scale=scale, enable_gqa=Hq != k.shape[1])
         out.append(torch.where(mask.any(-1, keepdim=True), chunk, 0.0).to(q.dtype))
     return torch.cat(out, 2) if len(out) > 1 else out[0]
+
+
+def key_padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                     attention_mask=None, **kwargs):
+    """The mask function registered with `sparse_attention_forward` (transformers' `AttentionMaskInterface`
+    signature): the 2D padding mask cut to the last ``kv_length`` keys (bool ``[B, kv_length]``, True = keep), or
+    None without one; never an ``[Lq, Lk]`` mask.  Unlike transformers' flash-attention mask function it does not
+    test whether every key is kept (a host synchronisation, and under ``torch.compile`` a graph break): the
+    attention function takes an all-True mask as no padding."""
+    return None if attention_mask is None else attention_mask[:, -kv_length:]
+
+
+def register_under(name: str) -> str:
+    """Register `sparse_attention_forward` with `key_padding_mask` under ``name``; returns ``name``."""
+    from .registry import register_attention
+    return register_attention(name, sparse_attention_forward, mask=key_padding_mask)

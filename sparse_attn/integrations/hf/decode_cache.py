@@ -1,30 +1,31 @@
-"""transformers 5.x cache for retrieval decode, and an attention function that uses it.
+"""transformers 5.x cache for retrieval decode.
 
 ``RetrievalCache(config, top_k=..., sink=..., window=..., index=..., ssd_dir=...)`` is a
 ``transformers.cache_utils.Cache`` whose layers (``CacheLayerMixin``) keep sinks + a recent window on the model's
 device and move older tokens to the CPU RAM/SSD tiers and the per-KV-head index of a
-:class:`~sparse_attn.retrieval.RetrievalKVCache`.  Pass it as ``past_key_values`` to ``model.generate`` (no forward
-is rebound).  A layer's ``update`` returns only the tokens it was given, tagged with the layer
-(:func:`retrieval_layer_of`), so the attention function can find the cache: transformers passes the ``update``
-result straight to the registered attention function.
+:class:`~sparse_attn.retrieval.RetrievalKVCache`.  Pass it as ``past_key_values`` (``cache`` on recent 5.x) to
+``model.generate`` (no forward is rebound).  A layer's ``update`` returns only the tokens it was given and notes
+itself for the attention call that follows (`retrieval_link`), so the one attention function of the package
+(`attention.sparse_attention_forward`) finds the cache: the prompt (all keys present) runs the sparse prefill and
+shows its queries to the index (attention-aware), every later forward runs :func:`retrieval_attention`.
 
-:func:`retrieval_attention_forward` (an ``AttentionInterface`` function): a prefill whose keys are the whole
-context (the first forward) runs :func:`sparse_attn.sparse_prefill` and shows the queries to the index
-(attention-aware); every later forward (decode steps, later chunks) runs :func:`retrieval_attention`.
-:func:`register` registers it (with the flash-attention mask function, so no ``[Lq, Lk]`` mask is built)."""
+:func:`register` and :data:`IMPLEMENTATION` name that same function and registration (``sparse_attn.hf.patch`` uses
+them too); a model switched to it by hand, without ``patch``, runs the online defaults."""
 from __future__ import annotations
 
 import copy
 
-import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ...prefill import sparse_prefill
-from ...retrieval.attention import retrieval_attention
-from ...retrieval.cache import HF_LAYER_TAG as TAG
 from ...retrieval.cache import RetrievalKVCache
+from .attention import register_under
+from .attention import sparse_attention_forward
+from .retrieval_link import note_updated_layer
 
-IMPLEMENTATION = "sparse_attn_retrieval"
+#: The package's one attention implementation name (the same as ``sparse_attn.hf.IMPLEMENTATION``).
+IMPLEMENTATION = "sparse_attn"
+#: Former name of the retrieval attention function: it is the package's one attention function now.
+retrieval_attention_forward = sparse_attention_forward
 
 
 class RetrievalLayer(CacheLayerMixin):
@@ -50,11 +51,12 @@ class RetrievalLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        """``key_states, value_states [B, Hkv, n, D]`` -> the same tensors, the key tagged with this layer."""
+        """``key_states, value_states [B, Hkv, n, D]`` -> the same tensors; notes this layer for the attention
+        call that follows (`retrieval_link`)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.cache.append(key_states, value_states)
-        setattr(key_states, TAG, self)
+        note_updated_layer(self, key_states)
         return key_states, value_states
 
     def get_mask_sizes(self, query_length: int):
@@ -93,29 +95,7 @@ class RetrievalCache(Cache):
         return total
 
 
-def retrieval_layer_of(key) -> RetrievalLayer | None:
-    """The :class:`RetrievalLayer` whose ``update`` returned ``key`` (None for other caches)."""
-    return getattr(key, TAG, None)
-
-
-def retrieval_attention_forward(module, query, key, value, attention_mask=None, dropout: float = 0.0, scaling=None,
-                                **kwargs):
-    """transformers attention function: ``query [B, Hq, Lq, D]``, ``key, value [B, Hkv, n, D]`` (this forward's
-    tokens, after RoPE and the cache update) -> ``(out [B, Lq, Hq, D], None)``."""
-    if attention_mask is not None and attention_mask.dtype == torch.bool and not bool(attention_mask.all()):
-        raise NotImplementedError("retrieval decode does not support padded batches (attention_mask with padding)")
-    layer = retrieval_layer_of(key)
-    if layer is None or layer.cache.seq_len == key.shape[2]:        # all keys are here: prefill over them
-        if layer is not None:
-            layer.cache.observe_queries(query)
-        out = sparse_prefill(query, key, value, scale=scaling)
-    else:
-        out = retrieval_attention(query, layer.cache, layer.top_k, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
-
-
 def register(name: str = IMPLEMENTATION) -> str:
-    """Register :func:`retrieval_attention_forward` under ``name`` (and the flash-attention mask function, so
-    transformers passes no ``[Lq, Lk]`` mask); then ``model.set_attn_implementation(name)``."""
-    from .registry import register_attention
-    return register_attention(name, retrieval_attention_forward)
+    """Register the package's attention function under ``name`` (default: the one ``sparse_attn.hf.patch`` uses)
+    and its key-padding mask function; then ``model.set_attn_implementation(name)``."""
+    return register_under(name)

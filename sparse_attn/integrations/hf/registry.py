@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 
-def register_attention(name: str, function, mask: str = "flash_attention_2") -> str:
-    """Register ``function`` under ``name`` in ``AttentionInterface``, and ``mask``'s mask function under the same
-    name (transformers >= 4.53; older versions build masks from the config alone).  Registering again replaces."""
+def register_attention(name: str, function, mask="flash_attention_2") -> str:
+    """Register ``function`` under ``name`` in ``AttentionInterface``, and ``mask`` (the name of a registered mask
+    function, or a mask function) under the same name (transformers >= 4.53; older versions build masks from the
+    config alone).  Registering again replaces."""
     from transformers import AttentionInterface
     AttentionInterface.register(name, function)
     try:
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     except ImportError:
         return name
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask])
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask] if isinstance(mask, str) else mask)
     return name
 
 
