@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -83,7 +84,7 @@ void run_blocks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& k_t,
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Lk = k.size(2), ldk = k_t.size(3), group = Hq / Hkv;
   const int64_t n_qb = offsets.size(2), max_tiles = offsets.size(3), C = columns.size(3);
-  const Strides sq(q), sk(k), sv(v);
+  const Strides sq(q), sk(k), sv(v), so(out);
   const int64_t bm = std::min(block_m, Lq);  // per-thread buffers hold one block's rows: at most Lq
   const int64_t tile = std::min(block_n, Lk);
   // every key slot a block can use: its runs (each padded by at most one pair) and its columns (padded)
@@ -232,10 +233,10 @@ void run_blocks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& k_t,
         accumulate = true;
       }
       if (!accumulate) std::fill(O.begin(), O.begin() + rows * D, 0.f);
-      T* o = outp + (bh * Lq + row0) * D;
+      T* o = outp + b * so.b + h * so.h + row0 * so.l;
       for (int64_t i = 0; i < rows; ++i) {
         const float inv = row_sum[i] > 0.f ? 1.f / row_sum[i] : 0.f;
-        for (int64_t d = 0; d < D; ++d) o[i * D + d] = static_cast<T>(O[i * D + d] * inv);
+        for (int64_t d = 0; d < D; ++d) o[i * so.l + d] = static_cast<T>(O[i * D + d] * inv);
       }
     }
     if constexpr (kLow) at::native::cpublas::brgemm_release(true);
@@ -244,13 +245,15 @@ void run_blocks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& k_t,
 
 }  // namespace
 
-// See run_blocks for the tensors.  Returns out [B, Hq, Lq, D] (q's dtype, contiguous) and lse [B, Hq, Lq] fp32
-// (-inf and a zero row where a row sees no key).  softcap > 0: scores become softcap * tanh(score / softcap)
+// See run_blocks for the tensors.  Returns out [B, Hq, Lq, D] (q's dtype; contiguous, or `out_arg` itself when given:
+// any strides with the last dimension contiguous, e.g. an engine's [tokens, Hq, D] output buffer viewed as BHLD, so no
+// result is allocated and copied) and lse [B, Hq, Lq] fp32 (-inf and a zero row where a row sees no key).  softcap > 0: scores become softcap * tanh(score / softcap)
 // (after the scale, before mask and softmax).
 std::vector<at::Tensor> sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& k_t,
                                          const at::Tensor& v, const at::Tensor& offsets, const at::Tensor& counts,
                                          const at::Tensor& columns, const at::Tensor& col_counts, int64_t block_m,
-                                         int64_t block_n, bool causal, double scale, double softcap) {
+                                         int64_t block_n, bool causal, double scale, double softcap,
+                                         const std::optional<at::Tensor>& out_arg) {
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "sparse_attention_cpu: q must be fp32, bf16 or fp16, got ", dtype);
@@ -284,7 +287,11 @@ std::vector<at::Tensor> sparse_attention(const at::Tensor& q, const at::Tensor& 
                 "block_m), ...]");
   TORCH_CHECK(counts.dim() == 3 && col_counts.dim() == 3 && offsets.dim() == 4 && columns.dim() == 4,
               "sparse_attention_cpu: counts [B, Hq, nQb], offsets and columns [B, Hq, nQb, width]");
-  auto out = at::empty(q.sizes(), q.options());
+  if (out_arg)
+    TORCH_CHECK(out_arg->sizes() == q.sizes() && out_arg->scalar_type() == dtype && out_arg->device().is_cpu() &&
+                    out_arg->stride(-1) == 1,
+                "sparse_attention_cpu: out must be a CPU tensor shaped and typed like q, last dimension contiguous");
+  auto out = out_arg ? *out_arg : at::empty(q.sizes(), q.options());
   auto lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
@@ -334,7 +341,8 @@ bool low_precision_gemm(at::ScalarType dtype) {
 
 TORCH_LIBRARY(sparse_attn_cpu, m) {
   m.def("sparse_attention(Tensor q, Tensor k, Tensor k_t, Tensor v, Tensor offsets, Tensor counts, Tensor columns, "
-        "Tensor col_counts, int block_m, int block_n, bool causal, float scale, float softcap) -> Tensor[]");
+        "Tensor col_counts, int block_m, int block_n, bool causal, float scale, float softcap, "
+        "Tensor(a!)? out=None) -> Tensor[]");
   m.impl("sparse_attention", c10::DispatchKey::CPU, &sparse_attention);
   m.def("low_precision_gemm(ScalarType dtype) -> bool", &low_precision_gemm);
 }

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends import BACKEND_NAMES, select_backend
-from .backends.checks import check_attention_inputs, check_layout_matches, check_softcap, resolve_scale
+from .backends.checks import check_attention_inputs, check_layout_matches, check_out, check_softcap, resolve_scale
 from .backends.host_copy import host_tensor
 from .dense_guard import sparse_is_slower
 from .errors import InvalidArgumentError, InvalidTypeError
@@ -59,7 +59,7 @@ def estimate(q, k, pattern=None, *, causal: bool = True, scale=None, block_m: in
 
 
 def sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True, scale=None, backend: str = "auto",
-                     return_lse: bool = False, softcap: float = 0.0, check_layout: bool = True):
+                     return_lse: bool = False, softcap: float = 0.0, check_layout: bool = True, out=None):
     """Attention of each query block over only the keys its ``layout`` lists.
 
     Arguments:
@@ -74,10 +74,13 @@ def sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True, scal
         return_lse: also return the natural-log LSE of each row's scaled scores.
         softcap: when > 0, scores become ``softcap * tanh(score / softcap)`` before the softmax (Gemma-2).
         check_layout: validate the layout's indices (one host sync); layouts from `estimate` are valid.
+        out: optional ``[batch, Hq, Lq, head_dim]`` tensor of q's dtype and device, last dimension contiguous (any
+            other strides), that receives the output: an engine's output rows, written in place by backends that
+            can (``writes_out``; the cpu backend), copied into by the others.
 
     Returns:
-        ``out [batch, Hq, Lq, head_dim]`` in q's dtype, and with ``return_lse`` the LSE ``[batch, Hq, Lq]`` in fp32
-        (-inf, with output 0, for a row that sees no key).
+        ``out [batch, Hq, Lq, head_dim]`` in q's dtype (``out`` itself when given), and with ``return_lse`` the
+        LSE ``[batch, Hq, Lq]`` in fp32 (-inf, with output 0, for a row that sees no key).
 
     Raises:
         ValueError / TypeError naming the argument for malformed inputs; `NotSupportedError` (a ValueError)
@@ -89,9 +92,11 @@ def sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True, scal
     if check_layout:
         layout.check_indices()
     softcap = check_softcap(softcap)
+    if out is not None:
+        check_out(out, q, k, v)
     chosen = select_backend(backend, q, k, v, layout, return_lse=return_lse, softcap=softcap)
     return chosen.run(q, k, v, layout, causal=causal, scale=resolve_scale(scale, q.shape[-1]),
-                      return_lse=return_lse, softcap=softcap)
+                      return_lse=return_lse, softcap=softcap, out=out)
 
 
 def sparse_prefill(q, k, v, pattern=None, *, causal: bool = True, scale=None, backend: str = "auto",

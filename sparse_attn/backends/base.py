@@ -31,6 +31,8 @@ class Backend:
     cost_per_key: float = 1.0
     #: whether ``"auto"`` may pick it (opt-in backends: a compile per shape, a test-only mode)
     in_auto: bool = True
+    #: whether `_run` takes ``out=`` and writes the result there (else `run` copies the result into ``out``)
+    writes_out: bool = False
 
     def not_supported_reasons(self, q, k, v, layout=None, *, return_lse: bool = False,
                               softcap: float = 0.0) -> list[str]:
@@ -57,9 +59,18 @@ class Backend:
             return ["opt-in only (not picked by 'auto')"]
         return self.not_supported_reasons(q, k, v, layout, **options)
 
-    def run(self, q, k, v, layout, *, causal: bool, scale: float, return_lse: bool = False, softcap: float = 0.0):
+    def run(self, q, k, v, layout, *, causal: bool, scale: float, return_lse: bool = False, softcap: float = 0.0,
+            out=None):
+        """``out``: where to write the output (q's shape and dtype, checked by the caller), returned in its place."""
         options = {"softcap": softcap} if softcap else {}
-        return self._run(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse, **options)
+        if out is not None and self.writes_out:
+            options["out"] = out
+        result = self._run(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse, **options)
+        if out is None or self.writes_out:
+            return result
+        if return_lse:
+            return out.copy_(result[0]), result[1]
+        return out.copy_(result)
 
     def _kernel_reasons(self, q, k, v, layout) -> list[str]:
         return []

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvalidArgumentError, InvalidTypeError
+
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -60,6 +62,22 @@ def check_layout_matches(layout, q, k) -> None:
         reasons.append(f"layout is on {layout.device}, q on {q.device}")
     if reasons:
         raise ValueError("layout does not match the inputs: " + "; ".join(reasons))
+
+
+def check_out(out, q, k, v) -> None:
+    """``out`` (the optional output buffer of `sparse_attention`): a tensor of q's shape, dtype and device whose last
+    dimension is contiguous (any other strides: an engine's ``[tokens, Hq, D]`` buffer viewed as BHLD), in memory of
+    its own (the kernel reads q, k, v while it writes)."""
+    if not isinstance(out, torch.Tensor):
+        raise InvalidTypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise InvalidArgumentError(
+            f"out must be shaped, typed and placed like q ({tuple(q.shape)}, {q.dtype}, {q.device}) with its last "
+            f"dimension contiguous; got {tuple(out.shape)}, {out.dtype}, {out.device}, strides {out.stride()}")
+    storage = out.untyped_storage().data_ptr()
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.untyped_storage().data_ptr() == storage:
+            raise InvalidArgumentError(f"out must not share memory with {name} (the kernel reads it while writing)")
 
 
 def resolve_scale(scale, head_dim: int) -> float:

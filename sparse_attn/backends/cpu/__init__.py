@@ -13,6 +13,7 @@ class CpuBackend(Backend):
     devices = ("cpu",)
     dtypes = (torch.float32, torch.float16, torch.bfloat16)      # fp64 stays on the torch backend, in fp64
     supports_softcap = True
+    writes_out = True
 
     def _kernel_reasons(self, q, k, v, layout) -> list[str]:
         if not loader.available():

@@ -193,12 +193,14 @@ def _rows(t):
 
 
 def cpu_kernel_attention(q, k, v, layout: SparseLayout, *, causal: bool, scale: float, return_lse: bool = False,
-                         softcap: float = 0.0):
+                         softcap: float = 0.0, out=None):
     """`backends.torch.attention.torch_sparse_attention`'s contract (inputs checked by `prefill.sparse_attention`) through the
     compiled kernel.  fp32 in fp32; bf16/fp16 on the CPU's low-precision GEMMs where it has them (fp32
     accumulation and softmax, probabilities rounded to the input type before the value GEMM), else in fp32.
     ``softcap > 0`` caps the scaled scores: ``softcap * tanh(s / softcap)`` before mask and softmax (0: off).
-    Returns the output in q's dtype, and with ``return_lse`` the LSE [B, Hq, Lq] in fp32."""
+    ``out`` (optional, checked by the caller): q's shape and dtype, last dimension contiguous; the kernel writes
+    into it (where it computes in q's dtype) instead of allocating the result.
+    Returns the output in q's dtype (``out`` when given), and with ``return_lse`` the LSE [B, Hq, Lq] in fp32."""
     ops = load()
     if ops is None:
         raise RuntimeError("backend='cpu': the compiled CPU kernel is unavailable on this machine (see the warning "
@@ -212,9 +214,13 @@ def cpu_kernel_attention(q, k, v, layout: SparseLayout, *, causal: bool, scale: 
     q, k, v = _rows(q), _rows(k), _rows(v)
     k_t = transposed_keys(k)
     v_in = v if q.dtype == torch.float32 else vnni_values(v, k_t.shape[3])
-    out, lse = ops.sparse_attention(q, k, k_t, v_in, layout.block_offset.contiguous(),
-                                    layout.block_count.contiguous(), layout.column_index.contiguous(),
-                                    layout.column_count.contiguous(), layout.block_m, layout.block_n, causal,
-                                    float(scale), softcap)
-    out = out.to(dtype)
+    in_place = out is not None and q.dtype == dtype           # else (computed in fp32) the result is copied in
+    result, lse = ops.sparse_attention(q, k, k_t, v_in, layout.block_offset.contiguous(),
+                                       layout.block_count.contiguous(), layout.column_index.contiguous(),
+                                       layout.column_count.contiguous(), layout.block_m, layout.block_n, causal,
+                                       float(scale), softcap, out if in_place else None)
+    if out is None:
+        out = result.to(dtype)
+    elif not in_place:
+        out.copy_(result)
     return (out, lse) if return_lse else out

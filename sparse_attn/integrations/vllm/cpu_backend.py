@@ -25,7 +25,7 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentio
 from ... import prefill
 # the same cheap "is this layer too diffuse to pay?" certificate the HF integration uses (one implementation)
 from ..hf.attention import _mass_needs_dense
-from .paged_kv import read_request_kv, readable
+from .paged_kv import read_request_keys, read_request_values, readable
 from .settings import load_settings
 
 
@@ -89,15 +89,17 @@ class SparseCPUAttentionImpl(CPUAttentionBackendImpl):
         if patterns is None or all(isinstance(p, prefill.Dense) for p in patterns):
             return False
         q = query.transpose(0, 1).unsqueeze(0)                                    # [1, Hq, Lq, D]
-        k, v = read_request_kv(kv_cache, block_ids, seq_len)                      # [1, Hkv, seq_len, D]
+        k = read_request_keys(kv_cache, block_ids, seq_len)                       # [1, Hkv, seq_len, D]
         dense_above = self.settings.dense_above
         if dense_above < 1 and _mass_needs_dense(q, k, patterns, self.scale, dense_above):
             return False
         layout = prefill.estimate(q, k, patterns, causal=True, scale=self.scale)
         if dense_above < 1 and layout.density() > dense_above:
             return False
-        result = prefill.sparse_attention(q, k, v, layout, causal=True, scale=self.scale, check_layout=False)
-        out.copy_(result[0].transpose(0, 1))
+        v = read_request_values(kv_cache, block_ids, seq_len)                     # only once sparse is decided
+        # the kernel writes straight into vLLM's output rows (viewed as BHLD): no result tensor, no copy
+        prefill.sparse_attention(q, k, v, layout, causal=True, scale=self.scale, check_layout=False,
+                                 out=out.transpose(0, 1).unsqueeze(0))
         return True
 
     def _vllm_subset(self, layer, query, key, value, kv_cache, meta, reqs, starts, seq_lens, out) -> None:

@@ -20,15 +20,33 @@ def readable(isa: str, kv_cache_dtype: str) -> bool:
 
 
 def read_request_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int):
-    """``k, v [1, Hkv, seq_len, D]`` (fresh contiguous tensors) of the request whose block table row starts with
-    ``block_ids`` (at least ``ceil(seq_len / block_size)`` entries)."""
+    """``k, v [1, Hkv, seq_len, D]`` of the request whose block table row starts with ``block_ids`` (at least
+    ``ceil(seq_len / block_size)`` entries): fresh tensors (the first ``seq_len`` rows of ``[Hkv, blocks x
+    block_size, D]`` buffers), each gathered from the cache in one copy."""
+    return read_request_keys(kv_cache, block_ids, seq_len), read_request_values(kv_cache, block_ids, seq_len)
+
+
+def read_request_keys(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The keys of `read_request_kv` alone (a layer that may still go dense needs no values)."""
+    return _gather(kv_cache, block_ids, seq_len, 0)
+
+
+def read_request_values(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The values of `read_request_kv` alone."""
+    return _gather(kv_cache, block_ids, seq_len, 1)
+
+
+def _gather(kv_cache, block_ids, seq_len: int, part: int) -> torch.Tensor:
     num_blocks, num_kv_heads, block_size, two_d = kv_cache.shape
     head_dim = two_d // 2
     n = -(-seq_len // block_size)
-    blocks = kv_cache.view(num_blocks, num_kv_heads, 2, block_size * head_dim).index_select(0, block_ids[:n])
-    # keys [n, Hkv, D, bs] -> [Hkv, n, bs, D]; values [n, Hkv, bs, D] -> [Hkv, n, bs, D]
-    k = blocks[:, :, 0].view(n, num_kv_heads, head_dim, block_size).permute(1, 0, 3, 2)
-    v = blocks[:, :, 1].view(n, num_kv_heads, block_size, head_dim).permute(1, 0, 2, 3)
-    k = k.reshape(num_kv_heads, n * block_size, head_dim)[:, :seq_len]
-    v = v.reshape(num_kv_heads, n * block_size, head_dim)[:, :seq_len]
-    return k.unsqueeze(0), v.unsqueeze(0)
+    rows = kv_cache.new_empty(num_kv_heads, n * block_size, head_dim)
+    per_block = rows.view(num_kv_heads, n, block_size, head_dim).transpose(0, 1)        # [n, Hkv, bs, D] view
+    source = kv_cache.view(num_blocks, num_kv_heads, 2, block_size * head_dim)[:, :, part]
+    if part == 0:       # keys are stored transposed per block, [D, bs]: gather through the transposed view
+        source, per_block = source.view(num_blocks, num_kv_heads, head_dim, block_size), per_block.transpose(2, 3)
+    else:
+        source = source.view(num_blocks, num_kv_heads, block_size, head_dim)
+    # index_select writes through the permuted view: one copy from the blocks into the rows
+    torch.index_select(source, 0, block_ids[:n].long(), out=per_block)
+    return rows[:, :seq_len].unsqueeze(0)
