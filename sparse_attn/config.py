@@ -60,6 +60,7 @@ from .patterns import AShape, Auto, BlockSparse, Dense, Pattern, VerticalSlash
 from .patterns.modality import MODALITY_PATTERNS, _ModalityPattern
 from .patterns.base import patterns_per_head
 from .patterns.vertical_slash import VerticalSlashBudgets
+from .errors import InvalidArgumentError, InvalidTypeError
 
 FORMAT = "sparse_attn.config"
 VERSION = 1
@@ -94,7 +95,7 @@ class SparseConfig:
     def __post_init__(self):
         reasons = _shape_reasons(self)
         if reasons:
-            raise ValueError("invalid SparseConfig: " + "; ".join(reasons[:_MAX_REASONS]))
+            raise InvalidArgumentError("invalid SparseConfig: " + "; ".join(reasons[:_MAX_REASONS]))
         # A layer whose heads are all Dense is a dense layer: one spelling, so equality means equal behaviour.
         self.layers = [None if heads is None or all(isinstance(p, Dense) for p in heads) else list(heads)
                        for heads in self.layers]
@@ -105,9 +106,9 @@ class SparseConfig:
         """None when layer ``layer_idx`` runs dense; else one pattern per query head, budgets scaled to a key
         length of ``seq_len`` (see the module docstring)."""
         if not isinstance(layer_idx, int) or not 0 <= layer_idx < self.num_layers:
-            raise ValueError(f"layer_idx must be an int in [0, {self.num_layers}), got {layer_idx!r}")
+            raise InvalidArgumentError(f"layer_idx must be an int in [0, {self.num_layers}), got {layer_idx!r}")
         if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
-            raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+            raise InvalidArgumentError(f"seq_len must be a positive int, got {seq_len!r}")
         heads = self.layers[layer_idx]
         if heads is None or self.reference_length is None:
             return None if heads is None else list(heads)
@@ -126,7 +127,7 @@ class SparseConfig:
         if num_heads != self.num_heads:
             reasons.append(f"the model has {num_heads} query heads per layer, the config has {self.num_heads}")
         if reasons:
-            raise ValueError("sparse config does not match the model: " + "; ".join(reasons))
+            raise InvalidArgumentError("sparse config does not match the model: " + "; ".join(reasons))
 
     @property
     def dense_layers(self) -> list[int]:
@@ -146,7 +147,7 @@ class SparseConfig:
             return _to_ours(self)
         if format == "minference":
             return _to_minference(self)
-        raise ValueError(f"format must be 'sparse_attn' or 'minference', got {format!r}")
+        raise InvalidArgumentError(f"format must be 'sparse_attn' or 'minference', got {format!r}")
 
     def save(self, path, format: str = "sparse_attn") -> None:
         """Write the config as JSON to ``path`` in ``format`` ("sparse_attn" or "minference")."""
@@ -166,15 +167,15 @@ class SparseConfig:
                 with open(source) as f:
                     source = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f"sparse config{where} is not valid JSON: {e}") from None
+                raise InvalidArgumentError(f"sparse config{where} is not valid JSON: {e}") from None
         try:
             if isinstance(source, dict):
                 return _from_ours(source)
             if isinstance(source, list):
                 return _from_minference(source)
         except ValueError as e:
-            raise ValueError(f"{e}{where}") from None
-        raise ValueError(f"sparse config{where} must be a JSON object (sparse_attn schema) or a list of layers "
+            raise InvalidArgumentError(f"{e}{where}") from None
+        raise InvalidArgumentError(f"sparse config{where} must be a JSON object (sparse_attn schema) or a list of layers "
                          f"(MInference schema), got {type(source).__name__}")
 
 
@@ -193,7 +194,7 @@ def resolve_config(config, num_layers: int, num_heads: int) -> SparseConfig | No
     elif isinstance(config, (str, os.PathLike, dict, list)):
         resolved = SparseConfig.load(config)
     else:
-        raise TypeError(f"config must be None, a Pattern, a list of Patterns, a SparseConfig, a JSON path or a "
+        raise InvalidTypeError(f"config must be None, a Pattern, a list of Patterns, a SparseConfig, a JSON path or a "
                         f"parsed JSON object; got {type(config).__name__}")
     resolved.check_model(num_layers, num_heads)
     return resolved
@@ -292,7 +293,7 @@ def _make_pattern(cls, values: dict, where: str):
     """Build ``cls(**values)``, turning type and validity problems into one message about ``where``."""
     known = {f.name for f in dataclasses.fields(cls)}
     if SPANS_FIELD in values and issubclass(cls, _ModalityPattern):
-        raise ValueError(f"{where}: field {SPANS_FIELD!r} is not allowed in a config: modality spans describe one "
+        raise InvalidArgumentError(f"{where}: field {SPANS_FIELD!r} is not allowed in a config: modality spans describe one "
                          f"input, so they are passed per call (sparse_attn.hf.modality(spans), "
                          f"sparse_attn.patterns.with_modality), never stored with the {NAME_OF[cls]} pattern")
     known -= {SPANS_FIELD} if issubclass(cls, _ModalityPattern) else set()
@@ -303,25 +304,25 @@ def _make_pattern(cls, values: dict, where: str):
             if why:
                 reasons.append(f"field {k!r} {why}")
     if reasons:
-        raise ValueError(f"{where}: " + "; ".join(reasons))
+        raise InvalidArgumentError(f"{where}: " + "; ".join(reasons))
     declared = {f.name: str(f.type) for f in dataclasses.fields(cls)}
     values = {k: int(v) if v is not None and declared[k].startswith("int") else v for k, v in values.items()}
     try:
         return cls(**values)
     except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise InvalidArgumentError(f"{where}: {e}") from None
 
 
 def _score(value, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{where}: score must be a finite number, got {value!r}")
+        raise InvalidArgumentError(f"{where}: score must be a finite number, got {value!r}")
     return float(value)
 
 
 def _raise_all(reasons: list[str], schema: str):
     if reasons:
         extra = f" (and {len(reasons) - _MAX_REASONS} more)" if len(reasons) > _MAX_REASONS else ""
-        raise ValueError(f"bad sparse config ({schema} schema): " + "; ".join(reasons[:_MAX_REASONS]) + extra)
+        raise InvalidArgumentError(f"bad sparse config ({schema} schema): " + "; ".join(reasons[:_MAX_REASONS]) + extra)
 
 
 # ---------------------------------------------------------------------------------------------------- our schema
@@ -341,7 +342,7 @@ def pattern_to_json(pattern: Pattern) -> dict:
 def pattern_from_json(obj, where: str = "pattern") -> Pattern:
     """The pattern of one head's object of our schema; ValueError naming ``where`` and the field when it is bad."""
     if isinstance(obj, dict) and "score" in obj:
-        raise ValueError(f"{where}: a pattern object has no 'score'")
+        raise InvalidArgumentError(f"{where}: a pattern object has no 'score'")
     return _head_from_ours(obj, where)[0]
 
 
@@ -365,9 +366,9 @@ def _to_ours(cfg: SparseConfig) -> dict:
 def _from_ours(obj: dict) -> SparseConfig:
     if obj.get("format") != FORMAT:
         hint = " (a MInference config is a list of layers, not an object)" if "format" not in obj else ""
-        raise ValueError(f"bad sparse config: 'format' must be {FORMAT!r}, got {obj.get('format')!r}{hint}")
+        raise InvalidArgumentError(f"bad sparse config: 'format' must be {FORMAT!r}, got {obj.get('format')!r}{hint}")
     if obj.get("version") != VERSION:
-        raise ValueError(f"bad sparse config: unsupported 'version' {obj.get('version')!r} (this reader knows "
+        raise InvalidArgumentError(f"bad sparse config: unsupported 'version' {obj.get('version')!r} (this reader knows "
                          f"version {VERSION})")
     allowed = {"format", "version", "num_layers", "num_heads", "reference_length", "metadata", "layers"}
     reasons = [f"unknown top-level key {k!r}" for k in obj if k not in allowed]
@@ -429,14 +430,14 @@ def _from_ours(obj: dict) -> SparseConfig:
 
 def _head_from_ours(head, where: str):
     if isinstance(head, list):
-        raise ValueError(f"{where}: must be an object {{\"pattern\": name, ...}}, got a list {head!r}"
+        raise InvalidArgumentError(f"{where}: must be an object {{\"pattern\": name, ...}}, got a list {head!r}"
                          f"{' (a MInference entry: mixed schemas)' if _looks_minference_head(head) else ''}")
     if not isinstance(head, dict):
-        raise ValueError(f"{where}: must be an object {{\"pattern\": name, ...}}, got {head!r}")
+        raise InvalidArgumentError(f"{where}: must be an object {{\"pattern\": name, ...}}, got {head!r}")
     values = dict(head)
     name = values.pop("pattern", None)
     if name not in PATTERN_NAMES:
-        raise ValueError(f"{where}: unknown pattern {name!r} (known: {sorted(PATTERN_NAMES)})")
+        raise InvalidArgumentError(f"{where}: unknown pattern {name!r} (known: {sorted(PATTERN_NAMES)})")
     score = values.pop("score", None)
     if score is not None:
         score = _score(score, where)
@@ -465,7 +466,7 @@ def _to_minference(cfg: SparseConfig) -> list:
             try:
                 entry, lost = _minference_entry(p)
             except ValueError as e:
-                raise ValueError(f"layer {i}, head {h}: {e}") from None
+                raise InvalidArgumentError(f"layer {i}, head {h}: {e}") from None
             dropped |= lost
             layer[str(h)] = entry + [score]
         out.append(layer)
@@ -490,14 +491,14 @@ def _minference_entry(p: Pattern):
     if isinstance(p, Dense):
         return ["dense", 0, 0], set()
     if isinstance(p, _ModalityPattern):
-        raise ValueError(f"the MInference schema has no type for the modality pattern {NAME_OF[type(p)]!r} "
+        raise InvalidArgumentError(f"the MInference schema has no type for the modality pattern {NAME_OF[type(p)]!r} "
                          f"({type(p).__name__}); save this config with format='sparse_attn'")
-    raise ValueError(f"the MInference schema has no type for {type(p).__name__}")
+    raise InvalidArgumentError(f"the MInference schema has no type for {type(p).__name__}")
 
 
 def _from_minference(obj: list) -> SparseConfig:
     if not obj:
-        raise ValueError("bad sparse config (MInference schema): the list of layers is empty")
+        raise InvalidArgumentError("bad sparse config (MInference schema): the list of layers is empty")
     reasons, layers, scores, n_heads = [], [], [], None
     for i, layer in enumerate(obj):
         if not isinstance(layer, dict):
@@ -536,19 +537,19 @@ def _from_minference(obj: list) -> SparseConfig:
 
 def _head_from_minference(entry, where: str):
     if isinstance(entry, dict):
-        raise ValueError(f"{where}: must be a list [type, vertical, slash, score], got an object"
+        raise InvalidArgumentError(f"{where}: must be a list [type, vertical, slash, score], got an object"
                          f"{' (a sparse_attn head object: mixed schemas)' if 'pattern' in entry else ''}")
     if not isinstance(entry, (list, tuple)) or len(entry) not in (3, 4):
-        raise ValueError(f"{where}: must be a list [type, vertical, slash, score], got {entry!r}")
+        raise InvalidArgumentError(f"{where}: must be a list [type, vertical, slash, score], got {entry!r}")
     kind, vertical, slash = entry[:3]
     score = _score(entry[3], where) if len(entry) == 4 else 0.0
     if kind not in MINFERENCE_TYPES:
-        raise ValueError(f"{where}: unknown type {kind!r} (known: {sorted(MINFERENCE_TYPES)})")
+        raise InvalidArgumentError(f"{where}: unknown type {kind!r} (known: {sorted(MINFERENCE_TYPES)})")
     for name, value in (("vertical", vertical), ("slash", slash)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
-            raise ValueError(f"{where}: {name} must be an integer, got {value!r}")
+            raise InvalidArgumentError(f"{where}: {name} must be an integer, got {value!r}")
         if value < 0:
-            raise ValueError(f"{where}: {name} must be >= 0, got {value!r}")
+            raise InvalidArgumentError(f"{where}: {name} must be >= 0, got {value!r}")
     vertical, slash = int(vertical), int(slash)
     cls = MINFERENCE_TYPES[kind]
     if cls is VerticalSlash:

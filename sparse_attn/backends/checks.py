@@ -46,7 +46,7 @@ def attention_input_reasons(q, k, v) -> list[str]:
 def check_attention_inputs(q, k, v) -> None:
     reasons = attention_input_reasons(q, k, v)
     if reasons:
-        raise ValueError("invalid attention inputs: " + "; ".join(reasons))
+        raise InvalidArgumentError("invalid attention inputs: " + "; ".join(reasons))
 
 
 def check_layout_matches(layout, q, k) -> None:
@@ -61,7 +61,7 @@ def check_layout_matches(layout, q, k) -> None:
     if layout.device != q.device:
         reasons.append(f"layout is on {layout.device}, q on {q.device}")
     if reasons:
-        raise ValueError("layout does not match the inputs: " + "; ".join(reasons))
+        raise InvalidArgumentError("layout does not match the inputs: " + "; ".join(reasons))
 
 
 def check_out(out, q, k, v) -> None:
@@ -84,7 +84,7 @@ def resolve_scale(scale, head_dim: int) -> float:
     if scale is None:
         return head_dim ** -0.5
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
-        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+        raise InvalidArgumentError(f"scale must be a positive number or None, got {scale!r}")
     return float(scale)
 
 
@@ -92,5 +92,5 @@ def check_softcap(softcap) -> float:
     """``softcap`` as a float: 0 switches soft-capping off, a positive value caps scores at ``softcap * tanh(s /
     softcap)``."""
     if not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not 0 <= softcap < float("inf"):
-        raise ValueError(f"softcap must be a finite number >= 0 (0 switches soft-capping off), got {softcap!r}")
+        raise InvalidArgumentError(f"softcap must be a finite number >= 0 (0 switches soft-capping off), got {softcap!r}")
     return float(softcap)

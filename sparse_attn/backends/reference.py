@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .checks import check_attention_inputs, check_softcap, resolve_scale
+from ..errors import InvalidArgumentError
 
 
 def reference_attention(q, k, v, mask=None, *, causal: bool = True, scale=None, return_lse: bool = False,
@@ -34,7 +35,7 @@ def reference_attention(q, k, v, mask=None, *, causal: bool = True, scale=None, 
         allowed = torch.arange(Lk, device=q.device)[None, :] <= pos[:, None]
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise ValueError("mask must be a bool tensor broadcastable to [B, Hq, Lq, Lk] (True = attend)")
+            raise InvalidArgumentError("mask must be a bool tensor broadcastable to [B, Hq, Lq, Lk] (True = attend)")
         allowed = allowed & mask
     allowed = allowed.expand(B, Hq, Lq, Lk)
     scores = scores.masked_fill(~allowed, float("-inf"))

@@ -4,6 +4,8 @@ Memory is O(last_q x Lk) per head chunk; every head is handled at once (GQA with
 from __future__ import annotations
 
 import torch
+from ..errors import InvalidArgumentError
+from ..layout import ceil_div
 
 
 def last_query_probs(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float, causal: bool = True,
@@ -27,7 +29,7 @@ def last_query_logits(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: floa
     logits = torch.einsum("bhgnd,bhkd->bhgnk", sample, keys.float()).reshape(B, Hq, n, keys.shape[2])
     pos = torch.arange(Lq - n, Lq, device=q.device) + (Lk - Lq)
     if causal:             # only the last n keys can lie after a sample row
-        first = -(-(Lk - n) // key_stride)                      # first strided key among the last n
+        first = ceil_div(Lk - n, key_stride)                       # first strided key among the last n
         tail = torch.arange(first, keys.shape[2], device=q.device) * key_stride
         logits[..., first:].masked_fill_(tail > pos[:, None], float("-inf"))
     return logits, pos
@@ -64,7 +66,7 @@ def pooled_block_logits(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n:
 
 def _mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
     B, H, L, D = x.shape
-    n = -(-L // block)
+    n = ceil_div(L, block)
     padded = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block - L))
     sums = padded.reshape(B, H, n, block, D).sum(3)
     sizes = (torch.arange(n, device=x.device) * block).sub(L).neg().clamp(max=block).float()
@@ -86,13 +88,13 @@ def antidiagonal_block_mass(q: torch.Tensor, k: torch.Tensor, block_m: int, bloc
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     S, g = stride, Hq // Hkv
-    n_qb_all, n_kb = -(-Lq // block_m), -(-Lk // block_n)
+    n_qb_all, n_kb = ceil_div(Lq, block_m), ceil_div(Lk, block_n)
     qb0, qb1, _ = q_blocks.indices(n_qb_all)
     r0, r1 = qb0 * block_m, min(qb1 * block_m, Lq)
     n_rows = (qb1 - qb0) * block_m
     shift = Lk - Lq
     # Keys a causal chunk can see end at its last row's position: cut the matmul there (whole key blocks).
-    k_blocks = min(n_kb, -(-(shift + r1) // block_n)) if causal else n_kb
+    k_blocks = min(n_kb, ceil_div(shift + r1, block_n)) if causal else n_kb
     k_end = k_blocks * block_n
     qc = torch.nn.functional.pad(q[:, :, r0:r1].float(), (0, 0, 0, n_rows - (r1 - r0)))
     kc = torch.nn.functional.pad(k[:, :, :min(k_end, Lk)].float(), (0, 0, 0, k_end - min(k_end, Lk)))
@@ -146,7 +148,7 @@ class GroupedScores:
         """Column mass lying on chosen diagonal groups: ``picked [B, Hs, n_groups + 1]`` (bool; the last slot must be
         False) -> [B, Hs, Lk]: per key, its ``G`` group slots weighed by whether their group is picked."""
         if group != self.group:
-            raise ValueError(f"group must be the {self.group} the scores were split by, got {group}")
+            raise InvalidArgumentError(f"group must be the {self.group} the scores were split by, got {group}")
         B, Hs, Lk, G = self.by_group.shape
         keys = torch.arange(Lk, device=picked.device)
         first = (self.pos0 - keys).div(group, rounding_mode="floor")[:, None] + torch.arange(G, device=picked.device)

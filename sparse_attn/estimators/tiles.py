@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import kept_first
+from ..layout import ceil_div, kept_first
 
 _BIG = torch.iinfo(torch.int64).max // 4
 
@@ -61,7 +61,7 @@ def compact(values: torch.Tensor, keep: torch.Tensor, width: int):
 
 def block_row_positions(q_len: int, k_len: int, block_m: int, device=None):
     """Key positions of the first and last query row of each query block (bottom-right alignment), int64."""
-    n_qb = -(-q_len // block_m)
+    n_qb = ceil_div(q_len, block_m)
     first = torch.arange(n_qb, device=device) * block_m
     last = (first + block_m).clamp(max=q_len) - 1
     return first + (k_len - q_len), last + (k_len - q_len)

@@ -14,6 +14,8 @@ import sys
 import torch
 
 from ..backends.triton.launcher import _next_pow2, triton_not_supported_reasons
+from ..errors import InvalidArgumentError
+from ..layout import ceil_div
 
 _KERNEL_MODULE = __package__ + ".triton_scores_kernel"
 #: Keys per program of the row-statistics pass: enough programs to fill a GPU at long lengths, few partials.
@@ -84,7 +86,7 @@ class SampleScores:
         if row_lse is None:                                     # empty sample
             return torch.zeros(B, heads.shape[0], Lk, dtype=torch.float32, device=q.device)
         if picked.shape[:2] != (B, heads.shape[0]) or picked.dim() != 3:
-            raise ValueError(f"picked must be [B, Hs, n_groups + 1] = [{B}, {heads.shape[0]}, ...], "
+            raise InvalidArgumentError(f"picked must be [B, Hs, n_groups + 1] = [{B}, {heads.shape[0]}, ...], "
                              f"got {tuple(picked.shape)}")
         out = torch.empty(B, heads.shape[0], Lk, dtype=torch.float32, device=q.device)
         _mass(q, k, heads, n, qk_scale, causal, cfg, row_lse, heads, heads, picked.to(torch.int8).contiguous(),
@@ -108,22 +110,22 @@ def triton_sample_scores(q, k, last_q: int, scale: float, causal: bool = True, *
     (default: when Triton has tl.gather) and ``block_n`` (key step, a power of two >= 16) are for tests."""
     reasons = scores_not_supported_reasons(q, k, last_q, heads)
     if reasons:
-        raise ValueError("triton sample scores cannot run these inputs: " + "; ".join(reasons))
+        raise InvalidArgumentError("triton sample scores cannot run these inputs: " + "; ".join(reasons))
     B, Hq, Lq, D = q.shape
     Lk, dev = k.shape[2], q.device
     heads = torch.arange(Hq, device=dev) if heads is None else heads
     if dev.type == "cpu" and bool(((heads < 0) | (heads >= Hq)).any()):    # on a GPU this read would be a sync
-        raise ValueError(f"heads must index the {Hq} query heads, got {heads.tolist()}")
+        raise InvalidArgumentError(f"heads must index the {Hq} query heads, got {heads.tolist()}")
     Hs = heads.shape[0]
     zeros = torch.zeros(Hs, dtype=torch.int32, device=dev)
     sink, local = (zeros if t is None else t.to(torch.int32).contiguous() for t in (sink, local))
     if sink.shape != (Hs,) or local.shape != (Hs,):
-        raise ValueError(f"sink and local must be [Hs] = [{Hs}] tensors, got {tuple(sink.shape)}, "
+        raise InvalidArgumentError(f"sink and local must be [Hs] = [{Hs}] tensors, got {tuple(sink.shape)}, "
                          f"{tuple(local.shape)}")
     n, qk_scale = min(last_q, Lq), float(scale) * 1.4426950408889634                   # log2(e): exp2 form
     heads = heads.to(torch.int32).contiguous()
     if block_n is not None and (block_n < 16 or block_n & (block_n - 1)):
-        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+        raise InvalidArgumentError(f"block_n must be a power of two >= 16, got {block_n}")
     cfg = _launch_config(D, q.dtype, n, dev.type == "cuda", block_n)
     column, column_off, diagonal = (torch.empty(B, Hs, Lk, dtype=torch.float32, device=dev) for _ in range(3))
     diagonal.zero_()
@@ -143,11 +145,11 @@ def _device(q):
 def _row_lse(q, k, heads, n, qk_scale, causal, cfg, chunk):
     """log2-sum-exp of each sample row's scaled logits: [B * Hs, n] fp32 (pass 1, then a fold of the chunks)."""
     B, Hs, Lk = q.shape[0], heads.shape[0], k.shape[2]
-    chunk = max(cfg["BLOCK_N"], -(-chunk // cfg["BLOCK_N"]) * cfg["BLOCK_N"])
-    n_chunks = -(-Lk // chunk)
+    chunk = max(cfg["BLOCK_N"], ceil_div(chunk, cfg["BLOCK_N"]) * cfg["BLOCK_N"])
+    n_chunks = ceil_div(Lk, chunk)
     row_max = torch.empty(B * Hs, n_chunks, n, dtype=torch.float32, device=q.device)
     row_sum = torch.empty_like(row_max)
-    grid = (n_chunks, -(-n // cfg["BLOCK_M"]), B * Hs)
+    grid = (n_chunks, ceil_div(n, cfg["BLOCK_M"]), B * Hs)
     with _device(q):
         _kernels().sample_row_stats_kernel[grid](
             q, k, heads, row_max, row_sum, *q.stride(), *k.stride(), Hs, q.shape[1] // k.shape[1], q.shape[2],
@@ -159,7 +161,7 @@ def _row_lse(q, k, heads, n, qk_scale, causal, cfg, chunk):
 
 def _mass(q, k, heads, n, qk_scale, causal, cfg, row_lse, sink, local, picked, outs, *, mode, group, use_gather):
     B, Hs, Lk = q.shape[0], heads.shape[0], k.shape[2]
-    grid = (-(-Lk // cfg["BLOCK_N"]), B * Hs)
+    grid = (ceil_div(Lk, cfg["BLOCK_N"]), B * Hs)
     with _device(q):
         _kernels().sample_mass_kernel[grid](
             q, k, heads, row_lse, sink, local, picked, *outs, *q.stride(), *k.stride(), Hs,

@@ -27,6 +27,7 @@ from ..prefill import sparse_attention, sparse_prefill
 from .vertical_slash_clipped import clipped_vertical_slash_indexes
 from .vertical_slash_engine import engine_convert, engine_convert_unsorted
 from ..layout import ceil_div
+from ..errors import InvalidArgumentError
 
 #: Block sizes of the engines' ``sparse_attn_func`` (fixed there too).
 BLOCK_M = 64
@@ -45,11 +46,11 @@ def _check_unsupported(dropout_p, softcap, alibi_slopes) -> None:
     """What the engines accept and this inference path cannot do.  ``return_attn_probs`` needs no check: the
     engines only honour it with dropout (``return_attn_probs and dropout_p > 0``), which is refused here."""
     if dropout_p != 0.0:
-        raise ValueError(f"dropout_p must be 0.0 (dropout is not supported: this is an inference path), got "
+        raise InvalidArgumentError(f"dropout_p must be 0.0 (dropout is not supported: this is an inference path), got "
                          f"{dropout_p!r}")
     check_softcap(softcap)
     if alibi_slopes is not None:
-        raise ValueError("alibi_slopes must be None (ALiBi is not supported)")
+        raise InvalidArgumentError("alibi_slopes must be None (ALiBi is not supported)")
 
 
 def _engine_lse(lse):
@@ -59,23 +60,23 @@ def _engine_lse(lse):
 
 def _check_tensor(name: str, t, ndim: int, layout: str) -> None:
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise InvalidArgumentError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-d {layout}, got shape {tuple(t.shape)}")
+        raise InvalidArgumentError(f"{name} must be {ndim}-d {layout}, got shape {tuple(t.shape)}")
 
 
 def _check_index(name: str, t, ndim: int, lead: tuple, min_rows: int) -> None:
     """An int32 index tensor with leading shape ``lead`` ([B, H]) and at least ``min_rows`` query blocks."""
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise InvalidArgumentError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype != torch.int32:
-        raise ValueError(f"{name} must be int32, got {t.dtype}")
+        raise InvalidArgumentError(f"{name} must be int32, got {t.dtype}")
     if t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+        raise InvalidArgumentError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
     if tuple(t.shape[:2]) != lead:
-        raise ValueError(f"{name} must have leading shape {lead} (batch, query heads), got {tuple(t.shape)}")
+        raise InvalidArgumentError(f"{name} must have leading shape {lead} (batch, query heads), got {tuple(t.shape)}")
     if t.shape[2] < min_rows:
-        raise ValueError(f"{name} has {t.shape[2]} query blocks; at least ceil(seqlen_q / {BLOCK_M}) = {min_rows} "
+        raise InvalidArgumentError(f"{name} has {t.shape[2]} query blocks; at least ceil(seqlen_q / {BLOCK_M}) = {min_rows} "
                          f"are needed")
 
 
@@ -91,9 +92,9 @@ def _layout(indexes, lead: tuple, q_len: int, k_len: int) -> SparseLayout:
 
 def _check_out(out, shape: tuple, dtype, device) -> None:
     if not isinstance(out, torch.Tensor):
-        raise ValueError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+        raise InvalidArgumentError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
     if tuple(out.shape) != shape or out.dtype != dtype or out.device != device:
-        raise ValueError(f"out must be a {dtype} tensor of shape {shape} on {device}, got {out.dtype} "
+        raise InvalidArgumentError(f"out must be a {dtype} tensor of shape {shape} on {device}, got {out.dtype} "
                          f"{tuple(out.shape)} on {out.device}")
 
 
@@ -138,23 +139,23 @@ def sparse_attn_func(q, k, v, block_count, block_offset, column_count, column_in
 # ---------------------------------------------------------------------------------------------------- varlen
 def _check_cu_seqlens(name: str, cu, total: int, max_name: str, max_len) -> list[int]:
     if not isinstance(cu, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+        raise InvalidArgumentError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
-        raise ValueError(f"{name} must be a non-empty 1-d int32 tensor [num_seqs + 1], got {cu.dtype} "
+        raise InvalidArgumentError(f"{name} must be a non-empty 1-d int32 tensor [num_seqs + 1], got {cu.dtype} "
                          f"{tuple(cu.shape)}")
     bounds = cu.tolist()
     if bounds[0] != 0:
-        raise ValueError(f"{name} must start at 0, got {bounds[0]}")
+        raise InvalidArgumentError(f"{name} must start at 0, got {bounds[0]}")
     if any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
-        raise ValueError(f"{name} must be non-decreasing, got {bounds}")
+        raise InvalidArgumentError(f"{name} must be non-decreasing, got {bounds}")
     if bounds[-1] != total:
-        raise ValueError(f"{name} must end at the packed length {total}, got {bounds[-1]}")
+        raise InvalidArgumentError(f"{name} must end at the packed length {total}, got {bounds[-1]}")
     if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 0:
-        raise ValueError(f"{max_name} must be a non-negative int, got {max_len!r}")
+        raise InvalidArgumentError(f"{max_name} must be a non-negative int, got {max_len!r}")
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     too_long = [i for i, n in enumerate(lengths) if n > max_len]
     if too_long:
-        raise ValueError(f"{max_name} ({max_len}) is below the length of sequences {too_long} "
+        raise InvalidArgumentError(f"{max_name} ({max_len}) is below the length of sequences {too_long} "
                          f"(lengths {[lengths[i] for i in too_long]}) given by {name}")
     return bounds
 
@@ -164,16 +165,16 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, 3, "[total_tokens, heads, head_dim] (packed varlen)")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise InvalidArgumentError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     bq = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q)
     bk = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)
     if len(bq) != len(bk):
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+        raise InvalidArgumentError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
                          f"{len(bq) - 1} and {len(bk) - 1}")
     seqs = [(bq[i], bq[i + 1], bk[i], bk[i + 1]) for i in range(len(bq) - 1)]
     bad = [i for i, (q0, q1, k0, k1) in enumerate(seqs) if q1 - q0 > k1 - k0]
     if bad:
-        raise ValueError(f"cu_seqlens_q / cu_seqlens_k: sequences {bad} have more queries than keys (queries are "
+        raise InvalidArgumentError(f"cu_seqlens_q / cu_seqlens_k: sequences {bad} have more queries than keys (queries are "
                          f"the last positions of each sequence, so seqlen_q <= seqlen_k)")
     return seqs
 
@@ -248,10 +249,10 @@ def _is_sorted(t, counts, descending: bool) -> bool:
 
 def _check_counts(name: str, t, heads: int, width: int, of: str):
     if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64) or tuple(t.shape) != (heads,):
-        raise ValueError(f"{name} must be an int32 tensor of shape ({heads},) (one count per head), got "
+        raise InvalidArgumentError(f"{name} must be an int32 tensor of shape ({heads},) (one count per head), got "
                          f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
     if bool(((t < 0) | (t > width)).any()):
-        raise ValueError(f"{name} entries must lie in [0, {width}] (the last dimension of {of}), got {t.tolist()}")
+        raise InvalidArgumentError(f"{name} entries must lie in [0, {width}] (the last dimension of {of}), got {t.tolist()}")
     return t.to(torch.int64)
 
 

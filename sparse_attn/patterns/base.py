@@ -6,8 +6,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ..errors import InvalidTypeError
-from ..layout import SparseLayout, keys_in_tiles
+from ..errors import InvalidArgumentError, InvalidTypeError
+from ..layout import SparseLayout, ceil_div, keys_in_tiles
 from ..backends.host_copy import host_tensor
 from ..estimators.tiles import compact, ranges_to_tiles
 
@@ -23,7 +23,7 @@ class Pattern:
                                    f"its subclasses (e.g. VerticalSlash, AShape, BlockSparse, Dense)")
         reasons = self.invalid_reasons()
         if reasons:
-            raise ValueError(f"invalid {type(self).__name__}: " + "; ".join(reasons))
+            raise InvalidArgumentError(f"invalid {type(self).__name__}: " + "; ".join(reasons))
 
     def invalid_reasons(self) -> list[str]:
         reasons = []
@@ -57,14 +57,14 @@ def patterns_per_head(pattern, n_heads: int) -> list[Pattern]:
         return [pattern] * n_heads
     if isinstance(pattern, Sequence) and not isinstance(pattern, str):
         if len(pattern) != n_heads:
-            raise ValueError(f"pattern: a per-head list must have one pattern per query head ({n_heads}), "
+            raise InvalidArgumentError(f"pattern: a per-head list must have one pattern per query head ({n_heads}), "
                              f"got {len(pattern)}")
         bad = [i for i, p in enumerate(pattern) if not isinstance(p, Pattern)]
         if bad:
-            raise ValueError(f"pattern: entries {bad} are not patterns (AShape, VerticalSlash, BlockSparse, Dense, "
+            raise InvalidArgumentError(f"pattern: entries {bad} are not patterns (AShape, VerticalSlash, BlockSparse, Dense, "
                              f"Grid, QBoundary, TwoDBoundary)")
         return list(pattern)
-    raise ValueError(f"pattern must be a Pattern or a list of one Pattern per query head; got "
+    raise InvalidArgumentError(f"pattern must be a Pattern or a list of one Pattern per query head; got "
                      f"{type(pattern).__name__}")
 
 
@@ -97,7 +97,7 @@ def layout_from_ranges(starts, ends, columns, column_keep, *, q_len, k_len, bloc
 
 def tile_bound(k_len: int, block_n: int) -> int:
     """Disjoint tiles of width block_n starting inside [0, k_len) number at most this."""
-    return -(-k_len // block_n)
+    return ceil_div(k_len, block_n)
 
 
 def computed_share(layout: SparseLayout, causal: bool = True) -> torch.Tensor:

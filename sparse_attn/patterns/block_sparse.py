@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layout import SparseLayout
+from ..layout import SparseLayout, ceil_div
 from ..backends.host_copy import host_tensor
 from ..estimators.tiles import block_row_positions, compact
 from ..estimators.sample_mass import antidiagonal_block_mass, pooled_block_logits
@@ -61,7 +61,7 @@ class BlockSparse(Pattern):
     def build(cls, patterns, heads, q, k, *, causal, scale, block_m, block_n, max_bytes=64 << 20):
         B, Hq, Lq, _ = q.shape
         Lk, dev = k.shape[2], q.device
-        n_kb = -(-Lk // block_n)
+        n_kb = ceil_div(Lk, block_n)
         block_probs = _block_probs(patterns[0], heads, q, k, causal=causal, scale=scale, block_m=block_m,
                                    block_n=block_n)
         first, last = block_row_positions(Lq, Lk, block_m, dev)

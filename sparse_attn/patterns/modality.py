@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layout import kept_first
+from ..layout import ceil_div, kept_first
 from ..estimators.frame_period import detect_period
 from ..estimators.row_sample import consistent_column_mass, rows_probs
 from ..estimators.sample_mass import column_mass, diagonal_mass
@@ -36,6 +36,7 @@ from .base import per_head
 from .modality_parts import Part, compile_parts, concat_batch
 from .modality_spans import KIND_ID, KINDS, ModalitySpan, ModalitySpans, as_modality
 from .vertical_slash import VerticalSlashBudgets, _select
+from ..errors import InvalidArgumentError
 
 @dataclass(frozen=True)
 class _ModalityPattern(VerticalSlashBudgets):
@@ -62,7 +63,7 @@ class _ModalityPattern(VerticalSlashBudgets):
         modality = patterns[0].modality
         if isinstance(modality, tuple):                                   # one description per batch row
             if len(modality) != q.shape[0]:
-                raise ValueError(f"modality: got {len(modality)} per-row span descriptions for batch {q.shape[0]}")
+                raise InvalidArgumentError(f"modality: got {len(modality)} per-row span descriptions for batch {q.shape[0]}")
             return concat_batch([cls._build_rows(patterns, heads, q[b:b + 1], k[b:b + 1], modality[b], causal,
                                                  scale, block_m, block_n) for b in range(q.shape[0])])
         return cls._build_rows(patterns, heads, q, k, modality, causal, scale, block_m, block_n)
@@ -216,7 +217,7 @@ class _Context:
         return ((self.row_pos >= start) & (self.row_pos < end)).nonzero().flatten()
 
     def _blocks(self, rows_mask: torch.Tensor) -> torch.Tensor:
-        n_qb = -(-self.q_len // self.block_m)
+        n_qb = ceil_div(self.q_len, self.block_m)
         padded = torch.nn.functional.pad(rows_mask, (0, n_qb * self.block_m - self.q_len))
         return padded.reshape(n_qb, self.block_m).any(-1)
 
@@ -244,7 +245,7 @@ class _Context:
     def select(self, probs, pos, prm):
         """Vertical-slash selection on a sample: columns [B, h, V] + kept, diagonal groups as distance bands
         (lo, hi [B, h, S]) + kept."""
-        n_groups = -(-self.k_len // self.block_n)
+        n_groups = ceil_div(self.k_len, self.block_n)
         width_v = max(1, min(int(prm["vertical"].max()), self.k_len))
         width_s = max(1, min(int(prm["slash"].max()), n_groups))
         score = consistent_column_mass if self.patterns[0].consistent_columns else column_mass

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from ..errors import InvalidArgumentError, InvalidTypeError
 
 KINDS = ("text", "image", "video")
 #: kind -> id in `ModalitySpans.kind_ids` (and the default meaning of token type ids)
@@ -48,7 +49,7 @@ class ModalitySpan:
             elif not reasons and (self.end - self.start) % f:
                 reasons.append(f"frame_tokens ({f}) must divide the span length ({self.end - self.start})")
         if reasons:
-            raise ValueError(f"invalid modality span ({self.start}, {self.end}, {self.kind!r}): " + "; ".join(reasons))
+            raise InvalidArgumentError(f"invalid modality span ({self.start}, {self.end}, {self.kind!r}): " + "; ".join(reasons))
 
     @property
     def length(self) -> int:
@@ -65,10 +66,10 @@ class ModalitySpans:
 
     def __post_init__(self):
         if not isinstance(self.spans, tuple) or not all(isinstance(s, ModalitySpan) for s in self.spans):
-            raise TypeError("spans must be a tuple of ModalitySpan (build with ModalitySpans.of([...]))")
+            raise InvalidTypeError("spans must be a tuple of ModalitySpan (build with ModalitySpans.of([...]))")
         if self.length is not None and (not isinstance(self.length, int) or isinstance(self.length, bool)
                                         or self.length < 1):
-            raise ValueError(f"length must be a positive int or None, got {self.length!r}")
+            raise InvalidArgumentError(f"length must be a positive int or None, got {self.length!r}")
         reasons = []
         for a, b in zip(self.spans, self.spans[1:]):
             if b.start < a.start:
@@ -79,7 +80,7 @@ class ModalitySpans:
             reasons += [f"span ({s.start}, {s.end}, {s.kind!r}) ends past the sequence length {self.length}"
                         for s in self.spans if s.end > self.length]
         if reasons:
-            raise ValueError("invalid modality spans: " + "; ".join(reasons))
+            raise InvalidArgumentError("invalid modality spans: " + "; ".join(reasons))
 
     @classmethod
     def of(cls, spans, length: int | None = None) -> "ModalitySpans":
@@ -88,7 +89,7 @@ class ModalitySpans:
         if isinstance(spans, ModalitySpans):
             return spans if length is None else cls(spans.spans, length)
         if isinstance(spans, (str, bytes)) or not hasattr(spans, "__iter__"):
-            raise TypeError(f"spans must be a list of (start, end, kind[, frame_tokens]) tuples, got "
+            raise InvalidTypeError(f"spans must be a list of (start, end, kind[, frame_tokens]) tuples, got "
                             f"{type(spans).__name__}")
         items = []
         for entry in spans:
@@ -97,7 +98,7 @@ class ModalitySpans:
             elif isinstance(entry, (tuple, list)) and len(entry) in (3, 4):
                 items.append(ModalitySpan(*entry))
             else:
-                raise TypeError(f"spans: each entry must be (start, end, kind) or (start, end, 'video', "
+                raise InvalidTypeError(f"spans: each entry must be (start, end, kind) or (start, end, 'video', "
                                 f"frame_tokens), got {entry!r}")
         return cls(tuple(sorted(items, key=lambda s: (s.start, s.end))), length)
 
@@ -105,10 +106,10 @@ class ModalitySpans:
     def check_length(self, k_len: int) -> None:
         """Raise ValueError unless the spans fit a sequence of ``k_len`` keys (and match ``length`` if set)."""
         if self.length is not None and self.length != k_len:
-            raise ValueError(f"modality spans describe a sequence of length {self.length}, but k has {k_len} keys")
+            raise InvalidArgumentError(f"modality spans describe a sequence of length {self.length}, but k has {k_len} keys")
         past = [s for s in self.spans if s.end > k_len]
         if past:
-            raise ValueError(f"modality span ({past[0].start}, {past[0].end}, {past[0].kind!r}) ends past the "
+            raise InvalidArgumentError(f"modality span ({past[0].start}, {past[0].end}, {past[0].kind!r}) ends past the "
                              f"sequence (k has {k_len} keys)")
 
     def kind_ids(self, k_len: int, device=None) -> torch.Tensor:
@@ -141,15 +142,15 @@ class ModalitySpans:
         if ids.dim() == 2 and ids.shape[0] == 1:
             ids = ids[0]
         if ids.dim() != 1 or ids.dtype.is_floating_point or ids.numel() == 0:
-            raise ValueError(f"token_type_ids must be a non-empty 1-d int tensor [L] (or [1, L]; one sequence at a "
+            raise InvalidArgumentError(f"token_type_ids must be a non-empty 1-d int tensor [L] (or [1, L]; one sequence at a "
                              f"time), got shape {tuple(ids.shape)} and dtype {ids.dtype}")
         kinds = dict(enumerate(KINDS)) if kinds is None else dict(kinds)
         unknown = sorted(set(ids.unique().tolist()) - set(kinds))
         if unknown:
-            raise ValueError(f"token_type_ids: ids {unknown} have no kind; kinds maps {sorted(kinds)}")
+            raise InvalidArgumentError(f"token_type_ids: ids {unknown} have no kind; kinds maps {sorted(kinds)}")
         bad = {i: k for i, k in kinds.items() if k not in KINDS}
         if bad:
-            raise ValueError(f"kinds: values must be one of {KINDS}, got {bad}")
+            raise InvalidArgumentError(f"kinds: values must be one of {KINDS}, got {bad}")
         change = (torch.diff(ids) != 0).nonzero().flatten() + 1
         starts = [0] + change.tolist()
         ends = change.tolist() + [ids.numel()]
@@ -185,33 +186,33 @@ class ModalitySpans:
         if ids.dim() == 2 and ids.shape[0] == 1:
             ids = ids[0]
         if ids.dim() != 1:
-            raise ValueError(f"input_ids must be 1-d [L] (or [1, L]; one sequence at a time), got {tuple(ids.shape)}")
+            raise InvalidArgumentError(f"input_ids must be 1-d [L] (or [1, L]; one sequence at a time), got {tuple(ids.shape)}")
         if not isinstance(spatial_merge_size, int) or spatial_merge_size < 1:
-            raise ValueError(f"spatial_merge_size must be a positive int, got {spatial_merge_size!r}")
+            raise InvalidArgumentError(f"spatial_merge_size must be a positive int, got {spatial_merge_size!r}")
         spans = []
         for kind, token_id, grid in (("image", image_token_id, image_grid_thw), ("video", video_token_id,
                                                                                  video_grid_thw)):
             if grid is None:
                 continue
             if token_id is None:
-                raise ValueError(f"{kind}_grid_thw given without {kind}_token_id")
+                raise InvalidArgumentError(f"{kind}_grid_thw given without {kind}_token_id")
             grid = torch.as_tensor(grid).reshape(-1, 3).tolist() if torch.as_tensor(grid).numel() else []
             where = (ids == token_id).nonzero().flatten().tolist()
             merge = spatial_merge_size ** 2
             sizes = []
             for t, h, w in grid:
                 if (h * w) % merge:
-                    raise ValueError(f"{kind}_grid_thw entry {(t, h, w)}: h*w must be divisible by "
+                    raise InvalidArgumentError(f"{kind}_grid_thw entry {(t, h, w)}: h*w must be divisible by "
                                      f"spatial_merge_size^2 ({merge})")
                 sizes.append((t * h * w // merge, h * w // merge))
             if sum(n for n, _ in sizes) != len(where):
-                raise ValueError(f"{kind}_grid_thw asks for {sum(n for n, _ in sizes)} {kind} tokens, input_ids has "
+                raise InvalidArgumentError(f"{kind}_grid_thw asks for {sum(n for n, _ in sizes)} {kind} tokens, input_ids has "
                                  f"{len(where)} tokens with id {token_id}")
             used = 0
             for n, per_frame in sizes:
                 start, end = where[used], where[used + n - 1] + 1
                 if end - start != n:
-                    raise ValueError(f"{kind} {len(spans)}: its {n} placeholder tokens are not contiguous in "
+                    raise InvalidArgumentError(f"{kind} {len(spans)}: its {n} placeholder tokens are not contiguous in "
                                      f"input_ids (from {start} to {end - 1})")
                 spans.append(ModalitySpan(start, end, kind, per_frame if kind == "video" else None))
                 used += n
@@ -223,7 +224,7 @@ def _per_video(frame_tokens, n_videos: int) -> list:
         return [frame_tokens] * n_videos
     frames = list(frame_tokens)
     if len(frames) != n_videos:
-        raise ValueError(f"frame_tokens: got {len(frames)} values for {n_videos} video spans")
+        raise InvalidArgumentError(f"frame_tokens: got {len(frames)} values for {n_videos} video spans")
     return frames
 
 
@@ -234,7 +235,7 @@ def as_modality(value, batch: int | None = None):
         return value
     if isinstance(value, (tuple, list)) and value and all(isinstance(v, ModalitySpans) for v in value):
         if batch is not None and len(value) != batch:
-            raise ValueError(f"modality: a per-row tuple needs one ModalitySpans per batch row ({batch}), got "
+            raise InvalidArgumentError(f"modality: a per-row tuple needs one ModalitySpans per batch row ({batch}), got "
                              f"{len(value)}")
         return tuple(value)
     return ModalitySpans.of(value)

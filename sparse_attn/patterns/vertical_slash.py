@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layout import kept_first
+from ..layout import ceil_div, kept_first
 from ..backends.host_copy import host_tensor
 from ..estimators.tiles import block_row_positions
 from ..estimators.sample_mass import column_mass, diagonal_mass
@@ -76,15 +76,15 @@ class VerticalSlash(VerticalSlashBudgets):
         Triton kernels, "cpu" the fused C++ pass, "torch" the readable reference; "auto" by the tensors' device).
         None of them holds the [last_q, Lk] probabilities twice or syncs with the host."""
         B, Hq, Lq, _ = q.shape
-        Hkv, Lk, dev = k.shape[1], k.shape[2], q.device
-        n_buckets = -(-Lk // block_n)
+        Lk, dev = k.shape[2], q.device
+        n_buckets = ceil_div(Lk, block_n)
         prm = {name: per_head(patterns, name, dev) for name in ("sink", "local", "vertical", "min_vertical")}
         prm["slash"] = (per_head(patterns, "slash", dev) + block_n - 1) // block_n          # in diagonal groups
         prm["min_slash"] = (per_head(patterns, "min_slash", dev) + block_n - 1) // block_n
         prm["gamma"] = host_tensor([2.0 if p.gamma is None else p.gamma for p in patterns], device=dev)
         # Host-known maxima (no device read): widths of the top-k and of the slices the corrections touch.
         width_v = max(1, min(max(p.vertical for p in patterns), Lk))
-        width_s = max(1, min(max(-(-p.slash // block_n) for p in patterns), n_buckets))
+        width_s = max(1, min(max(ceil_div(p.slash, block_n) for p in patterns), n_buckets))
         n = min(patterns[0].last_q, Lq)
         gamma_mode = any(p.gamma is not None for p in patterns)
         sample = select_scores(scores_backend, q, k).run(q, k, n, scale, causal, heads=heads, sink=prm["sink"],
@@ -199,7 +199,7 @@ def _tiles_per_group(block_m: int, block_n: int) -> int:
     """Most tiles one diagonal group adds to a query block.  Alone it spans block_m + block_n - 1 keys; in a
     merged run, consecutive groups are at most floor((block_m + 2 block_n - 2) / block_n) groups apart (else the
     gap is >= block_n and they are not merged), and each adds that many block_n steps of span."""
-    return max((block_m + 2 * block_n - 2) // block_n, -(-(block_m + block_n - 1) // block_n))
+    return max((block_m + 2 * block_n - 2) // block_n, ceil_div(block_m + block_n - 1, block_n))
 
 
 def _top_within(score, forced, max_budget, min_budget, chosen, width):

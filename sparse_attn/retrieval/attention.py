@@ -8,6 +8,7 @@ import torch
 
 from ..backends.checks import resolve_scale
 from ..backends.merge import merge_partials
+from ..errors import InvalidArgumentError
 
 
 def _check(q, cache, top_k):
@@ -30,7 +31,7 @@ def _check(q, cache, top_k):
         if Lq > cache.seq_len:
             reasons.append(f"q rows ({Lq}) must be <= tokens in the cache ({cache.seq_len})")
     if reasons:
-        raise ValueError("retrieval_attention: " + "; ".join(reasons))
+        raise InvalidArgumentError("retrieval_attention: " + "; ".join(reasons))
 
 
 def _attend(q, keys, values, mask, scale):

@@ -18,6 +18,7 @@ from .overlay_file import OverlayVectorFile
 from .page_file import KVFileError, PagedVectorFile, check_writable_dir
 from .ram_tier import RamTier
 from .window import DeviceWindow
+from ..errors import InvalidArgumentError
 
 META_VERSION = 2                 # 2: the index is saved (layer<L>.index) and restored
 
@@ -44,7 +45,7 @@ def make_index(index="auto"):
     if index == "query_aware":
         from .index_query_aware import QueryAwareIndex
         return QueryAwareIndex()
-    raise ValueError(f"index must be one of {', '.join(map(repr, INDEX_NAMES))} or an index object, got {index!r}")
+    raise InvalidArgumentError(f"index must be one of {', '.join(map(repr, INDEX_NAMES))} or an index object, got {index!r}")
 
 
 # Index objects that serve a cache: an index holds one cache's keys, so a second cache must not share it.  Kept
@@ -55,7 +56,7 @@ _OWNED_INDEXES = weakref.WeakSet()
 def _claim(index) -> None:
     try:
         if index in _OWNED_INDEXES:
-            raise ValueError("index: this index object already serves another cache (layer); pass a new index "
+            raise InvalidArgumentError("index: this index object already serves another cache (layer); pass a new index "
                              "object or a name per cache")
         _OWNED_INDEXES.add(index)
     except TypeError:                 # not weakly referenceable or not hashable: cannot be tracked, trust the caller
@@ -79,7 +80,7 @@ class RetrievalKVCache:
         self.ssd_dir = None if ssd_dir is None else check_writable_dir(ssd_dir, "ssd_dir")
         self.keys_on_ssd, self.page_tokens, self.cache_pages = keys_on_ssd, page_tokens, cache_pages
         if keys_on_ssd and ssd_dir is None:
-            raise ValueError("keys_on_ssd=True needs ssd_dir")
+            raise InvalidArgumentError("keys_on_ssd=True needs ssd_dir")
         self.batch = self.kv_heads = self.dim = None
         self.ram_keys = self.ram_values = self.ssd_keys = self.ssd_values = None
         self.n_indexed = 0
@@ -115,11 +116,11 @@ class RetrievalKVCache:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """``k, v [B, Hkv, n, D]``: new tokens (after RoPE), in position order."""
         if k.dim() != 4 or k.shape != v.shape:
-            raise ValueError(f"k and v must be [B, Hkv, n, D] of one shape, got {tuple(k.shape)}, {tuple(v.shape)}")
+            raise InvalidArgumentError(f"k and v must be [B, Hkv, n, D] of one shape, got {tuple(k.shape)}, {tuple(v.shape)}")
         if self.dim is None:
             self._init_tiers(k)
         elif (k.shape[0], k.shape[1], k.shape[3]) != (self.batch, self.kv_heads, self.dim):
-            raise ValueError(f"k must be [{self.batch}, {self.kv_heads}, n, {self.dim}] like earlier appends, "
+            raise InvalidArgumentError(f"k must be [{self.batch}, {self.kv_heads}, n, {self.dim}] like earlier appends, "
                              f"got {tuple(k.shape)}")
         k_out, v_out = self.window.append(k, v)
         if k_out.shape[2]:
@@ -196,7 +197,7 @@ class RetrievalKVCache:
         if not meta["keys_on_ssd"]:
             raise KVFileError(f"{meta_path!r}: keys were kept in RAM only (keys_on_ssd=False); cannot reopen")
         if scratch_dir is not None and os.path.realpath(scratch_dir) == os.path.realpath(saved_dir):
-            raise ValueError("scratch_dir must differ from ssd_dir (the saved files are read-only there)")
+            raise InvalidArgumentError("scratch_dir must differ from ssd_dir (the saved files are read-only there)")
         saved = load_index(_layer_file(saved_dir, layer, "index"))
         if saved.name != meta["index"]:
             raise KVFileError(f"{meta_path!r} names a {meta['index']!r} index, the index file holds {saved.name!r}")

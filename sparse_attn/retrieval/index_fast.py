@@ -26,6 +26,7 @@ import torch
 from .index_exact import exact_topk
 from .index_ivf import _faiss, best_candidates
 from .index_query_aware import QueryAwareIndex
+from ..errors import InvalidArgumentError
 
 
 class FastScanIndex(QueryAwareIndex):
@@ -46,13 +47,13 @@ class FastScanIndex(QueryAwareIndex):
         super().__init__(nlist, train_min=train_min, tail_max=tail_max, **kwargs)
         if isinstance(probe_keys, bool) or not (isinstance(probe_keys, int) and probe_keys >= 1
                                                 or isinstance(probe_keys, float) and 0 < probe_keys <= 1):
-            raise ValueError(f"probe_keys must be a fraction in (0, 1] or a key count >= 1, got {probe_keys!r}")
+            raise InvalidArgumentError(f"probe_keys must be a fraction in (0, 1] or a key count >= 1, got {probe_keys!r}")
         if shortlist is not None and (isinstance(shortlist, bool) or not isinstance(shortlist, int) or shortlist < 1):
-            raise ValueError(f"shortlist must be a positive int or None, got {shortlist!r}")
+            raise InvalidArgumentError(f"shortlist must be a positive int or None, got {shortlist!r}")
         if codes not in ("pq4", "sq8"):
-            raise ValueError(f"codes must be 'pq4' or 'sq8', got {codes!r}")
+            raise InvalidArgumentError(f"codes must be 'pq4' or 'sq8', got {codes!r}")
         if dims_per_code not in (1, 2, 4, 8):
-            raise ValueError(f"dims_per_code must be 1, 2, 4 or 8, got {dims_per_code!r}")
+            raise InvalidArgumentError(f"dims_per_code must be 1, 2, 4 or 8, got {dims_per_code!r}")
         self.probe_keys, self.shortlist, self.dims_per_code, self.chunk = probe_keys, shortlist, dims_per_code, chunk
         self.codes = codes
         self.params.update(probe_keys=probe_keys, shortlist=shortlist, codes=codes, dims_per_code=dims_per_code,

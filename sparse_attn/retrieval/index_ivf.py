@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .index_exact import exact_topk
+from ..errors import InvalidArgumentError
 
 
 def _faiss():
@@ -35,9 +36,9 @@ class IVFIndex:
     def __init__(self, nlist: int | None = None, nprobe: int | None = None, train_min: int = 4096,
                  tail_max: int = 1024, kmeans_iter: int = 10, points_per_centroid: int = 64, seed: int = 0):
         if nlist is not None and nlist < 1:
-            raise ValueError(f"nlist must be >= 1, got {nlist}")
+            raise InvalidArgumentError(f"nlist must be >= 1, got {nlist}")
         if nprobe is not None and nprobe < 1:
-            raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+            raise InvalidArgumentError(f"nprobe must be >= 1, got {nprobe}")
         self.params = dict(nlist=nlist, nprobe=nprobe, train_min=train_min, tail_max=tail_max,
                            kmeans_iter=kmeans_iter, points_per_centroid=points_per_centroid, seed=seed)  # to save
         self.nlist_arg, self.nprobe_arg, self.train_min, self.tail_max = nlist, nprobe, train_min, tail_max

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .index_ivf import IVFIndex, _chunked_argmax, _faiss
+from ..errors import InvalidArgumentError
 
 
 class QueryAwareIndex(IVFIndex):
@@ -32,7 +33,7 @@ class QueryAwareIndex(IVFIndex):
     def __init__(self, *args, max_queries: int = 8192, ridge: float = 1e-2, beta: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         if ridge < 0 or beta < 0 or max_queries < 1:
-            raise ValueError(f"ridge, beta must be >= 0 and max_queries >= 1, got {ridge}, {beta}, {max_queries}")
+            raise InvalidArgumentError(f"ridge, beta must be >= 0 and max_queries >= 1, got {ridge}, {beta}, {max_queries}")
         self.max_queries, self.ridge, self.beta = max_queries, ridge, beta
         self.params.update(max_queries=max_queries, ridge=ridge, beta=beta)
         self.queries = None               # [S, <= max_queries, D]

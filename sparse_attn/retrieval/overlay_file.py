@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .page_file import PagedVectorFile
+from ..errors import InvalidArgumentError
 
 
 class OverlayVectorFile:
@@ -16,7 +17,7 @@ class OverlayVectorFile:
 
     def __init__(self, base: PagedVectorFile, top: PagedVectorFile):
         if (base.streams, base.dim, base.dtype) != (top.streams, top.dim, top.dtype) or top.count:
-            raise ValueError(f"top must be an empty file of base's streams, dim and dtype "
+            raise InvalidArgumentError(f"top must be an empty file of base's streams, dim and dtype "
                              f"({base.streams}, {base.dim}, {base.dtype})")
         self.base, self.top = base, top
         self.path, self.streams, self.dim, self.dtype = top.path, base.streams, base.dim, base.dtype

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from ..errors import InvalidArgumentError
 
 
 class PageCache:
@@ -9,7 +10,7 @@ class PageCache:
 
     def __init__(self, capacity: int):
         if capacity < 0:
-            raise ValueError(f"cache_pages must be >= 0, got {capacity}")
+            raise InvalidArgumentError(f"cache_pages must be >= 0, got {capacity}")
         self.capacity = capacity
         self._pages: OrderedDict[int, object] = OrderedDict()
         self.hits = 0

@@ -17,7 +17,7 @@ import zlib
 import numpy as np
 import torch
 
-from ..errors import SparseAttnError
+from ..errors import InvalidArgumentError, SparseAttnError
 from .page_cache import PageCache
 from ..layout import ceil_div
 
@@ -40,7 +40,7 @@ def check_writable_dir(directory, name: str = "ssd_dir") -> str:
             pass
         os.remove(probe)
     except OSError as err:
-        raise ValueError(f"{name} must be a writable directory, got {directory!r} ({err.strerror or err})") from None
+        raise InvalidArgumentError(f"{name} must be a writable directory, got {directory!r} ({err.strerror or err})") from None
     return directory
 
 
@@ -50,9 +50,9 @@ class PagedVectorFile:
     def __init__(self, path, streams: int, dim: int, dtype=torch.float16, page_tokens: int = 16,
                  cache_pages: int = 4096, _create: bool = True):
         if dtype not in _NP_VIEW:
-            raise ValueError(f"dtype must be one of {sorted(map(str, _NP_VIEW))}, got {dtype}")
+            raise InvalidArgumentError(f"dtype must be one of {sorted(map(str, _NP_VIEW))}, got {dtype}")
         if page_tokens < 1 or streams < 1 or dim < 1:
-            raise ValueError(f"page_tokens, streams, dim must be >= 1, got {page_tokens}, {streams}, {dim}")
+            raise InvalidArgumentError(f"page_tokens, streams, dim must be >= 1, got {page_tokens}, {streams}, {dim}")
         self.path, self.streams, self.dim, self.dtype, self.P = os.fspath(path), streams, dim, dtype, page_tokens
         self.page_bytes = page_tokens * dim * torch.tensor([], dtype=dtype).element_size()
         self.count, self.read_only, self.bytes_read = 0, False, 0
@@ -71,7 +71,7 @@ class PagedVectorFile:
                            "page_tokens": self.P}).encode()
         head = MAGIC + struct.pack("<III", VERSION, len(meta), zlib.crc32(meta)) + meta
         if len(head) > HEADER_BYTES:
-            raise ValueError("header too long")
+            raise InvalidArgumentError("header too long")
         return head.ljust(HEADER_BYTES, b"\0")
 
     @classmethod
@@ -164,7 +164,7 @@ class PagedVectorFile:
         if self.read_only:
             raise KVFileError(f"{self.path!r} was opened read-only; cannot append")
         if x.dim() != 3 or x.shape[0] != self.streams or x.shape[2] != self.dim:
-            raise ValueError(f"x must be [{self.streams}, n, {self.dim}], got {tuple(x.shape)}")
+            raise InvalidArgumentError(f"x must be [{self.streams}, n, {self.dim}], got {tuple(x.shape)}")
         x = x.detach().to("cpu", self.dtype)
         fill = self.count % self.P
         if fill:
@@ -227,7 +227,7 @@ class PagedVectorFile:
         if out is None:
             out = torch.empty(S, self.count, self.dim, dtype=self.dtype)
         elif out.shape != (S, self.count, self.dim) or out.dtype != self.dtype:
-            raise ValueError(f"out must be [{S}, {self.count}, {self.dim}] {self.dtype}, "
+            raise InvalidArgumentError(f"out must be [{S}, {self.count}, {self.dim}] {self.dtype}, "
                              f"got {tuple(out.shape)} {out.dtype}")
         step = max(1, run_bytes // (S * self.page_bytes))
         for first in range(0, n_full, step):

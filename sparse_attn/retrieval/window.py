@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from ..errors import InvalidArgumentError
 
 
 class DeviceWindow:
@@ -11,7 +12,7 @@ class DeviceWindow:
 
     def __init__(self, sink: int, window: int):
         if sink < 0 or window < 0:
-            raise ValueError(f"sink and window must be >= 0, got sink={sink}, window={window}")
+            raise InvalidArgumentError(f"sink and window must be >= 0, got sink={sink}, window={window}")
         self.sink, self.window = sink, window
         self.k = self.v = None           # [B, Hkv, n_static, D]: sinks first, then the recent window
         self.pos = None                  # [n_static] int64 absolute token positions

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from ..errors import InvalidArgumentError
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,9 @@ def make_decode_workload(w: DecodeWorkload = DecodeWorkload(), dtype=torch.float
     """Returns ``k, v [1, Hkv, N, D]``, prefill queries ``[1, Hq, P, D]`` (P = prefill_queries / group, at random
     positions) and decode queries ``[1, Hq, decode_rows, D]`` (at position N)."""
     if w.head_dim % 4 or w.head_dim < 16:
-        raise ValueError(f"head_dim must be a multiple of 4 and >= 16, got {w.head_dim}")
+        raise InvalidArgumentError(f"head_dim must be a multiple of 4 and >= 16, got {w.head_dim}")
     if w.q_heads % w.kv_heads:
-        raise ValueError(f"q_heads ({w.q_heads}) must be a multiple of kv_heads ({w.kv_heads})")
+        raise InvalidArgumentError(f"q_heads ({w.q_heads}) must be a multiple of kv_heads ({w.kv_heads})")
     N, D, Hkv, g = w.keys, w.head_dim, w.kv_heads, w.q_heads // w.kv_heads
     sem, pairs = D // 2, D // 4
     T = max(1, N // w.keys_per_topic)

@@ -11,6 +11,7 @@ from ..patterns import Auto
 from ..patterns.auto import CHOICE_NAMES, choose_per_head
 from ..patterns.base import computed_share
 from ..prefill import estimate
+from ..errors import InvalidArgumentError
 
 
 def optimum_density(q, k, gamma: float, *, rows: int = 256, causal: bool = True, scale=None,
@@ -110,7 +111,7 @@ def run_audit(lengths, pattern_names, heads, kv_heads, head_dim, workload, plot=
     for L in lengths:
         q, k, _, spans = inputs(workload, L, heads, kv_heads, head_dim)
         if spans is not None:
-            raise ValueError("--audit takes the text, hard or diffuse workloads")
+            raise InvalidArgumentError("--audit takes the text, hard or diffuse workloads")
         result, optimum = audit(q, k, {n: PATTERNS[n]() for n in pattern_names}, gamma=gamma)
         out(f"## L={L}")
         report(result, optimum, gamma=gamma, out=out)

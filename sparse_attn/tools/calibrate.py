@@ -40,6 +40,7 @@ from ..prefill import estimate
 from .calibrate_candidates import FAMILIES, default_candidates, default_modality_candidates
 from .calibrate_capture import capture_attention, model_shape
 from .metrics import attention_recall_per_head
+from ..errors import InvalidArgumentError
 
 DEFAULT_TARGET = 0.95
 
@@ -146,11 +147,11 @@ class Calibrator:
                  fallback: str = "dense", block_m: int = 64, block_n: int = 64, progress: bool = True,
                  modality=None):
         if not 0 < target <= 1:
-            raise ValueError(f"target must lie in (0, 1], got {target!r}")
+            raise InvalidArgumentError(f"target must lie in (0, 1], got {target!r}")
         if fallback not in ("dense", "best"):
-            raise ValueError(f"fallback must be 'dense' or 'best', got {fallback!r}")
+            raise InvalidArgumentError(f"fallback must be 'dense' or 'best', got {fallback!r}")
         if candidates is not None and (not candidates or not all(isinstance(c, Pattern) for c in candidates)):
-            raise ValueError("candidates must be a non-empty list of Patterns (or None for the defaults)")
+            raise InvalidArgumentError("candidates must be a non-empty list of Patterns (or None for the defaults)")
         self.num_layers, self.num_heads = num_layers, num_heads
         # Candidates as the config names them: modality patterns without spans (spans belong to the input).
         self.candidates = None if candidates is None else with_modality(list(candidates), None)
@@ -177,11 +178,11 @@ class Calibrator:
     def add_layer(self, layer_idx: int, q, k, scale=None) -> None:
         """Score layer ``layer_idx`` from its ``q [B, Hq, L, D]`` and ``k [B, Hkv, L, D]`` (post-RoPE)."""
         if not 0 <= layer_idx < self.num_layers:
-            raise ValueError(f"layer_idx {layer_idx} outside [0, {self.num_layers})")
+            raise InvalidArgumentError(f"layer_idx {layer_idx} outside [0, {self.num_layers})")
         if layer_idx in self.scores:
-            raise ValueError(f"layer {layer_idx} was recorded twice (one prefill forward is expected)")
+            raise InvalidArgumentError(f"layer {layer_idx} was recorded twice (one prefill forward is expected)")
         if q.shape[1] != self.num_heads:
-            raise ValueError(f"layer {layer_idx}: q has {q.shape[1]} heads, expected {self.num_heads}")
+            raise InvalidArgumentError(f"layer {layer_idx}: q has {q.shape[1]} heads, expected {self.num_heads}")
         if self.seq_len is None:
             self.seq_len = k.shape[2]
             self._set_candidates(self.seq_len)
@@ -234,7 +235,7 @@ def calibrate_model(model, input_ids, candidates=None, *, target: float = DEFAUL
     layer's q/k scored as it arrives.  ``modality``: the spans of ``input_ids`` (see the module docstring).
     Returns a CalibrationResult whose ``config`` drives ``hf.patch``."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-        raise ValueError("input_ids must be a long tensor [batch, seq_len]")
+        raise InvalidArgumentError("input_ids must be a long tensor [batch, seq_len]")
     n_layers, n_heads = model_shape(model)
     cal = Calibrator(n_layers, n_heads, candidates, target=target, fallback=fallback, block_m=block_m,
                      block_n=block_n, progress=progress, modality=modality)
@@ -254,7 +255,7 @@ def calibrate_qk(layers, candidates=None, *, target: float = DEFAULT_TARGET, fal
     ``modality``: the spans of their sequence (see the module docstring)."""
     layers = list(layers)
     if not layers:
-        raise ValueError("layers must hold at least one (q, k) pair")
+        raise InvalidArgumentError("layers must hold at least one (q, k) pair")
     cal = Calibrator(len(layers), layers[0][0].shape[1], candidates, target=target, fallback=fallback,
                      block_m=block_m, block_n=block_n, progress=progress, modality=modality)
     for i, (q, k) in enumerate(layers):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..patterns import AShape, BlockSparse, Dense, Grid, Pattern, QBoundary, TwoDBoundary, VerticalSlash
 from ..patterns.modality_spans import ModalitySpans
 from ..layout import ceil_div
+from ..errors import InvalidArgumentError
 
 FAMILIES = ("vertical_slash", "a_shape", "block_sparse", "dense", "grid", "q_boundary", "two_d_boundary")
 MODALITY_FAMILIES = (Grid, QBoundary, TwoDBoundary)
@@ -37,15 +38,15 @@ def parse_modality(spec: str) -> ModalitySpans:
         parts = item.split(":")
         numbers = parts[:2] + parts[3:]
         if len(parts) not in (3, 4) or not all(n.isdigit() for n in numbers):
-            raise ValueError(f"modality: {item!r} must be START:END:KIND or START:END:video:FRAME_TOKENS with "
+            raise InvalidArgumentError(f"modality: {item!r} must be START:END:KIND or START:END:video:FRAME_TOKENS with "
                              f"non-negative integers")
         spans.append((int(parts[0]), int(parts[1]), parts[2], *map(int, parts[3:])))
     if not spans:
-        raise ValueError(f"modality: no span in {spec!r}")
+        raise InvalidArgumentError(f"modality: no span in {spec!r}")
     try:
         return ModalitySpans.of(spans)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"modality: {e}") from None
+        raise InvalidArgumentError(f"modality: {e}") from None
 
 
 def parse_candidates(spec: str) -> list[Pattern]:
@@ -59,15 +60,15 @@ def parse_candidates(spec: str) -> list[Pattern]:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, *numbers = item.split(":")
         if name not in makers:
-            raise ValueError(f"candidates: unknown pattern {name!r} in {item!r} (known: {sorted(makers)})")
+            raise InvalidArgumentError(f"candidates: unknown pattern {name!r} in {item!r} (known: {sorted(makers)})")
         cls, names = makers[name]
         if len(numbers) != len(names) or not all(n.isdigit() for n in numbers):
-            raise ValueError(f"candidates: {item!r} must be {':'.join([name] + [n.upper() for n in names])} "
+            raise InvalidArgumentError(f"candidates: {item!r} must be {':'.join([name] + [n.upper() for n in names])} "
                              f"with non-negative integers")
         values = dict(zip(names, map(int, numbers)))
         if cls in (VerticalSlash, *MODALITY_FAMILIES):
             values.update(sink=min(64, values["vertical"]), local=min(64, values["slash"]))
         out.append(cls(**values))
     if not out:
-        raise ValueError(f"candidates: no pattern in {spec!r}")
+        raise InvalidArgumentError(f"candidates: no pattern in {spec!r}")
     return out

@@ -5,6 +5,7 @@ import contextlib
 import contextvars
 
 from ..integrations.hf.registry import register_attention, set_implementation
+from ..errors import InvalidArgumentError
 
 CAPTURE_NAME = "sparse_attn_calibrate"
 # The callback of the innermost active `capture_attention` block.  The registered function stays registered
@@ -29,10 +30,10 @@ def capture_attention(model, on_layer):
     ``on_layer`` and then runs SDPA.  The previous attention implementation is restored on exit, also on error."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "_attn_implementation"):
-        raise ValueError(f"model ({type(model).__name__}) is not a transformers model with an attention registry")
+        raise InvalidArgumentError(f"model ({type(model).__name__}) is not a transformers model with an attention registry")
     can_set = getattr(type(model), "_can_set_attn_implementation", None)
     if not getattr(model, "_supports_attention_backend", True) or (can_set is not None and not can_set()):
-        raise ValueError(f"{type(model).__name__} does not dispatch attention through transformers' "
+        raise InvalidArgumentError(f"{type(model).__name__} does not dispatch attention through transformers' "
                          f"AttentionInterface, so its queries and keys cannot be recorded")
     previous = config._attn_implementation
     register_attention(CAPTURE_NAME, _capturing_attention, mask="sdpa")

@@ -23,6 +23,7 @@ from ..retrieval.attention import retrieval_attention
 from ..retrieval.cache import INDEX_NAMES, RetrievalKVCache, make_index
 from ..retrieval.workload import DecodeWorkload, make_decode_workload
 from .timing import time_in_turns
+from ..errors import InvalidArgumentError
 
 
 @contextlib.contextmanager
@@ -123,7 +124,7 @@ def _make_index(spec, probe_keys, shortlist):
     if options:
         from ..retrieval.index_fast import FastScanIndex
         if name not in ("fast", "auto"):
-            raise ValueError(f"index options are for the fast index only, got {spec!r}")
+            raise InvalidArgumentError(f"index options are for the fast index only, got {spec!r}")
         kwargs = {key: ast.literal_eval(value) if value[:1].isdigit() or value[:1] == "-" else value
                   for key, _, value in (item.partition("=") for item in options.split(","))}
         index = FastScanIndex(**kwargs)

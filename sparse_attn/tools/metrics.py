@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..layout import SparseLayout, ceil_div
+from ..errors import InvalidArgumentError
 
 
 def attention_recall(q, k, layout: SparseLayout, *, causal: bool = True, scale=None, rows_per_chunk: int = 512):
@@ -48,7 +49,7 @@ def attention_recall_per_head(q, k, layouts, *, causal: bool = True, scale=None,
         return torch.zeros(0, Hq, device=q.device)
     bm = layouts[0].block_m
     if any(lay.block_m != bm or (lay.q_len, lay.k_len) != (Lq, Lk) for lay in layouts):
-        raise ValueError(f"layouts must all have block_m={bm} and (q_len, k_len)=({Lq}, {Lk})")
+        raise InvalidArgumentError(f"layouts must all have block_m={bm} and (q_len, k_len)=({Lq}, {Lk})")
     scale = D ** -0.5 if scale is None else scale
     g = Hq // Hkv
     step = max(1, max_bytes // max(B * Hq * bm * Lk * 4, 1)) * bm

@@ -13,6 +13,7 @@ import random
 import torch
 
 from .cli import InputError, Parser, input_errors, progress, require_tokenizer
+from ..errors import InvalidArgumentError
 
 FILLER = (
     "The river bends twice before it reaches the old mill at the edge of the valley.",
@@ -37,7 +38,7 @@ def build_prompt(tokenizer, length: int, depth: float, needle: str, question: st
     prefix = tokenizer.encode("", add_special_tokens=True)                       # BOS where the model uses one
     room = length - len(prefix) - len(needle_ids) - len(question_ids)
     if room < 1:
-        raise ValueError(f"length {length} is too short for the needle and the question "
+        raise InvalidArgumentError(f"length {length} is too short for the needle and the question "
                          f"({length - room} tokens)")
     sentence_ids = tokenizer.encode(" " + " ".join(FILLER), add_special_tokens=False)
     filler = (sentence_ids * (room // max(1, len(sentence_ids)) + 1))[:room]

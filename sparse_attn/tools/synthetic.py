@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from ..errors import InvalidArgumentError
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,9 @@ class Workload:
 def make_qkv(w: Workload = Workload(), device="cpu"):
     """``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, L, D]`` of the synthetic workload (deterministic in ``w.seed``)."""
     if w.head_dim < 32 or w.head_dim % 2:
-        raise ValueError(f"head_dim must be an even number >= 32, got {w.head_dim}")
+        raise InvalidArgumentError(f"head_dim must be an even number >= 32, got {w.head_dim}")
     if w.q_heads % w.kv_heads:
-        raise ValueError(f"q_heads ({w.q_heads}) must be a multiple of kv_heads ({w.kv_heads})")
+        raise InvalidArgumentError(f"q_heads ({w.q_heads}) must be a multiple of kv_heads ({w.kv_heads})")
     gen = torch.Generator().manual_seed(w.seed)
     B, Hq, Hkv, L, D = w.batch, w.q_heads, w.kv_heads, w.seq_len, w.head_dim
     pairs = D // 2
@@ -120,7 +121,7 @@ class MixedWorkload:
 
         frames = (self.seq_len - self.text_before - self.text_after) // self.frame_tokens
         if frames < 1 or self.text_before < self.sinks + max(self.needles, self.prompt_keys) + 1:
-            raise ValueError(f"MixedWorkload: seq_len {self.seq_len} leaves no whole frame of {self.frame_tokens} "
+            raise InvalidArgumentError(f"MixedWorkload: seq_len {self.seq_len} leaves no whole frame of {self.frame_tokens} "
                              f"tokens between text_before={self.text_before} and text_after={self.text_after} "
                              f"(or text_before is too short for the sinks, needles and prompt keys)")
         start = self.text_before
@@ -139,9 +140,9 @@ def make_mixed_qkv(w: MixedWorkload = MixedWorkload(), device="cpu"):
     * text after -> video: ``salient`` columns inside the video.
     Same construction as `make_qkv` (RoPE frame, per-head weights, Gaussian noise); deterministic in ``w.seed``."""
     if w.head_dim < 32 or w.head_dim % 2:
-        raise ValueError(f"head_dim must be an even number >= 32, got {w.head_dim}")
+        raise InvalidArgumentError(f"head_dim must be an even number >= 32, got {w.head_dim}")
     if w.q_heads % w.kv_heads:
-        raise ValueError(f"q_heads ({w.q_heads}) must be a multiple of kv_heads ({w.kv_heads})")
+        raise InvalidArgumentError(f"q_heads ({w.q_heads}) must be a multiple of kv_heads ({w.kv_heads})")
     spans = w.spans()
     video = spans.spans[0]
     gen = torch.Generator().manual_seed(w.seed)
@@ -237,12 +238,12 @@ class HardWorkload:
 def make_hard_qkv(w: HardWorkload = HardWorkload(), device="cpu"):
     """``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, L, D]`` of `HardWorkload` ``w``."""
     if w.head_dim < 64 or w.head_dim % 2:
-        raise ValueError(f"head_dim must be an even number >= 64, got {w.head_dim}")
+        raise InvalidArgumentError(f"head_dim must be an even number >= 64, got {w.head_dim}")
     if w.q_heads % w.kv_heads:
-        raise ValueError(f"q_heads ({w.q_heads}) must be a multiple of kv_heads ({w.kv_heads})")
+        raise InvalidArgumentError(f"q_heads ({w.q_heads}) must be a multiple of kv_heads ({w.kv_heads})")
     bad = [kind for kind in w.kinds if kind not in HARD_KINDS]
     if bad or not w.kinds:
-        raise ValueError(f"kinds must be a non-empty tuple of {HARD_KINDS}, got {w.kinds!r}")
+        raise InvalidArgumentError(f"kinds must be a non-empty tuple of {HARD_KINDS}, got {w.kinds!r}")
     gen = torch.Generator().manual_seed(w.seed)
     B, Hq, Hkv, L, D = w.batch, w.q_heads, w.kv_heads, w.seq_len, w.head_dim
     pairs = D // 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
+from ..errors import InvalidArgumentError
 
 
 @dataclass
@@ -25,7 +26,7 @@ def time_in_turns(fns: dict, rounds: int = 3, warmup: int = 1) -> Timings:
     """Call each of ``fns`` (name -> zero-argument callable) ``warmup`` times untimed (first-call costs: kernel
     builds, compilation, caches, allocator), then ``rounds`` times timed, one call of each variant per round."""
     if rounds < 1 or warmup < 0:
-        raise ValueError(f"rounds must be >= 1 and warmup >= 0, got rounds={rounds!r}, warmup={warmup!r}")
+        raise InvalidArgumentError(f"rounds must be >= 1 and warmup >= 0, got rounds={rounds!r}, warmup={warmup!r}")
     timings = Timings({name: [] for name in fns})
     for _ in range(warmup):
         for name, fn in fns.items():

@@ -4,6 +4,7 @@ model-family table (`tiny_causal_lm`, `FAMILIES`)."""
 from __future__ import annotations
 
 import torch
+from ..errors import InvalidArgumentError
 
 #: family -> (config class, causal-LM class, config fields beyond the shared sizes).  Sliding windows and Gemma-2's
 #: softcap are small on purpose, so that a prompt of a few hundred tokens crosses the window and the cap changes
@@ -42,7 +43,7 @@ def tiny_causal_lm(family: str = "llama", layers: int = 2, hidden: int = 128, he
     import transformers
 
     if family not in FAMILIES:
-        raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
+        raise InvalidArgumentError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
     config_name, model_name, family_fields = FAMILIES[family]
     fields = {"initializer_range": 0.02, **family_fields, **fields}
     if init_std is not None:

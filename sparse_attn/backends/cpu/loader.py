@@ -22,6 +22,7 @@ import torch
 
 from ...layout import SparseLayout
 from ..jit import FileLock, default_cache_dir, source_dir
+from ...errors import InvalidArgumentError
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-strict-aliasing")
 SOURCE_NAME = "sparse_attention_cpu.cpp"
@@ -207,7 +208,7 @@ def cpu_kernel_attention(q, k, v, layout: SparseLayout, *, causal: bool, scale: 
                            "above); use backend='torch'")
     softcap = float(softcap)
     if not softcap >= 0.0 or softcap == float("inf"):
-        raise ValueError(f"softcap must be a finite number >= 0 (0 turns it off), got {softcap}")
+        raise InvalidArgumentError(f"softcap must be a finite number >= 0 (0 turns it off), got {softcap}")
     dtype = q.dtype
     if dtype != torch.float32 and not native_low_precision(dtype, q.shape[-1]):
         q, k, v = q.float(), k.float(), v.float()

@@ -21,7 +21,7 @@ from ...layout import SparseLayout
 from ..checks import attention_input_reasons, check_layout_matches, resolve_scale
 from .. import jit
 from ..jit import KernelCache
-from ...errors import NotSupportedError
+from ...errors import InvalidArgumentError, NotSupportedError
 from .vertical_slash_args import check_vertical_slash_args, vertical_slash_output_sizes
 from ...layout import ceil_div
 
@@ -198,9 +198,9 @@ def cuda_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = True,
     scores capped to ``softcap * tanh(s / softcap)``."""
     bad = attention_input_reasons(q, k, v)
     if bad:
-        raise ValueError("invalid attention inputs: " + "; ".join(bad))
+        raise InvalidArgumentError("invalid attention inputs: " + "; ".join(bad))
     if not isinstance(layout, SparseLayout):
-        raise ValueError(f"layout must be a SparseLayout, got {type(layout).__name__}")
+        raise InvalidArgumentError(f"layout must be a SparseLayout, got {type(layout).__name__}")
     _raise_if(attention_reasons(q, k, v, layout), "backend='cuda' cannot run")
     check_layout_matches(layout, q, k)
     scale = resolve_scale(scale, q.shape[-1])

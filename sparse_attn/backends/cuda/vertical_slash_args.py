@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import torch
 from ...layout import ceil_div
+from ...errors import InvalidArgumentError
 
 
 
 
 def _check_int_tensor(name: str, t, ndim: int) -> None:
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise InvalidArgumentError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in (torch.int32, torch.int64) or t.dim() != ndim:
-        raise ValueError(f"{name} must be a {ndim}-d int32 (or int64) tensor, got {t.dtype} {tuple(t.shape)}")
+        raise InvalidArgumentError(f"{name} must be a {ndim}-d int32 (or int64) tensor, got {t.dtype} {tuple(t.shape)}")
 
 
 def check_vertical_slash_args(q_seqlens, kv_seqlens, vertical_indexes, slash_indexes, context_size, block_size_M,
@@ -28,15 +29,15 @@ def check_vertical_slash_args(q_seqlens, kv_seqlens, vertical_indexes, slash_ind
     for name, value in (("context_size", context_size), ("block_size_M", block_size_M),
                         ("block_size_N", block_size_N)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+            raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
     batch, heads = vertical_indexes.shape[:2]
     if tuple(slash_indexes.shape[:2]) != (batch, heads):
-        raise ValueError(f"slash_indexes must have leading shape {(batch, heads)} like vertical_indexes, got "
+        raise InvalidArgumentError(f"slash_indexes must have leading shape {(batch, heads)} like vertical_indexes, got "
                          f"{tuple(slash_indexes.shape)}")
     lens = []
     for name, t in (("q_seqlens", q_seqlens), ("kv_seqlens", kv_seqlens)):
         if t.shape[0] not in (1, batch):
-            raise ValueError(f"{name} must have 1 or {batch} entries (the batch of vertical_indexes), got "
+            raise InvalidArgumentError(f"{name} must have 1 or {batch} entries (the batch of vertical_indexes), got "
                              f"{t.shape[0]}")
         values = t.tolist()
         lens.append(values * batch if len(values) == 1 else values)
@@ -45,7 +46,7 @@ def check_vertical_slash_args(q_seqlens, kv_seqlens, vertical_indexes, slash_ind
     bad = [b for b in range(batch) if not 0 <= q_lens[b] <= kv_lens[b] <= bound]
     if bad:
         limit = " <= context_size" if kv_within_context else ""
-        raise ValueError(f"q_seqlens / kv_seqlens: entries {bad} break 0 <= q_seqlen <= kv_seqlen{limit} (queries "
+        raise InvalidArgumentError(f"q_seqlens / kv_seqlens: entries {bad} break 0 <= q_seqlen <= kv_seqlen{limit} (queries "
                          f"are the last positions of each entry)")
     return q_lens, kv_lens
 

@@ -10,6 +10,7 @@ import functools
 import torch
 
 from ...layout import SparseLayout
+from ...errors import InvalidArgumentError
 
 
 @functools.lru_cache(maxsize=1)
@@ -23,7 +24,7 @@ def flex_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool, scale:
     """Same contract as `backends.torch.attention.torch_sparse_attention`; the layout must be block-aligned without columns
     (`SparseLayout.to_flex_block_mask` raises otherwise)."""
     if return_lse and q.device.type == "cpu":
-        raise ValueError("return_lse: backend='flex' cannot return the LSE on the CPU (compiled CPU FlexAttention "
+        raise InvalidArgumentError("return_lse: backend='flex' cannot return the LSE on the CPU (compiled CPU FlexAttention "
                          "does not support it); use backend='torch'")
     block_mask = layout.to_flex_block_mask(causal=causal)
     out = _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],

@@ -15,6 +15,7 @@ import torch
 
 from ...layout import SparseLayout, ceil_div
 from ..checks import attention_input_reasons, check_layout_matches, resolve_scale
+from ...errors import InvalidArgumentError
 
 #: Input dtypes the kernel takes (fp32 accumulation inside; fp32 inputs use IEEE fp32 dots, not TF32).
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -124,7 +125,7 @@ def triton_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = Tru
     ``softcap * tanh(s / softcap)``."""
     reasons = triton_not_supported_reasons(q, k, v, layout)
     if reasons:
-        raise ValueError("backend='triton' cannot run these inputs: " + "; ".join(reasons))
+        raise InvalidArgumentError("backend='triton' cannot run these inputs: " + "; ".join(reasons))
     check_layout_matches(layout, q, k)
     scale = resolve_scale(scale, q.shape[-1])
     B, Hq, Lq, D = q.shape
@@ -140,7 +141,7 @@ def triton_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool = Tru
     from .kernel import sparse_attention_kernel
 
     if q.device.type == "cpu" and not _kernel_is_interpreted():
-        raise ValueError("backend='triton': the kernel module was imported before TRITON_INTERPRET=1 was set")
+        raise InvalidArgumentError("backend='triton': the kernel module was imported before TRITON_INTERPRET=1 was set")
     # Tiny int32 index tensors: made contiguous (engines pass row slices), and never 0 wide (no null pointers).
     counts = [layout.block_count.contiguous(), layout.column_count.contiguous()]
     offsets, columns = (t if t.shape[-1] else t.new_zeros(*t.shape[:-1], 1)

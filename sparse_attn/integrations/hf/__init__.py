@@ -19,6 +19,7 @@ from .model_checks import check_model_attention, warn_sliding_layers
 from .registry import set_implementation
 from .saved_config import FIELD, read_settings, saved_settings, settings_of
 from .state import DEFAULT_OPTIONS, ONLINE_DENSE_ABOVE, PatchState, check_options  # noqa: F401 (re-exported)
+from ...errors import InvalidArgumentError, InvalidTypeError
 
 #: Name of our entry in transformers' attention and mask registries.
 IMPLEMENTATION = "sparse_attn"
@@ -49,7 +50,7 @@ def patch(model, config=None, *, retrieval=None, **options):
     opts = check_options(options, has_config=config is not None)
     num_layers, num_heads = text_config.num_hidden_layers, text_config.num_attention_heads
     if config is not None and opts["pattern"] is not None:
-        raise ValueError("patch: give either config or the pattern option, not both")
+        raise InvalidArgumentError("patch: give either config or the pattern option, not both")
     resolved = resolve_config(config, num_layers, num_heads)
     attention_modules = _attention_modules(model)
     retrieval = _check_retrieval(retrieval, num_layers)
@@ -93,7 +94,7 @@ def retrieval_cache(model):
     ``model.generate(ids, cache=retrieval_cache(model))`` (``past_key_values=`` on older transformers 5.x)."""
     state = getattr(model, STATE_ATTR, None)
     if state is None or state.retrieval is None:
-        raise ValueError("retrieval_cache: the model is not patched with retrieval; call "
+        raise InvalidArgumentError("retrieval_cache: the model is not patched with retrieval; call "
                          "sparse_attn.hf.patch(model, retrieval={...}) first")
     from .decode_cache import RetrievalCache
 
@@ -105,7 +106,7 @@ def _check_retrieval(retrieval, num_layers: int):
     if retrieval is None:
         return None
     if not isinstance(retrieval, dict):
-        raise TypeError(f"retrieval must be None or a dict of RetrievalCache options (top_k, sink, window, index, "
+        raise InvalidTypeError(f"retrieval must be None or a dict of RetrievalCache options (top_k, sink, window, index, "
                         f"ssd_dir, ...), got {type(retrieval).__name__}")
     try:
         from .decode_cache import RetrievalCache
@@ -114,7 +115,7 @@ def _check_retrieval(retrieval, num_layers: int):
     try:
         RetrievalCache(num_layers=1, **retrieval)
     except TypeError as e:
-        raise TypeError(f"retrieval: {e}") from e
+        raise InvalidTypeError(f"retrieval: {e}") from e
     return dict(retrieval)
 
 
@@ -148,23 +149,23 @@ def _check_model(model) -> None:
     except ImportError as e:  # pragma: no cover - transformers is the hf extra
         raise ImportError("sparse_attn.hf needs transformers: pip install 'sparse_attn[hf]'") from e
     if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+        raise InvalidTypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     name = type(model).__name__
     if not getattr(model, "_supports_attention_backend", False):
-        raise ValueError(f"model: {name} does not use transformers' attention registry "
+        raise InvalidArgumentError(f"model: {name} does not use transformers' attention registry "
                          f"(_supports_attention_backend is False), so its attention cannot be switched")
     can_set = getattr(type(model), "_can_set_attn_implementation", None)
     if can_set is not None and not can_set():
-        raise ValueError(f"model: {name} cannot switch its attention implementation at run time "
+        raise InvalidArgumentError(f"model: {name} cannot switch its attention implementation at run time "
                          f"(it does not call ALL_ATTENTION_FUNCTIONS.get_interface)")
     if not hasattr(model, "set_attn_implementation"):
-        raise ValueError(f"model: {name} has no set_attn_implementation (transformers too old; need >= 4.53)")
+        raise InvalidArgumentError(f"model: {name} has no set_attn_implementation (transformers too old; need >= 4.53)")
 
 
 def _attention_modules(model) -> list:
     modules = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
     if not modules:
-        raise ValueError(f"model: found no attention modules (modules with a layer_idx) in "
+        raise InvalidArgumentError(f"model: found no attention modules (modules with a layer_idx) in "
                          f"{type(model).__name__}")
     return modules
 
@@ -175,5 +176,5 @@ def _text_config(model):
     text = getter(decoder=True) if getter is not None else config
     for name in ("num_hidden_layers", "num_attention_heads"):
         if not isinstance(getattr(text, name, None), int):
-            raise ValueError(f"model: its config has no integer {name}; cannot map a sparse config to its layers")
+            raise InvalidArgumentError(f"model: its config has no integer {name}; cannot map a sparse config to its layers")
     return text

@@ -50,6 +50,7 @@ from .custom_ops import hf_sparse_prefill, registered_state, state_handle
 from .modality import patterns_for_call
 from .retrieval_link import take_updated_layer
 from .saved_config import state_for_module
+from ...errors import InvalidArgumentError
 
 #: Attribute holding the patch state on each attention module (and on the model).
 STATE_ATTR = "_sparse_attn_state"
@@ -112,7 +113,7 @@ def _check_supported(module, dropout, kwargs) -> float:
             raise NotImplementedError(f"sparse_attn: attention with `{name}` is not supported; "
                                       f"unpatch the model (sparse_attn.hf.unpatch) to use its own attention")
     if dropout and module.training:
-        raise ValueError("sparse_attn: attention dropout > 0 in training mode is not supported; set the model's "
+        raise InvalidArgumentError("sparse_attn: attention dropout > 0 in training mode is not supported; set the model's "
                          "attention_dropout to 0, call model.eval(), or unpatch the model")
     return check_softcap(kwargs.get("softcap") or 0.0)
 
@@ -144,7 +145,7 @@ def _key_mask(attention_mask, key, value):
         return None, key, value
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
-        raise ValueError(f"sparse_attn: expected attention_mask None or a [batch, kv_len] padding mask (the mask "
+        raise InvalidArgumentError(f"sparse_attn: expected attention_mask None or a [batch, kv_len] padding mask (the mask "
                          f"function registered by sparse_attn.hf.patch), got {shape}; patch the model with "
                          f"sparse_attn.hf.patch instead of setting the implementation by hand")
     keep = attention_mask.to(torch.bool)
@@ -168,7 +169,7 @@ def _check_not_packed(position_ids) -> None:
     if torch.compiler.is_compiling():
         torch._assert_async(consecutive, message)
     elif not bool(consecutive):
-        raise ValueError(message)
+        raise InvalidArgumentError(message)
 
 
 def prefill_route(state, layer_idx, q, k, v, key_keep, scale, softcap=0.0, kernel=None):

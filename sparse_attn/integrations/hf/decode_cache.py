@@ -21,6 +21,7 @@ from ...retrieval.cache import RetrievalKVCache
 from .attention import register_under
 from .attention import sparse_attention_forward
 from .retrieval_link import note_updated_layer
+from ...errors import InvalidArgumentError
 
 #: The package's one attention implementation name (the same as ``sparse_attn.hf.IMPLEMENTATION``).
 IMPLEMENTATION = "sparse_attn"
@@ -37,7 +38,7 @@ class RetrievalLayer(CacheLayerMixin):
     def __init__(self, top_k: int = 100, layer: int = 0, index="auto", **cache_options):
         super().__init__()
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
-            raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+            raise InvalidArgumentError(f"top_k must be a positive int, got {top_k!r}")
         self.top_k, self.layer_idx, self.cache_options = top_k, layer, cache_options
         self._index = index                   # a name, or a prototype index that is copied, never used itself
         self.cache = self._new_cache()
@@ -83,7 +84,7 @@ class RetrievalCache(Cache):
             text = config.get_text_config() if hasattr(config, "get_text_config") else config
             num_layers = getattr(text, "num_hidden_layers", None)
         if not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"config (with num_hidden_layers) or num_layers >= 1 is required, got {num_layers!r}")
+            raise InvalidArgumentError(f"config (with num_hidden_layers) or num_layers >= 1 is required, got {num_layers!r}")
         super().__init__(layers=[RetrievalLayer(top_k, layer=i, **cache_options) for i in range(num_layers)])
 
     def memory_report(self) -> dict:

@@ -22,6 +22,7 @@ import contextvars
 
 from ...patterns.modality import _ModalityPattern, with_modality
 from ...patterns.modality_spans import ModalitySpan, ModalitySpans
+from ...errors import InvalidArgumentError, InvalidTypeError
 
 #: The spans of the calls in the current ``modality`` block: None, a ModalitySpans, or a tuple of one per batch row.
 _SPANS: contextvars.ContextVar = contextvars.ContextVar("sparse_attn_modality_spans", default=None)
@@ -49,7 +50,7 @@ def current_spans():
 def normalize_spans(spans):
     """A ModalitySpans, or a tuple of one per batch row, from what `modality` accepts."""
     if spans is None:
-        raise TypeError("spans must be a ModalitySpans, a list of (start, end, kind[, frame_tokens]) tuples, or a "
+        raise InvalidTypeError("spans must be a ModalitySpans, a list of (start, end, kind[, frame_tokens]) tuples, or a "
                         "list with one of those per batch row; got None")
     try:
         if _is_per_row(spans):
@@ -81,10 +82,10 @@ def patterns_for_call(patterns: list, batch: int, k_len: int, row: int | None = 
         rows = len(spans)
         if row is not None:
             if row >= rows:
-                raise ValueError(f"sparse_attn.hf.modality: spans has {rows} per-row entries, the batch has row {row}")
+                raise InvalidArgumentError(f"sparse_attn.hf.modality: spans has {rows} per-row entries, the batch has row {row}")
             spans = spans[row]
         elif rows != batch:
-            raise ValueError(f"sparse_attn.hf.modality: spans has {rows} per-row entries for a batch of {batch}")
+            raise InvalidArgumentError(f"sparse_attn.hf.modality: spans has {rows} per-row entries for a batch of {batch}")
         elif rows == 1:
             spans = spans[0]
     if isinstance(spans, tuple):
@@ -99,7 +100,7 @@ def _fit(spans: ModalitySpans, k_len: int) -> ModalitySpans:
     past = [s for s in spans.spans if s.end > k_len]
     if past or (spans.length is not None and spans.length > k_len):
         what = f"span {(past[0].start, past[0].end, past[0].kind)}" if past else f"length {spans.length}"
-        raise ValueError(f"sparse_attn.hf.modality: spans {what} ends past the {k_len} keys of this call; spans "
+        raise InvalidArgumentError(f"sparse_attn.hf.modality: spans {what} ends past the {k_len} keys of this call; spans "
                          f"index each row's prompt tokens (padding excluded), and chunked prefill with spans past "
                          f"the first chunk is not supported")
     return spans if spans.length is None else ModalitySpans(spans.spans)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import warnings
 
 from ...backends import BACKENDS
+from ...errors import InvalidArgumentError
 
 
 def softcap_of(text_config) -> float:
@@ -41,20 +42,20 @@ def check_model_attention(model, text_config, attention_modules, options: dict, 
     name = type(model).__name__
     with_sinks = sorted(m.layer_idx for m in attention_modules if getattr(m, "sinks", None) is not None)
     if with_sinks:
-        raise ValueError(f"model: {name}'s attention has learned sinks (layers {with_sinks}), which sparse_attn does "
+        raise InvalidArgumentError(f"model: {name}'s attention has learned sinks (layers {with_sinks}), which sparse_attn does "
                          f"not implement; keep its own attention implementation")
     cap = softcap_of(text_config)
     if not cap:
         return
     if retrieval is not None:
-        raise ValueError(f"retrieval: {name} soft-caps its attention scores (attn_logit_softcapping={cap}) and the "
+        raise InvalidArgumentError(f"retrieval: {name} soft-caps its attention scores (attn_logit_softcapping={cap}) and the "
                          f"retrieval decode path does not; patch without retrieval=")
     backend = options["backend"]
     if backend != "auto":
         chosen = next(b for b in BACKENDS if b.name == backend)
         if not chosen.supports_softcap:
             able = [b.name for b in BACKENDS if b.supports_softcap]
-            raise ValueError(f"backend: {backend!r} does not implement softcap, which {name} uses "
+            raise InvalidArgumentError(f"backend: {backend!r} does not implement softcap, which {name} uses "
                              f"(attn_logit_softcapping={cap}); use 'auto' or one of {able}")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from ...config import SparseConfig, pattern_from_json, pattern_to_json, resolve_config
 from .state import PatchState, check_options
+from ...errors import InvalidArgumentError
 
 FIELD = "sparse_attn"
 FORMAT = "sparse_attn.hf"
@@ -41,12 +42,12 @@ def read_settings(obj) -> tuple:
     patch options (and ``pattern``).  ValueError naming the field when the object is bad."""
     where = f"the model config's {FIELD!r} field"
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise ValueError(f"{where} must be an object with \"format\": {FORMAT!r}, got {obj!r:.200}")
+        raise InvalidArgumentError(f"{where} must be an object with \"format\": {FORMAT!r}, got {obj!r:.200}")
     if obj.get("version") != VERSION:
-        raise ValueError(f"{where}: unsupported version {obj.get('version')!r} (this reader knows {VERSION})")
+        raise InvalidArgumentError(f"{where}: unsupported version {obj.get('version')!r} (this reader knows {VERSION})")
     unknown = sorted(set(obj) - _KEYS)
     if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}")
+        raise InvalidArgumentError(f"{where}: unknown keys {unknown}")
     config = None if obj.get("config") is None else SparseConfig.load(obj["config"])
     options = {name: obj[name] for name in SAVED_OPTIONS if name in obj}
     if obj.get("pattern") is not None:

@@ -7,6 +7,7 @@ from ... import prefill
 from ...backends import BACKEND_NAMES
 from ...config import empty_budget_reason
 from ...patterns import Pattern
+from ...errors import InvalidArgumentError, InvalidTypeError
 
 #: patch(**options) defaults; `pattern` is the online pattern of every head when no config is given.
 DEFAULT_OPTIONS = {"dense_below": prefill.DENSE_BELOW, "dense_above": None, "backend": "auto", "pattern": None,
@@ -42,7 +43,7 @@ def check_options(options: dict, *, has_config: bool) -> dict:
     1.0 with one); TypeError / ValueError naming each bad option."""
     unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
     if unknown:
-        raise TypeError(f"patch: unknown options {unknown}; expected some of {sorted(DEFAULT_OPTIONS)}")
+        raise InvalidTypeError(f"patch: unknown options {unknown}; expected some of {sorted(DEFAULT_OPTIONS)}")
     opts = {**DEFAULT_OPTIONS, **options}
     reasons = []
     below = opts["dense_below"]
@@ -62,7 +63,7 @@ def check_options(options: dict, *, has_config: bool) -> dict:
         reasons.append(f"on_layout must be callable(layer_idx, layout, density) or None, "
                        f"got {type(opts['on_layout']).__name__}")
     if reasons:
-        raise ValueError("patch: " + "; ".join(reasons))
+        raise InvalidArgumentError("patch: " + "; ".join(reasons))
     if opts["dense_above"] is None:
         opts["dense_above"] = ONLINE_DENSE_ABOVE if not has_config else 1.0
     return opts

@@ -10,6 +10,7 @@ leaves those layers to vLLM's own attention."""
 from __future__ import annotations
 
 import torch
+from ...layout import ceil_div
 
 #: ISAs whose cache layout `read_request_kv` knows
 READABLE_ISAS = ("vec", "vec16")
@@ -39,7 +40,7 @@ def read_request_values(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len
 def _gather(kv_cache, block_ids, seq_len: int, part: int) -> torch.Tensor:
     num_blocks, num_kv_heads, block_size, two_d = kv_cache.shape
     head_dim = two_d // 2
-    n = -(-seq_len // block_size)
+    n = ceil_div(seq_len, block_size)
     rows = kv_cache.new_empty(num_kv_heads, n * block_size, head_dim)
     per_block = rows.view(num_kv_heads, n, block_size, head_dim).transpose(0, 1)        # [n, Hkv, bs, D] view
     source = kv_cache.view(num_blocks, num_kv_heads, 2, block_size * head_dim)[:, :, part]
