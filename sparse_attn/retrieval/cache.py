@@ -18,13 +18,14 @@ from .overlay_file import OverlayVectorFile
 from .page_file import KVFileError, PagedVectorFile, check_writable_dir
 from .ram_tier import RamTier
 from .window import DeviceWindow
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, InvalidTypeError
 
 META_VERSION = 2                 # 2: the index is saved (layer<L>.index) and restored
 
 
 #: Index names :func:`make_index` accepts ("auto" is the fast index, which searches exactly until it is trained).
 INDEX_NAMES = ("auto", "fast", "exact", "ivf", "query_aware")
+INDEX_METHODS = ("attach", "observe_queries", "add", "search")     # what a cache calls on its index
 
 
 def make_index(index="auto"):
@@ -33,6 +34,10 @@ def make_index(index="auto"):
     fast-scan PQ codes, probe budget in keys, exact re-ranking of a shortlist); "exact": every key scored; "ivf": plain faiss IVF-Flat; "query_aware": IVF-Flat
     with query-aware lists."""
     if not isinstance(index, str):
+        missing = [m for m in INDEX_METHODS if not callable(getattr(index, m, None))]
+        if missing:
+            raise InvalidTypeError(f"index must be a name ({', '.join(map(repr, INDEX_NAMES))}) or an index object "
+                                   f"with {', '.join(INDEX_METHODS)}; {type(index).__name__} lacks {', '.join(missing)}")
         return index
     if index in ("auto", "fast"):
         from .index_fast import FastScanIndex
