@@ -6,12 +6,11 @@ in one process, since this VM's speed drifts.  CPU tensors; prints one line per 
 """
 import argparse
 import platform
-import statistics
-import time
 
 import torch
 
 from sparse_attn.integrations import convert_vertical_slash_indexes
+from sparse_attn.tools.timing import time_in_turns
 
 
 def indexes(length: int, heads: int, n_v: int, n_s: int, causal: bool, seed: int = 0):
@@ -36,22 +35,17 @@ def main():
     for length in args.lengths:
         lens = torch.tensor([length], dtype=torch.int32)
         vert, slash = indexes(length, args.heads, 1000, 6096, True)
-        times, sizes = {"engine": [], "clip": []}, {}
-        for _ in range(args.rounds + 1):                                  # first round: warm-up, not kept
-            for mode in times:
-                t0 = time.perf_counter()
-                out = convert_vertical_slash_indexes(lens, lens, vert, slash, length, 64, 64, causal=True,
-                                                     clip=mode == "clip")
-                times[mode].append(time.perf_counter() - t0)
-                tiles = int(out[0].sum())
-                cols = int(out[2].sum())
-                sizes[mode] = (tiles, cols, tuple(out[1].shape))
-        for mode in ("engine", "clip"):
-            kept = times[mode][1:]
-            tiles, cols, shape = sizes[mode]
-            print(f"L={length} {mode:6s} median {statistics.median(kept) * 1e3:8.1f} ms  runs "
-                  f"{' '.join(f'{t * 1e3:.1f}' for t in kept)}  tiles {tiles} columns {cols} block_offset {shape}")
-        ratio = statistics.median(times["engine"][1:]) / statistics.median(times["clip"][1:])
+        fns = {mode: (lambda clip: lambda: convert_vertical_slash_indexes(lens, lens, vert, slash, length, 64, 64,
+                                                                       causal=True, clip=clip))(mode == "clip")
+               for mode in ("engine", "clip")}
+        timings = time_in_turns(fns, args.rounds)                          # one warm-up round, then in turns
+        for mode in fns:
+            out = timings.results[mode]
+            kept = timings.samples[mode]
+            print(f"L={length} {mode:6s} median {timings.median(mode) * 1e3:8.1f} ms  runs "
+                  f"{' '.join(f'{t * 1e3:.1f}' for t in kept)}  tiles {int(out[0].sum())} columns "
+                  f"{int(out[2].sum())} block_offset {tuple(out[1].shape)}")
+        ratio = timings.median("engine") / timings.median("clip")
         print(f"L={length} engine / clip time ratio {ratio:.2f}")
 
 
