@@ -35,6 +35,14 @@ _INDEX_FIELDS = ("block_count", "block_offset", "column_count", "column_index")
 
 
 
+def block_row_positions(q_len: int, k_len: int, block_m: int, device=None):
+    """Key positions of the first and last query row of each query block (bottom-right alignment), int64."""
+    n_qb = ceil_div(q_len, block_m)
+    first = torch.arange(n_qb, device=device) * block_m
+    last = (first + block_m).clamp(max=q_len) - 1
+    return first + (k_len - q_len), last + (k_len - q_len)
+
+
 def query_positions(q_len: int, k_len: int, device=None) -> torch.Tensor:
     """Key position of every query row under bottom-right alignment: ``arange(q_len) + k_len - q_len``."""
     return torch.arange(q_len, device=device) + (k_len - q_len)
@@ -197,10 +205,8 @@ class SparseLayout:
     def density(self, causal: bool = True) -> float:
         """Fraction of the attention matrix the layout lets through: (query, key) pairs listed by the tiles and
         columns (and visible under the causal mask when ``causal``) over the pairs dense attention uses."""
-        first = torch.arange(self.num_query_blocks, device=self.device) * self.block_m
-        last = (first + self.block_m).clamp(max=self.q_len) - 1
-        shift = self.k_len - self.q_len
-        p0, p1 = (first + shift)[:, None], (last + shift)[:, None]                    # [nQb, 1] positions
+        p0, p1 = block_row_positions(self.q_len, self.k_len, self.block_m, self.device)
+        p0, p1 = p0[:, None], p1[:, None]                                              # [nQb, 1] positions
         o = self.block_offset.long()
         w = ((o + self.block_n).clamp(max=self.k_len) - o).clamp(min=0)
         used_t = torch.arange(o.shape[-1], device=self.device) < self.block_count[..., None]
@@ -218,11 +224,8 @@ class SparseLayout:
 
     def _block_key_limit(self, causal: bool) -> torch.Tensor:
         """One past the last key any row of each query block may see, int64 [nQb]."""
-        starts = torch.arange(self.num_query_blocks, device=self.device) * self.block_m
-        last_row = (starts + self.block_m).clamp(max=self.q_len) - 1
-        if not causal:
-            return torch.full_like(last_row, self.k_len)
-        return last_row + (self.k_len - self.q_len) + 1
+        _, last = block_row_positions(self.q_len, self.k_len, self.block_m, self.device)
+        return last + 1 if causal else torch.full_like(last, self.k_len)
 
     # ------------------------------------------------------------------ conversions
     def to_block_mask(self, causal: bool = False) -> torch.Tensor:

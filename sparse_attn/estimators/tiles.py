@@ -59,9 +59,3 @@ def compact(values: torch.Tensor, keep: torch.Tensor, width: int):
     return count, torch.where(kept, values.gather(-1, order), 0).to(torch.int32)
 
 
-def block_row_positions(q_len: int, k_len: int, block_m: int, device=None):
-    """Key positions of the first and last query row of each query block (bottom-right alignment), int64."""
-    n_qb = ceil_div(q_len, block_m)
-    first = torch.arange(n_qb, device=device) * block_m
-    last = (first + block_m).clamp(max=q_len) - 1
-    return first + (k_len - q_len), last + (k_len - q_len)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import keys_in_tiles
-from ..estimators.tiles import block_row_positions, compact, ranges_to_tiles
+from ..layout import block_row_positions, keys_in_tiles
+from ..estimators.tiles import compact, ranges_to_tiles
 from ..backends.cuda.vertical_slash_args import vertical_slash_output_sizes
 
 

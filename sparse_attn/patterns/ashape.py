@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..estimators.tiles import block_row_positions
+from ..layout import block_row_positions
 from .base import Pattern, layout_from_ranges, per_head, tile_bound
 
 

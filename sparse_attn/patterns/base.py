@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..errors import InvalidArgumentError, InvalidTypeError
-from ..layout import SparseLayout, ceil_div, keys_in_tiles
+from ..layout import SparseLayout, block_row_positions, ceil_div, keys_in_tiles
 from ..backends.host_copy import host_tensor
 from ..estimators.tiles import compact, ranges_to_tiles
 
@@ -104,8 +104,7 @@ def computed_share(layout: SparseLayout, causal: bool = True) -> torch.Tensor:
     """Per batch row and head ``[B, H]`` (fp32): keys the kernel computes (whole query blocks x listed keys, cut
     at each block's last visible key) over the keys dense attention computes, block rows weighted by their row
     count.  What kernel time follows; cheaper than `SparseLayout.density` (no per-tile triangle sums)."""
-    first = torch.arange(layout.num_query_blocks, device=layout.device) * layout.block_m
-    last = (first + layout.block_m).clamp(max=layout.q_len) - 1
+    first, last = block_row_positions(layout.q_len, layout.k_len, layout.block_m, layout.device)
     rows = (last - first + 1).double()
-    dense = (last + layout.k_len - layout.q_len + 1).double() if causal else torch.full_like(rows, layout.k_len)
+    dense = (last + 1).double() if causal else torch.full_like(rows, layout.k_len)
     return ((layout.key_counts(causal).double() * rows).sum(-1) / (dense * rows).sum()).float()

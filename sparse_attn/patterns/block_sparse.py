@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layout import SparseLayout, ceil_div
+from ..layout import SparseLayout, block_row_positions, ceil_div
 from ..backends.host_copy import host_tensor
-from ..estimators.tiles import block_row_positions, compact
+from ..estimators.tiles import compact
 from ..estimators.sample_mass import antidiagonal_block_mass, pooled_block_logits
 from .base import Pattern, compacts_slots
 

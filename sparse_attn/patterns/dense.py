@@ -5,8 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..estimators.tiles import block_row_positions
-from ..layout import SparseLayout
+from ..layout import SparseLayout, block_row_positions
 from .base import Pattern, tile_bound
 
 

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layout import SparseLayout
-from ..estimators.tiles import block_row_positions
+from ..layout import SparseLayout, block_row_positions
 from .base import layout_from_ranges, tile_bound
 
 

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layout import ceil_div, kept_first
+from ..layout import block_row_positions, ceil_div, kept_first
 from ..backends.host_copy import host_tensor
-from ..estimators.tiles import block_row_positions
 from ..estimators.sample_mass import column_mass, diagonal_mass
 from ..estimators.score_backends import select_scores
 from .base import Pattern, compacts_slots, layout_from_ranges, per_head, tile_bound

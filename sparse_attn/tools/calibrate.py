@@ -34,6 +34,7 @@ import torch
 
 from ..config import NAME_OF, SparseConfig, _pattern_json
 from ..patterns import Dense, Pattern
+from ..patterns.base import computed_share
 from ..patterns.modality import with_modality
 from ..patterns.modality_spans import ModalitySpans, as_modality
 from ..prefill import estimate
@@ -49,12 +50,7 @@ DEFAULT_TARGET = 0.95
 def kernel_cost(layout, causal: bool = True) -> torch.Tensor:
     """Per query head, the (row, key) pairs the kernel computes for ``layout`` (whole query blocks x listed keys,
     cut at each block's causal limit) over those dense attention computes: fp32 ``[H]``, mean over the batch."""
-    keys = layout.key_counts(causal).double()                                        # [B, H, nQb]
-    first = torch.arange(layout.num_query_blocks, device=keys.device) * layout.block_m
-    last = (first + layout.block_m).clamp(max=layout.q_len) - 1
-    rows = (last - first + 1).double()
-    dense = (last + layout.k_len - layout.q_len + 1).double() if causal else torch.full_like(rows, layout.k_len)
-    return ((keys * rows).sum(-1) / (dense * rows).sum()).mean(0).float()
+    return computed_share(layout, causal).mean(0)
 
 
 def score_layer(q, k, candidates, *, scale=None, causal: bool = True, block_m: int = 64, block_n: int = 64):
