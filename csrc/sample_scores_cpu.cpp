@@ -26,6 +26,19 @@ constexpr int64_t kChunk = 256;  // keys per GEMM call
 
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
+// Scores stored key-major (``S[j * rows + r]``): each becomes exp(score - m[r]) in place, summed per row into sum.
+inline void exp_rows_in_place(float* S, int64_t Lk, int64_t rows, const float* m, float* sum) {
+  for (int64_t j = 0; j < Lk; ++j) {
+    float* s = S + j * rows;
+#pragma omp simd
+    for (int64_t r = 0; r < rows; ++r) {
+      const float e = exp_nonpositive(s[r] - m[r]);
+      s[r] = e;
+      sum[r] += e;
+    }
+  }
+}
+
 // S [Lk, n] = K Q^T for q [n, D] (rows, stride ldq) and k [Lk, D] (rows, stride ldk), by chunks of keys.
 template <typename T>
 void scores_transposed(const T* q, int64_t ldq, const T* k, int64_t ldk, int64_t n, int64_t Lk, int64_t D,
@@ -61,15 +74,7 @@ float kept_head(const T* q, int64_t ldq, const T* k, int64_t ldk, int64_t R, int
       m[r] = s[r] > m[r] ? s[r] : m[r];
     }
   }
-  for (int64_t j = 0; j < Lk; ++j) {
-    float* s = S.data() + j * R;
-#pragma omp simd
-    for (int64_t r = 0; r < R; ++r) {
-      const float e = exp_nonpositive(s[r] - m[r]);
-      s[r] = e;
-      sum[r] += e;
-    }
-  }
+  exp_rows_in_place(S.data(), Lk, R, m.data(), sum.data());
   // S becomes each row's inclusive prefix sums of its probabilities, in place (rows side by side: vectorised)
   std::vector<float> run(R, 0.f);
   for (int64_t r = 0; r < R; ++r) sum[r] = sum[r] > 0.f ? 1.f / sum[r] : 0.f;
@@ -116,15 +121,7 @@ void score_head(const T* q, int64_t ldq, const T* k, int64_t ldk, int64_t n, int
 #pragma omp simd
     for (int64_t r = 0; r < n; ++r) m[r] = s[r] > m[r] ? s[r] : m[r];
   }
-  for (int64_t j = 0; j < Lk; ++j) {
-    float* s = S.data() + j * n;
-#pragma omp simd
-    for (int64_t r = 0; r < n; ++r) {
-      const float e = exp_nonpositive(s[r] - m[r]);
-      s[r] = e;
-      sum[r] += e;
-    }
-  }
+  exp_rows_in_place(S.data(), Lk, n, m.data(), sum.data());
   for (int64_t r = 0; r < n; ++r) {
     inv[r] = sum[r] > 0.f ? 1.f / sum[r] : 0.f;
     lse[r] = sum[r] > 0.f ? m[r] + std::log(sum[r]) : ninf;
