@@ -31,6 +31,8 @@ class Backend:
     cost_per_key: float = 1.0
     #: whether ``"auto"`` may pick it (opt-in backends: a compile per shape, a test-only mode)
     in_auto: bool = True
+    #: device types ``"auto"`` picks it on (empty: wherever it runs); Triton runs on CPU tensors only as a test mode
+    auto_devices: tuple = ()
     #: whether `_run` takes ``out=`` and writes the result there (else `run` copies the result into ``out``)
     writes_out: bool = False
 
@@ -57,6 +59,8 @@ class Backend:
         """Reasons why ``"auto"`` does not pick it: the above plus the backend's own auto rules."""
         if not self.in_auto:
             return ["opt-in only (not picked by 'auto')"]
+        if self.auto_devices and q.device.type not in self.auto_devices:
+            return [f"'auto' picks it on {' or '.join(self.auto_devices)} tensors only"]
         return self.not_supported_reasons(q, k, v, layout, **options)
 
     def run(self, q, k, v, layout, *, causal: bool, scale: float, return_lse: bool = False, softcap: float = 0.0,

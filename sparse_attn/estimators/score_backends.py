@@ -59,15 +59,11 @@ class CpuScores(ScoreBackend):
 class TritonScores(ScoreBackend):
     name = "triton"
     devices = ("cuda", "cpu")                       # CPU only under TRITON_INTERPRET=1 (tests)
+    auto_devices = ("cuda",)
 
     def _kernel_reasons(self, q, k, v, layout) -> list[str]:
         from .triton_scores import scores_not_supported_reasons      # a spec lookup, no triton import
         return scores_not_supported_reasons(q, k, 1)
-
-    def auto_reasons(self, q, k, v, layout=None, **options) -> list[str]:
-        if q.device.type != "cuda":
-            return ["'auto' runs Triton on CUDA tensors only (the interpreter is for tests)"]
-        return super().auto_reasons(q, k, v, layout, **options)
 
     def run(self, q, k, last_q, scale, causal, *, heads, sink, local, group):
         from .triton_scores import triton_sample_scores

@@ -11,6 +11,7 @@ class TritonBackend(Backend):
     cost_per_key = 1.5
     supports_softcap = True
     devices = ("cuda", "cpu")                       # CPU only under TRITON_INTERPRET=1 (tests)
+    auto_devices = ("cuda",)
     dtypes = launcher.TRITON_DTYPES
     head_dims = (launcher.MIN_HEAD_DIM, launcher.MAX_HEAD_DIM, 8)
 
@@ -18,11 +19,6 @@ class TritonBackend(Backend):
         reasons = launcher.triton_not_supported_reasons(q, k, v, layout)
         generic = ("dtype must be", "head_dim must be")          # already said by the capability checks
         return [r for r in reasons if not r.startswith(generic)]
-
-    def auto_reasons(self, q, k, v, layout=None, **options) -> list[str]:
-        if q.device.type != "cuda":
-            return ["'auto' runs Triton on CUDA tensors only (the interpreter is for tests)"]
-        return super().auto_reasons(q, k, v, layout, **options)
 
     def _run(self, q, k, v, layout, *, causal, scale, return_lse, **options):
         return launcher.triton_sparse_attention(q, k, v, layout, causal=causal, scale=scale, return_lse=return_lse,
