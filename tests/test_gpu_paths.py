@@ -1,0 +1,121 @@
+"""The paths a user reaches on a CUDA device, end to end (marker ``gpu``; skipped without CUDA): the default pattern's
+online estimate with the Triton score kernels, ``backend="auto"`` choosing Triton, ``out=`` on the GPU backends, a
+patched Hugging Face model (eager and compiled through the custom op) and the differentiable training path.  Each is
+checked against the dense fp32 oracle on the CPU, on odd shapes."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import sparse_attn as sa
+from helpers import make_qkv, plain_attention
+from sparse_attn.estimators import score_backends
+
+pytestmark = pytest.mark.gpu
+
+SHAPES = [  # B, Hq, Hkv, Lq, Lk, D: batch rows with different content, GQA / MQA / MHA, Lq < Lk, off the block grid
+    (2, 4, 2, 200, 200, 64),
+    (1, 8, 1, 130, 333, 128),
+    (2, 2, 2, 1000, 1000, 80),
+]
+
+
+def _on_cuda(*tensors):
+    return [t.cuda() for t in tensors]
+
+
+def _oracle_errors(out, q, k, v, layout, dtype):
+    """(error of ``out`` vs the fp32 oracle, error of plain torch in ``dtype``) over rows that see a key."""
+    mask = layout.to("cpu").to_mask()
+    ref = sa.reference_attention(q.float(), k.float(), v.float(), mask, causal=True)
+    plain = plain_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask, causal=True).float()
+    seen = torch.isfinite(plain).all(-1)
+    return (out.float().cpu() - ref)[seen].abs().max().item(), (plain - ref)[seen].abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_default_pattern_estimates_and_runs_on_cuda(shape, dtype, monkeypatch):
+    B, Hq, Hkv, Lq, Lk, D = shape
+    q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, D, seed=Lq + D, structured=True)
+    qc, kc, vc = _on_cuda(q.to(dtype), k.to(dtype), v.to(dtype))
+    assert score_backends.select_scores("auto", qc, kc).name == "triton"
+    layout = sa.estimate(qc, kc)                                   # the default pattern, online
+    assert layout.block_count.is_cuda and 0 < layout.density() <= 1
+    calls = []
+    real = score_backends.TRITON_SCORES.run
+    monkeypatch.setattr(score_backends.TRITON_SCORES, "run", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    again = sa.estimate(qc, kc)
+    assert calls, "the default estimate on CUDA did not score the sample with the Triton kernels"
+    assert torch.equal(again.block_count, layout.block_count)      # deterministic on the same inputs
+    out = sa.sparse_attention(qc, kc, vc, layout)
+    assert out.is_cuda and out.dtype == dtype
+    err, plain_err = _oracle_errors(out, q.to(dtype), k.to(dtype), v.to(dtype), layout, dtype)
+    assert err <= 2 * plain_err + 1e-5, (err, plain_err)
+
+
+def _gpu_backends():
+    names = ["triton"]
+    if importlib.util.find_spec("cupy") is not None:
+        names.append("cuda")
+    return names
+
+
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_out_on_gpu_backends_receives_the_result_and_nothing_else(backend):
+    Hq, Hkv, Lq, Lk, D = 4, 2, 113, 300, 64
+    q, k, v = _on_cuda(*make_qkv(1, Hq, Hkv, Lq, Lk, D, seed=3, dtype=torch.float16))
+    layout = sa.estimate(q, k, sa.VerticalSlash(vertical=64, slash=128, min_vertical=16, min_slash=64))
+    expected, lse = sa.sparse_attention(q, k, v, layout, backend=backend, return_lse=True)
+    buffer = torch.full((3 + Lq + 3, Hq, D), float("nan"), dtype=q.dtype, device="cuda")
+    rows = buffer[3:3 + Lq].transpose(0, 1).unsqueeze(0)          # an engine's [tokens, Hq, D] rows as BHLD
+    got, got_lse = sa.sparse_attention(q, k, v, layout, backend=backend, return_lse=True, out=rows)
+    assert got.data_ptr() == rows.data_ptr()
+    torch.testing.assert_close(rows, expected, rtol=0, atol=0)
+    torch.testing.assert_close(got_lse, lse, rtol=0, atol=0)
+    assert buffer[:3].isnan().all() and buffer[-3:].isnan().all()
+
+
+def test_differentiable_path_on_cuda_matches_oracle_gradients():
+    from sparse_attn.backends.torch.differentiable import differentiable_sparse_attention
+
+    q, k, v = make_qkv(2, 4, 2, 150, 150, D=32, seed=5, structured=True)
+    layout = sa.estimate(q, k, sa.VerticalSlash(vertical=4, slash=16, sink=2, local=8, last_q=16))
+    assert layout.density() < 0.9
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    leaves = [t.detach().cuda().requires_grad_() for t in (q, k, v)]
+    out = differentiable_sparse_attention(*leaves, layout.to("cuda"), causal=True, scale=32 ** -0.5)
+    got = torch.autograd.grad(out, leaves, grad_out.cuda())
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = sa.reference_attention(*ref_leaves, layout.to_mask(), causal=True, scale=32 ** -0.5)
+    want = torch.autograd.grad(ref, ref_leaves, grad_out.double())
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-5)
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g.cpu().double(), w, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_patched_hf_model_on_cuda_eager_and_compiled():
+    pytest.importorskip("transformers")
+    import sparse_attn.hf as sah
+    from sparse_attn.tools.tiny_model import tiny_llama
+
+    ids = torch.randint(1, 128, (2, 200), generator=torch.Generator().manual_seed(3)).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :29] = 0                                                # a left-padded row
+    with torch.no_grad():
+        dense = tiny_llama(hidden=64, vocab=128, max_positions=512).cuda()(ids, attention_mask=mask).logits
+        full = sah.patch(tiny_llama(hidden=64, vocab=128, max_positions=512).cuda(),
+                         sa.VerticalSlash(vertical=10**6, slash=10**6), dense_below=0, dense_above=1.0)
+        torch.testing.assert_close(full(ids, attention_mask=mask).logits, dense, rtol=1e-4, atol=1e-4)
+        densities = []
+        sparse = sah.patch(tiny_llama(hidden=64, vocab=128, max_positions=512).cuda(),
+                           sa.VerticalSlash(vertical=8, slash=64, sink=4, local=16), dense_below=0,
+                           on_layout=lambda i, lay, d: densities.append(d))
+        eager = sparse(ids, attention_mask=mask).logits
+        assert densities and min(densities) < 0.9 and torch.isfinite(eager).all()
+        torch._dynamo.reset()
+        compiled = torch.compile(sparse, backend="aot_eager", fullgraph=True)(ids, attention_mask=mask).logits
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
