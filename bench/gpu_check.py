@@ -332,16 +332,18 @@ def estimate_by_scores(report: Report, row: dict, q, k, pattern, measure):
 def flex_time(q, k, v, layout, measure):
     """(ms, density of the aligned block cover FlexAttention computes, compile seconds)."""
     from torch.nn.attention.flex_attention import flex_attention
+    from sparse_attn.backends.flex.attention import kernel_options
 
     block_mask = layout.to_flex_block_mask(cover=True)
     flex = torch.compile(flex_attention, dynamic=False)
-    gqa = q.shape[1] != k.shape[1]
+    kw = dict(block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1],
+              kernel_options=kernel_options(layout, q.device))
     start = time.perf_counter()
-    flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    flex(q, k, v, **kw)
     if q.is_cuda:
         torch.cuda.synchronize()
     compile_s = time.perf_counter() - start
-    ms = measure(lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=gqa))
+    ms = measure(lambda: flex(q, k, v, **kw))
     cover = sa.SparseLayout.from_block_mask(layout.to_block_mask(causal=True), layout.q_len, layout.k_len,
                                             layout.block_m, layout.block_n)
     return ms, cover.density(), compile_s

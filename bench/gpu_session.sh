@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # One call on a borrowed GPU machine (bare image: its own torch/triton/cupy, no network, nothing installed):
-#   bash bench/gpu_session.sh [OUT_DIR] [TEST_SECONDS] [CHECK_SECONDS]
+#   bash bench/gpu_session.sh [OUT_DIR] [TEST_SECONDS] [CHECK_SECONDS] [PROFILE_SECONDS]
 # 1. the GPU-relevant test files, compiled (Triton kernels on CUDA tensors, the CUDA backend through CuPy, the user
 #    paths of tests/test_gpu_paths.py), junit XML + log;
-# 2. bench/gpu_check.py (correctness table in bf16/fp16, then Llama-3-8B prefill shapes), CSV + log.
+# 2. bench/gpu_check.py (correctness table in bf16/fp16, then Llama-3-8B prefill shapes), CSV + log;
+# 3. bench/gpu_profile_estimate.py (where the default pattern's estimate spends its time), log.
 # Each step has its own time limit so one hang cannot eat the other's time; the exit status is the worst of both.
 set -u
 out=${1:-${OUT:-bench/results}}
 test_s=${2:-170}
 check_s=${3:-200}
+profile_s=${4:-60}
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 py=${PYTHON:-python3}
@@ -24,8 +26,9 @@ try:
 except Exception as e: print("transformers absent:", e)'
 } 2>&1 | tee "$out/gpu-env.txt"
 
+# test_hf_compile runs on the CPU: there it checks the custom op under the machine's (older) torch.compile
 tests=(tests/test_gpu_paths.py tests/test_triton_backend.py tests/test_triton_scores.py tests/test_cuda_gpu.py
-       tests/test_softcap.py tests/integrations/test_engines_triton.py)
+       tests/test_softcap.py tests/integrations/test_engines_triton.py tests/integrations/test_hf_compile.py)
 workers=$("$py" -c 'import importlib.util as u; print(6 if u.find_spec("xdist") else 0)')
 xdist=(); [ "$workers" -gt 0 ] && xdist=(-n "$workers")
 timeout "$test_s" "$py" -m pytest -q -rfEs -p no:cacheprovider "${xdist[@]}" --junitxml="$out/gpu-tests.xml" \
@@ -38,4 +41,8 @@ timeout $((check_s + 40)) "$py" bench/gpu_check.py --budget "$check_s" --out "$o
 check_rc=$?
 tail -n 80 "$out/gpu-check.log"
 echo "# gpu_check rc=$check_rc"
+
+timeout "$profile_s" "$py" bench/gpu_profile_estimate.py --lengths 32768 131072 > "$out/gpu-profile.log" 2>&1
+echo "# profile rc=$? (log: gpu-profile.log)"
+grep -E "^## " "$out/gpu-profile.log"
 exit $((test_rc > check_rc ? test_rc : check_rc))

@@ -46,7 +46,7 @@ from ...backends.reference import reference_attention
 from ...backends.torch.differentiable import differentiable_sparse_attention
 from ...estimators.sample_mass import last_query_probs
 from ...prefill import dense_attention
-from .custom_ops import hf_sparse_prefill, registered_state, state_handle
+from .custom_ops import hf_sparse_prefill, registered_state
 from .modality import patterns_for_call
 from .retrieval_link import take_updated_layer
 from .saved_config import state_for_module
@@ -85,7 +85,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
         _check_not_packed(kwargs.get("position_ids"))
 
     state = getattr(module, STATE_ATTR, None)
-    handle = state_handle(state) if state is not None else _adopt_state(module)
+    handle = state.op_handle if state is not None else _adopt_state(module)
     if handle == 0 or not causal or window is not None or Lq == 1:
         out = masked_dense_attention(query, key, value, key_keep, causal=causal, scale=scaling, window=window,
                                      softcap=softcap)
@@ -128,14 +128,14 @@ def _check_unpadded(attention_mask) -> None:
 def _adopt_state(module) -> int:
     """For a module running our implementation without `patch` (a model loaded with
     ``attn_implementation="sparse_attn"`` or switched by hand): its state from the settings saved in its config, or
-    the online defaults, kept on the module; returns its `state_handle`, or 0 (dense) where the module has no
+    the online defaults, kept on the module; returns its ``op_handle``, or 0 (dense) where the module has no
     config to read its shape from.  Under ``torch.compile`` it runs once at trace time (building the state is
     nothing to trace); the module's new attribute then makes Dynamo retrace with the state."""
     state = state_for_module(module)
     if state is None:
         return 0
     setattr(module, STATE_ATTR, state)
-    return state_handle(state)
+    return state.op_handle
 
 
 def _key_mask(attention_mask, key, value):

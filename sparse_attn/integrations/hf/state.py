@@ -8,6 +8,7 @@ from ...backends import BACKEND_NAMES
 from ...config import empty_budget_reason
 from ...patterns import Pattern
 from ...errors import InvalidArgumentError, InvalidTypeError
+from .custom_ops import register_state
 
 #: patch(**options) defaults; `pattern` is the online pattern of every head when no config is given.
 DEFAULT_OPTIONS = {"dense_below": prefill.DENSE_BELOW, "dense_above": None, "backend": "auto", "pattern": None,
@@ -28,6 +29,12 @@ class PatchState:
     num_heads: int
     num_layers: int = 0
     retrieval: dict | None = None
+
+    def __post_init__(self):
+        # The int naming this state in the custom op's calls, assigned eagerly: under torch.compile the attention
+        # function then reads a plain int attribute (torch 2.11's Dynamo cannot pass this object to a constant
+        # function at trace time).
+        self.op_handle = register_state(self)
 
     def patterns(self, layer_idx, seq_len: int):
         """One pattern per query head of layer ``layer_idx`` for ``seq_len`` keys, or None to run it dense."""
