@@ -124,18 +124,24 @@ def _check_unpadded(attention_mask) -> None:
                                   "one row at a time or without the retrieval cache")
 
 
-@torch.compiler.assume_constant_result
-def _adopt_state(module) -> int:
+def _state_of_unpatched_module(module) -> int:
     """For a module running our implementation without `patch` (a model loaded with
     ``attn_implementation="sparse_attn"`` or switched by hand): its state from the settings saved in its config, or
     the online defaults, kept on the module; returns its ``op_handle``, or 0 (dense) where the module has no
-    config to read its shape from.  Under ``torch.compile`` it runs once at trace time (building the state is
-    nothing to trace); the module's new attribute then makes Dynamo retrace with the state."""
+    config to read its shape from."""
     state = state_for_module(module)
     if state is None:
         return 0
     setattr(module, STATE_ATTR, state)
     return state.op_handle
+
+
+# Under torch.compile the state is built once, at trace time, and the module's new attribute makes Dynamo retrace
+# with it.  From torch 2.13 that is a constant function (no graph break); older Dynamo cannot pass a module to one
+# (torch 2.11: "UnspecializedNNModuleVariable is not a constant"), so there the first call has one graph break.
+_TORCH_MAJOR_MINOR = tuple(int(part) for part in torch.__version__.split(".")[:2])
+_adopt_state = (torch.compiler.assume_constant_result if _TORCH_MAJOR_MINOR >= (2, 13)
+                else torch.compiler.disable)(_state_of_unpatched_module)
 
 
 def _key_mask(attention_mask, key, value):
