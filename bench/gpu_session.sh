@@ -26,9 +26,15 @@ try:
 except Exception as e: print("transformers absent:", e)'
 } 2>&1 | tee "$out/gpu-env.txt"
 
-# test_hf_compile runs on the CPU: there it checks the custom op under the machine's (older) torch.compile
-tests=(tests/test_gpu_paths.py tests/test_triton_backend.py tests/test_triton_scores.py tests/test_cuda_gpu.py
-       tests/test_softcap.py tests/integrations/test_engines_triton.py tests/integrations/test_hf_compile.py)
+# test_hf_compile runs on the CPU: there it checks the custom op under the machine's (older) torch.compile.
+# GPU_TESTS / GPU_CHECK_ARGS (environment) replace the test files / add gpu_check arguments for a shorter call.
+if [ -n "${GPU_TESTS:-}" ]; then
+  read -r -a tests <<< "$GPU_TESTS"
+else
+  tests=(tests/test_gpu_paths.py tests/test_triton_backend.py tests/test_triton_scores.py tests/test_cuda_gpu.py
+         tests/test_softcap.py tests/integrations/test_engines_triton.py tests/integrations/test_hf_compile.py)
+fi
+read -r -a check_args <<< "${GPU_CHECK_ARGS:-}"
 workers=$("$py" -c 'import importlib.util as u; print(6 if u.find_spec("xdist") else 0)')
 xdist=(); [ "$workers" -gt 0 ] && xdist=(-n "$workers")
 timeout "$test_s" "$py" -m pytest -q -rfEs -p no:cacheprovider "${xdist[@]}" --junitxml="$out/gpu-tests.xml" \
@@ -37,7 +43,7 @@ test_rc=$?
 tail -n 60 "$out/gpu-tests.log"
 echo "# tests rc=$test_rc"
 
-timeout $((check_s + 40)) "$py" bench/gpu_check.py --budget "$check_s" --out "$out" > "$out/gpu-check.log" 2>&1
+timeout $((check_s + 40)) "$py" bench/gpu_check.py --budget "$check_s" --out "$out" "${check_args[@]}" > "$out/gpu-check.log" 2>&1
 check_rc=$?
 tail -n 80 "$out/gpu-check.log"
 echo "# gpu_check rc=$check_rc"

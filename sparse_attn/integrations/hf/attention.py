@@ -199,8 +199,10 @@ def _sparse(state, layer_idx, q, k, v, scale, softcap=0.0, kernel=None, row=None
     scores: the cap is monotonic)."""
     options = state.options
     patterns = state.patterns(layer_idx, k.shape[2])
-    if (patterns is None or k.shape[2] < options["dense_below"]
-            or all(isinstance(p, prefill.Dense) for p in patterns)):
+    dense_below = options["dense_below"]
+    if dense_below is None:
+        dense_below = prefill.dense_below_for(k.device)
+    if (patterns is None or k.shape[2] < dense_below or all(isinstance(p, prefill.Dense) for p in patterns)):
         return masked_dense_attention(q, k, v, scale=scale, softcap=softcap)
     q_est, k_est = q.detach(), k.detach()             # the layout is discrete: no gradient flows through it
     if options["dense_above"] < 1 and _mass_needs_dense(q_est, k_est, patterns, scale, options["dense_above"]):
