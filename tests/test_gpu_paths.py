@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sparse_attn as sa
+from sparse_attn.errors import NotSupportedError
 from helpers import make_qkv, plain_attention
 from sparse_attn.estimators import score_backends
 from sparse_attn.tools.synthetic import Workload
@@ -91,6 +92,13 @@ def test_flex_backend_on_cuda_matches_oracle(dtype):
     out = sa.sparse_attention(*(t.to(dtype).cuda() for t in (q, k, v)), layout.to("cuda"), backend="flex")
     err, plain_err = _oracle_errors(out, q.to(dtype), k.to(dtype), v.to(dtype), layout, dtype)
     assert err <= 2 * plain_err + 1e-5, (err, plain_err)
+
+
+def test_flex_backend_on_cuda_refuses_blocks_its_tiles_cannot_divide():
+    q, k, v = _on_cuda(*make_qkv(1, 2, 1, 200, 200, 64, seed=8))
+    layout = sa.estimate(q, k, sa.BlockSparse(top_k=1), block_n=40)
+    with pytest.raises(NotSupportedError, match="block_n=40.*divisible by 16"):
+        sa.sparse_attention(q, k, v, layout, backend="flex")
 
 
 def test_differentiable_path_on_cuda_matches_oracle_gradients():

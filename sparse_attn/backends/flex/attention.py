@@ -25,10 +25,12 @@ def kernel_options(layout: SparseLayout, device) -> dict | None:
     Hopper) must divide the BlockMask's block size, which is the layout's (64 by default).  None on the CPU."""
     if torch.device(device).type != "cuda":
         return None
+    return {"BLOCK_M": gpu_tile(layout.block_m), "BLOCK_N": gpu_tile(layout.block_n)}
 
-    def tile(block: int) -> int:
-        return min(block & -block, 128)               # the largest power of two dividing the block, at most 128
-    return {"BLOCK_M": tile(layout.block_m), "BLOCK_N": tile(layout.block_n)}
+
+def gpu_tile(block: int) -> int:
+    """The largest power of two dividing ``block``, at most 128 (the GPU kernel needs at least 16)."""
+    return min(block & -block, 128)
 
 
 def flex_sparse_attention(q, k, v, layout: SparseLayout, *, causal: bool, scale: float, return_lse: bool = False):
