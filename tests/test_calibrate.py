@@ -321,9 +321,11 @@ def test_modality_candidates_chosen_when_cheaper(tmp_path):
     assert "q_boundary" in result.summary() or "grid" in result.summary()
 
 
-def test_modality_candidates_without_spans_score_as_text():
+def test_modality_candidates_without_spans_score_as_text(monkeypatch):
     """No spans: a modality candidate is scored as on an all-text call (as sparse_attn.hf runs it outside a
-    modality block), so QBoundary with plain column mass scores exactly like VerticalSlash."""
+    modality block), so QBoundary with plain column mass scores exactly like VerticalSlash (both in fp32: the fused
+    CPU score pass otherwise runs its GEMMs in bf16 where the CPU has them)."""
+    monkeypatch.setenv("SPARSE_ATTN_CPU_LOW_PRECISION", "0")
     q, k, _ = _mixed()
     vs = VerticalSlash(vertical=128, slash=256, sink=32, local=32)
     qb = QBoundary(vertical=128, slash=256, sink=32, local=32, consistent_columns=False)
