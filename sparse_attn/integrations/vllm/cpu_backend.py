@@ -7,8 +7,10 @@ and whose key length (cached prefix + earlier chunks + this chunk) reaches ``den
 candidate's queries ``[1, Hq, Lq, D]`` (this rank's heads; the last Lq of its ``seq_len`` positions, bottom-right
 causal alignment, so chunked prefill and prefix-cache hits need nothing special) attend over all its keys with this
 layer's patterns; a candidate whose patterns are all dense, or whose layout would be denser than ``dense_above``,
-goes back to vLLM.  The remaining requests (decode tokens, short prompts, those sent back) run vLLM's kernel on a
-sub-batch: the same metadata restricted to their rows, with its own scheduler metadata.  Layers the plugin cannot
+goes back to vLLM (and so do its later prefill chunks, without deciding again, until its key length has doubled:
+`dense_memory`).  The remaining requests (decode tokens, short prompts, those sent back) run vLLM's kernel on a
+sub-batch: the same metadata restricted to their rows, with its own scheduler metadata; a step with no candidate
+at all (decode only, short prompts only) goes to vLLM's kernel before any per-request work.  Layers the plugin cannot
 run (sliding window, ALiBi, soft-capping, sinks, non-decoder attention, a KV-cache layout it cannot read) are left
 to vLLM entirely."""
 from __future__ import annotations
@@ -25,6 +27,7 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentio
 from ... import prefill
 # the same cheap "is this layer too diffuse to pay?" certificate the HF integration uses (one implementation)
 from ..hf.attention import _mass_needs_dense
+from .dense_memory import DenseMemory
 from .paged_kv import read_request_keys, read_request_values, readable
 from .settings import load_settings
 
@@ -45,6 +48,7 @@ class SparseCPUAttentionImpl(CPUAttentionBackendImpl):
         self.sparse_capable = (self.attn_type == AttentionType.DECODER and self.sliding_window == -1
                                and self.alibi_slopes is None and not self.logits_soft_cap and self.sinks is None
                                and self.kv_sharing_target_layer_name is None)
+        self.sent_dense = DenseMemory()          # requests this layer sent back to vLLM, for their later chunks
 
     @cached_property
     def _heads(self) -> slice:
@@ -57,7 +61,8 @@ class SparseCPUAttentionImpl(CPUAttentionBackendImpl):
                 output_block_scale=None):
         meta = attn_metadata
         if (meta is None or not self.sparse_capable or meta.causal is not True or meta.dynamic_causal is not None
-                or output_scale is not None or not readable(getattr(layer, "isa", ""), self.kv_cache_dtype)):
+                or output_scale is not None or not readable(getattr(layer, "isa", ""), self.kv_cache_dtype)
+                or meta.max_query_len <= 1 or meta.max_seq_len < self.settings.dense_below):   # decode / short
             return super().forward(layer, query, key, value, kv_cache, meta, output, output_scale,
                                    output_block_scale)
         starts = meta.query_start_loc.tolist()
@@ -88,13 +93,17 @@ class SparseCPUAttentionImpl(CPUAttentionBackendImpl):
         patterns = self.settings.patterns(layer_idx, seq_len, self._heads, self.num_heads)
         if patterns is None or all(isinstance(p, prefill.Dense) for p in patterns):
             return False
+        dense_above = self.settings.dense_above
+        if dense_above < 1 and self.sent_dense.is_dense(block_ids, seq_len):     # an earlier chunk decided
+            return False
         q = query.transpose(0, 1).unsqueeze(0)                                    # [1, Hq, Lq, D]
         k = read_request_keys(kv_cache, block_ids, seq_len)                       # [1, Hkv, seq_len, D]
-        dense_above = self.settings.dense_above
         if dense_above < 1 and _mass_needs_dense(q, k, patterns, self.scale, dense_above):
+            self.sent_dense.remember(block_ids, seq_len, kv_cache.shape[2])
             return False
         layout = prefill.estimate(q, k, patterns, causal=True, scale=self.scale)
         if dense_above < 1 and layout.density() > dense_above:
+            self.sent_dense.remember(block_ids, seq_len, kv_cache.shape[2])
             return False
         v = read_request_values(kv_cache, block_ids, seq_len)                     # only once sparse is decided
         # the kernel writes straight into vLLM's output rows (viewed as BHLD): no result tensor, no copy

@@ -79,3 +79,30 @@ def test_dense_layer_in_config_is_vllm_exactly():
     dense = Settings(SparseConfig(1, HQ, [None]), dense_below=128)
     got = _run(SparseCPUAttentionImpl, query, kv_cache, meta, layer, dense)
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_online_default_sends_diffuse_layer_to_vllm_and_remembers_it_for_later_chunks(monkeypatch):
+    """Random keys and (damped) queries: attention too diffuse to pay, so the online default must give vLLM's
+    output exactly; the chunk after a dense decision skips the check, a chunk at twice the keys decides again."""
+    from sparse_attn.integrations.vllm import cpu_backend
+
+    checks = []
+    check = cpu_backend._mass_needs_dense
+    monkeypatch.setattr(cpu_backend, "_mass_needs_dense", lambda *a, **kw: checks.append(1) or check(*a, **kw))
+    gen = torch.Generator().manual_seed(1)
+    cache = fill_paged_cache([400], num_kv_heads=HKV, head_dim=D, block_size=BLOCK, generator=gen)
+    query = 0.5 * torch.randn(400, HQ, D, generator=gen)
+    online = Settings(None, dense_below=128, dense_above=0.3)
+    plugin, vllm_impl = SparseCPUAttentionImpl(HQ, D, D ** -0.5, HKV, None, None, "auto"), \
+        CPUAttentionBackendImpl(HQ, D, D ** -0.5, HKV, None, None, "auto")
+    plugin.settings, plugin.__dict__["_heads"] = online, slice(0, HQ)
+    done = 0
+    for rows, seq_len, checked in [(160, 160, True), (100, 260, False), (100, 360, True), (40, 400, False)]:
+        meta = step_metadata([(rows, seq_len)], cache, num_heads=HQ)
+        got, expected = (torch.full((rows, HQ * D), float("nan")) for _ in range(2))
+        plugin.forward(cache.layer, query[done:done + rows], None, None, cache.kv_cache, meta, got)
+        vllm_impl.forward(cache.layer, query[done:done + rows], None, None, cache.kv_cache, meta, expected)
+        assert torch.equal(got, expected)
+        assert checks == [1] * checked, (rows, seq_len)
+        checks.clear()
+        done += rows
