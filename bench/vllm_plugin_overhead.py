@@ -98,10 +98,12 @@ def main():
         chunked = [(min(args.chunk, n - s), min(s + args.chunk, n)) for s in range(0, n, args.chunk)]
         workloads += [(n, "one chunk", cache, query, [(n, n)]),
                       (n, f"chunks of {args.chunk}", cache, query, chunked)]
-    variants = {"vllm": CPUAttentionBackendImpl, "plugin": cpu_backend.SparseCPUAttentionImpl}
+    # vLLM twice: how far two runs of the same thing differ here (the machine's noise floor)
+    variants = {"vllm": CPUAttentionBackendImpl, "plugin": cpu_backend.SparseCPUAttentionImpl,
+                "vllm-again": CPUAttentionBackendImpl}
     times = {}
     for rnd in range(args.rounds):
-        order = list(variants) if rnd % 2 == 0 else list(variants)[::-1]
+        order = list(variants)[rnd % 3:] + list(variants)[:rnd % 3]          # each variant first in turn
         for n, name, cache, query, steps in workloads:
             outputs = {}
             for variant in order:
@@ -109,17 +111,19 @@ def main():
                 outputs[variant], seconds = _prefill(variants[variant], query, cache, steps)
                 times.setdefault((n, name, variant), []).append(seconds)
                 own = "  ".join(f"{k} {v:.3f} s" for k, v in parts.items())
-                log(f"round {rnd} L={n:6d} {name:15s} {variant:6s} {seconds:7.3f} s  {own}")
-            same = torch.equal(outputs["vllm"], outputs["plugin"])
-            log(f"round {rnd} L={n:6d} {name:15s} plugin output equal to vLLM's: {same}")
+                log(f"round {rnd} L={n:6d} {name:15s} {variant:10s} {seconds:7.3f} s  {own}")
+            same = all(torch.equal(outputs["vllm"], o) for o in outputs.values())
+            log(f"round {rnd} L={n:6d} {name:15s} outputs all equal: {same}")
     log("")
-    log("| L | workload | vLLM per round (s) | plugin per round (s) | plugin / vLLM per round | median ratio |")
-    log("|---|---|---|---|---|---|")
+    log("| L | workload | variant | per round (s) | median (s) | / vLLM per round | median ratio |")
+    log("|---|---|---|---|---|---|---|")
     for n, name, *_ in workloads:
-        base, plug = times[(n, name, "vllm")], times[(n, name, "plugin")]
-        ratios = [p / b for p, b in zip(plug, base)]
-        log(f"| {n} | {name} | {' / '.join(f'{x:.2f}' for x in base)} | {' / '.join(f'{x:.2f}' for x in plug)} | "
-            f"{' / '.join(f'{r:.3f}' for r in ratios)} | {statistics.median(ratios):.3f} |")
+        base = times[(n, name, "vllm")]
+        for variant in variants:
+            t = times[(n, name, variant)]
+            ratios = [x / b for x, b in zip(t, base)]
+            log(f"| {n} | {name} | {variant} | {' / '.join(f'{x:.2f}' for x in t)} | {statistics.median(t):.2f} | "
+                f"{' / '.join(f'{r:.3f}' for r in ratios)} | {statistics.median(ratios):.3f} |")
 
 
 if __name__ == "__main__":
