@@ -26,16 +26,16 @@ import vllm.v1.attention.backends.cpu_attn as cpu_attn
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 
 import sparse_attn as sa
-from sparse_attn.integrations.vllm import cpu_backend
+from sparse_attn.integrations.vllm import cpu_backend, sparse_layer
 from sparse_attn.integrations.vllm.synthetic_batch import fill_paged_cache, step_metadata
 
 HQ, HKV, D, BLOCK = 8, 2, 64, 128
-PARTS = {"read_request_keys": "keys read", "_mass_needs_dense": "density check"}
+PARTS = {(cpu_backend, "read_request_keys"): "keys read", (sparse_layer, "_mass_needs_dense"): "density check"}
 
 
 def _install_part_timers(sums):
-    for attr, name in PARTS.items():
-        fn = getattr(cpu_backend, attr)
+    for (module, attr), name in PARTS.items():
+        fn = getattr(module, attr)
 
         def timed(*a, _fn=fn, _name=name, **kw):
             start = time.perf_counter()
@@ -43,7 +43,7 @@ def _install_part_timers(sums):
                 return _fn(*a, **kw)
             finally:
                 sums[_name] = sums.get(_name, 0.0) + time.perf_counter() - start
-        setattr(cpu_backend, attr, timed)
+        setattr(module, attr, timed)
 
 
 def _prefill(impl_cls, query, cache, steps):

@@ -145,7 +145,7 @@ def _stages_child(spec_path):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
     from vllm.v1.attention.backends import cpu_attn
-    from sparse_attn.integrations.vllm import cpu_backend
+    from sparse_attn.integrations.vllm import cpu_backend, sparse_layer
 
     with open(spec_path) as f:
         spec = json.load(f)
@@ -172,9 +172,9 @@ def _stages_child(spec_path):
     impl.forward = timed("sparse_attn plugin layer", impl.forward)
     cpu_backend.read_request_keys = timed("  read K from the paged cache", cpu_backend.read_request_keys)
     cpu_backend.read_request_values = timed("  read V from the paged cache", cpu_backend.read_request_values)
-    cpu_backend._mass_needs_dense = timed("  density check (16 rows)", cpu_backend._mass_needs_dense)
-    cpu_backend.prefill.estimate = timed("  estimate", cpu_backend.prefill.estimate)
-    cpu_backend.prefill.sparse_attention = timed("  sparse kernel", cpu_backend.prefill.sparse_attention)
+    sparse_layer._mass_needs_dense = timed("  density check (16 rows)", sparse_layer._mass_needs_dense)
+    sparse_layer.prefill.estimate = timed("  estimate", sparse_layer.prefill.estimate)
+    sparse_layer.prefill.sparse_attention = timed("  sparse kernel", sparse_layer.prefill.sparse_attention)
     engine = LLM(model=spec["model"], max_model_len=spec["max_len"], max_num_batched_tokens=spec["max_len"],
                  enable_prefix_caching=False, **BASE_LLM_ARGS)
     params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)

@@ -84,11 +84,11 @@ def test_dense_layer_in_config_is_vllm_exactly():
 def test_online_default_sends_diffuse_layer_to_vllm_and_remembers_it_for_later_chunks(monkeypatch):
     """Random keys and (damped) queries: attention too diffuse to pay, so the online default must give vLLM's
     output exactly; the chunk after a dense decision skips the check, a chunk at twice the keys decides again."""
-    from sparse_attn.integrations.vllm import cpu_backend
+    from sparse_attn.integrations.vllm import sparse_layer
 
     checks = []
-    check = cpu_backend._mass_needs_dense
-    monkeypatch.setattr(cpu_backend, "_mass_needs_dense", lambda *a, **kw: checks.append(1) or check(*a, **kw))
+    check = sparse_layer._mass_needs_dense
+    monkeypatch.setattr(sparse_layer, "_mass_needs_dense", lambda *a, **kw: checks.append(1) or check(*a, **kw))
     gen = torch.Generator().manual_seed(1)
     cache = fill_paged_cache([400], num_kv_heads=HKV, head_dim=D, block_size=BLOCK, generator=gen)
     query = 0.5 * torch.randn(400, HQ, D, generator=gen)
