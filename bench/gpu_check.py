@@ -268,6 +268,7 @@ def run_length(report: Report, L: int, cfg: dict, patterns: dict, backends, devi
         else:
             report.add(**row, impl="flex (compiled)", ok="skipped", note="smoke run" if not cfg["flex"] else
                        "time budget")
+        prefill_rows(report, row, q, k, v, pattern, dense_ms, measure)
         for backend in backends:
             if budget.left() < 10:
                 report.add(**row, impl="attention", backend=backend, ok="skipped", note="time budget")
@@ -288,6 +289,19 @@ def run_length(report: Report, L: int, cfg: dict, patterns: dict, backends, devi
     del q, k, v
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def prefill_rows(report: Report, row: dict, q, k, v, pattern, dense_ms, measure):
+    """`sparse_prefill`, the user's one call (backend "auto", dense guard), with the device's default
+    ``dense_below`` and with 0 (always estimate): rows "prefill (default dense_below)" / "prefill (dense_below=0)"."""
+    from sparse_attn.prefill import dense_below_for
+
+    for below, impl in ((None, f"prefill (dense_below={dense_below_for(q.device)})"), (0, "prefill (dense_below=0)")):
+        try:
+            ms = measure(lambda: sa.sparse_prefill(q, k, v, pattern, dense_below=below))
+            report.add(**row, impl=impl, backend="auto", ms=ms, speedup_vs_dense=dense_ms / ms if dense_ms else "")
+        except Exception as e:
+            report.add(**row, impl=impl, backend="auto", ok="ERROR", note=_error_note(e))
 
 
 def estimate_by_scores(report: Report, row: dict, q, k, pattern, measure):
@@ -332,16 +346,18 @@ def estimate_by_scores(report: Report, row: dict, q, k, pattern, measure):
 def flex_time(q, k, v, layout, measure):
     """(ms, density of the aligned block cover FlexAttention computes, compile seconds)."""
     from torch.nn.attention.flex_attention import flex_attention
+    from sparse_attn.backends.flex.attention import kernel_options
 
     block_mask = layout.to_flex_block_mask(cover=True)
     flex = torch.compile(flex_attention, dynamic=False)
-    gqa = q.shape[1] != k.shape[1]
+    kw = dict(block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1],
+              kernel_options=kernel_options(layout, q.device))
     start = time.perf_counter()
-    flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    flex(q, k, v, **kw)
     if q.is_cuda:
         torch.cuda.synchronize()
     compile_s = time.perf_counter() - start
-    ms = measure(lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=gqa))
+    ms = measure(lambda: flex(q, k, v, **kw))
     cover = sa.SparseLayout.from_block_mask(layout.to_block_mask(causal=True), layout.q_len, layout.k_len,
                                             layout.block_m, layout.block_n)
     return ms, cover.density(), compile_s
@@ -354,6 +370,9 @@ def main(argv=None) -> int:
                                                              "TRITON_INTERPRET=1): checks the script itself")
     parser.add_argument("--budget", type=float, default=270.0, help="seconds for the whole run (default 270)")
     parser.add_argument("--lengths", type=int, nargs="+", default=None)
+    parser.add_argument("--heads", type=int, nargs=2, default=None, metavar=("HQ", "HKV"),
+                        help="query and KV heads of the performance shapes (default 32 8, Llama-3-8B)")
+    parser.add_argument("--skip-correctness", action="store_true", help="performance rows only")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     budget = Budget(args.budget)
@@ -386,6 +405,10 @@ def main(argv=None) -> int:
         patterns = {"vs_1000_6096": sa.VerticalSlash(vertical=1000, slash=6096), "default": sa.DEFAULT_PATTERN}
         shapes, measure = CHECK_SHAPES, timer(device, repeat=5)
 
+    if args.heads:
+        cfg.update(Hq=args.heads[0], Hkv=args.heads[1])
+    if args.skip_correctness:
+        shapes = []
     stage_start = time.perf_counter()
     try:
         check_correctness(report, device, backends, check_dtypes, shapes, budget)

@@ -18,8 +18,17 @@ from .patterns.base import patterns_per_head
 #: Pattern used when ``pattern=None``: per head the cheapest of vertical-slash / block-sparse / dense keeping 0.95
 #: of the attention mass (`sparse_attn.patterns.auto`).
 DEFAULT_PATTERN = Auto(gamma=0.95)
-#: Key lengths below this run dense attention in `sparse_prefill` (sparse would not pay for its estimate).
+#: Key lengths below this run dense attention in `sparse_prefill` on the CPU (sparse would not pay for its estimate).
 DENSE_BELOW = 4096
+#: The same on CUDA tensors.  Flash SDPA is fast there and the estimate has a fixed cost of small kernels and a few
+#: host syncs: on an H200 (bf16, 32 query / 8 KV heads, D=128) dense takes 0.6 ms at 4K and 25 ms at 32K, the
+#: default estimate 16-20 ms at both (bench/results/gpu-check-h200-2026-12-04-s7.txt), so it pays from about 32K.
+DENSE_BELOW_CUDA = 32768
+
+
+def dense_below_for(device) -> int:
+    """The default ``dense_below`` for tensors on ``device``: `DENSE_BELOW_CUDA` on CUDA, else `DENSE_BELOW`."""
+    return DENSE_BELOW_CUDA if torch.device(device).type == "cuda" else DENSE_BELOW
 #: What ``backend=`` accepts (kept for callers of the old name).
 BACKENDS = BACKEND_NAMES
 
@@ -46,7 +55,9 @@ def estimate(q, k, pattern=None, *, causal: bool = True, scale=None, block_m: in
             (Triton on CUDA tensors, the fused C++ pass on CPU tensors, else torch), "triton", "cpu" or "torch".
 
     Returns:
-        A `SparseLayout` ``[batch, Hq, ceil(Lq / block_m)]`` on q's device.  No host synchronisation on a GPU.
+        A `SparseLayout` ``[batch, Hq, ceil(Lq / block_m)]`` on q's device.  On a GPU the `VerticalSlash` and
+        `BlockSparse` estimates make no host synchronisation; the default `Auto` makes a few per call (which heads
+        need which estimate; 8-9 measured on an H200), not one per head.
 
     Raises:
         ValueError / TypeError (`sparse_attn.errors`) naming the argument when an input is malformed."""
@@ -113,9 +124,9 @@ def sparse_prefill(q, k, v, pattern=None, *, causal: bool = True, scale=None, ba
         scale: softmax scale (default ``head_dim ** -0.5``).
         backend: ``"auto"`` or a name in `sparse_attn.backends.BACKEND_NAMES` (see `sparse_attention`).
         softcap: ``softcap * tanh(score / softcap)`` before the softmax when > 0 (Gemma-2); 0 = off.
-        dense_below: key lengths below it (default `DENSE_BELOW`) run dense attention.  So do all-`Dense`
-            patterns (sparse would not pay for its estimate there) and an estimated layout the chosen backend
-            would run slower than dense SDPA (`dense_guard`).
+        dense_below: key lengths below it (default `dense_below_for` q's device: 4096 on the CPU, 32768 on CUDA)
+            run dense attention.  So do all-`Dense` patterns (sparse would not pay for its estimate there) and an
+            estimated layout the chosen backend would run slower than dense SDPA (`dense_guard`).
 
     Returns:
         ``out [batch, Hq, Lq, head_dim]`` in q's dtype.
@@ -126,7 +137,7 @@ def sparse_prefill(q, k, v, pattern=None, *, causal: bool = True, scale=None, ba
     check_attention_inputs(q, k, v)
     patterns = _patterns_per_head(pattern, q.shape[1])
     softcap = check_softcap(softcap)
-    threshold = DENSE_BELOW if dense_below is None else dense_below
+    threshold = dense_below_for(q.device) if dense_below is None else dense_below
     chosen = select_backend(backend, q, k, v, softcap=softcap)      # fail early, even where the input runs dense
     scale = resolve_scale(scale, q.shape[-1])
     if k.shape[2] < threshold or all(isinstance(p, Dense) for p in patterns):

@@ -82,20 +82,23 @@ def causal_mask(q_len, k_len, device="cpu"):
     return torch.arange(k_len, device=device)[None, :] <= rows
 
 
-def plain_attention(q, k, v, mask=None, *, causal=True, scale=None, work=None):
-    """Dense attention written out with torch ops in ``work`` precision (q's dtype by default): the 'plain torch'
-    baseline of FlashAttention-style tolerances.  Rows without keys give NaN; avoid them."""
+def plain_attention(q, k, v, mask=None, *, causal=True, scale=None, work=None, softcap=0.0):
+    """Dense attention written out with torch ops in ``work`` precision (q's dtype by default) on q's device: the
+    'plain torch' baseline of FlashAttention-style tolerances (``softcap``: Gemma-2's ``cap * tanh(s / cap)``,
+    also in ``work`` precision).  Rows without keys give NaN; avoid them."""
     work = q.dtype if work is None else work
     Hq, Hkv, Lq, Lk, D = q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3]
     scale = D ** -0.5 if scale is None else scale
     kk = k.to(work).repeat_interleave(Hq // Hkv, dim=1)
     vv = v.to(work).repeat_interleave(Hq // Hkv, dim=1)
     s = (q.to(work) @ kk.transpose(-1, -2)) * scale
-    allowed = torch.ones(Lq, Lk, dtype=torch.bool)
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    allowed = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)
     if causal:
-        allowed = causal_mask(Lq, Lk)
+        allowed = causal_mask(Lq, Lk, q.device)
     if mask is not None:
-        allowed = allowed & mask
+        allowed = allowed & mask.to(q.device)
     s = s.masked_fill(~allowed, float("-inf"))
     return torch.softmax(s, dim=-1) @ vv
 

@@ -31,7 +31,8 @@ def errors_vs_oracle(out, q, k, v, mask, causal, dtype):
     """(kernel error, plain-torch error in ``dtype``) vs the fp32 oracle over rows that see a key; and the
     rows that see none."""
     ref = sa.reference_attention(q.float(), k.float(), v.float(), mask, causal=causal)
-    plain = plain_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask, causal=causal).float()
+    plain = plain_attention(q.to(dtype).cuda(), k.to(dtype).cuda(), v.to(dtype).cuda(), mask, causal=causal)
+    plain = plain.float().cpu()                                   # plain torch in dtype on the same GPU
     rows = torch.arange(q.shape[2])[:, None] + (k.shape[2] - q.shape[2])
     visible = mask & ((torch.arange(k.shape[2])[None, :] <= rows) if causal else True)
     seen = visible.any(-1)

@@ -28,3 +28,16 @@ def test_flex_backend_refuses_lse_on_cpu():
     layout = sa.estimate(q, k, sa.BlockSparse(top_k=1))
     with pytest.raises(ValueError, match="return_lse"):
         sa.sparse_attention(q, k, v, layout, backend="flex", return_lse=True)
+
+
+def test_gpu_kernel_tiles_divide_the_layout_blocks():
+    """Compiled GPU FlexAttention needs its tiles to divide the BlockMask's blocks (its Hopper default of 128 rows
+    does not divide our 64): the options name the largest power of two dividing each block, at most 128."""
+    from sparse_attn.backends.flex.attention import gpu_tile, kernel_options
+
+    q, k, _ = make_qkv(1, 2, 1, 300, 300, 64, seed=14)
+    for block_m, block_n, want in ((64, 64, (64, 64)), (128, 256, (128, 128)), (96, 48, (32, 16))):
+        layout = sa.estimate(q, k, sa.BlockSparse(top_k=1), block_m=block_m, block_n=block_n)
+        assert kernel_options(layout, "cuda") == {"BLOCK_M": want[0], "BLOCK_N": want[1]}
+        assert kernel_options(layout, "cpu") is None                  # the CPU kernel picks its own
+    assert gpu_tile(100) == 4                                         # too small: backend "flex" refuses it on CUDA

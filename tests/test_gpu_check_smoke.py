@@ -27,6 +27,8 @@ def test_gpu_check_smoke_runs_and_writes_csv(tmp_path):
                 ("default", "estimate+attention", "torch"), ("default", "estimate", "")):
         assert float(perf[key]["ms"]) > 0, key
     assert 0 < float(perf[("default", "attention", "torch")]["density"]) <= 1
+    assert float(perf[("default", "prefill (dense_below=0)", "auto")]["ms"]) > 0
+    assert float(perf[("default", "prefill (dense_below=4096)", "auto")]["ms"]) > 0
     for name in ("vs_1000_6096", "default"):               # estimate by score backend (triton: GPU or interpreter)
         assert float(perf[(name, "estimate (torch scores)", "torch")]["ms"]) > 0
         assert perf[(name, "estimate (triton scores)", "")]["ok"] == "skipped"

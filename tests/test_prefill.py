@@ -30,6 +30,21 @@ def test_threshold_switches_to_the_sparse_path():
     assert (sparse - dense).abs().max() > 1e-2
 
 
+def test_default_threshold_is_the_devices(monkeypatch):
+    """dense_below=None means `dense_below_for` the inputs' device: 4096 keys on the CPU, 32768 on CUDA."""
+    from sparse_attn import prefill
+
+    assert prefill.dense_below_for("cpu") == prefill.DENSE_BELOW == 4096
+    assert prefill.dense_below_for(torch.device("cuda", 0)) == prefill.DENSE_BELOW_CUDA == 32768
+    q, k, v = make_qkv(1, 2, 2, 300, 300, 64, seed=2)
+    pattern = sa.AShape(sink=4, local=16)
+    monkeypatch.setattr(prefill, "DENSE_BELOW", 300)                       # the CPU default, moved to lk
+    sparse = sa.sparse_prefill(q, k, v, pattern)
+    assert (sparse - sa.reference_attention(q, k, v)).abs().max() > 1e-2   # ran sparse: the CPU default applied
+    monkeypatch.setattr(prefill, "DENSE_BELOW", 301)
+    assert_close(sa.sparse_prefill(q, k, v, pattern), sa.reference_attention(q, k, v), atol=2e-5)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("lq,lk,heads", [(1000, 1000, "gqa"), (65, 300, "mha"), (113, 113, "mqa"), (1, 130, "gqa")])
 @pytest.mark.parametrize("pattern", ["vslash", "ashape", "block", "mix"])

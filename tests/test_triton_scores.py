@@ -220,11 +220,11 @@ def test_bad_input_is_rejected_with_the_reason():
 
 @pytest.mark.gpu
 def test_estimate_makes_no_host_sync_on_gpu():
-    """VerticalSlash (top-k and gamma, the default pattern) and BlockSparse(top_k) estimates under CUDA's sync
-    debug mode "error": any host synchronisation raises."""
+    """VerticalSlash (top-k and gamma) and BlockSparse(top_k) estimates under CUDA's sync debug mode "error": any
+    host synchronisation raises."""
     q, k, _ = make_workload(Workload(batch=1, q_heads=8, kv_heads=2, seq_len=4096, head_dim=128,
                                      dtype=torch.bfloat16), "cuda")
-    patterns = [sa.VerticalSlash(vertical=500, slash=2048), sa.DEFAULT_PATTERN, sa.BlockSparse(top_k=16),
+    patterns = [sa.VerticalSlash(vertical=500, slash=2048), sa.VerticalSlash(gamma=0.95), sa.BlockSparse(top_k=16),
                 [sa.VerticalSlash(vertical=100, slash=512), sa.VerticalSlash(vertical=300, slash=1024)] * 4]
     warm = [sa.estimate(q, k, p) for p in patterns]                      # compiles the kernels outside the check
     torch.cuda.synchronize()
@@ -235,6 +235,34 @@ def test_estimate_makes_no_host_sync_on_gpu():
         torch.cuda.set_sync_debug_mode("default")
     for got, ref in zip(layouts, warm):
         assert torch.equal(got.to_mask(), ref.to_mask())
+
+
+def _count_host_syncs(fn):
+    """``fn()``'s result and the number of host synchronisations it made (CUDA sync debug mode "warn")."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return result, sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.gpu
+def test_default_pattern_syncs_a_few_times_per_call_not_per_head():
+    """The default `Auto` decides which heads need which estimate on the host (documented): a few syncs per call,
+    not one per head (32 query heads make no more than 16)."""
+    counts = []
+    for q_heads in (8, 32):
+        q, k, _ = make_workload(Workload(batch=1, q_heads=q_heads, kv_heads=q_heads // 4, seq_len=4096,
+                                         head_dim=128, dtype=torch.bfloat16), "cuda")
+        sa.estimate(q, k)                                                # warm: compiles outside the count
+        counts.append(_count_host_syncs(lambda: sa.estimate(q, k))[1])
+    assert 1 <= min(counts) and max(counts) <= 16, counts
 
 
 @pytest.mark.gpu

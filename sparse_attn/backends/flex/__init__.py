@@ -3,7 +3,7 @@ each new shape costs a compile."""
 from __future__ import annotations
 
 from ..base import Backend
-from .attention import flex_sparse_attention
+from .attention import flex_sparse_attention, gpu_tile
 
 
 class FlexBackend(Backend):
@@ -14,8 +14,14 @@ class FlexBackend(Backend):
 
     def not_supported_reasons(self, q, k, v, layout=None, *, return_lse: bool = False, **options) -> list[str]:
         reasons = super().not_supported_reasons(q, k, v, layout, **options)
-        if return_lse and getattr(q, "device", None) is not None and q.device.type == "cpu":
+        device = getattr(q, "device", None)
+        if return_lse and device is not None and device.type == "cpu":
             reasons.append("return_lse: compiled CPU FlexAttention cannot return the LSE; use backend='torch'")
+        if layout is not None and device is not None and device.type == "cuda":
+            small = [f"{name}={block}" for name, block in (("block_m", layout.block_m), ("block_n", layout.block_n))
+                     if gpu_tile(block) < 16]
+            if small:
+                reasons.append(f"layout {', '.join(small)}: FlexAttention on CUDA needs blocks divisible by 16")
         return reasons
 
     def _run(self, q, k, v, layout, *, causal, scale, return_lse, **options):

@@ -8,7 +8,9 @@ from . import launcher
 
 class TritonBackend(Backend):
     name = "triton"
-    cost_per_key = 1.5
+    # attention / (flash SDPA time x density), H200, bf16, Llama-3-8B shapes: 1.40 (4K, density 1), 1.20 (32K,
+    # 0.32), 1.11 (128K, 0.088), 1.12 (128K, 0.16); bench/results/gpu-check-h200-2026-12-04-s7.txt
+    cost_per_key = 1.4
     supports_softcap = True
     devices = ("cuda", "cpu")                       # CPU only under TRITON_INTERPRET=1 (tests)
     auto_devices = ("cuda",)

@@ -13,6 +13,7 @@ is rebound.  Every argument and the config are checked before anything changes: 
 """
 from __future__ import annotations
 
+from ... import prefill
 from ...config import resolve_config
 from .attention import STATE_ATTR, register_under
 from .model_checks import check_model_attention, warn_sliding_layers
@@ -30,7 +31,8 @@ def patch(model, config=None, *, retrieval=None, **options):
 
     ``config``: None (the online ``pattern`` on every head), a Pattern, a list of one Pattern per query head, a
     `sparse_attn.config.SparseConfig`, a path to a config JSON (ours or MInference's), or a parsed JSON object.
-    ``options``: ``dense_below`` (key lengths below it run dense; default `sparse_attn.prefill.DENSE_BELOW`),
+    ``options``: ``dense_below`` (key lengths below it run dense; default None: `sparse_attn.prefill.dense_below_for` the
+    inputs' device, 4096 on the CPU and 32768 on CUDA),
     ``dense_above`` (a layer whose estimated layout is denser than this fraction runs dense instead, since the
     sparse kernel costs a few times dense attention per computed entry; 1.0: never; default `ONLINE_DENSE_ABOVE`
     without a config, 1.0 with one, so a given config is followed as written), ``backend`` (as in
@@ -68,7 +70,8 @@ def patch(model, config=None, *, retrieval=None, **options):
     for module in [model, *attention_modules]:
         setattr(module, STATE_ATTR, state)
     setattr(text_config, FIELD, settings_of(state))          # save_pretrained writes it into config.json
-    warn_sliding_layers(model, text_config, opts["dense_below"])
+    warn_sliding_layers(model, text_config, opts["dense_below"] if opts["dense_below"] is not None
+                        else prefill.DENSE_BELOW)
     return model
 
 

@@ -46,7 +46,7 @@ from ...backends.reference import reference_attention
 from ...backends.torch.differentiable import differentiable_sparse_attention
 from ...estimators.sample_mass import last_query_probs
 from ...prefill import dense_attention
-from .custom_ops import hf_sparse_prefill, registered_state, state_handle
+from .custom_ops import hf_sparse_prefill, registered_state
 from .modality import patterns_for_call
 from .retrieval_link import take_updated_layer
 from .saved_config import state_for_module
@@ -85,7 +85,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
         _check_not_packed(kwargs.get("position_ids"))
 
     state = getattr(module, STATE_ATTR, None)
-    handle = state_handle(state) if state is not None else _adopt_state(module)
+    handle = state.op_handle if state is not None else _adopt_state(module)
     if handle == 0 or not causal or window is not None or Lq == 1:
         out = masked_dense_attention(query, key, value, key_keep, causal=causal, scale=scaling, window=window,
                                      softcap=softcap)
@@ -124,18 +124,24 @@ def _check_unpadded(attention_mask) -> None:
                                   "one row at a time or without the retrieval cache")
 
 
-@torch.compiler.assume_constant_result
-def _adopt_state(module) -> int:
+def _state_of_unpatched_module(module) -> int:
     """For a module running our implementation without `patch` (a model loaded with
     ``attn_implementation="sparse_attn"`` or switched by hand): its state from the settings saved in its config, or
-    the online defaults, kept on the module; returns its `state_handle`, or 0 (dense) where the module has no
-    config to read its shape from.  Under ``torch.compile`` it runs once at trace time (building the state is
-    nothing to trace); the module's new attribute then makes Dynamo retrace with the state."""
+    the online defaults, kept on the module; returns its ``op_handle``, or 0 (dense) where the module has no
+    config to read its shape from."""
     state = state_for_module(module)
     if state is None:
         return 0
     setattr(module, STATE_ATTR, state)
-    return state_handle(state)
+    return state.op_handle
+
+
+# Under torch.compile the state is built once, at trace time, and the module's new attribute makes Dynamo retrace
+# with it.  From torch 2.13 that is a constant function (no graph break); older Dynamo cannot pass a module to one
+# (torch 2.11: "UnspecializedNNModuleVariable is not a constant"), so there the first call has one graph break.
+_TORCH_MAJOR_MINOR = tuple(int(part) for part in torch.__version__.split(".")[:2])
+_adopt_state = (torch.compiler.assume_constant_result if _TORCH_MAJOR_MINOR >= (2, 13)
+                else torch.compiler.disable)(_state_of_unpatched_module)
 
 
 def _key_mask(attention_mask, key, value):
@@ -193,8 +199,10 @@ def _sparse(state, layer_idx, q, k, v, scale, softcap=0.0, kernel=None, row=None
     scores: the cap is monotonic)."""
     options = state.options
     patterns = state.patterns(layer_idx, k.shape[2])
-    if (patterns is None or k.shape[2] < options["dense_below"]
-            or all(isinstance(p, prefill.Dense) for p in patterns)):
+    dense_below = options["dense_below"]
+    if dense_below is None:
+        dense_below = prefill.dense_below_for(k.device)
+    if (patterns is None or k.shape[2] < dense_below or all(isinstance(p, prefill.Dense) for p in patterns)):
         return masked_dense_attention(q, k, v, scale=scale, softcap=softcap)
     q_est, k_est = q.detach(), k.detach()             # the layout is discrete: no gradient flows through it
     if options["dense_above"] < 1 and _mass_needs_dense(q_est, k_est, patterns, scale, options["dense_above"]):

@@ -20,24 +20,17 @@ import torch
 
 _STATES: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
 _HANDLES = itertools.count(1)
-_HANDLE_ATTR = "_sparse_attn_op_handle"
 
 
-@torch.compiler.assume_constant_result
-def state_handle(state) -> int:
-    """The int that names ``state`` (a `PatchState`) in the op's calls; assigned on first use, held weakly.
-    Under ``torch.compile`` it runs once at trace time and its result is a constant of the graph (registering into
-    a weak dictionary is nothing Dynamo can trace)."""
-    handle = state.__dict__.get(_HANDLE_ATTR)
-    if handle is None:
-        handle = next(_HANDLES)
-        setattr(state, _HANDLE_ATTR, handle)
-        _STATES[handle] = state
+def register_state(state) -> int:
+    """A new int naming ``state`` (a `PatchState`) in the op's calls, held weakly (`PatchState` calls it once)."""
+    handle = next(_HANDLES)
+    _STATES[handle] = state
     return handle
 
 
 def registered_state(handle: int):
-    """The patch state `state_handle` named ``handle``."""
+    """The patch state `register_state` named ``handle``."""
     state = _STATES.get(handle)
     if state is None:
         raise RuntimeError(f"sparse_attn: patch state {handle} is gone (the model was patched again or freed); "
@@ -50,7 +43,7 @@ def hf_sparse_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                       scale: Optional[float], softcap: float, state: int, layer_idx: int) -> torch.Tensor:
     """Sparse prefill of one layer: ``query [B, Hq, Lq, D]`` over ``key, value [B, Hkv, Lk, D]`` with the bool
     left-padding mask ``key_keep [B, Lk]`` (or None) -> ``[B, Hq, Lq, D]`` (contiguous, query's dtype).
-    ``softcap``: Gemma-2's score cap (0: none); ``state``: `state_handle` of the patch state; ``layer_idx``: the
+    ``softcap``: Gemma-2's score cap (0: none); ``state``: the patch state's ``op_handle``; ``layer_idx``: the
     module's layer (-1: none)."""
     from .attention import prefill_route
 

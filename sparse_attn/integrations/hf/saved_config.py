@@ -4,7 +4,7 @@
     {"format": "sparse_attn.hf", "version": 1,
      "config": {...} or null,            # the per-layer/per-head config (our schema), null: the online pattern
      "pattern": {...} or null,           # the online pattern (a head object of our schema), null: the default
-     "dense_below": 4096, "dense_above": 0.3, "backend": "auto",
+     "dense_below": null, "dense_above": 0.3, "backend": "auto",   # null: the device's default
      "previous_attn_implementation": "sdpa"}
 
 A model loaded with ``from_pretrained(path, attn_implementation="sparse_attn")`` (after ``import sparse_attn.hf``,

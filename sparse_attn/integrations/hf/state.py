@@ -8,9 +8,10 @@ from ...backends import BACKEND_NAMES
 from ...config import empty_budget_reason
 from ...patterns import Pattern
 from ...errors import InvalidArgumentError, InvalidTypeError
+from .custom_ops import register_state
 
 #: patch(**options) defaults; `pattern` is the online pattern of every head when no config is given.
-DEFAULT_OPTIONS = {"dense_below": prefill.DENSE_BELOW, "dense_above": None, "backend": "auto", "pattern": None,
+DEFAULT_OPTIONS = {"dense_below": None, "dense_above": None, "backend": "auto", "pattern": None,
                    "on_layout": None}
 #: dense_above when it is not given and no config is: the online defaults must never cost more than dense (the CPU
 #: kernel costs ~3x dense attention per computed entry).  With a config the user's patterns are honoured (1.0).
@@ -28,6 +29,12 @@ class PatchState:
     num_heads: int
     num_layers: int = 0
     retrieval: dict | None = None
+
+    def __post_init__(self):
+        # The int naming this state in the custom op's calls, assigned eagerly: under torch.compile the attention
+        # function then reads a plain int attribute (torch 2.11's Dynamo cannot pass this object to a constant
+        # function at trace time).
+        self.op_handle = register_state(self)
 
     def patterns(self, layer_idx, seq_len: int):
         """One pattern per query head of layer ``layer_idx`` for ``seq_len`` keys, or None to run it dense."""
@@ -47,8 +54,8 @@ def check_options(options: dict, *, has_config: bool) -> dict:
     opts = {**DEFAULT_OPTIONS, **options}
     reasons = []
     below = opts["dense_below"]
-    if not isinstance(below, int) or isinstance(below, bool) or below < 0:
-        reasons.append(f"dense_below must be an int >= 0, got {below!r}")
+    if below is not None and (not isinstance(below, int) or isinstance(below, bool) or below < 0):
+        reasons.append(f"dense_below must be an int >= 0, or None (the device's default), got {below!r}")
     above = opts["dense_above"]
     if above is not None and (not isinstance(above, (int, float)) or isinstance(above, bool) or not 0 < above <= 1):
         reasons.append(f"dense_above must be a number in (0, 1], or None, got {above!r}")
