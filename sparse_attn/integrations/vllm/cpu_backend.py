@@ -24,6 +24,8 @@ class SparseCPUAttentionBackend(CPUAttentionBackend):
 
 
 class SparseCPUAttentionImpl(SparsePrefillLayer, CPUAttentionBackendImpl):
+    device_type = "cpu"
+
     def _window_free(self) -> bool:
         return self.sliding_window == -1
 

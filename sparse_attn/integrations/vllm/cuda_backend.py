@@ -29,6 +29,8 @@ class SparseFlashAttentionBackend(FlashAttentionBackend):
 
 
 class SparseFlashAttentionImpl(SparsePrefillLayer, FlashAttentionImpl):
+    device_type = "cuda"
+
     def _window_free(self) -> bool:
         return self.sliding_window in (None, (-1, -1))
 

@@ -40,6 +40,9 @@ class SparsePrefillLayer:
         self.sent_dense = DenseMemory()          # requests this layer sent back to vLLM, for their later chunks
 
     # ---- the platform's parts ----
+    #: the device the platform's tensors live on ("cpu", "cuda"): sets the default ``dense_below``
+    device_type: str
+
     def _window_free(self) -> bool:
         raise NotImplementedError
 
@@ -61,6 +64,10 @@ class SparsePrefillLayer:
         raise NotImplementedError
 
     # ---- shared ----
+    @property
+    def _dense_below(self) -> int:
+        return self.settings.dense_below_on(self.device_type)
+
     @cached_property
     def _heads(self) -> slice:
         """This tensor-parallel rank's query heads in the model's numbering (vLLM gives rank r a contiguous slice)."""
@@ -72,7 +79,7 @@ class SparsePrefillLayer:
                 output_block_scale=None):
         meta = attn_metadata
         if (meta is None or not self.sparse_capable or meta.causal is not True or output_scale is not None
-                or meta.max_query_len <= 1 or meta.max_seq_len < self.settings.dense_below   # decode / short
+                or meta.max_query_len <= 1 or meta.max_seq_len < self._dense_below   # decode / short
                 or not self._cache_readable(layer, meta)):
             return super().forward(layer, query, key, value, kv_cache, meta, output, output_scale,
                                    output_block_scale)
@@ -80,7 +87,7 @@ class SparsePrefillLayer:
         seq_lens = meta.seq_lens.tolist()
         num_reqs = len(seq_lens)
         candidates = [r for r in range(num_reqs)
-                      if starts[r + 1] - starts[r] > 1 and seq_lens[r] >= self.settings.dense_below]
+                      if starts[r + 1] - starts[r] > 1 and seq_lens[r] >= self._dense_below]
         if not candidates:
             return super().forward(layer, query, key, value, kv_cache, meta, output)
         from vllm.model_executor.models.utils import extract_layer_index

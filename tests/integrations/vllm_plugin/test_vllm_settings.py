@@ -108,3 +108,11 @@ def test_other_platforms_are_refused_by_name(kind):
     from sparse_attn.integrations.vllm import backend_for
     with pytest.raises(PluginConfigError, match="CPU and CUDA platforms.*unset SPARSE_ATTN_VLLM"):
         backend_for(_platform(kind))
+
+
+def test_dense_below_defaults_to_the_device_break_even():
+    from sparse_attn import prefill
+    assert settings.Settings(None).dense_below_on("cpu") == prefill.dense_below_for("cpu")
+    assert settings.Settings(None).dense_below_on("cuda") == prefill.dense_below_for("cuda")
+    assert prefill.dense_below_for("cpu") != prefill.dense_below_for("cuda")     # else this test shows nothing
+    assert settings.Settings(None, dense_below=128).dense_below_on("cuda") == 128
