@@ -5,13 +5,14 @@
     PYTHONPATH=. python bench/vllm_serve_bench.py tokens --tp 1 2
 
 ``ttft``: a random-weight Llama (4 layers, hidden 512, 8 query / 2 KV heads, fp32: the issue's baseline model),
-each prompt in one prefill chunk.  Variants: ``base`` (vLLM's CPU attention, plugin installed but off), ``vs``
-(plugin on, config `VerticalSlash(512, 1024)` on every head), ``default`` (plugin on, no config: the online default
-pattern, which sends layers with diffuse attention, as random weights give, back to vLLM).  Each variant is its own
-engine process; rounds take the variants in turns (this VM's speed drifts).  Warm: before each timed prompt the
-process prefills a warm-up prompt of the same length (other tokens), so neither side's time includes first-call
-costs (here mostly the first touch of fresh memory: on this VM a process's first touch of 1 GiB costs seconds, and
-the largest prompt so far sets how much is touched).  TTFT = wall time of ``generate(max_tokens=1)`` on a fresh
+each prompt in one prefill chunk (``--chunk N``: chunks of N tokens).  Variants: ``base`` (vLLM's CPU attention,
+plugin installed but off), ``vs`` (plugin on, config `VerticalSlash(512, 1024)` on every head), ``default`` (plugin
+on, no config: the online default pattern, which sends layers with diffuse attention, as random weights give, back
+to vLLM).  Each variant is its own engine process; rounds take the variants in turns, each round starting with the
+next one (this VM's speed drifts).  Warm: before each timed prompt the process prefills a warm-up prompt of the
+same length (other tokens), so neither side's time includes first-call costs (here mostly the first touch of
+fresh memory: on this VM a process's first touch of 1 GiB costs seconds, and the largest prompt so far sets how
+much is touched).  TTFT = wall time of ``generate(max_tokens=1)`` on a fresh
 prompt; the 16 greedy tokens come from a second call on the same prompt (prefix caching on, so it reuses the
 prefill's KV).
 
@@ -59,7 +60,8 @@ def _env(variant, config_path, preload=None):
 def ttft(args, tmp, log):
     model, config_path = _ttft_model(tmp)
     longest = max(args.lengths)
-    llm = {"max_model_len": longest + 64, "max_num_batched_tokens": longest + 64, "enable_prefix_caching": True}
+    llm = {"max_model_len": longest + 64, "max_num_batched_tokens": args.chunk or longest + 64,
+           "enable_prefix_caching": True}
     times = {(v, n): [] for v in args.variants for n in args.lengths}
     tokens = {}
     for rnd in range(args.rounds):
@@ -68,7 +70,7 @@ def ttft(args, tmp, log):
         for ids, warm in zip(prompts, random_prompts(args.lengths, seed=100 + rnd)):
             jobs += [{"prompts": [warm], "max_tokens": 1}, {"prompts": [ids], "max_tokens": 1},
                      {"prompts": [ids], "max_tokens": args.new_tokens}]
-        for variant in args.variants:
+        for variant in args.variants[rnd % len(args.variants):] + args.variants[:rnd % len(args.variants)]:
             result = run_engine(model, jobs, env=_env(variant, config_path, args.preload), llm=llm,
                                 timeout=3600)
             if result.returncode:
@@ -79,15 +81,17 @@ def ttft(args, tmp, log):
                 tokens[(variant, n, rnd)] = result.jobs[3 * i + 2]["tokens"][0]
                 log(f"round {rnd} {variant:8s} L={n:6d} ttft {seconds:8.2f} s")
     log("")
-    log("| variant | L | TTFT per round (s) | mean | base / variant (per round) | tokens equal to base |")
-    log("|---|---|---|---|---|---|")
+    log("| variant | L | TTFT per round (s) | median | base / variant (per round) | median of those | "
+        "tokens equal to base |")
+    log("|---|---|---|---|---|---|---|")
     for n in args.lengths:
         for variant in args.variants:
             t, b = times[(variant, n)], times.get(("base", n))
-            ratio = "/".join(f"{x / y:.2f}x" for x, y in zip(b, t)) if b else ""
+            ratios = [x / y for x, y in zip(b, t)] if b else []
+            median_ratio = f"{statistics.median(ratios):.3f}x" if ratios else ""
             same = [tokens[(variant, n, r)] == tokens.get(("base", n, r)) for r in range(args.rounds)]
-            log(f"| {variant} | {n} | {' / '.join(f'{x:.2f}' for x in t)} | {statistics.mean(t):.2f} | {ratio} | "
-                f"{sum(same)}/{len(same)} |")
+            log(f"| {variant} | {n} | {' / '.join(f'{x:.2f}' for x in t)} | {statistics.median(t):.2f} | "
+                f"{' / '.join(f'{r:.3f}x' for r in ratios)} | {median_ratio} | {sum(same)}/{len(same)} |")
     log("")
     for (variant, n, rnd), toks in sorted(tokens.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         log(f"tokens {variant:8s} L={n} round {rnd}: {toks}")
@@ -141,7 +145,7 @@ def _stages_child(spec_path):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
     from vllm.v1.attention.backends import cpu_attn
-    from sparse_attn.integrations.vllm import cpu_backend
+    from sparse_attn.integrations.vllm import cpu_backend, sparse_layer
 
     with open(spec_path) as f:
         spec = json.load(f)
@@ -168,9 +172,9 @@ def _stages_child(spec_path):
     impl.forward = timed("sparse_attn plugin layer", impl.forward)
     cpu_backend.read_request_keys = timed("  read K from the paged cache", cpu_backend.read_request_keys)
     cpu_backend.read_request_values = timed("  read V from the paged cache", cpu_backend.read_request_values)
-    cpu_backend._mass_needs_dense = timed("  density check (16 rows)", cpu_backend._mass_needs_dense)
-    cpu_backend.prefill.estimate = timed("  estimate", cpu_backend.prefill.estimate)
-    cpu_backend.prefill.sparse_attention = timed("  sparse kernel", cpu_backend.prefill.sparse_attention)
+    sparse_layer._mass_needs_dense = timed("  density check (16 rows)", sparse_layer._mass_needs_dense)
+    sparse_layer.prefill.estimate = timed("  estimate", sparse_layer.prefill.estimate)
+    sparse_layer.prefill.sparse_attention = timed("  sparse kernel", sparse_layer.prefill.sparse_attention)
     engine = LLM(model=spec["model"], max_model_len=spec["max_len"], max_num_batched_tokens=spec["max_len"],
                  enable_prefix_caching=False, **BASE_LLM_ARGS)
     params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
@@ -234,6 +238,7 @@ def main(argv=None):
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["base", "vs", "default"])
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--chunk", type=int, help="prefill chunk (max_num_batched_tokens; default: the whole prompt)")
     p = sub.add_parser("stages")
     p.add_argument("--lengths", type=int, nargs="+", default=[32768])
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["base", "vs"])

@@ -6,7 +6,8 @@ the ISA the CPU backend picked (`vllm.v1.attention.backends.cpu_attn._get_attn_i
 (x86 without AMX-bf16, and head sizes not a multiple of 32) the keys of a block are stored transposed,
 ``[D, block_size]``, and the values plainly, ``[block_size, D]`` (checked against ``cpu_attn_reshape_and_cache`` in
 the tests).  Other ISAs (AMX, NEON, ...) pack the cache differently: `readable` is False for them and the backend
-leaves those layers to vLLM's own attention."""
+leaves those layers to vLLM's own attention.  `read_flash_keys` / `read_flash_values` read the layout of
+vLLM's FlashAttention backend (CUDA) the same way (untested on a GPU so far)."""
 from __future__ import annotations
 
 import torch
@@ -37,17 +38,32 @@ def read_request_values(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len
     return _gather(kv_cache, block_ids, seq_len, 1)
 
 
-def _gather(kv_cache, block_ids, seq_len: int, part: int) -> torch.Tensor:
+def read_flash_keys(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The keys of one request from a FlashAttention-layout cache (vLLM's CUDA backend): ``kv_cache [num_blocks,
+    Hkv, block_size, 2 * D]`` holding token ``s`` of a block's key in ``[..., s, :D]`` and its value in
+    ``[..., s, D:]`` (what ``FlashAttentionImpl.forward`` splits as ``kv_cache.transpose(1, 2).split(D, -1)``)."""
+    return _gather(kv_cache, block_ids, seq_len, 0, flash=True)
+
+
+def read_flash_values(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The values of `read_flash_keys`."""
+    return _gather(kv_cache, block_ids, seq_len, 1, flash=True)
+
+
+def _gather(kv_cache, block_ids, seq_len: int, part: int, flash: bool = False) -> torch.Tensor:
     num_blocks, num_kv_heads, block_size, two_d = kv_cache.shape
     head_dim = two_d // 2
     n = ceil_div(seq_len, block_size)
     rows = kv_cache.new_empty(num_kv_heads, n * block_size, head_dim)
     per_block = rows.view(num_kv_heads, n, block_size, head_dim).transpose(0, 1)        # [n, Hkv, bs, D] view
-    source = kv_cache.view(num_blocks, num_kv_heads, 2, block_size * head_dim)[:, :, part]
-    if part == 0:       # keys are stored transposed per block, [D, bs]: gather through the transposed view
-        source, per_block = source.view(num_blocks, num_kv_heads, head_dim, block_size), per_block.transpose(2, 3)
-    else:
-        source = source.view(num_blocks, num_kv_heads, block_size, head_dim)
+    if flash:           # keys and values side by side in each token's row
+        source = kv_cache[..., part * head_dim:(part + 1) * head_dim]
+    else:               # CPU: all keys of a (block, head), then all its values
+        source = kv_cache.view(num_blocks, num_kv_heads, 2, block_size * head_dim)[:, :, part]
+        if part == 0:   # keys are stored transposed per block, [D, bs]: gather through the transposed view
+            source, per_block = source.view(num_blocks, num_kv_heads, head_dim, block_size), per_block.transpose(2, 3)
+        else:
+            source = source.view(num_blocks, num_kv_heads, block_size, head_dim)
     # index_select writes through the permuted view: one copy from the blocks into the rows
     torch.index_select(source, 0, block_ids[:n].long(), out=per_block)
     return rows[:, :seq_len].unsqueeze(0)

@@ -34,11 +34,15 @@ class PluginConfigError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     """What every process of a run uses: the config (None: the online default pattern on every head), the key
-    length below which a prefill runs vLLM's own attention, and the density above which it does too."""
+    length below which a prefill runs vLLM's own attention (None: the device's break-even,
+    `prefill.dense_below_for`: 4096 keys on the CPU, 65536 on CUDA), and the density above which it does too."""
 
     config: SparseConfig | None
-    dense_below: int = prefill.DENSE_BELOW
+    dense_below: int | None = None
     dense_above: float = 1.0
+
+    def dense_below_on(self, device_type: str) -> int:
+        return prefill.dense_below_for(device_type) if self.dense_below is None else self.dense_below
 
     def patterns(self, layer_idx: int, seq_len: int, heads: slice, num_heads: int):
         """The patterns of query heads ``heads`` (this rank's slice) of layer ``layer_idx`` for ``seq_len`` keys, or

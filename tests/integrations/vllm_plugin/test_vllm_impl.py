@@ -12,15 +12,14 @@ pytestmark = pytest.mark.vllm
 
 from types import SimpleNamespace                                                     # noqa: E402
 
-from vllm import _custom_ops as ops                                                   # noqa: E402
 import vllm.v1.attention.backends.cpu_attn as cpu_attn                               # noqa: E402
-from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackendImpl,            # noqa: E402
-                                                 CPUAttentionMetadata, _get_attn_isa)
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl              # noqa: E402
 
 import sparse_attn as sa                                                              # noqa: E402
 from sparse_attn.config import SparseConfig                                           # noqa: E402
 from sparse_attn.integrations.vllm.cpu_backend import SparseCPUAttentionImpl          # noqa: E402
 from sparse_attn.integrations.vllm.settings import Settings                           # noqa: E402
+from sparse_attn.integrations.vllm.synthetic_batch import fill_paged_cache, step_metadata  # noqa: E402
 
 HQ, HKV, D, BLOCK = 4, 2, 64, 32
 #: (query tokens this step, key length) per request: decode, whole prompt, decode, later chunk, short prompt
@@ -37,36 +36,11 @@ def _model_dtype(monkeypatch):
 
 def _batch():
     gen = torch.Generator().manual_seed(0)
-    blocks_per_req = [-(-s // BLOCK) for _, s in REQUESTS]
-    num_blocks = sum(blocks_per_req) + 3
-    kv_cache = torch.zeros(num_blocks, HKV, BLOCK, 2 * D)
-    key_cache, value_cache = kv_cache.view(num_blocks, HKV, 2 * BLOCK, D).chunk(2, dim=2)
-    order = torch.randperm(num_blocks, generator=gen)
-    table = torch.zeros(len(REQUESTS), max(blocks_per_req), dtype=torch.int32)
-    isa = _get_attn_isa(torch.float32, BLOCK, D)
-    used = 0
-    for r, (_, s) in enumerate(REQUESTS):
-        ids = order[used:used + blocks_per_req[r]]
-        used += blocks_per_req[r]
-        table[r, :len(ids)] = ids.to(torch.int32)
-        k, v = torch.randn(s, HKV, D, generator=gen), torch.randn(s, HKV, D, generator=gen)
-        slots = ids.repeat_interleave(BLOCK)[:s] * BLOCK + torch.arange(s) % BLOCK
-        ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa, k_scale=1.0, v_scale=1.0,
-                                       kv_cache_dtype="auto")
-    lens = [q for q, _ in REQUESTS]
-    starts = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
-    seq_lens = torch.tensor([s for _, s in REQUESTS], dtype=torch.int32)
-    scheduler = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=len(REQUESTS), num_heads=HQ, num_kv_heads=HKV, head_dim=D, seq_lens=seq_lens, dtype=torch.float32,
-        query_start_loc=starts, causal=True, sliding_window_size=-1, isa=isa, enable_kv_split=False)
-    meta = CPUAttentionMetadata(num_actual_tokens=sum(lens), max_query_len=max(lens), query_start_loc=starts,
-                                max_seq_len=int(seq_lens.max()), seq_lens=seq_lens, block_table=table,
-                                slot_mapping=torch.zeros(sum(lens), dtype=torch.long),
-                                scheduler_metadata=scheduler)
-    query = torch.randn(sum(lens), HQ, D, generator=gen)
-    layer = SimpleNamespace(isa=isa, layer_name="model.layers.0.self_attn.attn", _k_scale_float=1.0,
-                            _v_scale_float=1.0)
-    return query, kv_cache, meta, layer, starts.tolist()
+    cache = fill_paged_cache([s for _, s in REQUESTS], num_kv_heads=HKV, head_dim=D, block_size=BLOCK,
+                             generator=gen)
+    meta = step_metadata(REQUESTS, cache, num_heads=HQ)
+    query = torch.randn(meta.num_actual_tokens, HQ, D, generator=gen)
+    return query, cache.kv_cache, meta, cache.layer, meta.query_start_loc.tolist()
 
 
 def _run(impl_cls, query, kv_cache, meta, layer, settings=None):
@@ -105,3 +79,30 @@ def test_dense_layer_in_config_is_vllm_exactly():
     dense = Settings(SparseConfig(1, HQ, [None]), dense_below=128)
     got = _run(SparseCPUAttentionImpl, query, kv_cache, meta, layer, dense)
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_online_default_sends_diffuse_layer_to_vllm_and_remembers_it_for_later_chunks(monkeypatch):
+    """Random keys and (damped) queries: attention too diffuse to pay, so the online default must give vLLM's
+    output exactly; the chunk after a dense decision skips the check, a chunk at twice the keys decides again."""
+    from sparse_attn.integrations.vllm import sparse_layer
+
+    checks = []
+    check = sparse_layer._mass_needs_dense
+    monkeypatch.setattr(sparse_layer, "_mass_needs_dense", lambda *a, **kw: checks.append(1) or check(*a, **kw))
+    gen = torch.Generator().manual_seed(1)
+    cache = fill_paged_cache([400], num_kv_heads=HKV, head_dim=D, block_size=BLOCK, generator=gen)
+    query = 0.5 * torch.randn(400, HQ, D, generator=gen)
+    online = Settings(None, dense_below=128, dense_above=0.3)
+    plugin, vllm_impl = SparseCPUAttentionImpl(HQ, D, D ** -0.5, HKV, None, None, "auto"), \
+        CPUAttentionBackendImpl(HQ, D, D ** -0.5, HKV, None, None, "auto")
+    plugin.settings, plugin.__dict__["_heads"] = online, slice(0, HQ)
+    done = 0
+    for rows, seq_len, checked in [(160, 160, True), (100, 260, False), (100, 360, True), (40, 400, False)]:
+        meta = step_metadata([(rows, seq_len)], cache, num_heads=HQ)
+        got, expected = (torch.full((rows, HQ * D), float("nan")) for _ in range(2))
+        plugin.forward(cache.layer, query[done:done + rows], None, None, cache.kv_cache, meta, got)
+        vllm_impl.forward(cache.layer, query[done:done + rows], None, None, cache.kv_cache, meta, expected)
+        assert torch.equal(got, expected)
+        assert checks == [1] * checked, (rows, seq_len)
+        checks.clear()
+        done += rows

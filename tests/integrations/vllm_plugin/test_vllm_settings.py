@@ -90,3 +90,29 @@ def test_check_model(monkeypatch, tmp_path):
         settings.check_model(_vllm_config(use_mla=True))
     with pytest.raises(PluginConfigError, match="do not split over tensor_parallel_size=3"):
         settings.check_model(_vllm_config(tp=3))
+
+
+def _platform(kind):
+    return SimpleNamespace(**{f"is_{k}": (lambda k=k: k == kind) for k in ("cpu", "cuda", "rocm", "tpu", "xpu")})
+
+
+@pytest.mark.parametrize("kind, name, cls", [("cpu", "CPU_ATTN", "cpu_backend.SparseCPUAttentionBackend"),
+                                             ("cuda", "FLASH_ATTN", "cuda_backend.SparseFlashAttentionBackend")])
+def test_backend_chosen_by_platform(kind, name, cls):
+    from sparse_attn.integrations.vllm import backend_for
+    assert backend_for(_platform(kind)) == (name, f"sparse_attn.integrations.vllm.{cls}")
+
+
+@pytest.mark.parametrize("kind", ["rocm", "tpu", "xpu"])
+def test_other_platforms_are_refused_by_name(kind):
+    from sparse_attn.integrations.vllm import backend_for
+    with pytest.raises(PluginConfigError, match="CPU and CUDA platforms.*unset SPARSE_ATTN_VLLM"):
+        backend_for(_platform(kind))
+
+
+def test_dense_below_defaults_to_the_device_break_even():
+    from sparse_attn import prefill
+    assert settings.Settings(None).dense_below_on("cpu") == prefill.dense_below_for("cpu")
+    assert settings.Settings(None).dense_below_on("cuda") == prefill.dense_below_for("cuda")
+    assert prefill.dense_below_for("cpu") != prefill.dense_below_for("cuda")     # else this test shows nothing
+    assert settings.Settings(None, dense_below=128).dense_below_on("cuda") == 128
