@@ -3,7 +3,8 @@
 1. Correctness of backends triton and cuda against the fp32 oracle (`reference_attention` with the layout's mask)
    in bf16 and fp16 on awkward shapes; tolerance as DESIGN section 8: error <= 2x plain torch's in that dtype.
 2. Llama-3-8B prefill shapes (B=1, Hq=32, Hkv=8, D=128, bf16) at 4K, 32K, 128K on the synthetic workload: dense
-   SDPA (flash, causal, GQA), compiled FlexAttention on the same layout (its aligned block cover), and ours
+   SDPA (causal, GQA; as torch picks its backend and pinned to flash: speedups are against the faster), compiled
+   FlexAttention on the same layout (its aligned block cover), `sparse_prefill` (the user's one call), and ours
    (estimate + attention, attention alone; backends triton and cuda) for VerticalSlash(1000, 6096) and the
    default pattern: density, ms (CUDA events, after warmup), density-scaled TFLOPS, speedups; and the estimate
    with the sample scored by the Triton kernels vs by torch ("estimate (triton scores)" / "(torch scores)").
@@ -204,25 +205,20 @@ def check_scores(report: Report, device, dtypes, shapes, budget: Budget):
 
 
 # ---------------------------------------------------------------------------------------------------- performance
-def dense_sdpa(q, k, v):
-    """Causal GQA SDPA, flash backend where it takes the inputs (the note says which ran)."""
+def dense_variants(q, k, v) -> dict:
+    """Causal GQA SDPA as torch picks it ("sdpa default": cuDNN-class on Hopper, 1.9-2.0x the flash backend at 16K
+    on an H200) and pinned to the flash backend where it takes the inputs: name -> callable."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     gqa = q.shape[1] != k.shape[1]
-    try:
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        return (lambda: _flash(q, k, v, gqa)), "flash", out
-    except RuntimeError:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        return (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)), "sdpa default", out
 
-
-def _flash(q, k, v, gqa):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+    def default():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+    def flash():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return {"sdpa default": default, "flash": flash}
 
 
 def causal_flops(B, H, L, D) -> float:
@@ -236,14 +232,15 @@ def run_length(report: Report, L: int, cfg: dict, patterns: dict, backends, devi
     q, k, v = make_qkv(Workload(batch=B, q_heads=Hq, kv_heads=Hkv, seq_len=L, head_dim=D, dtype=dtype), device)
     flops = causal_flops(B, Hq, L, D)
     report.add(**base, impl="inputs", note=f"synthetic workload generated in {time.perf_counter() - t0:.1f} s")
-    dense_ms = None
-    try:
-        fn, which, _ = dense_sdpa(q, k, v)
-        dense_ms = measure(fn)
-        report.add(**base, impl="dense sdpa", backend=which, density=1.0, ms=dense_ms, tflops=flops / dense_ms / 1e9,
-                   speedup_vs_dense=1.0)
-    except Exception as e:
-        report.add(**base, impl="dense sdpa", ok="ERROR", note=_error_note(e))
+    dense = {}                                       # the baseline of every speedup: the faster dense variant
+    for which, fn in dense_variants(q, k, v).items():
+        try:
+            dense[which] = measure(fn)
+            report.add(**base, impl="dense sdpa", backend=which, density=1.0, ms=dense[which],
+                       tflops=flops / dense[which] / 1e9)
+        except Exception as e:
+            report.add(**base, impl="dense sdpa", backend=which, ok="ERROR", note=_error_note(e))
+    dense_ms = min(dense.values()) if dense else None
     for name, pattern in patterns.items():
         row = dict(base, pattern=name)
         try:
@@ -443,7 +440,7 @@ def main(argv=None) -> int:
 
     print()
     print(report.table())
-    print(f"\n# tflops = density x causal dense FLOPs (4 B H D L(L+1)/2) / time; speedup_vs_dense = dense ms / ms; "
+    print(f"\n# tflops = density x causal dense FLOPs (4 B H D L(L+1)/2) / time; speedup_vs_dense = the faster dense sdpa row's ms / ms; "
           f"vs_flex = flex ms / attention ms (same layout)\n# CSV: {path}")
     failed = [r for r in report.rows if r["ok"] in ("FAIL", "ERROR")]
     print(f"# {len(failed)} rows failed or errored" if failed else "# no failures")

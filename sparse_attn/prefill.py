@@ -20,10 +20,14 @@ from .patterns.base import patterns_per_head
 DEFAULT_PATTERN = Auto(gamma=0.95)
 #: Key lengths below this run dense attention in `sparse_prefill` on the CPU (sparse would not pay for its estimate).
 DENSE_BELOW = 4096
-#: The same on CUDA tensors.  Flash SDPA is fast there and the estimate has a fixed cost of small kernels and a few
-#: host syncs: on an H200 (bf16, 32 query / 8 KV heads, D=128) dense takes 0.6 ms at 4K and 25 ms at 32K, the
-#: default estimate 16-20 ms at both (bench/results/gpu-check-h200-2026-12-04-s7.txt), so it pays from about 32K.
-DENSE_BELOW_CUDA = 32768
+#: The same on CUDA tensors, where dense SDPA is fast and the estimate has a fixed cost (small kernels, a few host
+#: syncs).  H200, bf16, B=1, D=128, synthetic workload, `sparse_prefill` with dense_below=0 vs dense SDPA as torch
+#: picks it (measured at 16K; beyond, taken as the flash backend's time / 1.9 (32 heads) or / 2.0 (8 heads), the
+#: ratios measured at 16K), at 16K / 32K / 64K: 32 query / 8 KV heads: VerticalSlash(1000, 6096) 0.37x / ~0.92x /
+#: ~1.86x, the default pattern 0.19x / ~0.74x / ~0.85x (~0.89x at 128K: its estimate is too slow on a GPU); 8 / 2
+#: heads: VerticalSlash 0.18x / ~0.44x / ~1.5x, the default 0.14x / ~0.38x / ~1.1x
+#: (bench/results/gpu-check-h200-2026-12-04-s7*.txt).
+DENSE_BELOW_CUDA = 65536
 
 
 def dense_below_for(device) -> int:
@@ -124,7 +128,7 @@ def sparse_prefill(q, k, v, pattern=None, *, causal: bool = True, scale=None, ba
         scale: softmax scale (default ``head_dim ** -0.5``).
         backend: ``"auto"`` or a name in `sparse_attn.backends.BACKEND_NAMES` (see `sparse_attention`).
         softcap: ``softcap * tanh(score / softcap)`` before the softmax when > 0 (Gemma-2); 0 = off.
-        dense_below: key lengths below it (default `dense_below_for` q's device: 4096 on the CPU, 32768 on CUDA)
+        dense_below: key lengths below it (default `dense_below_for` q's device: 4096 on the CPU, 65536 on CUDA)
             run dense attention.  So do all-`Dense` patterns (sparse would not pay for its estimate there) and an
             estimated layout the chosen backend would run slower than dense SDPA (`dense_guard`).
 

@@ -31,11 +31,11 @@ def test_threshold_switches_to_the_sparse_path():
 
 
 def test_default_threshold_is_the_devices(monkeypatch):
-    """dense_below=None means `dense_below_for` the inputs' device: 4096 keys on the CPU, 32768 on CUDA."""
+    """dense_below=None means `dense_below_for` the inputs' device: 4096 keys on the CPU, 65536 on CUDA."""
     from sparse_attn import prefill
 
     assert prefill.dense_below_for("cpu") == prefill.DENSE_BELOW == 4096
-    assert prefill.dense_below_for(torch.device("cuda", 0)) == prefill.DENSE_BELOW_CUDA == 32768
+    assert prefill.dense_below_for(torch.device("cuda", 0)) == prefill.DENSE_BELOW_CUDA == 65536
     q, k, v = make_qkv(1, 2, 2, 300, 300, 64, seed=2)
     pattern = sa.AShape(sink=4, local=16)
     monkeypatch.setattr(prefill, "DENSE_BELOW", 300)                       # the CPU default, moved to lk

@@ -26,23 +26,35 @@ def available() -> bool:
 
 
 def low_precision(q: torch.Tensor) -> bool:
-    """Whether the scores' GEMMs run in bf16 (fp32 accumulation and softmax): for bf16 inputs where this CPU has
-    native bf16 GEMMs.  fp32 inputs stay in fp32: measured at 32K (8 heads, D=128, 2 cores) the bf16 route was
-    slower (76 ms vs 57 ms), its key conversion and small GEMMs costing more than the GEMM rate gains."""
-    return q.dtype == torch.bfloat16 and q.shape[-1] % 2 == 0 and loader.native_low_precision(torch.bfloat16,
-                                                                                                q.shape[-1])
+    """Whether `cpu_rows_kept_mass`'s GEMMs run in bf16 (fp32 accumulation and softmax): for bf16 inputs where this
+    CPU has native bf16 GEMMs.  fp32 inputs stay in fp32 there: with its 32 rows per head the bf16 GEMMs were not
+    faster (32K, 8 heads, D=128, 2 cores: 10.3 vs 8.9 ms)."""
+    return q.dtype == torch.bfloat16 and native_bf16(q)
+
+
+def native_bf16(q: torch.Tensor) -> bool:
+    """Whether this CPU has native bf16 GEMMs for q's head dim (``SPARSE_ATTN_CPU_LOW_PRECISION=0``: no)."""
+    return q.shape[-1] % 2 == 0 and loader.native_low_precision(torch.bfloat16, q.shape[-1])
+
+
+def sample_low_precision(q: torch.Tensor) -> bool:
+    """Whether `cpu_sample_scores`' GEMMs run in bf16 (fp32 accumulation and softmax): for any input dtype, where
+    this CPU has native bf16 GEMMs; fp32 keys are converted a chunk at a time inside the pass.  Measured at 32K
+    (8 heads, 64 rows, D=128, 2 cores): 12.8 ms vs 20-25 ms in fp32.  Elsewhere fp32 (correct on any CPU)."""
+    return native_bf16(q)
 
 
 def cpu_sample_scores(q, k, last_q: int, scale: float, causal: bool = True, *, heads, sink, local, group: int,
                       bf16: bool | None = None) -> GroupedScores:
-    """`torch_sample_scores`'s contract on the fused pass.  ``bf16``: GEMMs in bf16 (default `low_precision`);
-    q is scaled in fp32 before the cast."""
+    """`torch_sample_scores`'s contract on the fused pass.  ``bf16``: GEMMs in bf16 (default
+    `sample_low_precision`); q is scaled in fp32 before the cast, fp32 keys are rounded to bf16 in the pass."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     n = min(last_q, Lq)
-    dtype = torch.bfloat16 if (low_precision(q) if bf16 is None else bf16) else torch.float32
+    dtype = torch.bfloat16 if (sample_low_precision(q) if bf16 is None else bf16) else torch.float32
     sample = (q[:, :, Lq - n:].index_select(1, heads).float() * scale).to(dtype).contiguous()
-    keys = k if k.dtype == dtype and k.stride(-1) == 1 else k.to(dtype).contiguous()
+    usable = k.dtype == dtype or (k.dtype == torch.float32 and dtype == torch.bfloat16)
+    keys = k if usable and k.stride(-1) == 1 else k.to(dtype).contiguous()
     as_long = (lambda t: t.to(torch.long).contiguous())
     column, off, diag, by_group, lse = load().sample_scores(sample, keys, as_long(heads // (Hq // Hkv)),
                                                             as_long(sink), as_long(local), Lk - n, bool(causal),

@@ -24,6 +24,7 @@ import torch
 
 from ..layout import SparseLayout
 from ..backends.host_copy import host_tensor
+from ..estimators.mass_count import keys_for_mass
 from ..estimators.sample_mass import last_query_probs
 from ..estimators.score_backends import select_scores
 from .base import Pattern, computed_share
@@ -169,12 +170,11 @@ def _row_need(q, k, heads, p: Auto, scale, causal) -> torch.Tensor:
     """Per batch row and head ``[B, Hs]``: the largest share of its visible keys that one of the last
     ``need_rows`` queries needs for ``gamma`` of its mass (the smallest such key set: its top keys), measured on
     every ``_NEED_KEY_STRIDE``-th key (a sort of all keys cost a third of the estimate at 32K; scoring only
-    those keys, an eighth of the GEMM: it is all an all-diffuse input pays before the dense guard).  Only ever routes
-    a head to dense early, so an error costs time, never accuracy: the sparse choices are checked on their own."""
+    those keys, an eighth of the GEMM: it is all an all-diffuse input pays before the dense guard), counted from a
+    histogram instead of a sort (`keys_for_mass`).  Only ever routes a head to dense early, so an error costs time,
+    never accuracy: the sparse choices are checked on their own."""
     probs, pos = last_query_probs(q, k, p.need_rows, scale, causal, key_stride=_NEED_KEY_STRIDE)  # [B, Hq, n, Lk/8]
-    probs = _of_heads(probs, heads)
-    mass = probs.sort(-1, descending=True).values.cumsum(-1)
-    keys = (mass < p.gamma).sum(-1) + 1                                               # [B, Hs, n]
+    keys = keys_for_mass(_of_heads(probs, heads), p.gamma)                            # [B, Hs, n]
     visible = (pos + 1).clamp(max=k.shape[2]) if causal else torch.full_like(pos, k.shape[2])
     visible = (visible + _NEED_KEY_STRIDE - 1) // _NEED_KEY_STRIDE                    # subsampled keys it sees
     return (keys.float() / visible.float()).amax(-1)

@@ -75,9 +75,14 @@ def test_patched_model_compiles_without_graph_breaks(name):
     with torch.no_grad():
         explanation = torch._dynamo.explain(model)(ids[:1])
     if name == "switched_by_hand" and hf_attention._TORCH_MAJOR_MINOR < (2, 13):
-        # Each layer builds its state at its first call: a constant function from torch 2.13, a graph break per
-        # layer on older Dynamo (attention.py says why), on the first call only.
-        assert 1 <= explanation.graph_break_count <= model.config.num_hidden_layers
+        # Each layer builds its state at its first call: a constant function from torch 2.13, graph breaks on the
+        # first call on older Dynamo (attention.py says why; torch 2.11 on an H200: 10).  It still compiles and
+        # gives the eager output.
+        assert explanation.graph_break_count >= 1
+        with torch.no_grad():
+            eager = model(ids[:1]).logits
+            compiled = torch.compile(model, backend="aot_eager")(ids[:1]).logits
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     else:
         assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
         assert explanation.graph_count == 1

@@ -32,7 +32,7 @@ def patch(model, config=None, *, retrieval=None, **options):
     ``config``: None (the online ``pattern`` on every head), a Pattern, a list of one Pattern per query head, a
     `sparse_attn.config.SparseConfig`, a path to a config JSON (ours or MInference's), or a parsed JSON object.
     ``options``: ``dense_below`` (key lengths below it run dense; default None: `sparse_attn.prefill.dense_below_for` the
-    inputs' device, 4096 on the CPU and 32768 on CUDA),
+    inputs' device, 4096 on the CPU and 65536 on CUDA),
     ``dense_above`` (a layer whose estimated layout is denser than this fraction runs dense instead, since the
     sparse kernel costs a few times dense attention per computed entry; 1.0: never; default `ONLINE_DENSE_ABOVE`
     without a config, 1.0 with one, so a given config is followed as written), ``backend`` (as in

@@ -138,7 +138,8 @@ def _state_of_unpatched_module(module) -> int:
 
 # Under torch.compile the state is built once, at trace time, and the module's new attribute makes Dynamo retrace
 # with it.  From torch 2.13 that is a constant function (no graph break); older Dynamo cannot pass a module to one
-# (torch 2.11: "UnspecializedNNModuleVariable is not a constant"), so there the first call has one graph break.
+# (torch 2.11: "UnspecializedNNModuleVariable is not a constant"), so there the first call has graph breaks (10 on a
+# tiny Llama under torch 2.11).
 _TORCH_MAJOR_MINOR = tuple(int(part) for part in torch.__version__.split(".")[:2])
 _adopt_state = (torch.compiler.assume_constant_result if _TORCH_MAJOR_MINOR >= (2, 13)
                 else torch.compiler.disable)(_state_of_unpatched_module)

@@ -35,7 +35,7 @@ class PluginConfigError(ValueError):
 class Settings:
     """What every process of a run uses: the config (None: the online default pattern on every head), the key
     length below which a prefill runs vLLM's own attention (None: the device's break-even,
-    `prefill.dense_below_for`: 4096 keys on the CPU, 32768 on CUDA), and the density above which it does too."""
+    `prefill.dense_below_for`: 4096 keys on the CPU, 65536 on CUDA), and the density above which it does too."""
 
     config: SparseConfig | None
     dense_below: int | None = None
