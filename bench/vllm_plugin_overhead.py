@@ -27,6 +27,7 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 
 import sparse_attn as sa
 from sparse_attn.integrations.vllm import cpu_backend, sparse_layer
+from sparse_attn.tools.cli import line_printer
 from sparse_attn.integrations.vllm.synthetic_batch import fill_paged_cache, step_metadata
 
 HQ, HKV, D, BLOCK = 8, 2, 64, 128
@@ -73,13 +74,7 @@ def main():
     parser.add_argument("--out", help="also write the output to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    out_file = open(args.out, "w") if args.out else None
-
-    def log(line=""):
-        print(line, flush=True)
-        if out_file:
-            out_file.write(line + "\n")
-            out_file.flush()
+    log = line_printer(args.out)
 
     config = SimpleNamespace(model_config=SimpleNamespace(dtype=torch.float32))
     cpu_attn.get_current_vllm_config = lambda: config          # what an engine would have set up

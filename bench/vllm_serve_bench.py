@@ -250,13 +250,9 @@ def main(argv=None):
                              "runs on) or tcmalloc (LD_PRELOAD, as vLLM's CPU platform does when its wheel bundles it)")
     args = parser.parse_args(argv)
     args.preload = _tcmalloc() if args.malloc == "tcmalloc" else None
-    out = open(args.out, "w") if args.out else None
+    from sparse_attn.tools.cli import line_printer
 
-    def log(line=""):
-        print(line, flush=True)
-        if out:
-            out.write(line + "\n")
-            out.flush()
+    log = line_printer(args.out)
 
     import torch
     import vllm

@@ -27,6 +27,19 @@ class Parser(argparse.ArgumentParser):
         self.exit(INPUT_ERROR, f"{self.prog}: error: {message} (--help for the options)\n")
 
 
+def line_printer(path=None):
+    """A ``log(line="")`` that prints each line at once and, given ``path``, also writes it there (flushed, so a
+    benchmark killed half-way keeps what it measured)."""
+    out = open(path, "w") if path else None
+
+    def log(line: str = "") -> None:
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
+            out.flush()
+    return log
+
+
 def report(prog: str, error: Exception) -> int:
     """Print ``error`` as one line on stderr; returns `INPUT_ERROR`."""
     message = " ".join(str(error).split())          # one line, whatever the message held
