@@ -40,7 +40,7 @@ inline int64_t top_sorted(std::vector<int64_t>& keys, int64_t top) {
 }
 
 struct Params {
-  int64_t B, h, Lk, Lq, nB, G, pos0, block_m, block_n, width_v, width_s, first_look;
+  int64_t B, h, Lk, Lq, nB, G, pos0, block_m, block_n, width_v, width_s;
   bool gamma_mode, causal;
 };
 
@@ -49,38 +49,46 @@ struct HeadChoice {
   std::vector<int64_t> columns, groups;
 };
 
-// `_cheapest_slashes` for one head: which diagonal groups the cheapest-mass-first walk over columns (cost 1) and
-// groups (cost block_n) keeps before the mass before an entry reaches `target`.
-std::vector<char> cheapest_slashes(const float* col, const float* group_mass, int64_t sink, int64_t local, float target,
-                                   const Params& p) {
-  const int64_t Lk = p.Lk, N = p.Lk + p.nB;
-  const float inf = std::numeric_limits<float>::infinity();
-  std::vector<int64_t> keys(N);
-  for (int64_t j = 0; j < Lk; ++j) keys[j] = order_key(j < sink ? inf : col[j], j);
-  for (int64_t g = 0; g < p.nB; ++g)
-    keys[Lk + g] = order_key(g * p.block_n < local ? inf : group_mass[g] / static_cast<float>(p.block_n), Lk + g);
-  std::vector<char> chosen(p.nB, 0);
-  // Walk the entries best first, sorting only as far as the walk goes: the first `first_look`, then the rest.
-  double acc = 0.0;
-  int64_t done = 0, look = std::min<int64_t>(p.first_look, N);
-  while (true) {
-    if (look < N) {
-      std::nth_element(keys.begin() + done, keys.begin() + look, keys.end(), std::greater<int64_t>());
-    }
-    std::sort(keys.begin() + done, keys.begin() + look, std::greater<int64_t>());
-    for (int64_t i = done; i < look; ++i) {
-      const int64_t e = key_index(keys[i]);
-      const float mass = e < Lk ? col[e] : group_mass[e - Lk];
-      acc += mass;
-      const float before = static_cast<float>(acc) - mass;   // torch: cumsum (double inside, fp32 out) - mass
-      if (!(before < target)) return chosen;
-      if (e >= Lk) chosen[e - Lk] = 1;
-    }
-    if (look == N) return chosen;
-    done = look;
-    look = N;
+// Entries ranked by `order_key`, produced best first without sorting them all: a counting sort into bins of the
+// key's top bits (bins descend as keys do), then each bin sorted only when the walk reaches it.  The walks below
+// stop after a small share of the entries (the columns and groups holding gamma of the mass, the top width_v
+// columns), so this costs two passes over the entries where a top-k or sort of all of them cost several.
+class Ranked {
+ public:
+  static constexpr int kBins = 2048;
+
+  explicit Ranked(const std::vector<int64_t>& keys) : keys_(keys.size()), start_(kBins + 1, 0) {
+    for (const int64_t key : keys) ++start_[bin(key) + 1];
+    for (int b = 0; b < kBins; ++b) start_[b + 1] += start_[b];
+    std::vector<int64_t> fill(start_.begin(), start_.end() - 1);
+    for (const int64_t key : keys) keys_[fill[bin(key)]++] = key;
+    next_bin_ = kBins - 1;
   }
-}
+
+  // The next key in descending order; false once all are out.
+  bool next(int64_t& key) {
+    while (at_ == end_) {
+      if (next_bin_ < 0) return false;
+      at_ = start_[next_bin_], end_ = start_[next_bin_ + 1];
+      std::sort(keys_.begin() + at_, keys_.begin() + end_, std::greater<int64_t>());
+      --next_bin_;
+    }
+    key = keys_[at_++];
+    return true;
+  }
+
+ private:
+  // Negative values in bin 0, the others by their top 11 ordered bits (sign clear): monotone in the key.
+  static int bin(int64_t key) {
+    const int32_t ordered = static_cast<int32_t>(key >> 32);
+    return ordered < 0 ? 0 : (ordered >> 20) + 1;
+  }
+
+  std::vector<int64_t> keys_;
+  std::vector<int64_t> start_;
+  int64_t at_ = 0, end_ = 0;
+  int next_bin_;
+};
 
 HeadChoice choose_head(const float* col_all, const float* col, const float* group_mass, const float* by_group,
                        int64_t sink, int64_t local, int64_t vertical, int64_t min_vertical, int64_t slash,
@@ -88,56 +96,82 @@ HeadChoice choose_head(const float* col_all, const float* col, const float* grou
   const int64_t Lk = p.Lk, nB = p.nB;
   const float inf = std::numeric_limits<float>::infinity();
   HeadChoice out;
+  // One ranking of the columns (cost 1 key) and, with gamma, the diagonal groups by mass per key (cost block_n):
+  // `_cheapest_slashes` walks it until the mass before an entry reaches `target`; the columns come out in the
+  // order `_top_within(col, force_v, ...)` ranks them (same values, same keys).
+  std::vector<int64_t> keys(Lk + (p.gamma_mode ? nB : 0));
+  for (int64_t j = 0; j < Lk; ++j) keys[j] = order_key(j < sink ? inf : col[j], j);
+  if (p.gamma_mode)
+    for (int64_t g = 0; g < nB; ++g)
+      keys[Lk + g] = order_key(g * p.block_n < local ? inf : group_mass[g] / static_cast<float>(p.block_n), Lk + g);
+  Ranked ranked(keys);
+  const int64_t width_v = std::min(p.width_v, Lk);
+  std::vector<int64_t> columns;                      // the top width_v columns, best first
+  columns.reserve(width_v);
+  std::vector<char> chosen_s(nB, 0);
+  bool walking = p.gamma_mode;
+  double acc = 0.0;
+  for (int64_t key; (walking || static_cast<int64_t>(columns.size()) < width_v) && ranked.next(key);) {
+    const int64_t e = key_index(key);
+    if (e < Lk && static_cast<int64_t>(columns.size()) < width_v) columns.push_back(e);
+    if (walking) {
+      const float mass = e < Lk ? col[e] : group_mass[e - Lk];
+      acc += mass;
+      const float before = static_cast<float>(acc) - mass;   // torch: cumsum (double inside, fp32 out) - mass
+      if (!(before < target)) walking = false;
+      else if (e >= Lk) chosen_s[e - Lk] = 1;
+    }
+  }
   // Diagonal groups: `_top_within(group_mass, force_s, slash, min_slash, chosen_s, width_s)`.
-  std::vector<char> chosen_s;
-  if (p.gamma_mode) chosen_s = cheapest_slashes(col, group_mass, sink, local, target, p);
-  std::vector<int64_t> keys(nB);
-  for (int64_t g = 0; g < nB; ++g) keys[g] = order_key(g * p.block_n < local ? inf : group_mass[g], g);
-  const int64_t width_s = top_sorted(keys, std::min(p.width_s, nB));
+  std::vector<int64_t> group_keys(nB);
+  for (int64_t g = 0; g < nB; ++g) group_keys[g] = order_key(g * p.block_n < local ? inf : group_mass[g], g);
+  const int64_t width_s = top_sorted(group_keys, std::min(p.width_s, nB));
   std::vector<char> picked(nB, 0);
   for (int64_t r = 0; r < width_s; ++r) {
-    const int64_t g = key_index(keys[r]);
+    const int64_t g = key_index(group_keys[r]);
     const bool forced = g * p.block_n < local;
     if (r < slash && (!p.gamma_mode || chosen_s[g] || forced || r < min_slash)) {
       out.groups.push_back(g);
       picked[g] = 1;
     }
   }
-  // Columns: `_top_within(col, force_v, vertical, min_vertical, chosen_v, width_v)`, chosen_v from the mass no
-  // picked diagonal holds.
-  keys.resize(Lk);
-  for (int64_t j = 0; j < Lk; ++j) keys[j] = order_key(j < sink ? inf : col[j], j);
-  const int64_t width_v = top_sorted(keys, std::min(p.width_v, Lk));
+  // Columns: rank < vertical and (with gamma) chosen while the mass no picked diagonal holds
+  // (`GroupedScores.on_diagonals`: key j's slot t lies in group floor((pos0 - j) / block_n) + t) stays below
+  // target minus the mass the picked diagonals cover.
+  auto on_picked = [&](int64_t j) {
+    const int64_t g0 = floor_div(p.pos0 - j, p.block_n);
+    const float* slots = by_group + j * p.G;
+    float on = 0.f;
+    for (int64_t t = 0; t < p.G; ++t) {
+      const int64_t g = g0 + t;
+      on += (g >= 0 && g < nB && picked[g]) ? slots[t] : 0.f;
+    }
+    return on;
+  };
   float threshold = 0.f;
-  std::vector<float> residual;
   if (p.gamma_mode) {
-    // `GroupedScores.on_diagonals(picked)`: key j's group slots t lie in group floor((pos0 - j) / block_n) + t.
-    residual.resize(Lk);
+    // Covered mass: only the keys a picked group crosses (group g holds slot t = g - g0(j) of keys
+    // j in [pos0 - (g + 1) block_n + 1, pos0 - (g - G + 1) block_n]).
     double covered = 0.0;
-    for (int64_t j = 0; j < Lk; ++j) {
-      const int64_t g0 = floor_div(p.pos0 - j, p.block_n);
-      const float* slots = by_group + j * p.G;
-      float on = 0.f;
-      for (int64_t t = 0; t < p.G; ++t) {
-        const int64_t g = g0 + t;
-        on += (g >= 0 && g < nB && picked[g]) ? slots[t] : 0.f;
+    for (int64_t g = 0; g < nB; ++g) {
+      if (!picked[g]) continue;
+      const int64_t lo = std::max<int64_t>(p.pos0 - (g + 1) * p.block_n + 1, 0);
+      const int64_t hi = std::min<int64_t>(p.pos0 - (g - p.G + 1) * p.block_n, Lk - 1);
+      for (int64_t j = lo; j <= hi; ++j) {
+        const int64_t t = g - floor_div(p.pos0 - j, p.block_n);
+        if (t >= 0 && t < p.G) covered += by_group[j * p.G + t];
       }
-      residual[j] = col_all[j] - on;
-      covered += on;
     }
     threshold = target - static_cast<float>(covered);
   }
-  double acc = 0.0;
-  for (int64_t r = 0; r < width_v; ++r) {
-    const int64_t j = key_index(keys[r]);
+  acc = 0.0;
+  for (int64_t r = 0; r < static_cast<int64_t>(columns.size()); ++r) {
+    const int64_t j = columns[r];
     bool keep = r < vertical;
-    if (keep && p.gamma_mode) {
-      const float mass = residual[j];
+    if (p.gamma_mode) {
+      const float mass = col_all[j] - on_picked(j);
       acc += mass;
-      const bool reached = static_cast<float>(acc) - mass < threshold;
-      keep = reached || j < sink || r < min_vertical;
-    } else if (p.gamma_mode) {
-      acc += residual[j];
+      keep = keep && (static_cast<float>(acc) - mass < threshold || j < sink || r < min_vertical);
     }
     if (keep) out.columns.push_back(j);
   }
@@ -202,12 +236,12 @@ std::vector<at::Tensor> vertical_slash_layout(const at::Tensor& column, const at
                                               const at::Tensor& budgets, const at::Tensor& target, int64_t pos0,
                                               bool gamma_mode, bool causal, int64_t q_len, int64_t block_m,
                                               int64_t block_n, int64_t width_v, int64_t width_s,
-                                              int64_t tiles_per_group, int64_t first_look) {
+                                              int64_t tiles_per_group) {
   TORCH_CHECK(column.dim() == 3 && by_group.dim() == 4, "vertical_slash_layout_cpu: column [B, h, Lk], by_group [B, h, Lk, G]");
   Params p{};
   p.B = column.size(0), p.h = column.size(1), p.Lk = column.size(2), p.Lq = q_len, p.nB = group_mass.size(2);
   p.G = by_group.size(3), p.pos0 = pos0, p.block_m = block_m, p.block_n = block_n, p.width_v = width_v;
-  p.width_s = width_s, p.first_look = first_look, p.gamma_mode = gamma_mode, p.causal = causal;
+  p.width_s = width_s, p.gamma_mode = gamma_mode, p.causal = causal;
   check_float(column, "column", {p.B, p.h, p.Lk});
   check_float(column_off_local, "column_off_local", {p.B, p.h, p.Lk});
   check_float(group_mass, "group_mass", {p.B, p.h, (p.Lk + block_n - 1) / block_n});
@@ -255,6 +289,6 @@ std::vector<at::Tensor> vertical_slash_layout(const at::Tensor& column, const at
 TORCH_LIBRARY(sparse_attn_cpu_vs_layout, m) {
   m.def("vertical_slash_layout(Tensor column, Tensor column_off_local, Tensor group_mass, Tensor by_group, "
         "Tensor budgets, Tensor target, int pos0, bool gamma_mode, bool causal, int q_len, int block_m, int block_n, "
-        "int width_v, int width_s, int tiles_per_group, int first_look) -> Tensor[]");
+        "int width_v, int width_s, int tiles_per_group) -> Tensor[]");
   m.impl("vertical_slash_layout", c10::DispatchKey::CPU, &vertical_slash_layout);
 }

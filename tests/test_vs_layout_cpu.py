@@ -78,14 +78,17 @@ def test_same_layout_with_budgets_per_head_and_a_head_subset(monkeypatch):
     _assert_same(q, k, patterns, monkeypatch, heads=heads)
 
 
-@pytest.mark.parametrize("kind", ["uniform", "coarse"])
+@pytest.mark.parametrize("kind", ["uniform", "coarse", "diffuse"])
 @pytest.mark.parametrize("pattern", [GAMMA, FIXED], ids=["gamma", "fixed"])
 def test_same_layout_when_masses_tie(kind, pattern, monkeypatch):
     # uniform attention: every column before the sample (and many diagonals) has exactly the same mass, so the
-    # budgets cut through runs of equal values; coarse: few distinct logits, many small ties
+    # budgets cut through runs of equal values; coarse: few distinct logits, many small ties; diffuse: nearly
+    # uniform, so gamma needs most entries (the walk goes far down the ranking)
     q, k, _ = make_qkv(B=2, Hq=2, Hkv=1, Lq=640, Lk=640, D=16, seed=7)
     if kind == "uniform":
         q = torch.zeros_like(q)
+    elif kind == "diffuse":
+        q = q * 0.05
     else:
         q, k = q.sign(), (k * 0.5).round()
     layout = _assert_same(q, k, [pattern] * 2, monkeypatch)

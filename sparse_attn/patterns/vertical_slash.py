@@ -96,7 +96,7 @@ class VerticalSlash(VerticalSlashBudgets):
             return vertical_slash_cpu.vertical_slash_layout(
                 sample, groups_of, dict(prm, target=prm["gamma"] * n), gamma_mode=gamma_mode, causal=causal,
                 q_len=Lq, block_m=block_m, block_n=block_n, width_v=width_v, width_s=width_s,
-                tiles_per_group=max_tiles_per_slot, first_look=_CHEAPEST_FIRST)
+                tiles_per_group=max_tiles_per_slot)
         verticals, v_ok, buckets, s_ok = _choose(
             sample.column, sample.column_off_local, groups_of, n, prm, block_n, n_buckets, width_v, width_s,
             gamma_mode, lambda picked: sample.on_diagonals(picked, block_n))

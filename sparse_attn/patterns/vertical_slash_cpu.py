@@ -32,8 +32,8 @@ def takes(sample, device, n: int, block_n: int) -> bool:
 
 
 def vertical_slash_layout(sample: GroupedScores, group_mass, prm, *, gamma_mode: bool, causal: bool, q_len: int,
-                          block_m: int, block_n: int, width_v: int, width_s: int, tiles_per_group: int,
-                          first_look: int) -> SparseLayout:
+                          block_m: int, block_n: int, width_v: int, width_s: int,
+                          tiles_per_group: int) -> SparseLayout:
     """The layout `VerticalSlash.build` makes from ``sample`` on the torch path: ``group_mass [B, h, nB]`` the
     diagonal mass per group (`vertical_slash.group_mass`), ``prm`` its per-head budgets (``slash`` and ``min_slash``
     in groups, ``target`` = gamma x sample rows)."""
@@ -43,7 +43,7 @@ def vertical_slash_layout(sample: GroupedScores, group_mass, prm, *, gamma_mode:
     count, offsets, col_count, col_index = load().vertical_slash_layout(
         f32(sample.column), f32(sample.column_off_local), f32(group_mass), f32(sample.by_group), budgets,
         f32(prm["target"]), int(sample.pos0), bool(gamma_mode), bool(causal), int(q_len), int(block_m),
-        int(block_n), int(width_v), int(width_s), int(tiles_per_group), int(first_look))
+        int(block_n), int(width_v), int(width_s), int(tiles_per_group))
     k_len = sample.column.shape[-1]
     return SparseLayout(count, offsets, col_count, col_index, q_len=q_len, k_len=k_len, block_m=block_m,
                         block_n=block_n)
