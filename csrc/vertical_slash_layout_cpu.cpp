@@ -186,14 +186,19 @@ HeadChoice choose_head(const float* col_all, const float* col, const float* grou
 void write_head(const HeadChoice& c, const Params& p, int64_t max_tiles, int32_t* count, int32_t* offsets,
                 int32_t* col_count, int32_t* col_index, int64_t n_v) {
   const int64_t n_qb = (p.Lq + p.block_m - 1) / p.block_m, shift = p.Lk - p.Lq, bn = p.block_n;
+  const auto& columns = c.columns;
+  std::vector<std::pair<int64_t, int64_t>> covered;    // the key intervals this block's tiles cover, ascending
   for (int64_t m = 0; m < n_qb; ++m) {
     const int64_t first = m * p.block_m + shift, last = std::min((m + 1) * p.block_m, p.Lq) - 1 + shift;
     int32_t* off = offsets + m * max_tiles;
     int64_t n_tiles = 0;
     int64_t run_start = 0, run_end = 0;
     bool open = false;
-    auto flush = [&]() {
+    covered.clear();
+    auto flush = [&]() {      // a merged run's tiles, start to end (the last may reach past it), up to max_tiles
+      const int64_t from = n_tiles;
       for (int64_t o = run_start; o < run_end && n_tiles < max_tiles; o += bn) off[n_tiles++] = static_cast<int32_t>(o);
+      if (n_tiles > from) covered.emplace_back(run_start, off[n_tiles - 1] + bn);
     };
     for (const int64_t g : c.groups) {
       const int64_t d0 = g * bn;
@@ -209,17 +214,20 @@ void write_head(const HeadChoice& c, const Params& p, int64_t max_tiles, int32_t
     if (open) flush();
     std::fill(off + n_tiles, off + max_tiles, 0);
     count[m] = static_cast<int32_t>(n_tiles);
-    // Columns ascending, tiles ascending: one merge walk.
+    // Columns ascending up to the block's last visible key, less those inside the covered intervals: copied in
+    // the stretches between them.
+    const auto end = p.causal ? std::upper_bound(columns.begin(), columns.end(), last) : columns.end();
     int32_t* cols = col_index + m * n_v;
-    int64_t n_c = 0, t = 0;
-    for (const int64_t j : c.columns) {
-      if (p.causal && j > last) break;
-      while (t < n_tiles && off[t] + bn <= j) ++t;
-      if (t < n_tiles && off[t] <= j) continue;
-      cols[n_c++] = static_cast<int32_t>(j);
+    int32_t* out = cols;
+    auto from = columns.begin();
+    for (const auto& [a, b] : covered) {
+      const auto stop = std::min(std::lower_bound(from, end, a), end);
+      out = std::copy(from, stop, out);
+      from = std::max(std::lower_bound(stop, end, b), stop);
     }
-    std::fill(cols + n_c, cols + n_v, 0);
-    col_count[m] = static_cast<int32_t>(n_c);
+    if (from < end) out = std::copy(from, end, out);
+    std::fill(out, cols + n_v, 0);
+    col_count[m] = static_cast<int32_t>(out - cols);
   }
 }
 
@@ -284,6 +292,39 @@ std::vector<at::Tensor> vertical_slash_layout(const at::Tensor& column, const at
   return {count, offsets, col_count, col_index};
 }
 
+// `SparseLayout.key_counts`: keys each query block computes (tile keys below the block's key limit, plus columns
+// below it), int64 [B, H, nQb]; `limit` int64 [nQb] (one past the last key a block may see).  Any layout.
+at::Tensor key_counts(const at::Tensor& offsets, const at::Tensor& count, const at::Tensor& columns,
+                      const at::Tensor& col_count, const at::Tensor& limit, int64_t block_n) {
+  for (const at::Tensor* t : {&offsets, &count, &columns, &col_count})
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && !t->is_cuda(),
+                "key_counts_cpu: layout tensors must be contiguous int32 CPU tensors");
+  TORCH_CHECK(count.dim() == 3 && offsets.dim() == 4 && columns.dim() == 4 && col_count.sizes() == count.sizes() &&
+              offsets.sizes().slice(0, 3) == count.sizes() && columns.sizes().slice(0, 3) == count.sizes(),
+              "key_counts_cpu: block_count [B, H, nQb], block_offset [B, H, nQb, T], column_index [B, H, nQb, C]");
+  TORCH_CHECK(limit.scalar_type() == at::kLong && limit.is_contiguous() && limit.dim() == 1 &&
+              limit.size(0) == count.size(2), "key_counts_cpu: limit must be contiguous int64 [nQb]");
+  const int64_t rows = count.numel(), n_qb = count.size(2), T = offsets.size(3), C = columns.size(3);
+  auto out = at::empty(count.sizes(), count.options().dtype(at::kLong));
+  const int32_t *off = offsets.data_ptr<int32_t>(), *cnt = count.data_ptr<int32_t>();
+  const int32_t *col = columns.data_ptr<int32_t>(), *ccnt = col_count.data_ptr<int32_t>();
+  const int64_t* lim = limit.data_ptr<int64_t>();
+  int64_t* res = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t L = lim[i % n_qb];
+      int64_t keys = 0;
+      for (int64_t t = 0; t < std::min<int64_t>(cnt[i], T); ++t) {
+        const int64_t o = off[i * T + t];
+        keys += std::max<int64_t>(std::min<int64_t>(o + block_n, L) - o, 0);
+      }
+      for (int64_t c = 0; c < std::min<int64_t>(ccnt[i], C); ++c) keys += col[i * C + c] < L;
+      res[i] = keys;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sparse_attn_cpu_vs_layout, m) {
@@ -291,4 +332,7 @@ TORCH_LIBRARY(sparse_attn_cpu_vs_layout, m) {
         "Tensor budgets, Tensor target, int pos0, bool gamma_mode, bool causal, int q_len, int block_m, int block_n, "
         "int width_v, int width_s, int tiles_per_group) -> Tensor[]");
   m.impl("vertical_slash_layout", c10::DispatchKey::CPU, &vertical_slash_layout);
+  m.def("key_counts(Tensor offsets, Tensor count, Tensor columns, Tensor col_count, Tensor limit, int block_n) "
+        "-> Tensor");
+  m.impl("key_counts", c10::DispatchKey::CPU, &key_counts);
 }

@@ -135,3 +135,17 @@ def test_order_key_orders_by_value_then_lower_index():
     score = torch.tensor([[0.5, -1.0, 0.5, float("inf"), 0.0, -1.0, 2.0, float("inf")]])
     order = vs.order_key(score).argsort(-1, descending=True)[0].tolist()
     assert order == [3, 7, 6, 0, 2, 4, 1, 5]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_key_counts_match_the_layouts_own(causal):
+    # random layouts of every shape the estimators make: unaligned tiles, tiles past the diagonal, columns
+    from sparse_attn.patterns.base import computed_share
+    q, k, _ = make_qkv(B=2, Hq=4, Hkv=2, Lq=333, Lk=1000, D=16, seed=9, structured=True)
+    for pattern in (sa.VerticalSlash(64, 256), sa.AShape(16, 200), sa.BlockSparse(top_k=3), sa.Auto()):
+        layout = sa.estimate(q, k, pattern, causal=causal)
+        got = vertical_slash_cpu.key_counts(layout, causal)
+        want = layout.key_counts(causal)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+        assert 0 < float(computed_share(layout, causal).min())
+    assert vertical_slash_cpu.key_counts(layout.to("meta"), causal) is None

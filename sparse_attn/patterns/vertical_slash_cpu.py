@@ -47,3 +47,14 @@ def vertical_slash_layout(sample: GroupedScores, group_mass, prm, *, gamma_mode:
     k_len = sample.column.shape[-1]
     return SparseLayout(count, offsets, col_count, col_index, q_len=q_len, k_len=k_len, block_m=block_m,
                         block_n=block_n)
+
+
+def key_counts(layout: SparseLayout, causal: bool):
+    """`SparseLayout.key_counts` in one compiled pass over a CPU layout (the same integers), or None where the
+    compiled call cannot run (other devices, not built here)."""
+    if layout.device.type != "cpu" or load() is None:
+        return None
+    limit = layout._block_key_limit(causal).contiguous()
+    return load().key_counts(layout.block_offset.contiguous(), layout.block_count.contiguous(),
+                             layout.column_index.contiguous(), layout.column_count.contiguous(), limit,
+                             layout.block_n)
