@@ -167,7 +167,9 @@ def _select(probs, pos, prm, block_n, n_buckets, width_v, width_s, column_mass=c
 def group_mass(diag, block_n: int, n_buckets: int) -> torch.Tensor:
     """Mass per diagonal group ``[B, h, n_buckets]`` (groups of ``block_n`` distances) of ``diag [B, h, Lk]``."""
     Lk = diag.shape[-1]
-    return torch.nn.functional.pad(diag, (0, n_buckets * block_n - Lk)).reshape(*diag.shape[:2], -1, block_n).sum(-1)
+    if n_buckets * block_n != Lk:                                  # (a pad copies all of diag)
+        diag = torch.nn.functional.pad(diag, (0, n_buckets * block_n - Lk))
+    return diag.reshape(*diag.shape[:2], -1, block_n).sum(-1)
 
 
 def order_key(score: torch.Tensor) -> torch.Tensor:
