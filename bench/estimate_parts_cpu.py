@@ -28,7 +28,7 @@ _PARTS = {
 }
 
 
-def _worker(L: int, reps: int) -> dict:
+def _worker(L: int, reps: int, head_dim: int) -> dict:
     import importlib
 
     import torch
@@ -58,7 +58,7 @@ def _worker(L: int, reps: int) -> dict:
     build = VerticalSlash.build.__func__
     VerticalSlash.build = classmethod(lambda c, *a, **kw: timed("vs_build", build)(c, *a, **kw))
 
-    q, k, v, _ = _inputs("text", L, 8, 2, 128)
+    q, k, v, _ = _inputs("text", L, 8, 2, head_dim)
     out = {"L": L, "rows": {}}
     for name, pattern in (("default", DEFAULT_PATTERN), ("vs512_1024", sa.VerticalSlash(512, 1024))):
         layout = sa.estimate(q, k, pattern)                         # warm-up (builds, caches)
@@ -93,11 +93,14 @@ def _driver(args) -> None:
         for r in range(args.rounds):
             for label, path in (("before", args.old), ("after", args.new)):
                 env = dict(os.environ, PYTHONPATH=path)
-                res = subprocess.run([sys.executable, __file__, "--worker", str(L), "--reps", str(args.reps)],
+                res = subprocess.run([sys.executable, __file__, "--worker", str(L), "--reps", str(args.reps),
+                                      "--head-dim", str(args.head_dim)],
                                      env=env, capture_output=True, text=True, check=True, cwd=path)
                 results[label, L].append(json.loads(res.stdout.strip().splitlines()[-1]))
     ms = lambda s: f"{s * 1e3:.2f}"
-    for pattern in ("default", "vs512_1024"):
+    say(f"# B=1, 8 query / 2 KV heads, D={args.head_dim}, fp32, synthetic text workload; before = {args.old}, "
+        f"after = {args.new}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    for pattern in args.patterns:
         say(f"## {pattern}: per part, ms (best estimate call of {args.reps} per process; one column per process, "
             f"before/after processes alternated)")
         for L in args.lengths:
@@ -126,10 +129,12 @@ def main():
     ap.add_argument("--driver", nargs=2, metavar=("OLD", "NEW"))
     ap.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 65536])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--patterns", nargs="+", default=["default", "vs512_1024"])
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(_worker(args.worker, args.reps)))
+        print(json.dumps(_worker(args.worker, args.reps, args.head_dim)))
     else:
         args.old, args.new = args.driver
         _driver(args)

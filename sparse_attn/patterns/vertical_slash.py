@@ -91,8 +91,9 @@ class VerticalSlash(VerticalSlashBudgets):
                                                  local=prm["local"], group=block_n)
         groups_of = group_mass(sample.diagonal, block_n, n_buckets)
         max_tiles_per_slot = _tiles_per_group(block_m, block_n)
-        if vertical_slash_cpu.takes(sample, dev, n, block_n):
-            # The same layout from one compiled call (the torch ops below are its readable reference).
+        if compacts_slots(dev) and vertical_slash_cpu.takes(sample, dev, n, block_n):
+            # The same layout from one compiled call (the torch ops below are its readable reference; it cuts the
+            # slots to the fullest head as they do where `compacts_slots`).
             return vertical_slash_cpu.vertical_slash_layout(
                 sample, groups_of, dict(prm, target=prm["gamma"] * n), gamma_mode=gamma_mode, causal=causal,
                 q_len=Lq, block_m=block_m, block_n=block_n, width_v=width_v, width_s=width_s,
