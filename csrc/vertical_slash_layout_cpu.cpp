@@ -150,18 +150,10 @@ HeadChoice choose_head(const float* col_all, const float* col, const float* grou
   };
   float threshold = 0.f;
   if (p.gamma_mode) {
-    // Covered mass: only the keys a picked group crosses (group g holds slot t = g - g0(j) of keys
-    // j in [pos0 - (g + 1) block_n + 1, pos0 - (g - G + 1) block_n]).
+    // Covered mass: the per-key fp32 masses summed in double (the torch path sums them in fp64 too, so any order
+    // rounds to the same fp32).
     double covered = 0.0;
-    for (int64_t g = 0; g < nB; ++g) {
-      if (!picked[g]) continue;
-      const int64_t lo = std::max<int64_t>(p.pos0 - (g + 1) * p.block_n + 1, 0);
-      const int64_t hi = std::min<int64_t>(p.pos0 - (g - p.G + 1) * p.block_n, Lk - 1);
-      for (int64_t j = lo; j <= hi; ++j) {
-        const int64_t t = g - floor_div(p.pos0 - j, p.block_n);
-        if (t >= 0 && t < p.G) covered += by_group[j * p.G + t];
-      }
-    }
+    for (int64_t j = 0; j < Lk; ++j) covered += on_picked(j);
     threshold = target - static_cast<float>(covered);
   }
   acc = 0.0;

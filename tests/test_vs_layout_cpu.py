@@ -52,9 +52,11 @@ def _assert_same(q, k, patterns, monkeypatch, **kw):
 
 GAMMA = sa.VerticalSlash(vertical=300, slash=2048, gamma=0.9, min_vertical=16, min_slash=64)
 FIXED = sa.VerticalSlash(vertical=40, slash=256, sink=8, local=32)
+# gamma 1: every decision sits at the sums' rounding edge (the mass before an entry against all of it)
+ALL_MASS = sa.VerticalSlash(vertical=300, slash=2048, gamma=1.0, min_vertical=16, min_slash=64)
 
 
-@pytest.mark.parametrize("pattern", [GAMMA, FIXED], ids=["gamma", "fixed"])
+@pytest.mark.parametrize("pattern", [GAMMA, FIXED, ALL_MASS], ids=["gamma", "fixed", "gamma1"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("lq, lk", [(1000, 1000), (300, 1337), (65, 65)])
 def test_same_layout_as_the_torch_path(pattern, causal, lq, lk, monkeypatch):
@@ -99,6 +101,35 @@ def test_same_layout_when_masses_tie(kind, pattern, monkeypatch):
         # from them)
         cols = layout.column_index[0, 0, -1, :layout.column_count[0, 0, -1]]
         assert cols.tolist() == list(range(pattern.vertical))
+
+
+def _random_case(rng: random.Random, seed: int):
+    """Random shapes, block sizes, head subsets and per-head budgets (gamma or not, 0 to more than Lk)."""
+    hkv, group = rng.choice([1, 2]), rng.choice([1, 2, 3])
+    lk = rng.choice([1, 17, 64, 65, 130, 500, 1111])
+    q, k, _ = make_qkv(B=rng.choice([1, 2]), Hq=hkv * group, Hkv=hkv, Lq=rng.randint(1, lk), Lk=lk, D=16, seed=seed,
+                       structured=rng.random() < 0.5)
+    heads = sorted(rng.sample(range(hkv * group), rng.randint(1, hkv * group)))
+    last_q, patterns = rng.choice([16, 64, 100]), []
+    for _ in heads:
+        v, s = rng.choice([0, 1, 5, 40, 300]), rng.choice([0, 1, 64, 200, 2000])
+        sink, local = min(rng.choice([0, 4, 64]), v), min(rng.choice([0, 16, 64]), s)
+        if v == s == 0:
+            sink = local = 0
+        patterns.append(sa.VerticalSlash(v, s, last_q=last_q, sink=sink, local=local,
+                                         gamma=rng.choice([None, 0.5, 0.9, 1.0]), min_vertical=rng.choice([0, 8]),
+                                         min_slash=rng.choice([0, 64, 512])))
+    kw = dict(causal=rng.random() < 0.7, block_m=rng.choice([16, 64, 128]), block_n=rng.choice([32, 48, 64]),
+              scores_backend=rng.choice(["torch", "cpu"]))
+    return q, k, patterns, torch.tensor(heads), kw
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_same_layout_on_random_configurations(seed, monkeypatch):
+    rng = random.Random(seed)
+    for i in range(6):
+        q, k, patterns, heads, kw = _random_case(rng, 10 * seed + i)
+        _assert_same(q, k, patterns, monkeypatch, heads=heads, **kw)
 
 
 @pytest.mark.parametrize("scores_backend", ["torch", "cpu"])

@@ -209,7 +209,8 @@ def _choose(col_all, col, group_mass, n, prm, block_n, n_buckets, width_v, width
         picked[..., n_buckets] = False
         on_slash_cols = on_slash(picked)                                               # [B, h, Lk]
         residual = col_all - on_slash_cols
-        covered = on_slash_cols.sum(-1)                                                # [B, h]
+        # [B, h]; summed in fp64 so that any summation order (the compiled CPU path's too) rounds to the same fp32
+        covered = on_slash_cols.sum(-1, dtype=torch.float64).float()
         # only the top width_v columns by mass can be kept (`_top_within` ranks them the same way): a top-k, not a
         # sort of all Lk
         order = order_key(torch.where(force_v, math.inf, col)).topk(min(width_v, Lk), dim=-1).indices
@@ -252,18 +253,23 @@ def _cheapest_slashes(col, group_mass, block_n, target, force_v, force_s):
     value = torch.cat([torch.where(force_v, math.inf, col), torch.where(force_s, math.inf, group_mass / block_n)],
                       -1)
     if compacts_slots(col.device) and value.shape[-1] > _CHEAPEST_FIRST:
-        # Entries past the top _CHEAPEST_FIRST are kept only where those do not reach the target: then the sorted
-        # prefix decides alone, and the answer is the full sort's (one host read, free on the CPU).
-        top = order_key(value).topk(_CHEAPEST_FIRST, -1)
-        top_mass = mass.gather(-1, top.indices)
-        if bool((top_mass.sum(-1, keepdim=True) >= target).all()):
-            return _kept_in_order(top.indices, top_mass, target, value.shape)[..., col.shape[-1]:]
+        # Entries past the top _CHEAPEST_FIRST are kept only where the walk does not stop among those (their last
+        # is still kept): elsewhere the sorted prefix decides alone, and the answer is the full sort's (one host
+        # read, free on the CPU).
+        top = order_key(value).topk(_CHEAPEST_FIRST, -1).indices
+        keep_sorted = _kept_in_order(mass.gather(-1, top), target)
+        if not bool(keep_sorted[..., -1].any()):
+            return _as_mask(top, keep_sorted, value.shape)[..., col.shape[-1]:]
     order = order_key(value).argsort(-1, descending=True)
-    return _kept_in_order(order, mass.gather(-1, order), target, value.shape)[..., col.shape[-1]:]
+    return _as_mask(order, _kept_in_order(mass.gather(-1, order), target), value.shape)[..., col.shape[-1]:]
 
 
-def _kept_in_order(order, sorted_mass, target, shape):
-    """Entries ``order [..., m]`` (best first, their masses ``sorted_mass``) taken while the mass before them is
-    below ``target``, as a bool mask of ``shape``."""
-    keep_sorted = (sorted_mass.cumsum(-1) - sorted_mass) < target
+def _kept_in_order(sorted_mass, target):
+    """Which entries of ``sorted_mass [..., m]`` (best first) are taken: those whose mass before them is below
+    ``target`` (cumulative sums as torch takes them on the CPU: accumulated in fp64, rounded to fp32)."""
+    return (sorted_mass.cumsum(-1) - sorted_mass) < target
+
+
+def _as_mask(order, keep_sorted, shape):
+    """``keep_sorted`` of the entries ``order [..., m]`` as a bool mask of ``shape``."""
     return torch.zeros(shape, dtype=torch.bool, device=order.device).scatter_(-1, order, keep_sorted)
