@@ -152,8 +152,17 @@ HeadChoice choose_head(const float* col_all, const float* col, const float* grou
   if (p.gamma_mode) {
     // Covered mass: the per-key fp32 masses summed in double (the torch path sums them in fp64 too, so any order
     // rounds to the same fp32).
+    // Only keys a picked group crosses hold any (group g: slot g - g0(j) of keys j in
+    // [pos0 - (g + 1) block_n + 1, pos0 - (g - G + 1) block_n]); each key once, groups from the nearest.
     double covered = 0.0;
-    for (int64_t j = 0; j < Lk; ++j) covered += on_picked(j);
+    int64_t done = -1;                                 // keys up to here are summed
+    for (int64_t g = nB - 1; g >= 0; --g) {
+      if (!picked[g]) continue;
+      const int64_t lo = std::max<int64_t>({p.pos0 - (g + 1) * p.block_n + 1, done + 1, 0});
+      const int64_t hi = std::min<int64_t>(p.pos0 - (g - p.G + 1) * p.block_n, Lk - 1);
+      for (int64_t j = lo; j <= hi; ++j) covered += on_picked(j);
+      done = std::max(done, hi);
+    }
     threshold = target - static_cast<float>(covered);
   }
   acc = 0.0;
