@@ -59,9 +59,10 @@ struct Ranges {
 // of keys: S^T = K Q^T for the rows that see it (keys' rows read where they are; rows side by side, so the softmax
 // steps vectorise over rows), exp in place as running prefix sums over the chunk's keys, and each kept range's
 // mass as one difference of them.
-template <typename T>
+// Keys of another type than the GEMM's (fp32 keys, bf16 GEMMs) are converted a chunk at a time.
+template <typename T, typename TK>
 void rows_mass(const std::vector<const T*>& rows, const std::vector<int64_t>& lim,
-               const std::vector<const Ranges*>& ranges, const T* k, int64_t ldk, int64_t Lk, int64_t D, float* mass) {
+               const std::vector<const Ranges*>& ranges, const TK* k, int64_t ldk, int64_t Lk, int64_t D, float* mass) {
   constexpr bool kLow = !std::is_same_v<T, float>;
   constexpr float ninf = -std::numeric_limits<float>::infinity();
   const int64_t N = static_cast<int64_t>(rows.size());
@@ -70,11 +71,22 @@ void rows_mass(const std::vector<const T*>& rows, const std::vector<int64_t>& li
     for (int64_t d = 0; d < D; ++d) qt[kLow ? (d / 2) * 2 * N + 2 * c + d % 2 : d * N + c] = rows[c][d];
   const int64_t step = std::clamp<int64_t>(16384 / std::max<int64_t>(N, 1) / 16 * 16, 64, 256);
   std::vector<float> S(N * step), m(N, ninf), sum(N, 0.f), kept(N, 0.f), cm(N), shift(N);
+  std::vector<T> kbuf(std::is_same_v<T, TK> ? 0 : step * D);
   for (int64_t j0 = 0; j0 < Lk; j0 += step) {
     const int64_t keys = std::min(step, Lk - j0);
     const int64_t first = std::upper_bound(lim.begin(), lim.end(), j0) - lim.begin();  // rows that see j0
     if (first >= N) break;
-    at::native::cpublas::brgemm(keys, N - first, D, ldk, N, N, false, k + j0 * ldk, qt.data() + (kLow ? 2 : 1) * first,
+    const T* a;
+    int64_t lda = ldk;
+    if constexpr (std::is_same_v<T, TK>) {
+      a = k + j0 * ldk;
+    } else {
+      for (int64_t i = 0; i < keys; ++i)
+        for (int64_t d = 0; d < D; ++d) kbuf[i * D + d] = static_cast<T>(k[(j0 + i) * ldk + d]);
+      a = kbuf.data();
+      lda = D;
+    }
+    at::native::cpublas::brgemm(keys, N - first, D, lda, N, N, false, a, qt.data() + (kLow ? 2 : 1) * first,
                                 S.data() + first, kLow);
     for (int64_t j = std::max(j0, lim[first]); j < j0 + keys; ++j) {  // keys every row sees need no mask
       float* s = S.data() + (j - j0) * N;

@@ -18,8 +18,9 @@ inline float sum_range(const float* x, int64_t lo, int64_t hi) {
     for (int l = 0; l < 16; ++l) lane[l] += x[i + l];
   float total = 0.f;
   for (; i < hi; ++i) total += x[i];
-  for (int l = 0; l < 16; ++l) total += lane[l];
-  return total;
+  for (int w = 8; w >= 1; w /= 2)  // a tree, not a chain of 16 dependent adds
+    for (int l = 0; l < w; ++l) lane[l] += lane[l + w];
+  return total + lane[0];
 }
 
 // Where key j's outputs go, and the head's parameters.  d0 = pos0 - j: row r lies at distance d0 + r from key j.
@@ -31,9 +32,20 @@ struct KeyOut {
 // Key j of one head: p[r] = s[r] * f[r] (r < n) are the rows' probabilities of key j (p: scratch of n floats).
 inline void reduce_key(const float* s, const float* f, float* p, int64_t n, int64_t j, const KeyOut& o) {
   for (int64_t r = 0; r < n; ++r) p[r] = s[r] * f[r];
-  const float col = sum_range(p, 0, n);
   const int64_t d0 = o.pos0 - j;
   const int64_t r_lo = std::clamp<int64_t>(-d0, 0, n);  // first row at distance >= 0
+  // rows by diagonal group: slot t holds group g0 + t; where every row is at distance >= 0 the slots add up to the
+  // column (one sum fewer per key)
+  const int64_t g0 = floor_div(d0, o.group);
+  float slots = 0.f;
+  for (int64_t r = r_lo; r < n;) {
+    const int64_t g = floor_div(d0 + r, o.group), end = std::min(n, (g + 1) * o.group - d0);
+    const float part = sum_range(p, r, end);
+    o.by_group[j * o.G + (g - g0)] += part;
+    slots += part;
+    r = end;
+  }
+  const float col = r_lo == 0 ? slots : sum_range(p, 0, n);
   const float near = sum_range(p, r_lo, std::max(r_lo, std::clamp<int64_t>(o.local - d0, 0, n)));
   o.column[j] = col;
   o.off_local[j] = col - near;
@@ -41,12 +53,6 @@ inline void reduce_key(const float* s, const float* f, float* p, int64_t n, int6
     float* diag = o.diagonal + d0;
     const int64_t r_hi = std::clamp<int64_t>(o.Lk - d0, 0, n);
     for (int64_t r = r_lo; r < r_hi; ++r) diag[r] += p[r];
-  }
-  const int64_t g0 = floor_div(d0, o.group);
-  for (int64_t r = r_lo; r < n;) {  // rows by diagonal group: slot t holds group g0 + t
-    const int64_t g = floor_div(d0 + r, o.group), end = std::min(n, (g + 1) * o.group - d0);
-    o.by_group[j * o.G + (g - g0)] += sum_range(p, r, end);
-    r = end;
   }
 }
 

@@ -231,14 +231,14 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, cons
   });
 }
 
-template <typename T>
+template <typename T, typename TK>
 void run_kept(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, const at::Tensor& pos,
               const at::Tensor& blocks, bool causal, const at::Tensor& offsets, const at::Tensor& counts,
               const at::Tensor& columns, const at::Tensor& col_counts, int64_t block_n, at::Tensor& out) {
   const int64_t B = q.size(0), Hs = q.size(1), R = q.size(2), D = q.size(3), Hkv = k.size(1), Lk = k.size(2);
   const int64_t n_qb = counts.size(2), width = offsets.size(3), col_width = columns.size(3);
   const T* qp = q.data_ptr<T>();
-  const T* kp = k.data_ptr<T>();
+  const TK* kp = k.data_ptr<TK>();
   const int64_t* ps = pos.data_ptr<int64_t>();
   const int64_t* bl = blocks.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
@@ -271,7 +271,7 @@ void run_kept(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of,
           row_ranges.push_back(rg.get());
         }
       std::vector<float> mass(rows.size());
-      kept_mass::rows_mass<T>(rows, lim, row_ranges, kp + unit.b * k.stride(0) + unit.kvh * k.stride(1),
+      kept_mass::rows_mass<T, TK>(rows, lim, row_ranges, kp + unit.b * k.stride(0) + unit.kvh * k.stride(1),
                               k.stride(2), Lk, D, mass.data());
       for (int64_t i = 0; i < heads; ++i) {
         double total = 0.0;
@@ -291,7 +291,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv
                   q.device().is_cpu() && k.device().is_cpu() && k.size(0) == q.size(0) && k.size(3) == q.size(3) &&
                   k.size(1) >= 1 && q.size(2) >= 1 && (dtype == at::kFloat || q.size(3) % 2 == 0),
               "sample_scores_cpu: q [B, Hs, n, D] contiguous and k [B, Hkv, Lk, D] (last dimension contiguous), one "
-              "dtype (sample_scores: also a bf16 q with fp32 k), on the CPU; bf16 needs an even D");
+              "dtype (or a bf16 q with fp32 k), on the CPU; bf16 needs an even D");
   TORCH_CHECK(kv_of.scalar_type() == at::kLong && kv_of.is_contiguous() && kv_of.dim() == 1 &&
                   kv_of.size(0) == q.size(1),
               "sample_scores_cpu: kv_of must be contiguous int64 [Hs]");
@@ -306,7 +306,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv
 at::Tensor rows_kept_mass(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, const at::Tensor& pos,
                           const at::Tensor& blocks, bool causal, const at::Tensor& offsets, const at::Tensor& counts,
                           const at::Tensor& columns, const at::Tensor& col_counts, int64_t block_n) {
-  check_inputs(q, k, kv_of);
+  check_inputs(q, k, kv_of, /*fp32_keys_ok=*/true);
   for (const at::Tensor* t : {&pos, &blocks})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1 && t->size(0) == q.size(2),
                 "sample_scores_cpu: pos and blocks must be contiguous int64 [R]");
@@ -325,9 +325,13 @@ at::Tensor rows_kept_mass(const at::Tensor& q, const at::Tensor& k, const at::Te
   auto out = at::zeros({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 || q.size(2) == 0) return out;
   if (q.scalar_type() == at::kFloat)
-    run_kept<float>(q, k, kv_of, pos, blocks, causal, offsets, counts, columns, col_counts, block_n, out);
+    run_kept<float, float>(q, k, kv_of, pos, blocks, causal, offsets, counts, columns, col_counts, block_n, out);
+  else if (k.scalar_type() == at::kFloat)
+    run_kept<at::BFloat16, float>(q, k, kv_of, pos, blocks, causal, offsets, counts, columns, col_counts, block_n,
+                                  out);
   else
-    run_kept<at::BFloat16>(q, k, kv_of, pos, blocks, causal, offsets, counts, columns, col_counts, block_n, out);
+    run_kept<at::BFloat16, at::BFloat16>(q, k, kv_of, pos, blocks, causal, offsets, counts, columns, col_counts,
+                                         block_n, out);
   return out;
 }
 
