@@ -1,7 +1,7 @@
 // Sparse attention over a SparseLayout on the CPU.  Each query block scores its tiles' keys in place (a
 // batch-reduce GEMM on a transposed copy of the keys, no gather), masks per element only where a run of keys
-// crosses a row's position or its edge, takes one softmax over all its keys and multiplies with the values in
-// place.  Only the few single columns are gathered, from the keys' rows (one contiguous read per column).
+// crosses a row's position or its edge, takes the softmax and multiplies with the values in place; a block that
+// sees more keys than a segment takes them segment by segment with an online softmax, so its scores stay in L2.  Only the few single columns are gathered, from the keys' rows (one contiguous read per column).
 // Two element types: fp32 (fp32 GEMMs), and bf16/fp16 where this CPU has the low-precision batch-reduce GEMM
 // (keys and values in the GEMM's VNNI layout, key pairs interleaved; probabilities rounded to the input type
 // before the value GEMM, as flash attention does; fp32 accumulation and softmax).  Every index read is bounded:
@@ -78,7 +78,7 @@ template <typename T>
 void run_blocks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& k_t, const at::Tensor& v,
                 const at::Tensor& offsets, const at::Tensor& counts, const at::Tensor& columns,
                 const at::Tensor& col_counts, int64_t block_m, int64_t block_n, bool causal, float scale,
-                float softcap, at::Tensor& out, at::Tensor& lse) {
+                float softcap, int64_t segment, at::Tensor& out, at::Tensor& lse) {
   constexpr bool kLow = !std::is_same_v<T, float>;
   constexpr int64_t kPair = kLow ? 2 : 1;  // keys per VNNI group: runs and column sets are padded to this
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
@@ -89,6 +89,11 @@ void run_blocks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& k_t,
   const int64_t tile = std::min(block_n, Lk);
   // every key slot a block can use: its runs (each padded by at most one pair) and its columns (padded)
   const int64_t W = std::max<int64_t>(max_tiles * (tile + 2 * kPair) + C + kPair, 1), Cw = C + kPair;
+  // Keys scored at once: a block that sees more than `segment` keys takes them in segments with an online softmax,
+  // so its scores stay in the core's L2 (64 rows x 1024 keys x 4 bytes = 256 KiB) instead of one [rows, all keys]
+  // buffer.  Buffer width: all of a block's keys when they fit, else a segment (a run piece of at most `segment`
+  // keys plus a tile and pair padding, or all columns).
+  const int64_t Ws = std::min(W, std::max(segment + tile + 2 * kPair, Cw));
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
   const T* ktp = k_t.data_ptr<T>();
@@ -106,11 +111,12 @@ void run_blocks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& k_t,
   // blocks differ in work (later blocks see more keys): hand them out one at a time
 #pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
   {
-    std::vector<float> S(bm * W), O(bm * D), row_sum(bm), kc_f;  // kc_f: fp32 columns, transposed
-    std::vector<T> P(kLow ? bm * W : 0), kc(kLow ? D * Cw : 0), vc(Cw * D);  // kc: VNNI columns
+    std::vector<float> S(bm * Ws), O(bm * D), row_sum(bm), row_max_run(bm), kc_f;  // kc_f: fp32 columns, transposed
+    std::vector<T> P(kLow ? bm * Ws : 0), kc(kLow ? D * Cw : 0), vc(Cw * D);  // kc: VNNI columns
     if (!kLow) kc_f.resize(D * Cw);
     std::vector<int32_t> tiles(std::max<int64_t>(max_tiles, 1)), col_keys(Cw);
     std::vector<Run> runs;
+    std::vector<size_t> seg_end;  // runs [seg_end[s - 1], seg_end[s]) form segment s; the columns join the last
 #pragma omp for schedule(dynamic, 1)
     for (int64_t blk = 0; blk < n_blocks; ++blk) {
       const int64_t bh = blk / n_qb, b = bh / Hq, h = bh % Hq, row0 = (blk % n_qb) * block_m;
@@ -133,22 +139,27 @@ void run_blocks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& k_t,
       }
       std::sort(tiles.begin(), tiles.begin() + n_valid);
       runs.clear();
-      int64_t used = 0;
       for (int64_t t = 0; t < n_valid; ++t) {
         const int64_t lo = std::max<int64_t>(tiles[t], 0), hi = std::min<int64_t>(tiles[t] + tile, key_end);
         if (hi <= lo) continue;
-        if (!runs.empty() && runs.back().hi == lo)
-          runs.back().hi = hi;
+        if (!runs.empty() && runs.back().hi == lo && lo - runs.back().lo < segment)
+          runs.back().hi = hi;  // merged, but no run grows past a segment
         else
           runs.push_back({lo, 0, 0, lo, hi});
       }
+      // runs padded to whole key pairs and packed into segments of at most Ws scored keys
+      seg_end.clear();
+      int64_t used = 0;
       for (Run& r : runs) {
         r.start = r.lo - r.lo % kPair;
         r.width = r.hi + (r.hi % kPair) - r.start;  // even for VNNI: the zero pair past Lk is in the copies
+        if (used + r.width > Ws) {
+          seg_end.push_back(&r - runs.data());
+          used = 0;
+        }
         r.slot = used;
         used += r.width;
       }
-      const int64_t tile_keys = used;
       // the columns some row can see, gathered from the key rows: transposed (fp32) or VNNI (bf16/fp16)
       int64_t nc = 0;
       const int64_t ncc = clamp(ccntp[blk], 0, C);
@@ -157,6 +168,12 @@ void run_blocks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& k_t,
         if (key >= 0 && key < key_end) col_keys[nc++] = static_cast<int32_t>(key);
       }
       const int64_t ncp = nc + nc % kPair;  // padded with a zero key, masked below
+      if (used + ncp > Ws) {  // the columns get a segment of their own
+        seg_end.push_back(runs.size());
+        used = 0;
+      }
+      const int64_t col_slot = used;
+      seg_end.push_back(runs.size());
       if constexpr (kLow) {
         for (int64_t c = 0; c < ncp; ++c) {
           const int64_t key = c < nc ? col_keys[c] : 0;
@@ -175,64 +192,86 @@ void run_blocks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& k_t,
         }
       }
 
-      for (const Run& r : runs)
-        gemm<T>(rows, r.width, D, qblk, sq.l, kt + r.start * kPair, ldk, S.data() + r.slot, W, false);
-      if (ncp) {
-        if constexpr (kLow)
-          gemm<T>(rows, ncp, D, qblk, sq.l, kc.data(), ncp, S.data() + tile_keys, W, false);
-        else
-          gemm<T>(rows, nc, D, qblk, sq.l, kc_f.data(), nc, S.data() + tile_keys, W, false);
-      }
-      used += ncp;
-      for (int64_t i = 0; i < rows; ++i) scale_and_cap(S.data() + i * W, used, scale, softcap);
-      // masks: pair padding, and with causal row i sees keys <= first + i (only runs past `first` need a look)
-      for (const Run& r : runs) {
-        const bool crosses = causal && r.hi - 1 > first;
-        if (r.lo == r.start && r.hi == r.start + r.width && !crosses) continue;
-        for (int64_t i = 0; i < rows; ++i) {
-          float* s = S.data() + i * W + r.slot;
-          const int64_t hi = causal ? std::min(r.hi, first + i + 1) : r.hi;
-          std::fill(s, s + (r.lo - r.start), neg_inf);
-          std::fill(s + std::max(hi, r.lo) - r.start, s + r.width, neg_inf);
-        }
-      }
-      for (int64_t c = 0; c < ncp; ++c) {
-        const int64_t hidden = c < nc ? (causal ? clamp(col_keys[c] - first, 0, rows) : 0) : rows;
-        for (int64_t i = 0; i < hidden; ++i) S[i * W + tile_keys + c] = neg_inf;
-      }
-
-      for (int64_t i = 0; i < rows; ++i) {
-        float* s = S.data() + i * W;
-        const float m = used ? row_max(s, used) : neg_inf;
-        if (m == neg_inf) {  // no visible key: zero weights, zero output, lse -inf
-          std::fill(s, s + used, 0.f);
-          row_sum[i] = 0.f;
-          lsep[bh * Lq + row0 + i] = neg_inf;
-        } else {
-          row_sum[i] = exp_shifted_sum(s, used, m);
-          lsep[bh * Lq + row0 + i] = m + std::log(row_sum[i]);
-        }
-        if constexpr (kLow) {
-          T* p = P.data() + i * W;
-          for (int64_t j = 0; j < used; ++j) p[j] = T(s[j]);
-        }
-      }
+      // Online softmax over the segments (flash attention's recurrence): a block seeing many keys keeps its scores
+      // in cache instead of one [rows, all keys] buffer; a block whose keys fit one segment takes one pass.
+      std::fill(row_max_run.begin(), row_max_run.begin() + rows, neg_inf);
+      std::fill(row_sum.begin(), row_sum.begin() + rows, 0.f);
       bool accumulate = false;
-      for (const Run& r : runs) {
-        if constexpr (kLow)
-          gemm<T>(rows, D, r.width, P.data() + r.slot, W, vv + (r.start / 2) * 2 * D, D, O.data(), D, accumulate);
-        else
-          gemm<T>(rows, D, r.width, S.data() + r.slot, W, vrows + r.start * sv.l, sv.l, O.data(), D, accumulate);
-        accumulate = true;
-      }
-      if (ncp) {
-        if constexpr (kLow)
-          gemm<T>(rows, D, ncp, P.data() + tile_keys, W, vc.data(), D, O.data(), D, accumulate);
-        else
-          gemm<T>(rows, D, nc, S.data() + tile_keys, W, vc.data(), D, O.data(), D, accumulate);
-        accumulate = true;
+      size_t first_run = 0;
+      for (size_t seg = 0; seg < seg_end.size(); ++seg) {
+        const size_t last_run = seg_end[seg];
+        const bool with_cols = seg + 1 == seg_end.size() && ncp > 0;
+        int64_t width = with_cols ? col_slot + ncp : 0;
+        for (size_t ri = first_run; ri < last_run; ++ri) width = std::max(width, runs[ri].slot + runs[ri].width);
+        if (width == 0) {
+          first_run = last_run;
+          continue;
+        }
+        for (size_t ri = first_run; ri < last_run; ++ri) {
+          const Run& r = runs[ri];
+          gemm<T>(rows, r.width, D, qblk, sq.l, kt + r.start * kPair, ldk, S.data() + r.slot, Ws, false);
+        }
+        if (with_cols) {
+          if constexpr (kLow)
+            gemm<T>(rows, ncp, D, qblk, sq.l, kc.data(), ncp, S.data() + col_slot, Ws, false);
+          else
+            gemm<T>(rows, nc, D, qblk, sq.l, kc_f.data(), nc, S.data() + col_slot, Ws, false);
+        }
+        for (int64_t i = 0; i < rows; ++i) scale_and_cap(S.data() + i * Ws, width, scale, softcap);
+        // masks: pair padding, and with causal row i sees keys <= first + i (only runs past `first` need a look)
+        for (size_t ri = first_run; ri < last_run; ++ri) {
+          const Run& r = runs[ri];
+          const bool crosses = causal && r.hi - 1 > first;
+          if (r.lo == r.start && r.hi == r.start + r.width && !crosses) continue;
+          for (int64_t i = 0; i < rows; ++i) {
+            float* s = S.data() + i * Ws + r.slot;
+            const int64_t hi = causal ? std::min(r.hi, first + i + 1) : r.hi;
+            std::fill(s, s + (r.lo - r.start), neg_inf);
+            std::fill(s + std::max(hi, r.lo) - r.start, s + r.width, neg_inf);
+          }
+        }
+        if (with_cols)
+          for (int64_t c = 0; c < ncp; ++c) {
+            const int64_t hidden = c < nc ? (causal ? clamp(col_keys[c] - first, 0, rows) : 0) : rows;
+            for (int64_t i = 0; i < hidden; ++i) S[i * Ws + col_slot + c] = neg_inf;
+          }
+        for (int64_t i = 0; i < rows; ++i) {
+          float* s = S.data() + i * Ws;
+          const float m = std::max(row_max_run[i], row_max(s, width));
+          if (m == neg_inf) {  // no visible key yet: zero weights
+            std::fill(s, s + width, 0.f);
+          } else {
+            const float rescale = exp_nonpositive(row_max_run[i] - m);  // 0 when nothing was seen before
+            row_sum[i] = row_sum[i] * rescale + exp_shifted_sum(s, width, m);
+            row_max_run[i] = m;
+            if (accumulate && rescale != 1.f)
+              for (int64_t d = 0; d < D; ++d) O[i * D + d] *= rescale;
+          }
+          if constexpr (kLow) {
+            T* p = P.data() + i * Ws;
+            for (int64_t j = 0; j < width; ++j) p[j] = T(s[j]);
+          }
+        }
+        for (size_t ri = first_run; ri < last_run; ++ri) {
+          const Run& r = runs[ri];
+          if constexpr (kLow)
+            gemm<T>(rows, D, r.width, P.data() + r.slot, Ws, vv + (r.start / 2) * 2 * D, D, O.data(), D, accumulate);
+          else
+            gemm<T>(rows, D, r.width, S.data() + r.slot, Ws, vrows + r.start * sv.l, sv.l, O.data(), D, accumulate);
+          accumulate = true;
+        }
+        if (with_cols) {
+          if constexpr (kLow)
+            gemm<T>(rows, D, ncp, P.data() + col_slot, Ws, vc.data(), D, O.data(), D, accumulate);
+          else
+            gemm<T>(rows, D, nc, S.data() + col_slot, Ws, vc.data(), D, O.data(), D, accumulate);
+          accumulate = true;
+        }
+        first_run = last_run;
       }
       if (!accumulate) std::fill(O.begin(), O.begin() + rows * D, 0.f);
+      for (int64_t i = 0; i < rows; ++i)
+        lsep[bh * Lq + row0 + i] = row_sum[i] > 0.f ? row_max_run[i] + std::log(row_sum[i]) : neg_inf;
       T* o = outp + b * so.b + h * so.h + row0 * so.l;
       for (int64_t i = 0; i < rows; ++i) {
         const float inv = row_sum[i] > 0.f ? 1.f / row_sum[i] : 0.f;
@@ -253,7 +292,7 @@ std::vector<at::Tensor> sparse_attention(const at::Tensor& q, const at::Tensor& 
                                          const at::Tensor& v, const at::Tensor& offsets, const at::Tensor& counts,
                                          const at::Tensor& columns, const at::Tensor& col_counts, int64_t block_m,
                                          int64_t block_n, bool causal, double scale, double softcap,
-                                         const std::optional<at::Tensor>& out_arg) {
+                                         int64_t segment_keys, const std::optional<at::Tensor>& out_arg) {
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "sparse_attention_cpu: q must be fp32, bf16 or fp16, got ", dtype);
@@ -265,7 +304,8 @@ std::vector<at::Tensor> sparse_attention(const at::Tensor& q, const at::Tensor& 
                   k.size(1) >= 1 && q.size(1) % k.size(1) == 0 && k.size(2) >= q.size(2),
               "sparse_attention_cpu: q [B, Hq, Lq, D] and k [B, Hkv, Lk, D] with Hq % Hkv == 0 and Lq <= Lk");
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3), Hkv = k.size(1), Lk = k.size(2);
-  TORCH_CHECK(D >= 1 && block_m >= 1 && block_n >= 1, "sparse_attention_cpu: head_dim, block_m, block_n must be >= 1");
+  TORCH_CHECK(D >= 1 && block_m >= 1 && block_n >= 1 && segment_keys >= 1,
+              "sparse_attention_cpu: head_dim, block_m, block_n and segment_keys must be >= 1");
   if (dtype == at::kFloat) {
     TORCH_CHECK(k_t.dim() == 4 && k_t.size(0) == B && k_t.size(1) == Hkv && k_t.size(2) == D && k_t.size(3) >= Lk &&
                     v.dim() == 4 && v.sizes() == k.sizes(),
@@ -296,13 +336,14 @@ std::vector<at::Tensor> sparse_attention(const at::Tensor& q, const at::Tensor& 
   if (out.numel() == 0) return {out, lse};
   const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
   if (dtype == at::kFloat)
-    run_blocks<float>(q, k, k_t, v, offsets, counts, columns, col_counts, block_m, block_n, causal, sc, cap, out, lse);
+    run_blocks<float>(q, k, k_t, v, offsets, counts, columns, col_counts, block_m, block_n, causal, sc, cap,
+                      segment_keys, out, lse);
   else if (dtype == at::kBFloat16)
     run_blocks<at::BFloat16>(q, k, k_t, v, offsets, counts, columns, col_counts, block_m, block_n, causal, sc, cap,
-                             out, lse);
+                             segment_keys, out, lse);
   else
-    run_blocks<at::Half>(q, k, k_t, v, offsets, counts, columns, col_counts, block_m, block_n, causal, sc, cap, out,
-                         lse);
+    run_blocks<at::Half>(q, k, k_t, v, offsets, counts, columns, col_counts, block_m, block_n, causal, sc, cap,
+                         segment_keys, out, lse);
   return {out, lse};
 }
 
@@ -342,7 +383,7 @@ bool low_precision_gemm(at::ScalarType dtype) {
 TORCH_LIBRARY(sparse_attn_cpu, m) {
   m.def("sparse_attention(Tensor q, Tensor k, Tensor k_t, Tensor v, Tensor offsets, Tensor counts, Tensor columns, "
         "Tensor col_counts, int block_m, int block_n, bool causal, float scale, float softcap, "
-        "Tensor(a!)? out=None) -> Tensor[]");
+        "int segment_keys, Tensor(a!)? out=None) -> Tensor[]");
   m.impl("sparse_attention", c10::DispatchKey::CPU, &sparse_attention);
   m.def("low_precision_gemm(ScalarType dtype) -> bool", &low_precision_gemm);
 }

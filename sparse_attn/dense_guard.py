@@ -2,9 +2,10 @@
 kernel would take longer than dense SDPA on the same inputs.
 
 The prediction is density x the backend's measured cost per computed key relative to dense SDPA (its attention time
-over dense time x density, "attn/ideal" in `python -m sparse_attn bench`).  A per-head mix with many dense heads (the
-default pattern's choice for diffuse heads) is thereby sent to SDPA as a whole: SDPA runs dense heads faster than
-the sparse kernel runs them as tiles."""
+over dense time x density, "attn/ideal" in `python -m sparse_attn bench`).  On a backend that computes a key dearer
+than SDPA (torch, Triton against the GPU's default SDPA), a per-head mix with many dense heads (the default pattern's
+choice for diffuse heads) is thereby sent to SDPA as a whole; the compiled CPU kernel computes every key cheaper
+than SDPA (cost_per_key 0.6), so on the CPU the guard never fires and dense heads stay on the kernel."""
 from __future__ import annotations
 
 from .backends import BACKENDS, Backend

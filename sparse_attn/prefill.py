@@ -130,7 +130,9 @@ def sparse_prefill(q, k, v, pattern=None, *, causal: bool = True, scale=None, ba
         softcap: ``softcap * tanh(score / softcap)`` before the softmax when > 0 (Gemma-2); 0 = off.
         dense_below: key lengths below it (default `dense_below_for` q's device: 4096 on the CPU, 65536 on CUDA)
             run dense attention.  So do all-`Dense` patterns (sparse would not pay for its estimate there) and an
-            estimated layout the chosen backend would run slower than dense SDPA (`dense_guard`).
+            estimated layout the chosen backend would run slower than dense SDPA (`dense_guard`).  Dense attention
+            runs on the chosen backend where that is faster than SDPA (the compiled CPU kernel: see
+            `DENSE_ON_BACKEND_MIN_QUERIES`), else SDPA.
 
     Returns:
         ``out [batch, Hq, Lq, head_dim]`` in q's dtype.
@@ -145,14 +147,27 @@ def sparse_prefill(q, k, v, pattern=None, *, causal: bool = True, scale=None, ba
     chosen = select_backend(backend, q, k, v, softcap=softcap)      # fail early, even where the input runs dense
     scale = resolve_scale(scale, q.shape[-1])
     if k.shape[2] < threshold or all(isinstance(p, Dense) for p in patterns):
-        if softcap:               # SDPA has no softcap: a whole-budget layout on the chosen backend instead
-            layout = _estimate(q, k, [Dense()] * q.shape[1], causal=causal, scale=scale, block_m=64, block_n=64)
-            return chosen.run(q, k, v, layout, causal=causal, scale=scale, softcap=softcap)
-        return _dense(q, k, v, causal=causal, scale=scale)
+        return _dense_route(q, k, v, chosen, causal=causal, scale=scale, softcap=softcap)
     layout = _estimate(q, k, patterns, causal=causal, scale=scale, block_m=64, block_n=64)
     if not softcap and sparse_is_slower(layout, chosen, causal=causal):   # never slower than dense
-        return _dense(q, k, v, causal=causal, scale=scale)
+        return _dense_route(q, k, v, chosen, causal=causal, scale=scale, softcap=softcap)
     return chosen.run(q, k, v, layout, causal=causal, scale=scale, softcap=softcap)
+
+
+#: `sparse_prefill`'s dense cases run on the chosen backend, over an all-keys layout, where it computes a key
+#: cheaper than SDPA (`Backend.cost_per_key` < 1: the compiled CPU kernel, 2.0-2.6x SDPA's speed on a dense causal
+#: layout in fp32 and 3.3-3.8x in bf16 from 1K to 16K keys; bench/results/cpu-dense-route-2core-2026-12-04-s8.txt)
+#: and there are at least this many queries (with one query row SDPA was 2.3-2.8x faster).
+DENSE_ON_BACKEND_MIN_QUERIES = 128
+
+
+def _dense_route(q, k, v, chosen, *, causal: bool, scale: float, softcap: float):
+    """Exact dense attention on the faster of ``chosen`` (a `Backend`) and SDPA; on ``chosen`` with ``softcap``
+    (SDPA has none)."""
+    if softcap or (chosen.cost_per_key < 1 and q.shape[2] >= DENSE_ON_BACKEND_MIN_QUERIES):
+        layout = _estimate(q, k, [Dense()] * q.shape[1], causal=causal, scale=scale, block_m=64, block_n=64)
+        return chosen.run(q, k, v, layout, causal=causal, scale=scale, softcap=softcap)
+    return _dense(q, k, v, causal=causal, scale=scale)
 
 
 def dense_attention(q, k, v, *, causal: bool = True, scale=None):

@@ -258,6 +258,36 @@ def test_hundreds_of_columns_and_blocks_listing_every_key(causal):
 
 
 @needs_kernel
+@pytest.mark.parametrize("segment", [1, 7, 64, 130])
+def test_blocks_seeing_more_keys_than_a_segment_match_the_oracle(monkeypatch, segment):
+    """Blocks whose keys exceed `loader.SEGMENT_KEYS` take them in segments with an online softmax: runs split
+    inside and across tiles, columns in the last segment or one of their own, rows that see no key in the first
+    segments; dense, hand-built and column-only layouts, fp32 and the native low-precision route."""
+    monkeypatch.setattr(cpu_kernel, "SEGMENT_KEYS", segment)
+    q, k, v = make_qkv(2, 4, 2, 150, 333, 16, seed=segment)
+    for causal in (True, False):
+        check_kernel(q, k, v, sa.estimate(q, k, sa.Dense(), causal=causal), causal)
+        check_kernel(q, k, v, boundary_layout(2, 4, 150, 333, 32, 16, seed=segment), causal)
+        check_kernel(q, k, v, sa.estimate(q, k, sa.VerticalSlash(vertical=40, slash=96, sink=4, local=32),
+                                          causal=causal), causal)
+    lq, lk = 70, 333
+    every = torch.arange(lk, dtype=torch.int32).flip(0).expand(2, 4, 2, lk).contiguous()
+    zero = torch.zeros(2, 4, 2, dtype=torch.int32)
+    columns = sa.SparseLayout(zero, zero[..., None], torch.full_like(zero, lk), every, q_len=lq, k_len=lk).check()
+    check_kernel(q[:, :, :lq], k, v, columns, causal=True)
+    for dtype in (torch.bfloat16, torch.float16):
+        if not cpu_kernel.native_low_precision(dtype, 16):
+            continue
+        ql, kl, vl = (t.to(dtype) for t in (q, k, v))
+        layout = boundary_layout(2, 4, 150, 333, 32, 16, seed=1)
+        out, lse = sa.sparse_attention(ql, kl, vl, layout, backend="cpu", return_lse=True)
+        ref, ref_lse = sa.reference_attention(ql.float(), kl.float(), vl.float(), oracle_mask(layout),
+                                              return_lse=True)
+        assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+        assert_lse_close(lse, ref_lse, atol=2e-2)
+
+
+@needs_kernel
 @pytest.mark.parametrize("block_m,block_n", [(2 ** 40, 64), (64, 2 ** 40)])
 def test_block_sizes_far_above_the_lengths_do_not_size_the_buffers(block_m, block_n):
     """The per-thread buffers must follow Lq and Lk, not block_m and block_n (which are only bounded below)."""

@@ -78,6 +78,33 @@ def test_all_dense_patterns_take_the_dense_path():
     assert_close(out, sa.reference_attention(q, k, v), atol=2e-5)
 
 
+@pytest.mark.parametrize("lq,lk,causal,heads", [(300, 300, True, "gqa"), (130, 700, True, "mqa"),
+                                                 (200, 451, False, "mha"), (127, 300, True, "gqa")])
+def test_dense_cases_run_on_a_backend_cheaper_per_key_than_sdpa(monkeypatch, lq, lk, causal, heads):
+    """Below the threshold, for all-Dense patterns and where the guard fires: the chosen backend over an all-keys
+    layout where it computes a key cheaper than SDPA (cost_per_key < 1) and there are at least
+    DENSE_ON_BACKEND_MIN_QUERIES queries, else SDPA; the oracle's result either way."""
+    from sparse_attn import prefill
+    from sparse_attn.backends.torch import TORCH
+    hq, hkv = HEAD_CONFIGS[heads]
+    q, k, v = make_qkv(2, hq, hkv, lq, lk, 32, seed=lq + lk, contiguity="blhd")
+    runs, sdpa_calls = [], []
+    real_run, real_dense = type(TORCH).run, prefill._dense
+    monkeypatch.setattr(type(TORCH), "run", lambda self, q, k, v, layout, **kw: (
+        runs.append(layout.density()), real_run(self, q, k, v, layout, **kw))[1])
+    monkeypatch.setattr(prefill, "_dense", lambda *a, **kw: (sdpa_calls.append(1), real_dense(*a, **kw))[1])
+    ref = sa.reference_attention(q, k, v, causal=causal)
+    uses_backend = lq >= prefill.DENSE_ON_BACKEND_MIN_QUERIES
+    for cost in (0.5, 2.0):
+        monkeypatch.setattr(type(TORCH), "cost_per_key", cost)
+        for call in (lambda: sa.sparse_prefill(q, k, v, sa.AShape(sink=4, local=16), causal=causal, backend="torch"),
+                     lambda: sa.sparse_prefill(q, k, v, sa.Dense(), causal=causal, dense_below=0, backend="torch")):
+            runs.clear(), sdpa_calls.clear()
+            assert_close(call(), ref, atol=2e-5)
+            on_backend = cost < 1 and uses_backend
+            assert runs == ([1.0] if on_backend else []) and len(sdpa_calls) == (0 if on_backend else 1)
+
+
 def test_sparse_prefill_scale_and_low_precision():
     q, k, v = make_qkv(2, 2, 2, 200, 200, 64, seed=9, dtype=torch.float16)
     p = sa.AShape(sink=8, local=64)

@@ -9,7 +9,11 @@ from . import loader
 
 class CpuBackend(Backend):
     name = "cpu"
-    cost_per_key = 2.0
+    #: attention / (dense SDPA x density), 2-core CPU, 16K, fp32, after scoring long blocks in L2-sized segments:
+    #: 0.28-0.46 on a dense causal layout, 0.38-0.65 on VerticalSlash(512, 1024), 0.29-0.49 on BlockSparse(top_k=64)
+    #: (bench/results/cpu-dense-route-2core-2026-12-04-s8.txt); very sparse layouts cost more per key (the default's
+    #: 1.2-1.35 at density 0.01-0.02), where the guard's product stays far below 1 anyway.
+    cost_per_key = 0.6
     devices = ("cpu",)
     dtypes = (torch.float32, torch.float16, torch.bfloat16)      # fp64 stays on the torch backend, in fp64
     supports_softcap = True

@@ -188,6 +188,12 @@ def vnni_values(v, ldk: int):
     return out
 
 
+#: Keys a query block scores at once; blocks that see more take them in segments with an online softmax (flash
+#: attention's recurrence), so their scores stay in L2.  Measured on a dense causal layout at 16K (2 cores, D=128):
+#: see bench/results/cpu-kernel-segments-2core-2026-12-04-s8.txt.
+SEGMENT_KEYS = 1024
+
+
 def _rows(t):
     """The tensor itself where its last dimension is contiguous (the kernel takes any other strides)."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -219,7 +225,7 @@ def cpu_kernel_attention(q, k, v, layout: SparseLayout, *, causal: bool, scale: 
     result, lse = ops.sparse_attention(q, k, k_t, v_in, layout.block_offset.contiguous(),
                                        layout.block_count.contiguous(), layout.column_index.contiguous(),
                                        layout.column_count.contiguous(), layout.block_m, layout.block_n, causal,
-                                       float(scale), softcap, out if in_place else None)
+                                       float(scale), softcap, SEGMENT_KEYS, out if in_place else None)
     if out is None:
         out = result.to(dtype)
     elif not in_place:

@@ -204,21 +204,31 @@ def _sparse(state, layer_idx, q, k, v, scale, softcap=0.0, kernel=None, row=None
     if dense_below is None:
         dense_below = prefill.dense_below_for(k.device)
     if (patterns is None or k.shape[2] < dense_below or all(isinstance(p, prefill.Dense) for p in patterns)):
-        return masked_dense_attention(q, k, v, scale=scale, softcap=softcap)
+        return _dense(q, k, v, options, scale, softcap, kernel)
     q_est, k_est = q.detach(), k.detach()             # the layout is discrete: no gradient flows through it
     if options["dense_above"] < 1 and _mass_needs_dense(q_est, k_est, patterns, scale, options["dense_above"]):
-        return masked_dense_attention(q, k, v, scale=scale, softcap=softcap)
+        return _dense(q, k, v, options, scale, softcap, kernel)
     patterns = patterns_for_call(patterns, q.shape[0], k.shape[2], row)
     layout = prefill.estimate(q_est, k_est, patterns, causal=True, scale=scale)
     density = layout.density() if options["dense_above"] < 1 or options["on_layout"] is not None else None
     if options["on_layout"] is not None:
         options["on_layout"](layer_idx, layout, density)
     if density is not None and density > options["dense_above"]:
-        return masked_dense_attention(q, k, v, scale=scale, softcap=softcap)
+        return _dense(q, k, v, options, scale, softcap, kernel)
     if kernel is not None:
         return kernel(q, k, v, layout, causal=True, scale=resolve_scale(scale, q.shape[-1]), softcap=softcap)
     return prefill.sparse_attention(q, k, v, layout, causal=True, scale=scale, backend=options["backend"],
                                     softcap=softcap, check_layout=False)
+
+
+def _dense(q, k, v, options, scale, softcap, kernel):
+    """The dense cases of `_sparse`: `sparse_prefill`'s dense route on the patch's backend (faster than SDPA where
+    the backend is: the compiled CPU kernel), or SDPA / the capped reference where a differentiable ``kernel`` was
+    asked for (the backends have no backward)."""
+    if kernel is not None:
+        return masked_dense_attention(q, k, v, scale=scale, softcap=softcap)
+    return prefill.sparse_prefill(q, k, v, prefill.Dense(), causal=True, scale=scale, backend=options["backend"],
+                                  softcap=softcap)
 
 
 def _mass_needs_dense(q, k, patterns, scale, dense_above: float, rows: int = 16) -> bool:
