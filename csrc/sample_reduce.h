@@ -1,7 +1,8 @@
 // Pass 2 of the fused sample-score pass (sample_scores_cpu.cpp): one key's probabilities over a head's n sample rows
 // reduced to column mass, column mass off the local band, diagonal mass and column mass by diagonal group.
-// Plain loops that GCC vectorises (the 16-lane sums); an AVX-512 version with masked vector sums and the diagonal
-// mass in a sliding window of registers measured slower at 32K (15-19 vs 13 ms for the pass), so it is not kept.
+// Plain loops that GCC vectorises (the 16-lane sums).  Tried and dropped (measured at 32K, 8 heads, 2 cores): an
+// AVX-512 version (masked vector sums, the diagonal mass in a sliding window of registers): 15-19 vs 13 ms for the
+// pass; a tree for the lanes' final sum and the column as the sum of the group slots: no gain within the noise.
 #pragma once
 
 #include <algorithm>
@@ -18,9 +19,8 @@ inline float sum_range(const float* x, int64_t lo, int64_t hi) {
     for (int l = 0; l < 16; ++l) lane[l] += x[i + l];
   float total = 0.f;
   for (; i < hi; ++i) total += x[i];
-  for (int w = 8; w >= 1; w /= 2)  // a tree, not a chain of 16 dependent adds
-    for (int l = 0; l < w; ++l) lane[l] += lane[l + w];
-  return total + lane[0];
+  for (int l = 0; l < 16; ++l) total += lane[l];
+  return total;
 }
 
 // Where key j's outputs go, and the head's parameters.  d0 = pos0 - j: row r lies at distance d0 + r from key j.
@@ -34,25 +34,21 @@ inline void reduce_key(const float* s, const float* f, float* p, int64_t n, int6
   for (int64_t r = 0; r < n; ++r) p[r] = s[r] * f[r];
   const int64_t d0 = o.pos0 - j;
   const int64_t r_lo = std::clamp<int64_t>(-d0, 0, n);  // first row at distance >= 0
-  // rows by diagonal group: slot t holds group g0 + t; where every row is at distance >= 0 the slots add up to the
-  // column (one sum fewer per key)
-  const int64_t g0 = floor_div(d0, o.group);
-  float slots = 0.f;
-  for (int64_t r = r_lo; r < n;) {
-    const int64_t g = floor_div(d0 + r, o.group), end = std::min(n, (g + 1) * o.group - d0);
-    const float part = sum_range(p, r, end);
-    o.by_group[j * o.G + (g - g0)] += part;
-    slots += part;
-    r = end;
-  }
-  const float col = r_lo == 0 ? slots : sum_range(p, 0, n);
+  const float col = sum_range(p, 0, n);
   const float near = sum_range(p, r_lo, std::max(r_lo, std::clamp<int64_t>(o.local - d0, 0, n)));
   o.column[j] = col;
   o.off_local[j] = col - near;
   if (j >= o.sink) {
     float* diag = o.diagonal + d0;
     const int64_t r_hi = std::clamp<int64_t>(o.Lk - d0, 0, n);
+#pragma omp simd
     for (int64_t r = r_lo; r < r_hi; ++r) diag[r] += p[r];
+  }
+  const int64_t g0 = floor_div(d0, o.group);
+  for (int64_t r = r_lo; r < n;) {  // rows by diagonal group: slot t holds group g0 + t
+    const int64_t g = floor_div(d0 + r, o.group), end = std::min(n, (g + 1) * o.group - d0);
+    o.by_group[j * o.G + (g - g0)] += sum_range(p, r, end);
+    r = end;
   }
 }
 

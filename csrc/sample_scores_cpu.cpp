@@ -141,20 +141,6 @@ struct ChunkSoftmax {
   }
 };
 
-// Buffers of the calling thread, reused across calls (fresh pages for every call cost more than the pass's own work
-// at 64K): each grows to the largest size asked for (slot 0: scores [Lk, rows] fp32; slot 1: one KV head's keys
-// in the GEMM's type) and is freed when the thread ends.
-template <typename T>
-T* scratch(int slot, int64_t count) {
-  thread_local std::unique_ptr<T[]> buf[2];
-  thread_local int64_t size[2] = {0, 0};
-  if (count > size[slot]) {
-    buf[slot].reset(new T[count]);
-    size[slot] = count;
-  }
-  return buf[slot].get();
-}
-
 // One unit of `sample_scores`: head i's n rows at q_rows[i] (pre-scaled), keys k [Lk, D] (stride ldk), rows at key
 // positions pos0 .. pos0 + n - 1; out[i] says where head i's column, off_local, diagonal [Lk], by_group [Lk, G]
 // go, lse[i] its [n].  Pass 1 scores a chunk of keys against every row of the unit and turns it into exponentials
@@ -221,10 +207,13 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, cons
         lses.push_back(ls + bh * n);
       }
       // One head at a time, so that its [Lk, n] scores stay in the last-level cache between the two passes.
+      // (a buffer kept across calls instead measured slower: freeing this one raises glibc's mmap threshold, so
+      // the torch ops after the pass reuse heap pages instead of faulting in fresh ones)
+      std::unique_ptr<float[]> S(new float[Lk * n]);  // uninitialised: every entry read is written first
       std::vector<T> qt(D * n), kbuf(std::is_same_v<T, TK> ? 0 : chunk_keys(n) * D);
       for (int64_t i = 0; i < heads; ++i)
         score_unit<T, TK>({rows[i]}, q.stride(2), kp + unit.b * k.stride(0) + unit.kvh * k.stride(1), k.stride(2), n,
-                          Lk, D, pos0, causal, scratch<float>(0, Lk * n), qt.data(), kbuf.data(),
+                          Lk, D, pos0, causal, S.get(), qt.data(), kbuf.data(),
                           {outs[i]}, {lses[i]});
     }
     if constexpr (!std::is_same_v<T, float>) at::native::cpublas::brgemm_release(true);
