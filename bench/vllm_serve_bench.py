@@ -227,6 +227,15 @@ def _tcmalloc() -> str:
     return found[0]
 
 
+def _check_plugin_visible():
+    """vLLM finds the plugin through its entry point: without it every variant would silently be vLLM alone (a stale
+    ``sparse_attn.egg-info`` without entry points earlier on the path than the install hides it)."""
+    from importlib.metadata import entry_points
+    if not any(e.value.startswith("sparse_attn.") for e in entry_points(group="vllm.general_plugins")):
+        sys.exit("vllm_serve_bench: the sparse_attn vLLM plugin's entry point is not visible to this Python "
+                 "(install with `pip install -e .`, and remove a stale sparse_attn.egg-info on the path)")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_stages_child"]:
@@ -250,6 +259,7 @@ def main(argv=None):
                              "runs on) or tcmalloc (LD_PRELOAD, as vLLM's CPU platform does when its wheel bundles it)")
     args = parser.parse_args(argv)
     args.preload = _tcmalloc() if args.malloc == "tcmalloc" else None
+    _check_plugin_visible()
     from sparse_attn.tools.cli import line_printer
 
     log = line_printer(args.out)

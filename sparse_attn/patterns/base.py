@@ -10,6 +10,7 @@ from ..errors import InvalidArgumentError, InvalidTypeError
 from ..layout import SparseLayout, block_row_positions, ceil_div, keys_in_tiles
 from ..backends.host_copy import host_tensor
 from ..estimators.tiles import compact, ranges_to_tiles
+from .vertical_slash_cpu import key_counts
 
 
 @dataclass(frozen=True)
@@ -107,4 +108,6 @@ def computed_share(layout: SparseLayout, causal: bool = True) -> torch.Tensor:
     first, last = block_row_positions(layout.q_len, layout.k_len, layout.block_m, layout.device)
     rows = (last - first + 1).double()
     dense = (last + 1).double() if causal else torch.full_like(rows, layout.k_len)
-    return ((layout.key_counts(causal).double() * rows).sum(-1) / (dense * rows).sum()).float()
+    counts = key_counts(layout, causal)          # the same integers, compiled, on the CPU
+    counts = layout.key_counts(causal) if counts is None else counts
+    return ((counts.double() * rows).sum(-1) / (dense * rows).sum()).float()

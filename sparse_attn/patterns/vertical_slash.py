@@ -11,6 +11,7 @@ from ..layout import block_row_positions, ceil_div, kept_first
 from ..backends.host_copy import host_tensor
 from ..estimators.sample_mass import column_mass, diagonal_mass
 from ..estimators.score_backends import select_scores
+from . import vertical_slash_cpu
 from .base import Pattern, compacts_slots, layout_from_ranges, per_head, tile_bound
 
 
@@ -88,8 +89,17 @@ class VerticalSlash(VerticalSlashBudgets):
         gamma_mode = any(p.gamma is not None for p in patterns)
         sample = select_scores(scores_backend, q, k).run(q, k, n, scale, causal, heads=heads, sink=prm["sink"],
                                                  local=prm["local"], group=block_n)
+        groups_of = group_mass(sample.diagonal, block_n, n_buckets)
+        max_tiles_per_slot = _tiles_per_group(block_m, block_n)
+        if compacts_slots(dev) and vertical_slash_cpu.takes(sample, dev, n, block_n):
+            # The same layout from one compiled call (the torch ops below are its readable reference; it cuts the
+            # slots to the fullest head as they do where `compacts_slots`).
+            return vertical_slash_cpu.vertical_slash_layout(
+                sample, groups_of, dict(prm, target=prm["gamma"] * n), gamma_mode=gamma_mode, causal=causal,
+                q_len=Lq, block_m=block_m, block_n=block_n, width_v=width_v, width_s=width_s,
+                tiles_per_group=max_tiles_per_slot)
         verticals, v_ok, buckets, s_ok = _choose(
-            sample.column, sample.column_off_local, sample.diagonal, n, prm, block_n, n_buckets, width_v, width_s,
+            sample.column, sample.column_off_local, groups_of, n, prm, block_n, n_buckets, width_v, width_s,
             gamma_mode, lambda picked: sample.on_diagonals(picked, block_n))
 
         if compacts_slots(dev):
@@ -114,8 +124,7 @@ class VerticalSlash(VerticalSlashBudgets):
             keep = keep & (cols <= last[:, None])
         cols = torch.where(keep, cols, 0)
         return layout_from_ranges(starts, ends, cols, keep, q_len=Lq, k_len=Lk, block_m=block_m, block_n=block_n,
-                                  max_tiles=min(buckets.shape[-1] * _tiles_per_group(block_m, block_n),
-                                                tile_bound(Lk, block_n)))
+                                  max_tiles=min(buckets.shape[-1] * max_tiles_per_slot, tile_bound(Lk, block_n)))
 
 
 def _select(probs, pos, prm, block_n, n_buckets, width_v, width_s, column_mass=column_mass, host=None):
@@ -152,23 +161,40 @@ def _select(probs, pos, prm, block_n, n_buckets, width_v, width_s, column_mass=c
         mask = windows.index_select(2, (Lk - 1 - pos).clamp(min=0, max=Lk))                           # [B, h, n, Lk]
         return column_mass(mask.mul_(probs))
 
-    return _choose(col_all, col, diag, n, prm, block_n, n_buckets, width_v, width_s, host["gamma_mode"], on_slash)
+    return _choose(col_all, col, group_mass(diag, block_n, n_buckets), n, prm, block_n, n_buckets, width_v,
+                   width_s, host["gamma_mode"], on_slash)
 
 
-def _choose(col_all, col, diag, n, prm, block_n, n_buckets, width_v, width_s, gamma_mode, on_slash):
+def group_mass(diag, block_n: int, n_buckets: int) -> torch.Tensor:
+    """Mass per diagonal group ``[B, h, n_buckets]`` (groups of ``block_n`` distances) of ``diag [B, h, Lk]``."""
+    Lk = diag.shape[-1]
+    if n_buckets * block_n != Lk:                                  # (a pad copies all of diag)
+        diag = torch.nn.functional.pad(diag, (0, n_buckets * block_n - Lk))
+    return diag.reshape(*diag.shape[:2], -1, block_n).sum(-1)
+
+
+def order_key(score: torch.Tensor) -> torch.Tensor:
+    """An int64 key per entry of ``score [..., N]`` (fp32) ordering the entries by value, equal values by the lower
+    index first: the float's bits as an ordered int32 (negative floats flipped) above 32 bits of (2^32 - 1 - index).
+    No two keys tie, so a top-k or sort of the keys has one answer on every device and in the compiled CPU path."""
+    bits = score.to(torch.float32).contiguous().view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+    return ordered * 2 ** 32 + (2 ** 32 - 1 - torch.arange(score.shape[-1], device=score.device))
+
+
+def _choose(col_all, col, group_mass, n, prm, block_n, n_buckets, width_v, width_s, gamma_mode, on_slash):
     """Diagonal groups first (by mass, or with gamma by the cheapest-mass order over both kinds), then columns
     by mass; with gamma the columns are added until the mass *not already on a chosen diagonal* completes gamma,
     so the union reaches gamma of the sample's mass exactly (within the budgets).
 
     ``col_all [B, h, Lk]``: column mass of the ``n`` sample rows; ``col``: the same without the forced local band;
-    ``diag [B, h, Lk]``: mass per distance without the forced sink columns; ``on_slash(picked [B, h, nB + 1])``:
+    ``group_mass [B, h, nB]``: mass per diagonal group without the forced sink columns (`group_mass`); ``on_slash(picked [B, h, nB + 1])``:
     column mass on the picked diagonal groups (gamma only).  Returns (verticals [B, h, width_v], kept, groups
     [B, h, width_s], kept).  No host sync."""
     B, h, Lk = col_all.shape
     dev = col_all.device
     force_v = torch.arange(Lk, device=dev) < prm["sink"][:, None]                      # [h, Lk]
     force_s = torch.arange(n_buckets, device=dev) * block_n < prm["local"][:, None]    # [h, nB]
-    group_mass = torch.nn.functional.pad(diag, (0, n_buckets * block_n - Lk)).reshape(B, h, -1, block_n).sum(-1)
     target = prm["gamma"] * n                                                          # [h]
     chosen_s = None
     if gamma_mode:
@@ -183,10 +209,11 @@ def _choose(col_all, col, diag, n, prm, block_n, n_buckets, width_v, width_s, ga
         picked[..., n_buckets] = False
         on_slash_cols = on_slash(picked)                                               # [B, h, Lk]
         residual = col_all - on_slash_cols
-        covered = on_slash_cols.sum(-1)                                                # [B, h]
+        # [B, h]; summed in fp64 so that any summation order (the compiled CPU path's too) rounds to the same fp32
+        covered = on_slash_cols.sum(-1, dtype=torch.float64).float()
         # only the top width_v columns by mass can be kept (`_top_within` ranks them the same way): a top-k, not a
         # sort of all Lk
-        order = torch.where(force_v, math.inf, col).topk(min(width_v, Lk), dim=-1).indices
+        order = order_key(torch.where(force_v, math.inf, col)).topk(min(width_v, Lk), dim=-1).indices
         mass = residual.gather(-1, order)
         reached = (mass.cumsum(-1) - mass) < (target - covered)[..., None]
         chosen_v = torch.zeros(col.shape, dtype=torch.bool, device=dev).scatter_(-1, order, reached)
@@ -205,7 +232,7 @@ def _top_within(score, forced, max_budget, min_budget, chosen, width):
     """Top ``width`` indices of ``score [B, h, N]`` (forced entries first) and which are kept: rank < the head's
     max budget, and (forced, rank < min budget, or ``chosen`` by the mass budget when given)."""
     width = min(width, score.shape[-1])
-    ranked = torch.where(forced, math.inf, score).topk(width, dim=-1)
+    ranked = order_key(torch.where(forced, math.inf, score)).topk(width, dim=-1)
     rank = torch.arange(width, device=score.device)
     keep = (rank < max_budget[:, None]).expand_as(ranked.indices)
     if chosen is not None:
@@ -226,18 +253,23 @@ def _cheapest_slashes(col, group_mass, block_n, target, force_v, force_s):
     value = torch.cat([torch.where(force_v, math.inf, col), torch.where(force_s, math.inf, group_mass / block_n)],
                       -1)
     if compacts_slots(col.device) and value.shape[-1] > _CHEAPEST_FIRST:
-        # Entries past the top _CHEAPEST_FIRST are kept only where those do not reach the target: then the sorted
-        # prefix decides alone, and the answer is the full sort's (one host read, free on the CPU).
-        top = value.topk(_CHEAPEST_FIRST, -1)
-        top_mass = mass.gather(-1, top.indices)
-        if bool((top_mass.sum(-1, keepdim=True) >= target).all()):
-            return _kept_in_order(top.indices, top_mass, target, value.shape)[..., col.shape[-1]:]
-    order = value.argsort(-1, descending=True)
-    return _kept_in_order(order, mass.gather(-1, order), target, value.shape)[..., col.shape[-1]:]
+        # Entries past the top _CHEAPEST_FIRST are kept only where the walk does not stop among those (their last
+        # is still kept): elsewhere the sorted prefix decides alone, and the answer is the full sort's (one host
+        # read, free on the CPU).
+        top = order_key(value).topk(_CHEAPEST_FIRST, -1).indices
+        keep_sorted = _kept_in_order(mass.gather(-1, top), target)
+        if not bool(keep_sorted[..., -1].any()):
+            return _as_mask(top, keep_sorted, value.shape)[..., col.shape[-1]:]
+    order = order_key(value).argsort(-1, descending=True)
+    return _as_mask(order, _kept_in_order(mass.gather(-1, order), target), value.shape)[..., col.shape[-1]:]
 
 
-def _kept_in_order(order, sorted_mass, target, shape):
-    """Entries ``order [..., m]`` (best first, their masses ``sorted_mass``) taken while the mass before them is
-    below ``target``, as a bool mask of ``shape``."""
-    keep_sorted = (sorted_mass.cumsum(-1) - sorted_mass) < target
+def _kept_in_order(sorted_mass, target):
+    """Which entries of ``sorted_mass [..., m]`` (best first) are taken: those whose mass before them is below
+    ``target`` (cumulative sums as torch takes them on the CPU: accumulated in fp64, rounded to fp32)."""
+    return (sorted_mass.cumsum(-1) - sorted_mass) < target
+
+
+def _as_mask(order, keep_sorted, shape):
+    """``keep_sorted`` of the entries ``order [..., m]`` as a bool mask of ``shape``."""
     return torch.zeros(shape, dtype=torch.bool, device=order.device).scatter_(-1, order, keep_sorted)

@@ -12,7 +12,7 @@ import torch
 from ..dense_guard import sparse_is_slower
 from ..layout import SparseLayout
 from .metrics import attention_recall, relative_error
-from ..patterns import AShape, BlockSparse, VerticalSlash
+from ..patterns import AShape, BlockSparse, Dense, VerticalSlash
 from ..patterns import Grid, QBoundary, TwoDBoundary, with_modality
 from ..backends import BACKEND_NAMES, select_backend
 from ..prefill import DEFAULT_PATTERN, dense_attention, estimate, sparse_attention
@@ -82,7 +82,8 @@ def _status_kb(field: str) -> int:
 def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=3, flex=True, quality=True, memory=False,
         out=print, workload="text", backend="auto", bf16=False, torch_row=True):
     probe = torch.empty(1, 1, 1, head_dim)
-    chosen = select_backend(backend, probe, probe, probe).name
+    chosen_backend = select_backend(backend, probe, probe, probe)
+    chosen = chosen_backend.name
     out(f"# sparse_attn bench: B=1 Hq={heads} Hkv={kv_heads} D={head_dim} fp32, {platform.processor() or 'cpu'}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, backend {chosen}")
     header = (f"{'pattern':<10} {'L':>6} {'density':>8} {'est ms':>8} {'est %':>6} {'attn ms':>9} {'dense ms':>9} "
@@ -103,6 +104,12 @@ def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=3, flex=Tru
             torch_peer = torch_row and chosen != "torch" and name == patterns[0]
             if torch_peer:
                 fns["torch"] = lambda: sparse_attention(q, k, v, state["layout"], check_layout=False, backend="torch")
+            # sparse_prefill's own dense route where the backend beats SDPA per key (`prefill._dense_route`)
+            dense_peer = chosen_backend.cost_per_key < 1 and name == patterns[0]
+            if dense_peer:
+                dense_layout = estimate(q, k, Dense())
+                fns["dense_backend"] = lambda: sparse_attention(q, k, v, dense_layout, check_layout=False,
+                                                                backend=chosen)
             bf16_peer = bf16 and name == patterns[0]
             if bf16_peer:   # the same layout on bf16 copies of q, k, v (made once, outside the timing)
                 low = [t.to(torch.bfloat16) for t in (q, k, v)]
@@ -127,6 +134,13 @@ def run(lengths, patterns, heads=8, kv_heads=2, head_dim=128, repeat=3, flex=Tru
                 out(f"{'  torch':<10} {L:>6} {density:>8.3f} {row['est_ms']:>8.1f} {'':>6} {torch_s * 1e3:>9.1f} "
                     f"{dense_s * 1e3:>9.1f} {dense_s / (est_s + torch_s):>7.2f}x {torch_s / (dense_s * density):>10.2f} "
                     f"{'':>7} {'':>8}   (the torch backend on the same layout, timed in the same turns)")
+            if dense_peer:
+                kernel_s = best["dense_backend"]
+                out(f"{'  dense':<10} {L:>6} {1.0:>8.3f} {'':>8} {'':>6} {kernel_s * 1e3:>9.1f} {dense_s * 1e3:>9.1f} "
+                    f"{dense_s / kernel_s:>7.2f}x {kernel_s / dense_s:>10.2f} {'':>7} "
+                    f"{relative_error(results['dense_backend'], ref):>8.4f}   (dense attention on the {chosen} "
+                    f"backend: sparse_prefill's dense route; speedup of the {name} row over it "
+                    f"{kernel_s / (est_s + attn_s):.2f}x)")
             if bf16_peer:
                 bf16_s = best["bf16"]
                 rows.append(dict(pattern=name + " bf16", L=L, heads=heads, density=density, est_ms=row["est_ms"],
