@@ -21,43 +21,60 @@
 #include <vector>
 
 #include "cpu_exp.h"
+#include "kept_mass.h"
+#include "sample_reduce.h"
 
 namespace {
 
-constexpr int64_t kChunk = 256;  // keys per GEMM call
+// Work units: the chosen heads of one KV head in one batch row (all of them, or a share where there are fewer
+// (batch row, KV head) pairs than threads), scored together as the rows of one GEMM per chunk of keys: each key
+// chunk is read (and, for fp32 keys and bf16 GEMMs, converted) once for the heads that share it.
+struct Unit {
+  int64_t b, kvh;
+  std::vector<int64_t> slots;  // indices into the chosen heads
+};
 
-inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
-
-// Sum of x[lo, hi) in 16 independent lanes: the compiler vectorises this (it left `omp simd reduction` loops over the
-// rows scalar, a third of the pass's time).
-inline float sum_range(const float* x, int64_t lo, int64_t hi) {
-  float lane[16] = {};
-  int64_t i = lo;
-  for (; i + 16 <= hi; i += 16)
-    for (int l = 0; l < 16; ++l) lane[l] += x[i + l];
-  float total = 0.f;
-  for (; i < hi; ++i) total += x[i];
-  for (int l = 0; l < 16; ++l) total += lane[l];
-  return total;
+std::vector<Unit> make_units(int64_t B, int64_t Hs, int64_t Hkv, const int64_t* kv_of) {
+  std::vector<std::vector<int64_t>> of_kv(Hkv);
+  for (int64_t s = 0; s < Hs; ++s) of_kv[std::clamp<int64_t>(kv_of[s], 0, Hkv - 1)].push_back(s);
+  int64_t groups = 0;
+  for (const auto& g : of_kv) groups += g.empty() ? 0 : B;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t parts = std::max<int64_t>(1, (threads + std::max<int64_t>(groups, 1) - 1) / std::max<int64_t>(groups, 1));
+  std::vector<Unit> units;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
+      const auto& g = of_kv[kvh];
+      const int64_t m = static_cast<int64_t>(g.size()), p = std::min(parts, m);
+      for (int64_t i = 0; i < p; ++i)
+        units.push_back({b, kvh, std::vector<int64_t>(g.begin() + i * m / p, g.begin() + (i + 1) * m / p)});
+    }
+  return units;
 }
 
-// S^T chunk [keys j0..j0 + m, rows r_lo..n) = K Q^T for q [n, D] (rows, stride ldq) and k [Lk, D] (rows, stride
-// ldk): fills Q^T once (qt; bf16: VNNI, element (d, r) at (d / 2) * 2n + 2r + d % 2), then `chunk_scores` per chunk.
+// Keys per GEMM call: about 64 KiB of scores per chunk (so a chunk is still in cache when its exponentials are
+// taken), 64 to 256 keys.
+int64_t chunk_keys(int64_t rows) { return std::clamp<int64_t>((16384 / std::max<int64_t>(rows, 1)) / 16 * 16, 64, 256); }
+
+// Q^T of the unit's rows (head i's n rows at rows[i], stride ldq) side by side: N = heads * n columns; bf16 in the
+// VNNI layout (element (d, r) at (d / 2) * 2N + 2r + d % 2).
 template <typename T>
-void transpose_rows(const T* q, int64_t ldq, int64_t n, int64_t D, T* qt) {
+void transpose_rows(const std::vector<const T*>& rows, int64_t ldq, int64_t n, int64_t D, T* qt) {
   constexpr bool kLow = !std::is_same_v<T, float>;
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t d = 0; d < D; ++d) qt[kLow ? (d / 2) * 2 * n + 2 * r + d % 2 : d * n + r] = q[r * ldq + d];
+  const int64_t N = static_cast<int64_t>(rows.size()) * n;
+  for (size_t i = 0; i < rows.size(); ++i)
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t c = static_cast<int64_t>(i) * n + r;
+      for (int64_t d = 0; d < D; ++d) qt[kLow ? (d / 2) * 2 * N + 2 * c + d % 2 : d * N + c] = rows[i][r * ldq + d];
+    }
 }
 
-// Scores of keys [j0, j0 + m) against rows [r_lo, n) into S (key-major, row stride n), rows < r_lo untouched.
-// Keys of another type than the GEMM's (fp32 keys, bf16 GEMM) are converted a chunk at a time into kbuf [m, D]:
-// no bf16 copy of all keys (whose fresh pages cost more than the conversion at 64K).
+// Scores of keys [j0, j0 + m) against the N rows into S (key-major, row stride N).  Keys of another type than the
+// GEMM's (fp32 keys, bf16 GEMM) are converted a chunk at a time into kbuf [m, D]: no bf16 copy of all keys.
 template <typename T, typename TK>
-void chunk_scores(const T* qt, const TK* k, int64_t ldk, int64_t n, int64_t D, int64_t j0, int64_t m, int64_t r_lo,
-                  float* S, T* kbuf) {
+void chunk_scores(const T* qt, const TK* k, int64_t ldk, int64_t N, int64_t D, int64_t j0, int64_t m, float* S,
+                  T* kbuf) {
   constexpr bool kLow = !std::is_same_v<T, float>;
-  if (r_lo >= n) return;
   const T* a;
   int64_t lda = ldk;
   if constexpr (std::is_same_v<T, TK>) {
@@ -71,46 +88,46 @@ void chunk_scores(const T* qt, const TK* k, int64_t ldk, int64_t n, int64_t D, i
     a = kbuf;
     lda = D;
   }
-  at::native::cpublas::brgemm(m, n - r_lo, D, lda, n, n, false, a, qt + (kLow ? 2 * r_lo : r_lo), S + j0 * n + r_lo,
-                              kLow);
+  at::native::cpublas::brgemm(m, N, D, lda, N, N, false, a, qt, S + j0 * N, kLow);
 }
 
 // Softmax statistics kept per chunk, so that each chunk's scores become exp(score - chunk max) while still in cache
 // (pass 1), and a row's probability is that times exp(chunk max - row max) / row sum (pass 2): two passes over the
-// [Lk, rows] buffer instead of five (at 64K, 16 MiB per head no longer fits the cache).
+// [Lk, rows] buffer instead of five.
 struct ChunkSoftmax {
   int64_t n;
-  std::vector<float> chunk_max, m, sum;  // [chunks, n], [n], [n]
+  std::vector<float> chunk_max, m, sum, csum;  // [chunks, n], [n], [n], [n]
   ChunkSoftmax(int64_t chunks, int64_t n_)
       : n(n_), chunk_max(chunks * n_, -std::numeric_limits<float>::infinity()),
-        m(n_, -std::numeric_limits<float>::infinity()), sum(n_, 0.f) {}
+        m(n_, -std::numeric_limits<float>::infinity()), sum(n_, 0.f), csum(n_) {}
 
-  // Chunk c of S (m keys from j0, rows [r_lo, n), hidden entries already -inf): exp in place, statistics merged.
-  void absorb(float* S, int64_t c, int64_t j0, int64_t keys, int64_t r_lo) {
+  // Chunk c of S (keys from j0, all n rows, hidden entries already -inf): exp in place, statistics merged.
+  void absorb(float* S, int64_t c, int64_t j0, int64_t keys) {
+    constexpr float ninf = -std::numeric_limits<float>::infinity();
     float* cm = chunk_max.data() + c * n;
+    float* cs = csum.data();
     for (int64_t j = j0; j < j0 + keys; ++j) {
       const float* s = S + j * n;
 #pragma omp simd
-      for (int64_t r = r_lo; r < n; ++r) cm[r] = s[r] > cm[r] ? s[r] : cm[r];
+      for (int64_t r = 0; r < n; ++r) cm[r] = s[r] > cm[r] ? s[r] : cm[r];
     }
-    std::vector<float> shift(n), csum(n, 0.f);
-    for (int64_t r = r_lo; r < n; ++r) shift[r] = cm[r] == -std::numeric_limits<float>::infinity() ? 0.f : cm[r];
+    std::fill(cs, cs + n, 0.f);
     for (int64_t j = j0; j < j0 + keys; ++j) {
       float* s = S + j * n;
 #pragma omp simd
-      for (int64_t r = r_lo; r < n; ++r) {
-        const float e = exp_nonpositive(s[r] - shift[r]);  // -inf (hidden) gives 0
+      for (int64_t r = 0; r < n; ++r) {
+        const float e = exp_nonpositive(s[r] - (cm[r] == ninf ? 0.f : cm[r]));  // -inf (hidden) gives 0
         s[r] = e;
-        csum[r] += e;
+        cs[r] += e;
       }
     }
-    for (int64_t r = r_lo; r < n; ++r) {
-      if (cm[r] == -std::numeric_limits<float>::infinity()) continue;
+    for (int64_t r = 0; r < n; ++r) {
+      if (cm[r] == ninf) continue;
       if (cm[r] > m[r]) {
-        sum[r] = sum[r] * exp_nonpositive(m[r] - cm[r]) + csum[r];
+        sum[r] = sum[r] * exp_nonpositive(m[r] - cm[r]) + cs[r];
         m[r] = cm[r];
       } else {
-        sum[r] += csum[r] * exp_nonpositive(cm[r] - m[r]);
+        sum[r] += cs[r] * exp_nonpositive(cm[r] - m[r]);
       }
     }
   }
@@ -124,163 +141,132 @@ struct ChunkSoftmax {
   }
 };
 
-// One (batch row, head) of `rows_kept_mass`: rows at key positions pos [R] (any order), each seeing keys
-// [0, pos + 1) when causal, each in query block blocks[r] of a layout row (tiles at offsets[qb, :counts[qb]] of
-// width block_n, single keys columns[qb, :col_counts[qb]]).  Returns the mean over the rows of the softmax mass
-// on the layout's keys (a tile's mass is one difference of prefix sums, kept in S in place).
-template <typename T>
-float kept_head(const T* q, int64_t ldq, const T* k, int64_t ldk, int64_t R, int64_t Lk, int64_t D,
-                const int64_t* pos, const int64_t* blocks, bool causal, const int32_t* offsets, const int32_t* counts,
-                int64_t width, const int32_t* columns, const int32_t* col_counts, int64_t col_width, int64_t block_n,
-                float* S, T* qt) {
-  const float ninf = -std::numeric_limits<float>::infinity();
-  std::vector<int64_t> lim(R);
-  for (int64_t r = 0; r < R; ++r) lim[r] = causal ? std::clamp<int64_t>(pos[r] + 1, 0, Lk) : Lk;
-  // (Scoring each chunk only against the rows that see it saved GEMM work but cost more: GEMMs of varying shapes.)
-  transpose_rows(q, ldq, R, D, qt);
-  const int64_t chunks = (Lk + kChunk - 1) / kChunk;
-  ChunkSoftmax soft(chunks, R);
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t j0 = c * kChunk, keys = std::min(kChunk, Lk - j0);
-    chunk_scores<T, T>(qt, k, ldk, R, D, j0, keys, 0, S, nullptr);
-    for (int64_t j = j0; j < j0 + keys; ++j) {
-      float* s = S + j * R;
-#pragma omp simd
-      for (int64_t r = 0; r < R; ++r) s[r] = j < lim[r] ? s[r] : ninf;
-    }
-    soft.absorb(S, c, j0, keys, 0);
-  }
-  // S becomes each row's inclusive prefix sums of its probabilities, in place (rows side by side: vectorised)
-  std::vector<float> run(R, 0.f), f(R);
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t j0 = c * kChunk, keys = std::min(kChunk, Lk - j0);
-    soft.factors(c, f.data());
-    for (int64_t j = j0; j < j0 + keys; ++j) {
-      float* s = S + j * R;
-#pragma omp simd
-      for (int64_t r = 0; r < R; ++r) {
-        run[r] += s[r] * f[r];
-        s[r] = run[r];
-      }
-    }
-  }
-  double total = 0.0;
-  for (int64_t r = 0; r < R; ++r) {
-    auto before = [&](int64_t key) { return key <= 0 ? 0.f : S[(std::min(key, Lk) - 1) * R + r]; };  // keys < key
-    const int64_t qb = blocks[r];
-    float kept = 0.f;
-    for (int64_t t = 0; t < std::clamp<int64_t>(counts[qb], 0, width); ++t) {
-      const int64_t off = offsets[qb * width + t], lo = std::clamp<int64_t>(off, 0, Lk);
-      kept += before(std::clamp<int64_t>(off + block_n, lo, Lk)) - before(lo);
-    }
-    for (int64_t c = 0; c < std::clamp<int64_t>(col_counts[qb], 0, col_width); ++c) {
-      const int64_t key = columns[qb * col_width + c];
-      if (key >= 0 && key < Lk) kept += before(key + 1) - before(key);
-    }
-    total += kept;
-  }
-  return static_cast<float>(total / R);
-}
-
-// One (batch row, head): q [n, D] (pre-scaled, rows), k [Lk, D] (rows, stride ldk), rows at key positions
-// pos0 .. pos0 + n - 1.  Writes column, off_local, diagonal [Lk], by_group [Lk, G], lse [n].  Pass 1 scores a
-// chunk of keys and turns it into exponentials while it is in cache; pass 2 reduces each key's row of S.
+// One unit of `sample_scores`: head i's n rows at q_rows[i] (pre-scaled), keys k [Lk, D] (stride ldk), rows at key
+// positions pos0 .. pos0 + n - 1; out[i] says where head i's column, off_local, diagonal [Lk], by_group [Lk, G]
+// go, lse[i] its [n].  Pass 1 scores a chunk of keys against every row of the unit and turns it into exponentials
+// while it is in cache; pass 2 reduces each key's row of S, head by head (sample_reduce.h).
 template <typename T, typename TK>
-void score_head(const T* q, int64_t ldq, const TK* k, int64_t ldk, int64_t n, int64_t Lk, int64_t D, int64_t pos0,
-                bool causal, int64_t sink, int64_t local, int64_t group, int64_t G, float* S, T* qt, T* kbuf,
-                float* column,
-                float* off_local, float* diagonal, float* by_group, float* lse) {
+void score_unit(const std::vector<const T*>& q_rows, int64_t ldq, const TK* k, int64_t ldk, int64_t n, int64_t Lk,
+                int64_t D, int64_t pos0, bool causal, float* S, T* qt, T* kbuf,
+                const std::vector<KeyOut>& out, const std::vector<float*>& lse) {
   const float ninf = -std::numeric_limits<float>::infinity();
-  transpose_rows(q, ldq, n, D, qt);
-  const int64_t chunks = (Lk + kChunk - 1) / kChunk;
-  ChunkSoftmax soft(chunks, n);
+  const int64_t heads = static_cast<int64_t>(q_rows.size()), N = heads * n;
+  transpose_rows(q_rows, ldq, n, D, qt);
+  const int64_t step = chunk_keys(N), chunks = (Lk + step - 1) / step;
+  ChunkSoftmax soft(chunks, N);
   for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t j0 = c * kChunk, keys = std::min(kChunk, Lk - j0);
-    chunk_scores<T, TK>(qt, k, ldk, n, D, j0, keys, 0, S, kbuf);
+    const int64_t j0 = c * step, keys = std::min(step, Lk - j0);
+    chunk_scores<T, TK>(qt, k, ldk, N, D, j0, keys, S, kbuf);
     if (causal)  // only the last n keys can lie after a sample row: key j hides it from rows r < j - pos0
       for (int64_t j = std::max<int64_t>(pos0 + 1, j0); j < j0 + keys; ++j)
-        for (int64_t r = 0; r < std::min(n, j - pos0); ++r) S[j * n + r] = ninf;
-    soft.absorb(S, c, j0, keys, 0);
+        for (int64_t i = 0; i < heads; ++i)
+          for (int64_t r = 0; r < std::min(n, j - pos0); ++r) S[j * N + i * n + r] = ninf;
+    soft.absorb(S, c, j0, keys);
   }
-  for (int64_t r = 0; r < n; ++r) lse[r] = soft.sum[r] > 0.f ? soft.m[r] + std::log(soft.sum[r]) : ninf;
-  std::fill(diagonal, diagonal + Lk, 0.f);
-  std::fill(by_group, by_group + Lk * G, 0.f);
-  std::vector<float> f(n), p(n);
+  for (int64_t c = 0; c < N; ++c)
+    lse[c / n][c % n] = soft.sum[c] > 0.f ? soft.m[c] + std::log(soft.sum[c]) : ninf;
+  for (const KeyOut& o : out) {
+    std::fill(o.diagonal, o.diagonal + Lk, 0.f);
+    std::fill(o.by_group, o.by_group + Lk * o.G, 0.f);
+  }
+  std::vector<float> f(N), p(n);
   for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t j0 = c * kChunk, keys = std::min(kChunk, Lk - j0);
+    const int64_t j0 = c * step, keys = std::min(step, Lk - j0);
     soft.factors(c, f.data());
     for (int64_t j = j0; j < j0 + keys; ++j) {
-      const float* s = S + j * n;
-      float* pp = p.data();
-      for (int64_t r = 0; r < n; ++r) pp[r] = s[r] * f[r];
-      const float col = sum_range(pp, 0, n);
-      const int64_t d0 = pos0 - j;                            // distance of row 0 to key j; row r: d0 + r
-      const int64_t r_lo = std::clamp<int64_t>(-d0, 0, n);    // first row at distance >= 0
-      const float near = sum_range(pp, r_lo, std::max(r_lo, std::clamp<int64_t>(local - d0, 0, n)));
-      column[j] = col;
-      off_local[j] = col - near;
-      if (j >= sink) {
-        float* diag = diagonal + d0;
-        const int64_t r_hi = std::clamp<int64_t>(Lk - d0, 0, n);
-#pragma omp simd
-        for (int64_t r = r_lo; r < r_hi; ++r) diag[r] += p[r];
-      }
-      const int64_t g0 = floor_div(d0, group);
-      for (int64_t r = r_lo; r < n;) {  // rows by diagonal group: slot t holds group g0 + t
-        const int64_t g = floor_div(d0 + r, group), end = std::min(n, (g + 1) * group - d0);
-        by_group[j * G + (g - g0)] += sum_range(pp, r, end);
-        r = end;
-      }
+      const float* s = S + j * N;
+      for (int64_t i = 0; i < heads; ++i) reduce_key(s + i * n, f.data() + i * n, p.data(), n, j, out[i]);
     }
   }
 }
 
 template <typename T, typename TK>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, const at::Tensor& sink,
-         const at::Tensor& local, int64_t pos0, bool causal, int64_t group, int64_t G, at::Tensor& column,
-         at::Tensor& off_local, at::Tensor& diagonal, at::Tensor& by_group, at::Tensor& lse) {
+         const at::Tensor& local, int64_t pos0, bool causal, int64_t group, int64_t G,
+         at::Tensor& column, at::Tensor& off_local, at::Tensor& diagonal, at::Tensor& by_group, at::Tensor& lse) {
   const int64_t B = q.size(0), Hs = q.size(1), n = q.size(2), D = q.size(3), Hkv = k.size(1), Lk = k.size(2);
   const T* qp = q.data_ptr<T>();
   const TK* kp = k.data_ptr<TK>();
-  const int64_t* kv = kv_of.data_ptr<int64_t>();
   const int64_t* sk = sink.data_ptr<int64_t>();
   const int64_t* lc = local.data_ptr<int64_t>();
   float *col = column.data_ptr<float>(), *off = off_local.data_ptr<float>(), *dia = diagonal.data_ptr<float>(),
         *grp = by_group.data_ptr<float>(), *ls = lse.data_ptr<float>();
-  at::parallel_for(0, B * Hs, 1, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<float[]> S(new float[Lk * n]);  // uninitialised: every entry read is written first
-    std::vector<T> qt(D * n), kbuf(std::is_same_v<T, TK> ? 0 : kChunk * D);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / Hs, h = bh % Hs, kvh = std::clamp<int64_t>(kv[h], 0, Hkv - 1);
-      score_head<T, TK>(qp + b * q.stride(0) + h * q.stride(1), q.stride(2), kp + b * k.stride(0) + kvh * k.stride(1),
-                    k.stride(2), n, Lk, D, pos0, causal, sk[h], lc[h], group, G, S.get(), qt.data(), kbuf.data(), col + bh * Lk, off + bh * Lk,
-                    dia + bh * Lk, grp + bh * Lk * G, ls + bh * n);
+  const auto units = make_units(B, Hs, Hkv, kv_of.data_ptr<int64_t>());
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const Unit& unit = units[u];
+      const int64_t heads = static_cast<int64_t>(unit.slots.size());
+      std::vector<const T*> rows;
+      std::vector<KeyOut> outs;
+      std::vector<float*> lses;
+      for (int64_t s : unit.slots) {
+        const int64_t bh = unit.b * Hs + s;
+        rows.push_back(qp + unit.b * q.stride(0) + s * q.stride(1));
+        outs.push_back({col + bh * Lk, off + bh * Lk, dia + bh * Lk, grp + bh * Lk * G, Lk, sk[s], lc[s], group, G,
+                        pos0});
+        lses.push_back(ls + bh * n);
+      }
+      // One head at a time, so that its [Lk, n] scores stay in the last-level cache between the two passes.
+      // (a buffer kept across calls instead measured slower: freeing this one raises glibc's mmap threshold, so
+      // the torch ops after the pass reuse heap pages instead of faulting in fresh ones)
+      std::unique_ptr<float[]> S(new float[Lk * n]);  // uninitialised: every entry read is written first
+      std::vector<T> qt(D * n), kbuf(std::is_same_v<T, TK> ? 0 : chunk_keys(n) * D);
+      for (int64_t i = 0; i < heads; ++i)
+        score_unit<T, TK>({rows[i]}, q.stride(2), kp + unit.b * k.stride(0) + unit.kvh * k.stride(1), k.stride(2), n,
+                          Lk, D, pos0, causal, S.get(), qt.data(), kbuf.data(),
+                          {outs[i]}, {lses[i]});
     }
     if constexpr (!std::is_same_v<T, float>) at::native::cpublas::brgemm_release(true);
   });
 }
 
-template <typename T>
+template <typename T, typename TK>
 void run_kept(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, const at::Tensor& pos,
               const at::Tensor& blocks, bool causal, const at::Tensor& offsets, const at::Tensor& counts,
               const at::Tensor& columns, const at::Tensor& col_counts, int64_t block_n, at::Tensor& out) {
   const int64_t B = q.size(0), Hs = q.size(1), R = q.size(2), D = q.size(3), Hkv = k.size(1), Lk = k.size(2);
   const int64_t n_qb = counts.size(2), width = offsets.size(3), col_width = columns.size(3);
   const T* qp = q.data_ptr<T>();
-  const T* kp = k.data_ptr<T>();
-  const int64_t* kv = kv_of.data_ptr<int64_t>();
+  const TK* kp = k.data_ptr<TK>();
+  const int64_t* ps = pos.data_ptr<int64_t>();
+  const int64_t* bl = blocks.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, B * Hs, 1, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<float[]> S(new float[Lk * R]);
-    std::vector<T> qt(D * R);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / Hs, h = bh % Hs, kvh = std::clamp<int64_t>(kv[h], 0, Hkv - 1);
-      op[bh] = kept_head<T>(qp + b * q.stride(0) + h * q.stride(1), q.stride(2),
-                            kp + b * k.stride(0) + kvh * k.stride(1), k.stride(2), R, Lk, D, pos.data_ptr<int64_t>(),
-                            blocks.data_ptr<int64_t>(), causal, offsets.data_ptr<int32_t>() + bh * n_qb * width,
-                            counts.data_ptr<int32_t>() + bh * n_qb, width,
-                            columns.data_ptr<int32_t>() + bh * n_qb * col_width, col_counts.data_ptr<int32_t>() + bh * n_qb,
-                            col_width, block_n, S.get(), qt.data());
+  // the rows by the keys they see (ascending), so the rows that see a chunk of keys are a suffix
+  std::vector<int64_t> lim_of(R), order(R);
+  for (int64_t r = 0; r < R; ++r) lim_of[r] = causal ? std::clamp<int64_t>(ps[r] + 1, 0, Lk) : Lk;
+  for (int64_t r = 0; r < R; ++r) order[r] = r;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return lim_of[a] < lim_of[b]; });
+  const auto units = make_units(B, Hs, Hkv, kv_of.data_ptr<int64_t>());
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const Unit& unit = units[u];
+      const int64_t heads = static_cast<int64_t>(unit.slots.size());
+      std::vector<std::unique_ptr<kept_mass::Ranges>> ranges(heads * n_qb);  // per (head, query block), as needed
+      std::vector<const T*> rows;
+      std::vector<int64_t> lim;
+      std::vector<const kept_mass::Ranges*> row_ranges;
+      for (int64_t r : order)
+        for (int64_t i = 0; i < heads; ++i) {
+          const int64_t bh = unit.b * Hs + unit.slots[i], qb = bl[r];
+          auto& rg = ranges[i * n_qb + qb];
+          if (!rg)
+            rg = std::make_unique<kept_mass::Ranges>(
+                offsets.data_ptr<int32_t>() + (bh * n_qb + qb) * width,
+                std::clamp<int64_t>(counts.data_ptr<int32_t>()[bh * n_qb + qb], 0, width),
+                columns.data_ptr<int32_t>() + (bh * n_qb + qb) * col_width,
+                std::clamp<int64_t>(col_counts.data_ptr<int32_t>()[bh * n_qb + qb], 0, col_width), block_n, Lk);
+          rows.push_back(qp + unit.b * q.stride(0) + unit.slots[i] * q.stride(1) + r * q.stride(2));
+          lim.push_back(lim_of[r]);
+          row_ranges.push_back(rg.get());
+        }
+      std::vector<float> mass(rows.size());
+      kept_mass::rows_mass<T, TK>(rows, lim, row_ranges, kp + unit.b * k.stride(0) + unit.kvh * k.stride(1),
+                              k.stride(2), Lk, D, mass.data());
+      for (int64_t i = 0; i < heads; ++i) {
+        double total = 0.0;
+        for (int64_t r = 0; r < R; ++r) total += mass[r * heads + i];
+        op[unit.b * Hs + unit.slots[i]] = static_cast<float>(total / R);
+      }
     }
     if constexpr (!std::is_same_v<T, float>) at::native::cpublas::brgemm_release(true);
   });
@@ -294,7 +280,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv
                   q.device().is_cpu() && k.device().is_cpu() && k.size(0) == q.size(0) && k.size(3) == q.size(3) &&
                   k.size(1) >= 1 && q.size(2) >= 1 && (dtype == at::kFloat || q.size(3) % 2 == 0),
               "sample_scores_cpu: q [B, Hs, n, D] contiguous and k [B, Hkv, Lk, D] (last dimension contiguous), one "
-              "dtype (sample_scores: also a bf16 q with fp32 k), on the CPU; bf16 needs an even D");
+              "dtype (or a bf16 q with fp32 k), on the CPU; bf16 needs an even D");
   TORCH_CHECK(kv_of.scalar_type() == at::kLong && kv_of.is_contiguous() && kv_of.dim() == 1 &&
                   kv_of.size(0) == q.size(1),
               "sample_scores_cpu: kv_of must be contiguous int64 [Hs]");
@@ -309,7 +295,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv
 at::Tensor rows_kept_mass(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, const at::Tensor& pos,
                           const at::Tensor& blocks, bool causal, const at::Tensor& offsets, const at::Tensor& counts,
                           const at::Tensor& columns, const at::Tensor& col_counts, int64_t block_n) {
-  check_inputs(q, k, kv_of);
+  check_inputs(q, k, kv_of, /*fp32_keys_ok=*/true);
   for (const at::Tensor* t : {&pos, &blocks})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1 && t->size(0) == q.size(2),
                 "sample_scores_cpu: pos and blocks must be contiguous int64 [R]");
@@ -328,9 +314,13 @@ at::Tensor rows_kept_mass(const at::Tensor& q, const at::Tensor& k, const at::Te
   auto out = at::zeros({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 || q.size(2) == 0) return out;
   if (q.scalar_type() == at::kFloat)
-    run_kept<float>(q, k, kv_of, pos, blocks, causal, offsets, counts, columns, col_counts, block_n, out);
+    run_kept<float, float>(q, k, kv_of, pos, blocks, causal, offsets, counts, columns, col_counts, block_n, out);
+  else if (k.scalar_type() == at::kFloat)
+    run_kept<at::BFloat16, float>(q, k, kv_of, pos, blocks, causal, offsets, counts, columns, col_counts, block_n,
+                                  out);
   else
-    run_kept<at::BFloat16>(q, k, kv_of, pos, blocks, causal, offsets, counts, columns, col_counts, block_n, out);
+    run_kept<at::BFloat16, at::BFloat16>(q, k, kv_of, pos, blocks, causal, offsets, counts, columns, col_counts,
+                                         block_n, out);
   return out;
 }
 

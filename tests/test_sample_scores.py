@@ -183,10 +183,12 @@ def test_layouts_identical_with_cpu_and_torch_scores(pattern, workload, monkeypa
 
 @pytest.mark.parametrize("name", ["q63_gqa", "q65k113_mqa_subset", "q113_noncausal", "q70k1000_gqa"])
 @pytest.mark.parametrize("impl", ["torch", "cpu"])
-def test_rows_kept_mass_matches_an_fp64_oracle(name, impl):
+def test_rows_kept_mass_matches_an_fp64_oracle(name, impl, monkeypatch):
     """Held-out rows in several query blocks, a random valid layout (unaligned tiles, single columns, junk
-    padding), odd lengths: the mass the rows keep on it equals an fp64 softmax summed over the layout's mask."""
+    padding), odd lengths: the mass the rows keep on it equals an fp64 softmax summed over the layout's mask (the
+    CPU pass in fp32 here; its bf16 GEMMs below)."""
     import random
+    monkeypatch.setenv("SPARSE_ATTN_CPU_LOW_PRECISION", "0")
 
     from helpers import random_layout
     from sparse_attn.estimators.row_sample import rows_kept_mass
@@ -205,3 +207,42 @@ def test_rows_kept_mass_matches_an_fp64_oracle(name, impl):
         logits = logits.masked_fill(~causal_mask(Lq, Lk)[rows], float("-inf"))
     expected = (torch.softmax(logits, -1) * layout.to_mask(Lq, Lk)[:, :, rows]).sum(-1).mean(-1)
     torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-4)
+
+
+# B, Hq, Hkv, Lq, Lk, D, heads, dtype, rows: D = 128 and 64, GQA with a head subset out of order, Lq < Lk off the 64
+# grid, rows out of order (one before the first key chunk ends, one at the last query), fp16 / bf16 inputs.
+KEPT_CASES = {
+    "d128_gqa_unsorted_rows": (2, 8, 2, 700, 1000, 128, [7, 0, 5, 2, 3], torch.float32, [699, 10, 350, 640, 200]),
+    "d64_mqa_lq_lt_lk": (2, 4, 1, 300, 1111, 64, [2, 1], torch.float32, [0, 37, 150, 299]),
+    "bf16_d128": (2, 4, 2, 513, 513, 128, [0, 1, 2, 3], torch.bfloat16, [100, 257, 300, 512]),
+    "fp16_d64": (1, 4, 2, 400, 600, 64, [3, 1], torch.float16, [50, 123, 399]),
+}
+
+
+@needs_cpu_pass
+@pytest.mark.parametrize("gemm", ["fp32", "native"])
+@pytest.mark.parametrize("name", list(KEPT_CASES))
+def test_rows_kept_mass_of_the_one_pass_check_on_more_shapes(name, gemm, monkeypatch):
+    """The one-pass held-out check (online softmax, kept ranges summed per chunk, the GEMM cut to the rows that see
+    a chunk) on batch 2 with different content, GQA / MQA head subsets, rows out of order, fp16 / bf16 inputs,
+    non-contiguous keys: equal to an fp64 softmax summed over the layout's mask of the same (rounded) inputs (bf16
+    GEMMs where the CPU has them, also for fp32 inputs: atol 2e-3 on a mass in [0, 1], a fifth of Auto's
+    tolerance; forced fp32 GEMMs: 2e-5)."""
+    import random
+    monkeypatch.setenv("SPARSE_ATTN_CPU_LOW_PRECISION", "0" if gemm == "fp32" else "1")
+
+    from helpers import random_layout
+    B, Hq, Hkv, Lq, Lk, D, heads, dtype, rows = KEPT_CASES[name]
+    q, k, _ = make_qkv(B, Hq, Hkv, Lq, Lk, D, seed=13, contiguity="strided", structured=True)
+    q, k = q.to(dtype), k.to(dtype)
+    heads, rows = torch.tensor(heads), torch.tensor(rows)
+    layout, *_ = random_layout(random.Random(3), B, len(heads), Lq, Lk, 64, 64)
+    scale = D ** -0.5
+    got = cpu_scores.cpu_rows_kept_mass(q, k, rows, scale, True, heads=heads, layout=layout)
+    logits = q.double()[:, heads][:, :, rows] @ k.double().repeat_interleave(Hq // Hkv, 1)[
+        :, heads].transpose(-1, -2) * scale
+    logits = logits.masked_fill(~causal_mask(Lq, Lk)[rows], float("-inf"))
+    expected = (torch.softmax(logits, -1) * layout.to_mask(Lq, Lk)[:, :, rows]).sum(-1).mean(-1)
+    assert expected.min() > 0.01 and expected.max() < 0.99           # a layout that keeps part of the mass
+    atol = 2e-3 if cpu_scores.low_precision(q) else 2e-5
+    torch.testing.assert_close(got.double(), expected, atol=atol, rtol=0)
