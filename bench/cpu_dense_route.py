@@ -9,7 +9,6 @@ A case is Lq:Lk:head_dim:dtype (8 query / 2 KV heads, B=1, random inputs)."""
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
