@@ -1,0 +1,47 @@
+"""The compiled CPU count behind Auto's early dense routing (``csrc/row_need_cpu.cpp``): for each of the last query
+rows, the keys (among every ``key_stride``-th) it needs for ``gamma`` of its softmax mass, counted with
+`mass_count.keys_for_mass`'s histogram, in one call instead of a dozen torch ops over ``[B, Hq, n, Lk / stride]``.
+Its readable reference is `patterns.auto._row_keys_torch`, which also runs on other devices and where this cannot
+be built.  Built on first use through the CPU kernel's loader (same JIT cache, checksum, file lock and
+``SPARSE_ATTN_CPU_KERNEL=0`` off switch); where it cannot be built, one warning and the torch path runs."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..backends.cpu import loader
+from .mass_count import BUCKETS_PER_NAT, N_BUCKETS
+
+SOURCE_NAME = "row_need_cpu.cpp"
+_TYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=1)
+def load():
+    """``torch.ops.sparse_attn_cpu_row_need``, or None (turned off, or no compiler here: one warning)."""
+    return loader.load_library(SOURCE_NAME, "sparse_attn_cpu_row_need", "the compiled row-need count",
+                               "the torch row-need count")
+
+
+def takes(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the compiled count runs these inputs: CPU tensors of fp32, bf16 or fp16, and it is built here."""
+    return (q.device.type == "cpu" and k.device.type == "cpu" and q.dtype in _TYPES and k.dtype in _TYPES
+            and load() is not None)
+
+
+def cpu_row_keys(q, k, n: int, scale: float, causal: bool, *, heads, key_stride: int, gamma: float,
+                 bf16: bool = False) -> torch.Tensor:
+    """`auto._row_keys_torch`'s contract: ``[B, Hs, n]`` fp32, the keys each of the last ``n`` query rows of the
+    query heads ``heads`` (long ``[Hs]``) needs among every ``key_stride``-th key for ``gamma`` of its mass.
+    ``bf16``: score in bf16 GEMMs (fp32 accumulation; q scaled in fp32 first), else in fp32."""
+    Hq, Lq = q.shape[1], q.shape[2]
+    Hkv = k.shape[1]
+    sample = (q[:, :, Lq - n:].index_select(1, heads).float() * scale)
+    sample = sample.to(torch.bfloat16 if bf16 else torch.float32).contiguous()
+    keys = k[:, :, ::key_stride]                          # a view: the op reads rows at any row stride
+    if keys.stride(-1) != 1:
+        keys = keys.contiguous()                          # a copy of the scored keys only
+    kv_of = (heads // (Hq // Hkv)).to(torch.long).contiguous()
+    return load().row_need_keys(sample, keys, kv_of, key_stride, k.shape[2], bool(causal), float(gamma),
+                                BUCKETS_PER_NAT, N_BUCKETS)
