@@ -37,7 +37,7 @@ def _inputs_of(name, dtype=torch.float32, spread=1.0):
 
 def _both(q, k, n, scale, causal, heads, gamma=0.95):
     kw = dict(heads=heads, key_stride=STRIDE, gamma=gamma)
-    return (cpu_row_need.cpu_row_keys(q, k, n, scale, causal, **kw),
+    return (cpu_row_need.cpu_row_need(q, k, n, scale, causal, **kw)[0],
             auto._row_keys_torch(q, k, n, scale, causal, **kw))
 
 
@@ -86,18 +86,22 @@ def test_gamma_and_batch_rows_change_the_count():
 
 
 def test_row_need_takes_the_compiled_count_and_matches_the_torch_path(monkeypatch):
-    q, k, _, scale, causal, heads = _inputs_of("gqa_causal", spread=0.3)
+    q, k, n, scale, causal, heads = _inputs_of("mqa_subset_q65k113", spread=0.3)
     p = sa.Auto()
     calls = []
-    compiled = cpu_row_need.cpu_row_keys
-    monkeypatch.setattr(cpu_row_need, "cpu_row_keys", lambda *a, **kw: calls.append(1) or compiled(*a, **kw))
+    compiled = cpu_row_need.cpu_row_need
+    monkeypatch.setattr(cpu_row_need, "cpu_row_need", lambda *a, **kw: calls.append(1) or compiled(*a, **kw))
     got = auto._row_need(q, k, heads, p, scale, causal)
     assert calls, "the CPU path should use the compiled count"
     monkeypatch.setattr(cpu_row_need, "takes", lambda q, k: False)
     want = auto._row_need(q, k, heads, p, scale, causal)
-    assert got.shape == (1, 8)
-    visible = -(-k.shape[2] // STRIDE)
-    assert ((got - want).abs() <= 2 / visible).all()
+    assert got.shape == want.shape == (2, 2) and got.dtype == torch.float32
+    # the share: the same counts over the same visible keys (a key more or less, as above)
+    needed = compiled(q, k, n, scale, causal, heads=heads, key_stride=STRIDE, gamma=p.gamma)[0]
+    visible = (torch.arange(k.shape[2] - n, k.shape[2]) + 1 + STRIDE - 1) // STRIDE
+    torch.testing.assert_close(got, (needed / visible).amax(-1), rtol=0, atol=0)
+    assert ((got - want).abs() <= 2 / visible.min()).all()
+    assert (got > 0).all() and (got <= 1).all()
 
 
 @pytest.mark.parametrize("workload,L", [("text", 4099), ("hard", 4096), ("hard", 6000), ("diffuse", 3000)])
@@ -119,11 +123,14 @@ def test_bad_inputs_are_refused_by_the_op():
     ops = cpu_row_need.load()
     q = torch.randn(1, 2, 4, 16)
     k = torch.randn(1, 1, 9, 16)
-    args = (1, 9, True, 0.95, mass_count.BUCKETS_PER_NAT, mass_count.N_BUCKETS)
-    ops.row_need_keys(q, k, torch.zeros(2, dtype=torch.long), *args)          # well formed
-    with pytest.raises(RuntimeError, match="kv_of must index"):
-        ops.row_need_keys(q, k, torch.tensor([0, 1]), *args)
+    heads = torch.tensor([0, 1])
+    tail = (1.0, 1, 9, True, 0.95, mass_count.BUCKETS_PER_NAT, mass_count.N_BUCKETS, False)
+    ops.row_need(q, k, heads, 4, *tail)                                               # well formed
+    with pytest.raises(RuntimeError, match="heads must index"):
+        ops.row_need(q, k, torch.tensor([0, 2]), 4, *tail)
     with pytest.raises(RuntimeError, match="every stride-th"):
-        ops.row_need_keys(q, k[:, :, :4], torch.zeros(2, dtype=torch.long), *args)
-    with pytest.raises(RuntimeError, match="q must be fp32 or bf16"):
-        ops.row_need_keys(q.double(), k, torch.zeros(2, dtype=torch.long), *args)
+        ops.row_need(q, k[:, :, :4], heads, 4, *tail)
+    with pytest.raises(RuntimeError, match="n <= Lq"):
+        ops.row_need(q, k, heads, 5, *tail)
+    with pytest.raises(RuntimeError, match="must be fp32, bf16 or fp16"):
+        ops.row_need(q.double(), k, heads, 4, *tail)

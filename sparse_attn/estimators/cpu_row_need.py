@@ -30,18 +30,15 @@ def takes(q: torch.Tensor, k: torch.Tensor) -> bool:
             and load() is not None)
 
 
-def cpu_row_keys(q, k, n: int, scale: float, causal: bool, *, heads, key_stride: int, gamma: float,
-                 bf16: bool = False) -> torch.Tensor:
-    """`auto._row_keys_torch`'s contract: ``[B, Hs, n]`` fp32, the keys each of the last ``n`` query rows of the
-    query heads ``heads`` (long ``[Hs]``) needs among every ``key_stride``-th key for ``gamma`` of its mass.
-    ``bf16``: score in bf16 GEMMs (fp32 accumulation; q scaled in fp32 first), else in fp32."""
-    Hq, Lq = q.shape[1], q.shape[2]
-    Hkv = k.shape[1]
-    sample = (q[:, :, Lq - n:].index_select(1, heads).float() * scale)
-    sample = sample.to(torch.bfloat16 if bf16 else torch.float32).contiguous()
+def cpu_row_need(q, k, n: int, scale: float, causal: bool, *, heads, key_stride: int, gamma: float,
+                 bf16: bool = False):
+    """For the last ``n`` query rows of the query heads ``heads`` (long ``[Hs]``): ``[B, Hs, n]`` fp32, the keys
+    each row needs among every ``key_stride``-th key for ``gamma`` of its mass (`auto._row_keys_torch`'s
+    contract), and ``[B, Hs]`` fp32, the largest share of its visible keys a row of the head needs
+    (`auto._row_need`'s).  ``bf16``: score in bf16 GEMMs (fp32 accumulation; q scaled in fp32 first), else fp32."""
     keys = k[:, :, ::key_stride]                          # a view: the op reads rows at any row stride
     if keys.stride(-1) != 1:
         keys = keys.contiguous()                          # a copy of the scored keys only
-    kv_of = (heads // (Hq // Hkv)).to(torch.long).contiguous()
-    return load().row_need_keys(sample, keys, kv_of, key_stride, k.shape[2], bool(causal), float(gamma),
-                                BUCKETS_PER_NAT, N_BUCKETS)
+    needed, share = load().row_need(q, keys, heads, n, float(scale), key_stride, k.shape[2], bool(causal),
+                                    float(gamma), BUCKETS_PER_NAT, N_BUCKETS, bool(bf16))
+    return needed, share

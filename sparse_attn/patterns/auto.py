@@ -177,8 +177,10 @@ def _row_need(q, k, heads, p: Auto, scale, causal) -> torch.Tensor:
     (`cpu_row_need`); `_row_keys_torch` is its readable reference and the path elsewhere."""
     Lq, Lk = q.shape[2], k.shape[2]
     n = min(p.need_rows, Lq)
-    count = cpu_row_need.cpu_row_keys if cpu_row_need.takes(q, k) else _row_keys_torch
-    keys = count(q, k, n, scale, causal, heads=heads, key_stride=_NEED_KEY_STRIDE, gamma=p.gamma)   # [B, Hs, n]
+    kw = dict(heads=heads, key_stride=_NEED_KEY_STRIDE, gamma=p.gamma)
+    if cpu_row_need.takes(q, k):
+        return cpu_row_need.cpu_row_need(q, k, n, scale, causal, **kw)[1]
+    keys = _row_keys_torch(q, k, n, scale, causal, **kw)                              # [B, Hs, n]
     pos = torch.arange(Lk - n, Lk, device=q.device)
     visible = (pos + 1) if causal else torch.full_like(pos, Lk)
     visible = (visible + _NEED_KEY_STRIDE - 1) // _NEED_KEY_STRIDE                    # subsampled keys it sees
