@@ -124,7 +124,7 @@ def test_bad_inputs_are_refused_by_the_op():
     q = torch.randn(1, 2, 4, 16)
     k = torch.randn(1, 1, 9, 16)
     heads = torch.tensor([0, 1])
-    tail = (1.0, 1, 9, True, 0.95, mass_count.BUCKETS_PER_NAT, mass_count.N_BUCKETS, False)
+    tail = (1.0, 1, 9, True, 0.95, mass_count.BUCKETS_PER_NAT, mass_count.N_BUCKETS)
     ops.row_need(q, k, heads, 4, *tail)                                               # well formed
     with pytest.raises(RuntimeError, match="heads must index"):
         ops.row_need(q, k, torch.tensor([0, 2]), 4, *tail)
