@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cpu_exp.h"
+#include "bf16_round.h"
 #include "kept_mass.h"
 #include "sample_reduce.h"
 
@@ -69,26 +70,10 @@ void transpose_rows(const std::vector<const T*>& rows, int64_t ldq, int64_t n, i
     }
 }
 
-// Scores of keys [j0, j0 + m) against the N rows into S (key-major, row stride N).  Keys of another type than the
-// GEMM's (fp32 keys, bf16 GEMM) are converted a chunk at a time into kbuf [m, D]: no bf16 copy of all keys.
-template <typename T, typename TK>
-void chunk_scores(const T* qt, const TK* k, int64_t ldk, int64_t N, int64_t D, int64_t j0, int64_t m, float* S,
-                  T* kbuf) {
-  constexpr bool kLow = !std::is_same_v<T, float>;
-  const T* a;
-  int64_t lda = ldk;
-  if constexpr (std::is_same_v<T, TK>) {
-    a = k + j0 * ldk;
-  } else {
-    for (int64_t i = 0; i < m; ++i) {
-      const TK* src = k + (j0 + i) * ldk;
-      T* dst = kbuf + i * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d]);
-    }
-    a = kbuf;
-    lda = D;
-  }
-  at::native::cpublas::brgemm(m, N, D, lda, N, N, false, a, qt, S + j0 * N, kLow);
+// Scores of keys [j0, j0 + m) against the N rows into S (key-major, row stride N): the keys' rows read in place.
+template <typename T>
+void chunk_scores(const T* qt, const T* k, int64_t ldk, int64_t N, int64_t D, int64_t j0, int64_t m, float* S) {
+  at::native::cpublas::brgemm(m, N, D, ldk, N, N, false, k + j0 * ldk, qt, S + j0 * N, !std::is_same_v<T, float>);
 }
 
 // Softmax statistics kept per chunk, so that each chunk's scores become exp(score - chunk max) while still in cache
@@ -145,9 +130,9 @@ struct ChunkSoftmax {
 // positions pos0 .. pos0 + n - 1; out[i] says where head i's column, off_local, diagonal [Lk], by_group [Lk, G]
 // go, lse[i] its [n].  Pass 1 scores a chunk of keys against every row of the unit and turns it into exponentials
 // while it is in cache; pass 2 reduces each key's row of S, head by head (sample_reduce.h).
-template <typename T, typename TK>
-void score_unit(const std::vector<const T*>& q_rows, int64_t ldq, const TK* k, int64_t ldk, int64_t n, int64_t Lk,
-                int64_t D, int64_t pos0, bool causal, float* S, T* qt, T* kbuf,
+template <typename T>
+void score_unit(const std::vector<const T*>& q_rows, int64_t ldq, const T* k, int64_t ldk, int64_t n, int64_t Lk,
+                int64_t D, int64_t pos0, bool causal, float* S, T* qt,
                 const std::vector<KeyOut>& out, const std::vector<float*>& lse) {
   const float ninf = -std::numeric_limits<float>::infinity();
   const int64_t heads = static_cast<int64_t>(q_rows.size()), N = heads * n;
@@ -156,7 +141,7 @@ void score_unit(const std::vector<const T*>& q_rows, int64_t ldq, const TK* k, i
   ChunkSoftmax soft(chunks, N);
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t j0 = c * step, keys = std::min(step, Lk - j0);
-    chunk_scores<T, TK>(qt, k, ldk, N, D, j0, keys, S, kbuf);
+    chunk_scores<T>(qt, k, ldk, N, D, j0, keys, S);
     if (causal)  // only the last n keys can lie after a sample row: key j hides it from rows r < j - pos0
       for (int64_t j = std::max<int64_t>(pos0 + 1, j0); j < j0 + keys; ++j)
         for (int64_t i = 0; i < heads; ++i)
@@ -173,12 +158,36 @@ void score_unit(const std::vector<const T*>& q_rows, int64_t ldq, const TK* k, i
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t j0 = c * step, keys = std::min(step, Lk - j0);
     soft.factors(c, f.data());
-    for (int64_t j = j0; j < j0 + keys; ++j) {
-      const float* s = S + j * N;
-      for (int64_t i = 0; i < heads; ++i) reduce_key(s + i * n, f.data() + i * n, p.data(), n, j, out[i]);
-    }
+    for (int64_t i = 0; i < heads; ++i)
+      for (int64_t j = j0; j < j0 + keys;) {
+        if (j + 16 <= j0 + keys && bulk::is_bulk(j, n, out[i])) {
+          bulk::reduce_bulk(S + j * N + i * n, N, f.data() + i * n, n, j, out[i]);
+          j += 16;
+        } else {
+          reduce_key(S + j * N + i * n, f.data() + i * n, p.data(), n, j, out[i]);
+          ++j;
+        }
+      }
   }
 }
+
+// A unit's keys rounded to bf16: in a buffer each worker thread keeps across calls (up to kKeptBytes), because a
+// fresh one per call measured about 10K page faults per call at 64K on 2 threads (glibc hands a worker arena's freed
+// pages back to the OS); larger ones are allocated per call.
+template <typename T>
+struct RoundedKeys {
+  static constexpr int64_t kKeptBytes = int64_t{64} << 20;
+  std::unique_ptr<T[]> own;
+  T* get(int64_t count) {
+    if (count * static_cast<int64_t>(sizeof(T)) > kKeptBytes) {
+      own.reset(new T[count]);
+      return own.get();
+    }
+    static thread_local std::vector<T> kept;
+    if (static_cast<int64_t>(kept.size()) < count) kept.resize(count);
+    return kept.data();
+  }
+};
 
 template <typename T, typename TK>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, const at::Tensor& sink,
@@ -210,11 +219,24 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, cons
       // (a buffer kept across calls instead measured slower: freeing this one raises glibc's mmap threshold, so
       // the torch ops after the pass reuse heap pages instead of faulting in fresh ones)
       std::unique_ptr<float[]> S(new float[Lk * n]);  // uninitialised: every entry read is written first
-      std::vector<T> qt(D * n), kbuf(std::is_same_v<T, TK> ? 0 : chunk_keys(n) * D);
+      std::vector<T> qt(D * n);
+      // fp32 keys for bf16 GEMMs: rounded once per unit, for all of its heads (rounded per head, the fp32 keys
+      // were read from memory once per query head: 3-4 ms more per call at 32K on one thread)
+      const TK* keys = kp + unit.b * k.stride(0) + unit.kvh * k.stride(1);
+      const T* gemm_keys;
+      int64_t ldk = k.stride(2);
+      RoundedKeys<T> rounded;
+      if constexpr (std::is_same_v<T, TK>) {
+        gemm_keys = keys;
+      } else {
+        T* buffer = rounded.get(Lk * D);
+        for (int64_t j = 0; j < Lk; ++j) round_row(keys + j * ldk, buffer + j * D, D);
+        gemm_keys = buffer;
+        ldk = D;
+      }
       for (int64_t i = 0; i < heads; ++i)
-        score_unit<T, TK>({rows[i]}, q.stride(2), kp + unit.b * k.stride(0) + unit.kvh * k.stride(1), k.stride(2), n,
-                          Lk, D, pos0, causal, S.get(), qt.data(), kbuf.data(),
-                          {outs[i]}, {lses[i]});
+        score_unit<T>({rows[i]}, q.stride(2), gemm_keys, ldk, n, Lk, D, pos0, causal, S.get(), qt.data(), {outs[i]},
+                      {lses[i]});
     }
     if constexpr (!std::is_same_v<T, float>) at::native::cpublas::brgemm_release(true);
   });
