@@ -10,6 +10,8 @@
 #include <cstring>
 #include <utility>
 
+#include "vec16.h"
+
 
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
@@ -64,16 +66,11 @@ inline void reduce_key(const float* s, const float* f, float* p, int64_t n, int6
 // memory once.  GCC vector extensions: the same code on any x86 (AVX-512 here, two AVX2 halves elsewhere).
 namespace bulk {
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
+using vec16::v16;
+using vec16::v16i;
+using vec16::load;
+using vec16::store;
 constexpr int kMaxBounds = 4;  // diagonal groups a block handles: G <= kMaxBounds + 1
-
-inline v16 load(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
 
 // Lanes [16 - O, 32) of the pair (a, b): b shifted up by O lanes, a's top O lanes shifted in.
 template <int O, int... L>

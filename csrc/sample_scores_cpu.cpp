@@ -24,6 +24,7 @@
 #include "bf16_round.h"
 #include "kept_mass.h"
 #include "sample_reduce.h"
+#include "vec16.h"
 
 namespace {
 
@@ -91,6 +92,48 @@ struct ChunkSoftmax {
     constexpr float ninf = -std::numeric_limits<float>::infinity();
     float* cm = chunk_max.data() + c * n;
     float* cs = csum.data();
+    switch (n % 16 == 0 ? n / 16 : 0) {
+      case 1: chunk_exp<1>(S, cm, cs, j0, keys); break;
+      case 2: chunk_exp<2>(S, cm, cs, j0, keys); break;
+      case 3: chunk_exp<3>(S, cm, cs, j0, keys); break;
+      case 4: chunk_exp<4>(S, cm, cs, j0, keys); break;
+      default: chunk_exp_rows(S, cm, cs, j0, keys);
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      if (cm[r] == ninf) continue;
+      if (cm[r] > m[r]) {
+        sum[r] = sum[r] * exp_nonpositive(m[r] - cm[r]) + cs[r];
+        m[r] = cm[r];
+      } else {
+        sum[r] += cs[r] * exp_nonpositive(cm[r] - m[r]);
+      }
+    }
+  }
+
+  // n = 16 * NV rows: the chunk's maxima (cm), exponentials in place and their sums (cs), the rows in registers.
+  template <int NV>
+  void chunk_exp(float* S, float* cm, float* cs, int64_t j0, int64_t keys) {
+    using namespace vec16;
+    v16 top[NV], total[NV] = {};
+    for (int k = 0; k < NV; ++k) top[k] = splat(-std::numeric_limits<float>::infinity());
+    for (int64_t j = j0; j < j0 + keys; ++j)
+      for (int k = 0; k < NV; ++k) top[k] = max(top[k], load(S + j * n + 16 * k));
+    for (int k = 0; k < NV; ++k) {
+      store(cm + 16 * k, top[k]);
+      top[k] = top[k] == -std::numeric_limits<float>::infinity() ? v16{} : top[k];  // a row the chunk hides: 0s
+    }
+    for (int64_t j = j0; j < j0 + keys; ++j)
+      for (int k = 0; k < NV; ++k) {
+        const v16 e = exp_nonpositive(load(S + j * n + 16 * k) - top[k]);
+        store(S + j * n + 16 * k, e);
+        total[k] += e;
+      }
+    for (int k = 0; k < NV; ++k) store(cs + 16 * k, total[k]);
+  }
+
+  // Any n: the same, row-vectorised plain loops.
+  void chunk_exp_rows(float* S, float* cm, float* cs, int64_t j0, int64_t keys) {
+    constexpr float ninf = -std::numeric_limits<float>::infinity();
     for (int64_t j = j0; j < j0 + keys; ++j) {
       const float* s = S + j * n;
 #pragma omp simd
@@ -104,15 +147,6 @@ struct ChunkSoftmax {
         const float e = exp_nonpositive(s[r] - (cm[r] == ninf ? 0.f : cm[r]));  // -inf (hidden) gives 0
         s[r] = e;
         cs[r] += e;
-      }
-    }
-    for (int64_t r = 0; r < n; ++r) {
-      if (cm[r] == ninf) continue;
-      if (cm[r] > m[r]) {
-        sum[r] = sum[r] * exp_nonpositive(m[r] - cm[r]) + cs[r];
-        m[r] = cm[r];
-      } else {
-        sum[r] += cs[r] * exp_nonpositive(cm[r] - m[r]);
       }
     }
   }
