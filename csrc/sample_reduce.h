@@ -75,7 +75,7 @@ constexpr int kMaxBounds = 4;  // diagonal groups a block handles: G <= kMaxBoun
 // Lanes [16 - O, 32) of the pair (a, b): b shifted up by O lanes, a's top O lanes shifted in.
 template <int O, int... L>
 inline v16 align_impl(v16 a, v16 b, std::integer_sequence<int, L...>) {
-  return __builtin_shufflevector(a, b, (16 - O + L)...);
+  return VEC16_SHUFFLE(a, b, (16 - O + L)...);
 }
 template <int O>
 inline v16 align(v16 a, v16 b) { return align_impl<O>(a, b, std::make_integer_sequence<int, 16>{}); }
@@ -85,7 +85,7 @@ inline v16 align(v16 a, v16 b) { return align_impl<O>(a, b, std::make_integer_se
 constexpr int lo_lane(int W, int l) { return (l >= 8 ? 16 : 0) + ((l % 8) / (W / 2)) * W + (l % 8) % (W / 2); }
 template <int W, int... L>
 inline v16 fold_impl(v16 x, v16 y, std::integer_sequence<int, L...>) {
-  return __builtin_shufflevector(x, y, lo_lane(W, L)...) + __builtin_shufflevector(x, y, (lo_lane(W, L) + W / 2)...);
+  return VEC16_SHUFFLE(x, y, lo_lane(W, L)...) + VEC16_SHUFFLE(x, y, (lo_lane(W, L) + W / 2)...);
 }
 template <int W>
 inline v16 fold(v16 x, v16 y) { return fold_impl<W>(x, y, std::make_integer_sequence<int, 16>{}); }

@@ -5,6 +5,17 @@
 #include <cstdint>
 #include <cstring>
 
+// The vectors live in inline functions only: no ABI between objects to keep stable.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// Lane shuffle of two vectors by constant indices (0-15: a's lanes, 16-31: b's): GCC before 12 lacks
+// __builtin_shufflevector and has __builtin_shuffle instead.
+#if defined(__clang__) || __GNUC__ >= 12
+#define VEC16_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define VEC16_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, ::vec16::v16i{__VA_ARGS__})
+#endif
+
 namespace vec16 {
 
 typedef float v16 __attribute__((vector_size(64)));
