@@ -15,16 +15,19 @@
 
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
-// Sum of x[lo, hi) in 16 independent lanes (GCC vectorises this; it left `omp simd reduction` loops scalar).
+// Sum of x[lo, hi) in 16 independent lanes (GCC vectorises this; it left `omp simd reduction` loops scalar), the
+// lanes added in the order of bulk::sum_lanes_of_16's tree, so that a key's column mass has the same bits on both
+// paths (equal masses must stay equal: ties go to the lower index).
 inline float sum_range(const float* x, int64_t lo, int64_t hi) {
   float lane[16] = {};
   int64_t i = lo;
   for (; i + 16 <= hi; i += 16)
     for (int l = 0; l < 16; ++l) lane[l] += x[i + l];
-  float total = 0.f;
-  for (; i < hi; ++i) total += x[i];
-  for (int l = 0; l < 16; ++l) total += lane[l];
-  return total;
+  for (int w = 8; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) lane[l] += lane[l + w];
+  float tail = 0.f;
+  for (; i < hi; ++i) tail += x[i];
+  return lane[0] + tail;
 }
 
 // Where key j's outputs go, and the head's parameters.  d0 = pos0 - j: row r lies at distance d0 + r from key j.
