@@ -101,9 +101,9 @@ inline v16 sum_lanes_of_16(v16* v) {
   return fold<2>(v[0], v[1]);
 }
 
-template <int NV>
+template <int NV, typename Stored>
 struct Block {
-  const float* s;  // key j's rows at s + (j - j0) * ld
+  const Stored* s;  // key j's rows at s + (j - j0) * ld
   int64_t ld;
   v16 f[NV];       // the rows' factors (stored values -> probabilities)
   v16 diag[NV + 1] = {};
@@ -114,7 +114,7 @@ struct Block {
   template <int JJ>
   void key() {
     v16 p[NV];
-    const float* row = s + JJ * ld;
+    const Stored* row = s + JJ * ld;
     for (int k = 0; k < NV; ++k) p[k] = load(row + 16 * k) * f[k];
     v16 c = p[0];
     for (int k = 1; k < NV; ++k) c += p[k];
@@ -137,11 +137,11 @@ struct Block {
   void keys(std::integer_sequence<int, JJ...>) { (key<JJ>(), ...); }
 };
 
-// Keys j0 .. j0 + 15 of one head (a bulk block, see above): s = their stored values (key-major, row stride ld),
-// f = the rows' factors, n = 16 * NV rows.
-template <int NV>
-void reduce_16_keys(const float* s, int64_t ld, const float* f, int64_t j0, const KeyOut& o) {
-  Block<NV> b;
+// Keys j0 .. j0 + 15 of one head (a bulk block, see above): s = their stored values (key-major, row stride ld;
+// fp32 or fp16), f = the rows' factors, n = 16 * NV rows.
+template <int NV, typename Stored>
+void reduce_16_keys(const Stored* s, int64_t ld, const float* f, int64_t j0, const KeyOut& o) {
+  Block<NV, Stored> b;
   b.s = s;
   b.ld = ld;
   for (int k = 0; k < NV; ++k) b.f[k] = load(f + 16 * k);
@@ -173,7 +173,8 @@ inline bool is_bulk(int64_t j0, int64_t n, const KeyOut& o) {
 }
 
 // Bulk blocks for n = 16, 32, 48 or 64 rows.
-inline void reduce_bulk(const float* s, int64_t ld, const float* f, int64_t n, int64_t j0, const KeyOut& o) {
+template <typename Stored>
+void reduce_bulk(const Stored* s, int64_t ld, const float* f, int64_t n, int64_t j0, const KeyOut& o) {
   switch (n / 16) {
     case 1: reduce_16_keys<1>(s, ld, f, j0, o); break;
     case 2: reduce_16_keys<2>(s, ld, f, j0, o); break;

@@ -71,11 +71,25 @@ void transpose_rows(const std::vector<const T*>& rows, int64_t ldq, int64_t n, i
     }
 }
 
-// Scores of keys [j0, j0 + m) against the N rows into S (key-major, row stride N): the keys' rows read in place.
+// Scores of keys [j0, j0 + m) against the N rows into C [m, N] (key-major): the keys' rows read in place.
 template <typename T>
-void chunk_scores(const T* qt, const T* k, int64_t ldk, int64_t N, int64_t D, int64_t j0, int64_t m, float* S) {
-  at::native::cpublas::brgemm(m, N, D, ldk, N, N, false, k + j0 * ldk, qt, S + j0 * N, !std::is_same_v<T, float>);
+void chunk_scores(const T* qt, const T* k, int64_t ldk, int64_t N, int64_t D, int64_t j0, int64_t m, float* C) {
+  at::native::cpublas::brgemm(m, N, D, ldk, N, N, false, k + j0 * ldk, qt, C, !std::is_same_v<T, float>);
 }
+
+// What pass 1 leaves for pass 2 per (key, row): exp(score - chunk max), in [0, 1].  fp16 on the bf16-GEMM route:
+// half the memory traffic of fp32 (at 64K a head's buffer is 16 MiB in fp32), relative error 2^-11, below the bf16
+// scores' own; fp32 on the fp32 route (exact against the torch reference).
+template <typename T>
+struct StoredOf {
+  using type = float;
+};
+#if VEC16_HALF
+template <>
+struct StoredOf<at::BFloat16> {
+  using type = uint16_t;
+};
+#endif
 
 // Softmax statistics kept per chunk, so that each chunk's scores become exp(score - chunk max) while still in cache
 // (pass 1), and a row's probability is that times exp(chunk max - row max) / row sum (pass 2): two passes over the
@@ -87,17 +101,21 @@ struct ChunkSoftmax {
       : n(n_), chunk_max(chunks * n_, -std::numeric_limits<float>::infinity()),
         m(n_, -std::numeric_limits<float>::infinity()), sum(n_, 0.f), csum(n_) {}
 
-  // Chunk c of S (keys from j0, all n rows, hidden entries already -inf): exp in place, statistics merged.
-  void absorb(float* S, int64_t c, int64_t j0, int64_t keys) {
+  // Chunk c: its scores C [keys, n] (hidden entries already -inf) become exponentials in out [keys, n] (may be C
+  // itself), statistics merged.
+  template <typename Stored>
+  void absorb(float* C, Stored* out, int64_t c, int64_t keys) {
     constexpr float ninf = -std::numeric_limits<float>::infinity();
     float* cm = chunk_max.data() + c * n;
     float* cs = csum.data();
     switch (n % 16 == 0 ? n / 16 : 0) {
-      case 1: chunk_exp<1>(S, cm, cs, j0, keys); break;
-      case 2: chunk_exp<2>(S, cm, cs, j0, keys); break;
-      case 3: chunk_exp<3>(S, cm, cs, j0, keys); break;
-      case 4: chunk_exp<4>(S, cm, cs, j0, keys); break;
-      default: chunk_exp_rows(S, cm, cs, j0, keys);
+      case 1: chunk_exp<1>(C, out, cm, cs, keys); break;
+      case 2: chunk_exp<2>(C, out, cm, cs, keys); break;
+      case 3: chunk_exp<3>(C, out, cm, cs, keys); break;
+      case 4: chunk_exp<4>(C, out, cm, cs, keys); break;
+      default:
+        chunk_exp_rows(C, cm, cs, keys);
+        if (static_cast<void*>(out) != static_cast<void*>(C)) vec16::convert(C, out, keys * n);
     }
     for (int64_t r = 0; r < n; ++r) {
       if (cm[r] == ninf) continue;
@@ -111,37 +129,37 @@ struct ChunkSoftmax {
   }
 
   // n = 16 * NV rows: the chunk's maxima (cm), exponentials in place and their sums (cs), the rows in registers.
-  template <int NV>
-  void chunk_exp(float* S, float* cm, float* cs, int64_t j0, int64_t keys) {
+  template <int NV, typename Stored>
+  void chunk_exp(const float* C, Stored* out, float* cm, float* cs, int64_t keys) {
     using namespace vec16;
     v16 top[NV], total[NV] = {};
     for (int k = 0; k < NV; ++k) top[k] = splat(-std::numeric_limits<float>::infinity());
-    for (int64_t j = j0; j < j0 + keys; ++j)
-      for (int k = 0; k < NV; ++k) top[k] = max(top[k], load(S + j * n + 16 * k));
+    for (int64_t j = 0; j < keys; ++j)
+      for (int k = 0; k < NV; ++k) top[k] = max(top[k], load(C + j * n + 16 * k));
     for (int k = 0; k < NV; ++k) {
       store(cm + 16 * k, top[k]);
       top[k] = top[k] == -std::numeric_limits<float>::infinity() ? v16{} : top[k];  // a row the chunk hides: 0s
     }
-    for (int64_t j = j0; j < j0 + keys; ++j)
+    for (int64_t j = 0; j < keys; ++j)
       for (int k = 0; k < NV; ++k) {
-        const v16 e = exp_nonpositive(load(S + j * n + 16 * k) - top[k]);
-        store(S + j * n + 16 * k, e);
+        const v16 e = exp_nonpositive(load(C + j * n + 16 * k) - top[k]);
+        store(out + j * n + 16 * k, e);
         total[k] += e;
       }
     for (int k = 0; k < NV; ++k) store(cs + 16 * k, total[k]);
   }
 
-  // Any n: the same, row-vectorised plain loops.
-  void chunk_exp_rows(float* S, float* cm, float* cs, int64_t j0, int64_t keys) {
+  // Any n: the same in place, row-vectorised plain loops.
+  void chunk_exp_rows(float* C, float* cm, float* cs, int64_t keys) {
     constexpr float ninf = -std::numeric_limits<float>::infinity();
-    for (int64_t j = j0; j < j0 + keys; ++j) {
-      const float* s = S + j * n;
+    for (int64_t j = 0; j < keys; ++j) {
+      const float* s = C + j * n;
 #pragma omp simd
       for (int64_t r = 0; r < n; ++r) cm[r] = s[r] > cm[r] ? s[r] : cm[r];
     }
     std::fill(cs, cs + n, 0.f);
-    for (int64_t j = j0; j < j0 + keys; ++j) {
-      float* s = S + j * n;
+    for (int64_t j = 0; j < keys; ++j) {
+      float* s = C + j * n;
 #pragma omp simd
       for (int64_t r = 0; r < n; ++r) {
         const float e = exp_nonpositive(s[r] - (cm[r] == ninf ? 0.f : cm[r]));  // -inf (hidden) gives 0
@@ -164,9 +182,10 @@ struct ChunkSoftmax {
 // positions pos0 .. pos0 + n - 1; out[i] says where head i's column, off_local, diagonal [Lk], by_group [Lk, G]
 // go, lse[i] its [n].  Pass 1 scores a chunk of keys against every row of the unit and turns it into exponentials
 // while it is in cache; pass 2 reduces each key's row of S, head by head (sample_reduce.h).
-template <typename T>
+// S [Lk, N] holds pass 1's exponentials; C [chunk_keys(N), N] is the GEMM's fp32 output where S is fp16.
+template <typename T, typename Stored>
 void score_unit(const std::vector<const T*>& q_rows, int64_t ldq, const T* k, int64_t ldk, int64_t n, int64_t Lk,
-                int64_t D, int64_t pos0, bool causal, float* S, T* qt,
+                int64_t D, int64_t pos0, bool causal, Stored* S, float* C, T* qt,
                 const std::vector<KeyOut>& out, const std::vector<float*>& lse) {
   const float ninf = -std::numeric_limits<float>::infinity();
   const int64_t heads = static_cast<int64_t>(q_rows.size()), N = heads * n;
@@ -175,12 +194,14 @@ void score_unit(const std::vector<const T*>& q_rows, int64_t ldq, const T* k, in
   ChunkSoftmax soft(chunks, N);
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t j0 = c * step, keys = std::min(step, Lk - j0);
-    chunk_scores<T>(qt, k, ldk, N, D, j0, keys, S);
+    float* scores = C;
+    if constexpr (std::is_same_v<Stored, float>) scores = S + j0 * N;  // exponentials in place
+    chunk_scores<T>(qt, k, ldk, N, D, j0, keys, scores);
     if (causal)  // only the last n keys can lie after a sample row: key j hides it from rows r < j - pos0
       for (int64_t j = std::max<int64_t>(pos0 + 1, j0); j < j0 + keys; ++j)
         for (int64_t i = 0; i < heads; ++i)
-          for (int64_t r = 0; r < std::min(n, j - pos0); ++r) S[j * N + i * n + r] = ninf;
-    soft.absorb(S, c, j0, keys);
+          for (int64_t r = 0; r < std::min(n, j - pos0); ++r) scores[(j - j0) * N + i * n + r] = ninf;
+    soft.absorb(scores, S + j0 * N, c, keys);
   }
   for (int64_t c = 0; c < N; ++c)
     lse[c / n][c % n] = soft.sum[c] > 0.f ? soft.m[c] + std::log(soft.sum[c]) : ninf;
@@ -188,7 +209,7 @@ void score_unit(const std::vector<const T*>& q_rows, int64_t ldq, const T* k, in
     std::fill(o.diagonal, o.diagonal + Lk, 0.f);
     std::fill(o.by_group, o.by_group + Lk * o.G, 0.f);
   }
-  std::vector<float> f(N), p(n);
+  std::vector<float> f(N), p(n), row(n);
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t j0 = c * step, keys = std::min(step, Lk - j0);
     soft.factors(c, f.data());
@@ -198,7 +219,14 @@ void score_unit(const std::vector<const T*>& q_rows, int64_t ldq, const T* k, in
           bulk::reduce_bulk(S + j * N + i * n, N, f.data() + i * n, n, j, out[i]);
           j += 16;
         } else {
-          reduce_key(S + j * N + i * n, f.data() + i * n, p.data(), n, j, out[i]);
+          const float* s;
+          if constexpr (std::is_same_v<Stored, float>) {
+            s = S + j * N + i * n;
+          } else {
+            vec16::convert(S + j * N + i * n, row.data(), n);
+            s = row.data();
+          }
+          reduce_key(s, f.data() + i * n, p.data(), n, j, out[i]);
           ++j;
         }
       }
@@ -252,7 +280,9 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, cons
       // One head at a time, so that its [Lk, n] scores stay in the last-level cache between the two passes.
       // (a buffer kept across calls instead measured slower: freeing this one raises glibc's mmap threshold, so
       // the torch ops after the pass reuse heap pages instead of faulting in fresh ones)
-      std::unique_ptr<float[]> S(new float[Lk * n]);  // uninitialised: every entry read is written first
+      using Stored = typename StoredOf<T>::type;
+      std::unique_ptr<Stored[]> S(new Stored[Lk * n]);  // uninitialised: every entry read is written first
+      std::vector<float> C(std::is_same_v<Stored, float> ? 0 : chunk_keys(n) * n);
       std::vector<T> qt(D * n);
       // fp32 keys for bf16 GEMMs: rounded once per unit, for all of its heads (rounded per head, the fp32 keys
       // were read from memory once per query head: 3-4 ms more per call at 32K on one thread)
@@ -269,8 +299,8 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, cons
         ldk = D;
       }
       for (int64_t i = 0; i < heads; ++i)
-        score_unit<T>({rows[i]}, q.stride(2), gemm_keys, ldk, n, Lk, D, pos0, causal, S.get(), qt.data(), {outs[i]},
-                      {lses[i]});
+        score_unit<T, Stored>({rows[i]}, q.stride(2), gemm_keys, ldk, n, Lk, D, pos0, causal, S.get(), C.data(),
+                              qt.data(), {outs[i]}, {lses[i]});
     }
     if constexpr (!std::is_same_v<T, float>) at::native::cpublas::brgemm_release(true);
   });

@@ -5,6 +5,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 // The vectors live in inline functions only: no ABI between objects to keep stable.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -47,6 +51,35 @@ inline v16 exp_nonpositive(v16 y) {
   v16 scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return y < -87.0f ? v16{} : p * scale;
+}
+
+// fp16 storage (values in [0, 1] kept between the sample pass's two passes): where the compiler targets AVX-512,
+// whose conversions take 16 lanes in one instruction.
+#if defined(__AVX512F__)
+#define VEC16_HALF 1
+inline v16 load(const uint16_t* p) {
+  return (v16)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline void store(uint16_t* p, v16 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#else
+#define VEC16_HALF 0
+#endif
+
+// dst[0, n) = src[0, n) between float and fp16 storage (or float to float).
+template <typename From, typename To>
+inline void convert(const From* src, To* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) store(dst + i, load(src + i));
+  if (i < n) {
+    From in[16] = {};
+    To got[16];
+    std::memcpy(in, src + i, (n - i) * sizeof(From));
+    store(got, load(in));
+    std::memcpy(dst + i, got, (n - i) * sizeof(To));
+  }
 }
 
 }  // namespace vec16
