@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "cpu_exp.h"
-#include "bf16_round.h"
+#include "bf16_convert.h"
 #include "kept_mass.h"
 #include "sample_reduce.h"
 #include "vec16.h"
@@ -294,7 +294,7 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, cons
         gemm_keys = keys;
       } else {
         T* buffer = rounded.get(Lk * D);
-        for (int64_t j = 0; j < Lk; ++j) round_row(keys + j * ldk, buffer + j * D, D);
+        for (int64_t j = 0; j < Lk; ++j) bf16_convert::to_bf16(keys + j * ldk, buffer + j * D, D);
         gemm_keys = buffer;
         ldk = D;
       }
