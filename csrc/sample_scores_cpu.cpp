@@ -1,10 +1,11 @@
 // Fused CPU pass for the vertical-slash estimators' sample scores: the softmax of the last n queries against all keys,
 // reduced to column mass, column mass off the local band, diagonal mass and column mass split by diagonal group,
-// without a [heads, n, Lk] probability tensor (one [Lk, n] fp32 buffer per (batch row, head), reused).
-// Per (batch row, head), two passes: (1) per chunk of keys, scores S^T = K Q^T by a batch-reduce GEMM (the keys'
-// rows are read where they are: no transposed copy), the causal mask on the last n keys, and, while the chunk is in
-// cache, exp(score - chunk max) in place with the rows' running max and sum; (2) one pass over the keys that scales
-// each row of S^T to probabilities and turns it into the reductions.  Also the mass a layout keeps of the softmax
+// without a [heads, n, Lk] probability tensor (one [Lk, n] buffer per (batch row, head), reused; fp16 on the bf16
+// route).  Per (batch row, head), two passes: (1) per chunk of keys, scores S^T = K Q^T by a batch-reduce GEMM (the
+// keys' rows are read where they are: no transposed copy; fp32 keys for bf16 GEMMs rounded once per KV head), the
+// causal mask on the last n keys, and, while the chunk is in cache, exp(score - chunk max) with the rows' running
+// max and sum; (2) one pass over the keys that scales each row of S^T to probabilities and turns it into the
+// reductions, 16 keys at a time where no special case applies (sample_reduce.h).  Also the mass a layout keeps of the softmax
 // of any query rows (rows_kept_mass: the held-out rows on which Auto checks its candidates), without their
 // [heads, rows, Lk] probabilities either.  fp32, or bf16 on the CPU's bf16 GEMMs (fp32 accumulation and softmax).
 // Readable definitions: sparse_attn.estimators.sample_mass.torch_sample_scores, row_sample.rows_kept_mass.
@@ -128,7 +129,7 @@ struct ChunkSoftmax {
     }
   }
 
-  // n = 16 * NV rows: the chunk's maxima (cm), exponentials in place and their sums (cs), the rows in registers.
+  // n = 16 * NV rows: the chunk's maxima (cm), exponentials (into out) and their sums (cs), rows in registers.
   template <int NV, typename Stored>
   void chunk_exp(const float* C, Stored* out, float* cm, float* cs, int64_t keys) {
     using namespace vec16;
