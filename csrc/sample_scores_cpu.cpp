@@ -5,9 +5,9 @@
 // keys' rows are read where they are: no transposed copy; fp32 keys for bf16 GEMMs rounded once per KV head), the
 // causal mask on the last n keys, and, while the chunk is in cache, exp(score - chunk max) with the rows' running
 // max and sum; (2) one pass over the keys that scales each row of S^T to probabilities and turns it into the
-// reductions, 16 keys at a time where no special case applies (sample_reduce.h).  Also the mass a layout keeps of the softmax
-// of any query rows (rows_kept_mass: the held-out rows on which Auto checks its candidates), without their
-// [heads, rows, Lk] probabilities either.  fp32, or bf16 on the CPU's bf16 GEMMs (fp32 accumulation and softmax).
+// reductions, 16 keys at a time where no special case applies (sample_reduce.h).  Also the mass a layout keeps of
+// the softmax of any query rows (rows_kept_mass: the held-out rows on which Auto checks its candidates), without
+// their [heads, rows, Lk] probabilities either.  fp32, or bf16 on the CPU's bf16 GEMMs (fp32 accumulation and softmax).
 // Readable definitions: sparse_attn.estimators.sample_mass.torch_sample_scores, row_sample.rows_kept_mass.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
