@@ -34,9 +34,10 @@ def cpu_row_need(q, k, n: int, scale: float, causal: bool, *, heads, key_stride:
     """For the last ``n`` query rows of the query heads ``heads`` (long ``[Hs]``): ``[B, Hs, n]`` fp32, the keys
     each row needs among every ``key_stride``-th key for ``gamma`` of its mass (`auto._row_keys_torch`'s
     contract), and ``[B, Hs]`` fp32, the largest share of its visible keys a row of the head needs
-    (`auto._row_need`'s).  Scored in fp32, as the torch path does: bf16 GEMMs were tried and measured no faster
-    here (rounding the fp32 keys to bf16 cost what the GEMM saved; best of 25 calls, 2 cores, text workload, B=1,
-    8 / 2 heads, D=128: 0.59 vs 0.58 ms at 32K, 1.10 vs 1.17 ms at 64K), and they move the counts."""
+    (`auto._row_need`'s).  Scored in fp32, as the torch path does: bf16 GEMMs were tried and gained little here
+    (rounding the fp32 keys cost most of what the GEMM saved; best of 25 calls, 2 cores, text workload, B=1, 8 / 2
+    heads, D=128: bf16 0.59 vs fp32 0.58 ms at 32K, 1.10 vs 1.17 ms at 64K) while moving the counts (a head's
+    share by up to 0.006 on the audit workloads), so the counts stay the torch path's."""
     keys = k[:, :, ::key_stride]                          # a view: the op reads rows at any row stride
     if keys.stride(-1) != 1:
         keys = keys.contiguous()                          # a copy of the scored keys only
