@@ -168,19 +168,17 @@ void reduce_16_keys(const Stored* s, int64_t ld, const float* f, int64_t j0, con
 
 // Whether keys j0 .. j0 + 15 form a bulk block for this head, n rows, G groups.
 inline bool is_bulk(int64_t j0, int64_t n, const KeyOut& o) {
-  return n % 16 == 0 && n <= 64 && o.G - 1 <= kMaxBounds && j0 >= o.sink &&
+  return n % 16 == 0 && n <= 16 * vec16::kMaxRowVectors && o.G - 1 <= kMaxBounds && j0 >= o.sink &&
          o.pos0 - (j0 + 15) >= std::max<int64_t>(o.local, 0);
 }
 
-// Bulk blocks for n = 16, 32, 48 or 64 rows.
-template <typename Stored>
+// A bulk block of n = 16 * NV rows, NV from 1 to vec16::kMaxRowVectors.
+template <typename Stored, int NV = 1>
 void reduce_bulk(const Stored* s, int64_t ld, const float* f, int64_t n, int64_t j0, const KeyOut& o) {
-  switch (n / 16) {
-    case 1: reduce_16_keys<1>(s, ld, f, j0, o); break;
-    case 2: reduce_16_keys<2>(s, ld, f, j0, o); break;
-    case 3: reduce_16_keys<3>(s, ld, f, j0, o); break;
-    default: reduce_16_keys<4>(s, ld, f, j0, o); break;
-  }
+  if (n == 16 * NV)
+    reduce_16_keys<NV>(s, ld, f, j0, o);
+  else if constexpr (NV < vec16::kMaxRowVectors)
+    reduce_bulk<Stored, NV + 1>(s, ld, f, n, j0, o);
 }
 
 }  // namespace bulk

@@ -109,14 +109,11 @@ struct ChunkSoftmax {
     constexpr float ninf = -std::numeric_limits<float>::infinity();
     float* cm = chunk_max.data() + c * n;
     float* cs = csum.data();
-    switch (n % 16 == 0 ? n / 16 : 0) {
-      case 1: chunk_exp<1>(C, out, cm, cs, keys); break;
-      case 2: chunk_exp<2>(C, out, cm, cs, keys); break;
-      case 3: chunk_exp<3>(C, out, cm, cs, keys); break;
-      case 4: chunk_exp<4>(C, out, cm, cs, keys); break;
-      default:
-        chunk_exp_rows(C, cm, cs, keys);
-        if (static_cast<void*>(out) != static_cast<void*>(C)) vec16::convert(C, out, keys * n);
+    if (n % 16 == 0 && n <= 16 * vec16::kMaxRowVectors) {
+      chunk_exp<1>(C, out, cm, cs, keys);
+    } else {
+      chunk_exp_rows(C, cm, cs, keys);
+      if (static_cast<void*>(out) != static_cast<void*>(C)) vec16::convert(C, out, keys * n);
     }
     for (int64_t r = 0; r < n; ++r) {
       if (cm[r] == ninf) continue;
@@ -132,6 +129,8 @@ struct ChunkSoftmax {
   // n = 16 * NV rows: the chunk's maxima (cm), exponentials (into out) and their sums (cs), rows in registers.
   template <int NV, typename Stored>
   void chunk_exp(const float* C, Stored* out, float* cm, float* cs, int64_t keys) {
+    if constexpr (NV < vec16::kMaxRowVectors)
+      if (n != 16 * NV) return chunk_exp<NV + 1>(C, out, cm, cs, keys);
     using namespace vec16;
     v16 top[NV], total[NV] = {};
     for (int k = 0; k < NV; ++k) top[k] = splat(-std::numeric_limits<float>::infinity());

@@ -24,6 +24,8 @@ namespace vec16 {
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
+// Rows held as vectors by the passes that keep a key's rows in registers: up to 128 sample rows.
+constexpr int kMaxRowVectors = 8;
 
 inline v16 load(const float* p) {
   v16 v;
