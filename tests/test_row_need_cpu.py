@@ -104,6 +104,18 @@ def test_row_need_takes_the_compiled_count_and_matches_the_torch_path(monkeypatc
     assert (got > 0).all() and (got <= 1).all()
 
 
+def test_without_the_op_or_for_fp64_the_torch_path_runs(monkeypatch):
+    q, k, _, scale, causal, heads = _inputs_of("gqa_causal")
+    want = auto._row_need(q, k, heads, sa.Auto(), scale, causal)
+    assert not cpu_row_need.takes(q.double(), k.double())                 # fp64 stays in the torch path, in fp64
+    got64 = auto._row_need(q.double(), k.double(), heads, sa.Auto(), scale, causal)
+    assert ((got64 - want).abs() <= 2 / -(-k.shape[2] // STRIDE)).all()
+    monkeypatch.setattr(cpu_row_need, "load", lambda: None)               # not built here (or turned off)
+    assert not cpu_row_need.takes(q, k)
+    torch.testing.assert_close(auto._row_need(q, k, heads, sa.Auto(), scale, causal), want, rtol=0,
+                               atol=2 / -(-k.shape[2] // STRIDE))
+
+
 @pytest.mark.parametrize("workload,L", [("text", 4099), ("hard", 4096), ("hard", 6000), ("diffuse", 3000)])
 def test_auto_choices_on_the_audit_workloads_are_unchanged(workload, L, monkeypatch):
     q, k, _, _ = _inputs(workload, L, 8, 2, 128)
