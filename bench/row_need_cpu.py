@@ -49,7 +49,8 @@ def main():
             t = sorted(times[p])
             print(f"L={L:6d} {p:8s} best {t[0] * 1e3:.3f}  q25 {t[len(t) // 4] * 1e3:.3f}  "
                   f"median {t[len(t) // 2] * 1e3:.3f}")
-        ratio = sorted(times["torch"])[len(times["torch"]) // 2] / sorted(times["compiled"])[len(times["compiled"]) // 2]
+        median = {p: sorted(t)[len(t) // 2] for p, t in times.items()}
+        ratio = median["torch"] / median["compiled"]
         print(f"L={L:6d} median torch / compiled {ratio:.2f}x; max |share difference| {diff:.2e}")
 
 

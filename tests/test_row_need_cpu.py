@@ -15,8 +15,9 @@ pytestmark = pytest.mark.skipif(cpu_row_need.load() is None, reason="the compile
 
 STRIDE = 8
 # B, Hq, Hkv, Lq, Lk, D, n, causal, contiguity, heads: lengths off the 8 and 64 grids, Lq < Lk, fewer query rows
-# than n, MHA / GQA / MQA, head subsets out of order (all heads come ascending, as `estimate` groups them), non-contiguous inputs (a strided last dimension: the op gets
-# a copy of the scored keys; BLHD: it reads them in place).
+# than n, MHA / GQA / MQA, head subsets out of order (all heads come ascending, as `estimate` groups them),
+# non-contiguous inputs (a strided last dimension: the op gets a copy of the scored keys; BLHD: it reads them in
+# place).
 CASES = {
     "gqa_causal": (1, 8, 2, 1000, 1000, 128, 16, True, "contiguous", list(range(8))),
     "mqa_subset_q65k113": (2, 4, 1, 65, 113, 64, 16, True, "strided", [3, 0]),
