@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "bf16_convert.h"
 #include "cpu_exp.h"
 
 namespace kept_mass {
@@ -24,14 +25,23 @@ struct Ranges {
   std::vector<int64_t> lo, hi, hi_max;
 
   Ranges(const int32_t* offsets, int64_t tiles, const int32_t* columns, int64_t cols, int64_t block_n, int64_t Lk) {
-    std::vector<std::pair<int64_t, int64_t>> r;
-    for (int64_t t = 0; t < tiles; ++t) {
-      const int64_t a = std::clamp<int64_t>(offsets[t], 0, Lk), b = std::clamp<int64_t>(offsets[t] + block_n, a, Lk);
-      if (b > a) r.emplace_back(a, b);
+    std::vector<std::pair<int64_t, int64_t>> t, c, r;
+    t.reserve(tiles);
+    c.reserve(cols);
+    for (int64_t i = 0; i < tiles; ++i) {
+      const int64_t a = std::clamp<int64_t>(offsets[i], 0, Lk), b = std::clamp<int64_t>(offsets[i] + block_n, a, Lk);
+      if (b > a) t.emplace_back(a, b);
     }
-    for (int64_t c = 0; c < cols; ++c)
-      if (columns[c] >= 0 && columns[c] < Lk) r.emplace_back(columns[c], columns[c] + 1);
-    std::sort(r.begin(), r.end());
+    for (int64_t i = 0; i < cols; ++i)
+      if (columns[i] >= 0 && columns[i] < Lk) c.emplace_back(columns[i], columns[i] + 1);
+    // patterns list tiles and columns in ascending order: a merge, not a sort (a sort cost 5% of the check)
+    if (!std::is_sorted(t.begin(), t.end())) std::sort(t.begin(), t.end());
+    if (!std::is_sorted(c.begin(), c.end())) std::sort(c.begin(), c.end());
+    r.resize(t.size() + c.size());
+    std::merge(t.begin(), t.end(), c.begin(), c.end(), r.begin());
+    lo.reserve(r.size());
+    hi.reserve(r.size());
+    hi_max.reserve(r.size());
     int64_t top = 0;
     for (const auto& [a, b] : r) {
       lo.push_back(a);
@@ -42,11 +52,13 @@ struct Ranges {
   }
 
   // Sum over the kept keys in [j0, j1) from prefix sums: before(j) is the sum of keys [j0, j) (j0 <= j <= j1).
+  // `next` is the caller's cursor for ascending, non-overlapping [j0, j1) (start it at 0): the first range that may
+  // reach past j0 (ranges before it end at or before j0, even where ranges overlap), no search per chunk.
   template <typename F>
-  float sum(F before, int64_t j0, int64_t j1) const {
+  float sum(F before, int64_t j0, int64_t j1, size_t& next) const {
+    while (next < lo.size() && hi_max[next] <= j0) ++next;
     float total = 0.f;
-    auto it = std::upper_bound(hi_max.begin(), hi_max.end(), j0);  // ranges before it end at or before j0
-    for (size_t i = it - hi_max.begin(); i < lo.size() && lo[i] < j1; ++i) {
+    for (size_t i = next; i < lo.size() && lo[i] < j1; ++i) {
       const int64_t a = std::max(lo[i], j0), b = std::min(hi[i], j1);
       if (b > a) total += before(b) - before(a);
     }
@@ -54,72 +66,143 @@ struct Ranges {
   }
 };
 
-// One unit: rows[c] (query row c, D values, pre-scaled) sees keys [0, lim[c]) with lim ascending, keeps the key
-// ranges *ranges[c]; writes mass[c], the kept share of its softmax mass (0 for a row that sees no key).  Per chunk
-// of keys: S^T = K Q^T for the rows that see it (keys' rows read where they are; rows side by side, so the softmax
-// steps vectorise over rows), exp in place as running prefix sums over the chunk's keys, and each kept range's
-// mass as one difference of them.
-// Keys of another type than the GEMM's (fp32 keys, bf16 GEMMs) are converted a chunk at a time.
-template <typename T, typename TK>
-void rows_mass(const std::vector<const T*>& rows, const std::vector<int64_t>& lim,
-               const std::vector<const Ranges*>& ranges, const TK* k, int64_t ldk, int64_t Lk, int64_t D, float* mass) {
-  constexpr bool kLow = !std::is_same_v<T, float>;
+// Rows per vector step: one 512-bit register of fp32 (the loops over a block's rows compile to one vector op each).
+constexpr int64_t kLanes = 16;
+
+// Prefetches the keys ahead of the pass a few cache lines per step of the softmax loops (`plan` spreads the lines up
+// to a key over a chunk's steps), so that the next chunks' reads overlap the compute.  Without it the conversion of
+// each chunk waited on memory (the hardware prefetcher stops at every 4 KiB page: 8 keys of 128 fp32 values), and
+// the same prefetches in one burst stalled the core instead.
+struct KeyPrefetch {
+  static constexpr int64_t kChunks = 2;  // how far ahead: 1 to 4 chunks measured the same at 32K
+
+  const char* base;
+  int64_t row_stride, row_bytes, row = 0, byte = 0, limit = 0, per_step = 0;
+
+  void plan(int64_t from_key, int64_t to_key, int64_t steps) {
+    if (row < from_key) row = from_key, byte = 0;
+    limit = to_key;
+    const int64_t lines = std::max<int64_t>(0, (to_key - row) * ((row_bytes + 63) / 64) - byte / 64);
+    per_step = steps > 0 ? (lines + steps - 1) / steps : 0;
+  }
+  void step() {
+    for (int64_t i = 0; i < per_step && row < limit; ++i) {
+      __builtin_prefetch(base + row * row_stride + byte, 0, 2);
+      byte += 64;
+      if (byte >= row_bytes) byte = 0, ++row;
+    }
+  }
+};
+
+// The online-softmax step of one chunk of `keys` keys for kLanes rows: s (stride ld) holds their scores, valid for
+// keys j < vis[l] (the rest hidden: anything, never read into a sum).  Rescales the rows' running max m, sum and
+// kept mass to the chunk's new max, then turns the scores into running prefix sums of exp(score - max) in place
+// (a hidden key adds 0), so that a kept range's mass is one difference of them.
+__attribute__((always_inline)) inline void softmax_prefix(float* s, int64_t ld, int64_t keys, const int32_t* vis,
+                                                          float* m, float* sum, float* kept, KeyPrefetch& ahead) {
   constexpr float ninf = -std::numeric_limits<float>::infinity();
-  const int64_t N = static_cast<int64_t>(rows.size());
-  std::vector<T> qt(N * D);  // Q^T [D, N]; bf16: VNNI (element (d, c) at (d / 2) * 2N + 2c + d % 2)
-  for (int64_t c = 0; c < N; ++c)
-    for (int64_t d = 0; d < D; ++d) qt[kLow ? (d / 2) * 2 * N + 2 * c + d % 2 : d * N + c] = rows[c][d];
-  const int64_t step = std::clamp<int64_t>(16384 / std::max<int64_t>(N, 1) / 16 * 16, 64, 256);
-  std::vector<float> S(N * step), m(N, ninf), sum(N, 0.f), kept(N, 0.f), cm(N), shift(N);
-  std::vector<T> kbuf(std::is_same_v<T, TK> ? 0 : step * D);
-  for (int64_t j0 = 0; j0 < Lk; j0 += step) {
-    const int64_t keys = std::min(step, Lk - j0);
-    const int64_t first = std::upper_bound(lim.begin(), lim.end(), j0) - lim.begin();  // rows that see j0
-    if (first >= N) break;
-    const T* a;
-    int64_t lda = ldk;
-    if constexpr (std::is_same_v<T, TK>) {
-      a = k + j0 * ldk;
-    } else {
-      for (int64_t i = 0; i < keys; ++i)
-        for (int64_t d = 0; d < D; ++d) kbuf[i * D + d] = static_cast<T>(k[(j0 + i) * ldk + d]);
-      a = kbuf.data();
-      lda = D;
-    }
-    at::native::cpublas::brgemm(keys, N - first, D, lda, N, N, false, a, qt.data() + (kLow ? 2 : 1) * first,
-                                S.data() + first, kLow);
-    for (int64_t j = std::max(j0, lim[first]); j < j0 + keys; ++j) {  // keys every row sees need no mask
-      float* s = S.data() + (j - j0) * N;
+  constexpr int32_t kChains = 4;  // the max over keys in 4 independent chains (one chain waits on each max's latency)
+  float tops[kChains][kLanes], top[kLanes], run[kLanes];
+  for (int32_t a = 0; a < kChains; ++a)
+    for (int64_t l = 0; l < kLanes; ++l) tops[a][l] = a == 0 ? m[l] : ninf;
+  int32_t j = 0;
+  for (; j + kChains <= keys; j += kChains)
+    for (int32_t a = 0; a < kChains; ++a) {
+      const float* x = s + (j + a) * ld;
 #pragma omp simd
-      for (int64_t c = first; c < N; ++c) s[c] = j < lim[c] ? s[c] : ninf;
-    }
-    std::fill(cm.begin() + first, cm.end(), ninf);
-    for (int64_t j = 0; j < keys; ++j) {
-      const float* s = S.data() + j * N;
-#pragma omp simd
-      for (int64_t c = first; c < N; ++c) cm[c] = s[c] > cm[c] ? s[c] : cm[c];
-    }
-    for (int64_t c = first; c < N; ++c) {  // a visible row has a finite score in the chunk: m becomes finite
-      const float m_new = std::max(m[c], cm[c]);
-      const float rescale = exp_nonpositive(m[c] - m_new);  // m = -inf at first: 0
-      sum[c] *= rescale;
-      kept[c] *= rescale;
-      m[c] = shift[c] = m_new;
-    }
-    std::vector<float>& run = cm;  // running prefix sums per row, over the chunk's keys
-    std::fill(run.begin() + first, run.end(), 0.f);
-    for (int64_t j = 0; j < keys; ++j) {
-      float* s = S.data() + j * N;
-#pragma omp simd
-      for (int64_t c = first; c < N; ++c) {
-        run[c] += exp_nonpositive(s[c] - shift[c]);  // -inf (hidden) gives 0
-        s[c] = run[c];
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const float v = j + a < vis[l] ? x[l] : ninf;
+        tops[a][l] = v > tops[a][l] ? v : tops[a][l];
       }
     }
+  for (; j < keys; ++j) {
+    const float* x = s + j * ld;
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float v = j < vis[l] ? x[l] : ninf;
+      tops[0][l] = v > tops[0][l] ? v : tops[0][l];
+    }
+  }
+#pragma omp simd
+  for (int64_t l = 0; l < kLanes; ++l)
+    top[l] = std::max(std::max(tops[0][l], tops[1][l]), std::max(tops[2][l], tops[3][l]));
+#pragma omp simd
+  for (int64_t l = 0; l < kLanes; ++l) {  // a row that has seen no key yet keeps m = -inf and sum 0
+    const float rescale = top[l] == ninf ? 1.f : exp_nonpositive(m[l] - top[l]);  // m = -inf: 0
+    sum[l] *= rescale;
+    kept[l] *= rescale;
+    m[l] = top[l];
+    run[l] = 0.f;
+  }
+  for (int32_t j = 0; j < keys; ++j) {
+    float* x = s + j * ld;
+    ahead.step();
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) {
+      run[l] += exp_nonpositive(j < vis[l] ? x[l] - top[l] : -100.f);  // below -87: 0
+      x[l] = run[l];
+    }
+  }
+  for (int64_t l = 0; l < kLanes; ++l) sum[l] += run[l];
+}
+
+// One unit: rows[c] (query row c, D values, pre-scaled) sees keys [0, lim[c]) with lim ascending, keeps the key
+// ranges *ranges[c]; writes mass[c], the kept share of its softmax mass (0 for a row that sees no key).  Per chunk
+// of keys: S^T = K Q^T for the rows that see it (keys' rows read where they are; rows side by side, padded to a
+// multiple of kLanes, so the softmax steps vectorise over rows), the online softmax as prefix sums
+// (`softmax_prefix`), and each kept range's mass as one difference of them.
+// Keys of another type than the GEMM's (fp32 keys, bf16 GEMMs) are converted a chunk at a time (`native_convert`:
+// the AVX512_BF16 instruction where the build has it, else c10's rounding).
+template <typename T, typename TK>
+void rows_mass(const std::vector<const T*>& rows, const std::vector<int64_t>& lim,
+               const std::vector<const Ranges*>& ranges, const TK* k, int64_t ldk, int64_t Lk, int64_t D, float* mass,
+               bool native_convert = true) {
+  constexpr bool kLow = !std::is_same_v<T, float>;
+  constexpr bool kConvert = !std::is_same_v<T, TK>;
+  constexpr float ninf = -std::numeric_limits<float>::infinity();
+  const int64_t N = static_cast<int64_t>(rows.size()), Np = (N + kLanes - 1) / kLanes * kLanes;
+  std::vector<T> qt(Np * D);  // Q^T [D, Np], zeros past N; bf16: VNNI (element (d, c) at (d / 2) * 2Np + 2c + d % 2)
+  for (int64_t c = 0; c < N; ++c)
+    for (int64_t d = 0; d < D; ++d) qt[kLow ? (d / 2) * 2 * Np + 2 * c + d % 2 : d * Np + c] = rows[c][d];
+  const int64_t step = std::clamp<int64_t>(16384 / std::max<int64_t>(N, 1) / 16 * 16, 64, 256);
+  // S^T's row stride: an odd number of cache lines, so a block's column of scores (one line per key) spreads over
+  // all of L1's sets (at 128 rows, 512 bytes apart, it fell on an eighth of them and came from L2 at each pass)
+  const int64_t ldS = (Np / kLanes) % 2 ? Np : Np + kLanes;
+  std::vector<float> S(ldS * step), m(Np, ninf), sum(Np, 0.f), kept(Np, 0.f);
+  std::vector<int32_t> vis(Np, 0);   // per row: how many of the chunk's keys it sees
+  std::vector<size_t> cursor(N, 0);  // per row: its first range not yet summed (see Ranges::sum)
+  std::vector<T> kbuf(kConvert ? step * D : 0);
+  const int64_t end = lim.empty() ? 0 : std::min(Lk, lim.back());  // no row sees a key past it
+  KeyPrefetch ahead{reinterpret_cast<const char*>(k), ldk * static_cast<int64_t>(sizeof(TK)),
+                    D * static_cast<int64_t>(sizeof(TK))};
+  for (int64_t j0 = 0; j0 < end; j0 += step) {
+    const int64_t keys = std::min(step, end - j0);
+    const int64_t first = std::upper_bound(lim.begin(), lim.end(), j0) - lim.begin();  // rows that see j0
+    const T* a;
+    int64_t lda = ldk;
+    if constexpr (kConvert) {
+      if (ldk == D)
+        bf16_convert::to_bf16(k + j0 * ldk, kbuf.data(), keys * D, native_convert);
+      else
+        for (int64_t i = 0; i < keys; ++i)
+          bf16_convert::to_bf16(k + (j0 + i) * ldk, kbuf.data() + i * D, D, native_convert);
+      a = kbuf.data();
+      lda = D;
+    } else {
+      a = k + j0 * ldk;
+    }
+    at::native::cpublas::brgemm(keys, N - first, D, lda, Np, ldS, false, a, qt.data() + (kLow ? 2 : 1) * first,
+                                S.data() + first, kLow);
+    // the rows before `first` in its block of kLanes see none of the chunk's keys (their scores are stale)
+    const int64_t c_start = first / kLanes * kLanes;
+    for (int64_t c = c_start; c < N; ++c) vis[c] = static_cast<int32_t>(std::clamp<int64_t>(lim[c] - j0, 0, keys));
+    ahead.plan(j0 + keys, std::min(end, j0 + (1 + KeyPrefetch::kChunks) * step), keys * ((Np - c_start) / kLanes));
+    for (int64_t c0 = c_start; c0 < Np; c0 += kLanes)
+      softmax_prefix(S.data() + c0, ldS, keys, vis.data() + c0, m.data() + c0, sum.data() + c0, kept.data() + c0,
+                     ahead);
     for (int64_t c = first; c < N; ++c) {
-      sum[c] += run[c];
-      auto before = [&](int64_t key) { return key <= j0 ? 0.f : S[(key - 1 - j0) * N + c]; };
-      kept[c] += ranges[c]->sum(before, j0, j0 + keys);
+      auto before = [&](int64_t key) { return key <= j0 ? 0.f : S[(key - 1 - j0) * ldS + c]; };
+      kept[c] += ranges[c]->sum(before, j0, j0 + keys, cursor[c]);
     }
   }
   for (int64_t c = 0; c < N; ++c) mass[c] = sum[c] > 0.f ? kept[c] / sum[c] : 0.f;
