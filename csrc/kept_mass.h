@@ -10,60 +10,65 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <iterator>
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "bf16_convert.h"
 #include "cpu_exp.h"
 
 namespace kept_mass {
 
-// Key ranges [lo, hi) a layout row keeps, sorted by start, with each range's running maximum of ends (so the first
-// range that may reach past a key is a binary search even if ranges overlap).
-struct Ranges {
-  std::vector<int64_t> lo, hi, hi_max;
-
-  Ranges(const int32_t* offsets, int64_t tiles, const int32_t* columns, int64_t cols, int64_t block_n, int64_t Lk) {
-    std::vector<std::pair<int64_t, int64_t>> t, c, r;
-    t.reserve(tiles);
-    c.reserve(cols);
+// The key ranges [lo, hi) that layout rows keep, all rows in one table (no allocation per row): row i's ranges,
+// sorted by start, are entries [begin[i], begin[i + 1]).
+class RangeTable {
+ public:
+  // Adds a layout row (its tiles' offsets and its columns, clamped to the keys); returns its index.
+  int64_t add(const int32_t* offsets, int64_t tiles, const int32_t* columns, int64_t cols, int64_t block_n,
+              int64_t Lk) {
+    t_.clear();
+    c_.clear();
     for (int64_t i = 0; i < tiles; ++i) {
       const int64_t a = std::clamp<int64_t>(offsets[i], 0, Lk), b = std::clamp<int64_t>(offsets[i] + block_n, a, Lk);
-      if (b > a) t.emplace_back(a, b);
+      if (b > a) t_.emplace_back(a, b);
     }
     for (int64_t i = 0; i < cols; ++i)
-      if (columns[i] >= 0 && columns[i] < Lk) c.emplace_back(columns[i], columns[i] + 1);
-    // patterns list tiles and columns in ascending order: a merge, not a sort (a sort cost 5% of the check)
-    if (!std::is_sorted(t.begin(), t.end())) std::sort(t.begin(), t.end());
-    if (!std::is_sorted(c.begin(), c.end())) std::sort(c.begin(), c.end());
-    r.resize(t.size() + c.size());
-    std::merge(t.begin(), t.end(), c.begin(), c.end(), r.begin());
-    lo.reserve(r.size());
-    hi.reserve(r.size());
-    hi_max.reserve(r.size());
-    int64_t top = 0;
-    for (const auto& [a, b] : r) {
-      lo.push_back(a);
-      hi.push_back(b);
-      top = std::max(top, b);
-      hi_max.push_back(top);
-    }
+      if (columns[i] >= 0 && columns[i] < Lk) c_.emplace_back(columns[i], columns[i] + 1);
+    // patterns list tiles and columns in ascending order: a merge, not a sort (sorting cost 5% of the check)
+    if (!std::is_sorted(t_.begin(), t_.end())) std::sort(t_.begin(), t_.end());
+    if (!std::is_sorted(c_.begin(), c_.end())) std::sort(c_.begin(), c_.end());
+    std::merge(t_.begin(), t_.end(), c_.begin(), c_.end(), std::back_inserter(r_));
+    begin_.push_back(static_cast<int64_t>(r_.size()));
+    return static_cast<int64_t>(begin_.size()) - 2;
   }
 
-  // Sum over the kept keys in [j0, j1) from prefix sums: before(j) is the sum of keys [j0, j) (j0 <= j <= j1).
-  // `next` is the caller's cursor for ascending, non-overlapping [j0, j1) (start it at 0): the first range that may
-  // reach past j0 (ranges before it end at or before j0, even where ranges overlap), no search per chunk.
+  // Where row i's ranges start: the cursor `sum` takes.
+  int64_t start(int64_t i) const { return begin_[i]; }
+
+  // Row i's sum over its kept keys in [j0, j1), from prefix sums: before(j) is the sum of keys [j0, j)
+  // (j0 <= j <= j1).  `next`: the caller's cursor (from `start(i)`) for ascending, non-overlapping [j0, j1): it
+  // passes the ranges that end by j0 (a range after it that ends earlier, inside a longer one, adds 0), so no
+  // search per chunk.
   template <typename F>
-  float sum(F before, int64_t j0, int64_t j1, size_t& next) const {
-    while (next < lo.size() && hi_max[next] <= j0) ++next;
+  float sum(int64_t i, F before, int64_t j0, int64_t j1, int64_t& next) const {
+    const int64_t stop = begin_[i + 1];
+    while (next < stop && r_[next].second <= j0) ++next;
     float total = 0.f;
-    for (size_t i = next; i < lo.size() && lo[i] < j1; ++i) {
-      const int64_t a = std::max(lo[i], j0), b = std::min(hi[i], j1);
+    for (int64_t e = next; e < stop && r_[e].first < j1; ++e) {
+      const int64_t a = std::max<int64_t>(r_[e].first, j0), b = std::min<int64_t>(r_[e].second, j1);
       if (b > a) total += before(b) - before(a);
     }
     return total;
   }
+
+ private:
+  std::vector<std::pair<int64_t, int64_t>> r_, t_, c_;  // the table; one row's tiles and columns (reused)
+  std::vector<int64_t> begin_{0};
 };
 
 // Rows per vector step: one 512-bit register of fp32 (the loops over a block's rows compile to one vector op each).
@@ -146,17 +151,71 @@ __attribute__((always_inline)) inline void softmax_prefix(float* s, int64_t ld, 
   for (int64_t l = 0; l < kLanes; ++l) sum[l] += run[l];
 }
 
+#if defined(__AVX512F__)
+// 2^y for 16 lanes, 0 in the lanes `keep` leaves out: a degree-5 polynomial on the fraction (relative error 2e-7)
+// and VSCALEFPS for the power of two; y below -125 counts as -125 (2^-125: nothing next to a sum >= 1).
+inline __m512 exp2_avx512(__m512 y, __mmask16 keep) {
+  y = _mm512_max_ps(y, _mm512_set1_ps(-125.f));  // NaN (a row with no key yet: -inf - -inf) -> -125 as well
+  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(y, n);
+  __m512 p = _mm512_set1_ps(1.3288039481e-3f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.6755288541e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.5506765842e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022120237e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9314700365e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0000001192f));
+  return _mm512_maskz_scalef_ps(keep, p, n);
+}
+
+// `softmax_prefix` on AVX-512 registers (a block of kLanes rows is one register): half the instructions of the
+// portable loops' exp (Cody-Waite reduction, bit-built power of two, selects), which the compiler cannot emit.
+inline void softmax_prefix_avx512(float* s, int64_t ld, int64_t keys, const int32_t* vis, float* m, float* sum,
+                                  float* kept, KeyPrefetch& ahead) {
+  static_assert(kLanes == 16, "one AVX-512 register of fp32 per block");
+  const __m512i seen = _mm512_loadu_si512(vis);
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), log2e = _mm512_set1_ps(1.44269504f);
+  const __m512 m_old = _mm512_loadu_ps(m);
+  __m512 t0 = m_old, t1 = ninf, t2 = ninf, t3 = ninf;  // the max in 4 independent chains
+  auto visible = [&](int32_t j) { return _mm512_cmpgt_epi32_mask(seen, _mm512_set1_epi32(j)); };
+  int32_t j = 0;
+  for (; j + 4 <= keys; j += 4) {
+    t0 = _mm512_mask_max_ps(t0, visible(j), t0, _mm512_loadu_ps(s + j * ld));
+    t1 = _mm512_mask_max_ps(t1, visible(j + 1), t1, _mm512_loadu_ps(s + (j + 1) * ld));
+    t2 = _mm512_mask_max_ps(t2, visible(j + 2), t2, _mm512_loadu_ps(s + (j + 2) * ld));
+    t3 = _mm512_mask_max_ps(t3, visible(j + 3), t3, _mm512_loadu_ps(s + (j + 3) * ld));
+  }
+  for (; j < keys; ++j) t0 = _mm512_mask_max_ps(t0, visible(j), t0, _mm512_loadu_ps(s + j * ld));
+  const __m512 top = _mm512_max_ps(_mm512_max_ps(t0, t1), _mm512_max_ps(t2, t3));
+  // rows that have seen no key yet (top = -inf) keep sum 0 and kept 0 whatever the factor
+  const __m512 rescale = exp2_avx512(_mm512_mul_ps(_mm512_sub_ps(m_old, top), log2e),
+                                     _mm512_cmp_ps_mask(top, ninf, _CMP_NEQ_OQ));
+  _mm512_storeu_ps(sum, _mm512_mul_ps(_mm512_loadu_ps(sum), rescale));
+  _mm512_storeu_ps(kept, _mm512_mul_ps(_mm512_loadu_ps(kept), rescale));
+  _mm512_storeu_ps(m, top);
+  const __m512 shift = _mm512_mul_ps(top, log2e);
+  __m512 run = _mm512_setzero_ps();
+  for (j = 0; j < keys; ++j) {
+    float* x = s + j * ld;
+    ahead.step();
+    run = _mm512_add_ps(run, exp2_avx512(_mm512_fmsub_ps(_mm512_loadu_ps(x), log2e, shift), visible(j)));
+    _mm512_storeu_ps(x, run);
+  }
+  _mm512_storeu_ps(sum, _mm512_add_ps(_mm512_loadu_ps(sum), run));
+}
+#endif
+
 // One unit: rows[c] (query row c, D values, pre-scaled) sees keys [0, lim[c]) with lim ascending, keeps the key
-// ranges *ranges[c]; writes mass[c], the kept share of its softmax mass (0 for a row that sees no key).  Per chunk
+// ranges of row span[c] of `ranges`; writes mass[c], the kept share of its softmax mass (0 for a row that sees no key).  Per chunk
 // of keys: S^T = K Q^T for the rows that see it (keys' rows read where they are; rows side by side, padded to a
 // multiple of kLanes, so the softmax steps vectorise over rows), the online softmax as prefix sums
 // (`softmax_prefix`), and each kept range's mass as one difference of them.
-// Keys of another type than the GEMM's (fp32 keys, bf16 GEMMs) are converted a chunk at a time (`native_convert`:
-// the AVX512_BF16 instruction where the build has it, else c10's rounding).
+// Keys of another type than the GEMM's (fp32 keys, bf16 GEMMs) are converted a chunk at a time.  `native`: the
+// AVX512_BF16 conversion and the AVX-512 softmax where the build has them; false: the portable loops everywhere
+// (c10's rounding, `softmax_prefix`), which the tests check on this machine too.
 template <typename T, typename TK>
 void rows_mass(const std::vector<const T*>& rows, const std::vector<int64_t>& lim,
-               const std::vector<const Ranges*>& ranges, const TK* k, int64_t ldk, int64_t Lk, int64_t D, float* mass,
-               bool native_convert = true) {
+               const RangeTable& ranges, const std::vector<int64_t>& span, const TK* k, int64_t ldk, int64_t Lk, int64_t D, float* mass,
+               bool native = true) {
   constexpr bool kLow = !std::is_same_v<T, float>;
   constexpr bool kConvert = !std::is_same_v<T, TK>;
   constexpr float ninf = -std::numeric_limits<float>::infinity();
@@ -170,7 +229,8 @@ void rows_mass(const std::vector<const T*>& rows, const std::vector<int64_t>& li
   const int64_t ldS = (Np / kLanes) % 2 ? Np : Np + kLanes;
   std::vector<float> S(ldS * step), m(Np, ninf), sum(Np, 0.f), kept(Np, 0.f);
   std::vector<int32_t> vis(Np, 0);   // per row: how many of the chunk's keys it sees
-  std::vector<size_t> cursor(N, 0);  // per row: its first range not yet summed (see Ranges::sum)
+  std::vector<int64_t> cursor(N);  // per row: its first range not yet summed (see RangeTable::sum)
+  for (int64_t c = 0; c < N; ++c) cursor[c] = ranges.start(span[c]);
   std::vector<T> kbuf(kConvert ? step * D : 0);
   const int64_t end = lim.empty() ? 0 : std::min(Lk, lim.back());  // no row sees a key past it
   KeyPrefetch ahead{reinterpret_cast<const char*>(k), ldk * static_cast<int64_t>(sizeof(TK)),
@@ -182,10 +242,10 @@ void rows_mass(const std::vector<const T*>& rows, const std::vector<int64_t>& li
     int64_t lda = ldk;
     if constexpr (kConvert) {
       if (ldk == D)
-        bf16_convert::to_bf16(k + j0 * ldk, kbuf.data(), keys * D, native_convert);
+        bf16_convert::to_bf16(k + j0 * ldk, kbuf.data(), keys * D, native);
       else
         for (int64_t i = 0; i < keys; ++i)
-          bf16_convert::to_bf16(k + (j0 + i) * ldk, kbuf.data() + i * D, D, native_convert);
+          bf16_convert::to_bf16(k + (j0 + i) * ldk, kbuf.data() + i * D, D, native);
       a = kbuf.data();
       lda = D;
     } else {
@@ -197,12 +257,20 @@ void rows_mass(const std::vector<const T*>& rows, const std::vector<int64_t>& li
     const int64_t c_start = first / kLanes * kLanes;
     for (int64_t c = c_start; c < N; ++c) vis[c] = static_cast<int32_t>(std::clamp<int64_t>(lim[c] - j0, 0, keys));
     ahead.plan(j0 + keys, std::min(end, j0 + (1 + KeyPrefetch::kChunks) * step), keys * ((Np - c_start) / kLanes));
-    for (int64_t c0 = c_start; c0 < Np; c0 += kLanes)
+    for (int64_t c0 = c_start; c0 < Np; c0 += kLanes) {
+#if defined(__AVX512F__)
+      if (native) {
+        softmax_prefix_avx512(S.data() + c0, ldS, keys, vis.data() + c0, m.data() + c0, sum.data() + c0,
+                              kept.data() + c0, ahead);
+        continue;
+      }
+#endif
       softmax_prefix(S.data() + c0, ldS, keys, vis.data() + c0, m.data() + c0, sum.data() + c0, kept.data() + c0,
                      ahead);
+    }
     for (int64_t c = first; c < N; ++c) {
       auto before = [&](int64_t key) { return key <= j0 ? 0.f : S[(key - 1 - j0) * ldS + c]; };
-      kept[c] += ranges[c]->sum(before, j0, j0 + keys, cursor[c]);
+      kept[c] += ranges.sum(span[c], before, j0, j0 + keys, cursor[c]);
     }
   }
   for (int64_t c = 0; c < N; ++c) mass[c] = sum[c] > 0.f ? kept[c] / sum[c] : 0.f;
