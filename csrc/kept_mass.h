@@ -3,6 +3,9 @@
 // see the chunk, their running max and sum, and the sum over the layout's key ranges inside the chunk, both
 // rescaled when the max grows.  No [Lk, rows] buffer, no second pass, and no score for a
 // key after a row's position (the rows, sorted by position, that see a chunk are a suffix: the GEMM shrinks).
+// Where the time goes (32K, 8 heads, 32 rows, D=128, 2 cores, bf16 GEMMs): the GEMM about two thirds, near the
+// CPU's bf16 peak; the rest is the softmax (per 16-row block, on AVX-512 registers where the build has them), the
+// keys' conversion to bf16 (their reads prefetched during the softmax) and the ranges.
 // Readable definition: sparse_attn.estimators.row_sample.rows_kept_mass.
 #pragma once
 
@@ -51,9 +54,9 @@ class RangeTable {
   int64_t start(int64_t i) const { return begin_[i]; }
 
   // Row i's sum over its kept keys in [j0, j1), from prefix sums: before(j) is the sum of keys [j0, j)
-  // (j0 <= j <= j1).  `next`: the caller's cursor (from `start(i)`) for ascending, non-overlapping [j0, j1): it
-  // passes the ranges that end by j0 (a range after it that ends earlier, inside a longer one, adds 0), so no
-  // search per chunk.
+  // (j0 <= j <= j1).  `next`: the caller's cursor (from `start(i)`) for ascending, non-overlapping [j0, j1), so
+  // no search per chunk: it passes the ranges that end by j0 up to the first that does not (a range further on
+  // that also ends by j0, one inside a longer range, is visited and adds 0).
   template <typename F>
   float sum(int64_t i, F before, int64_t j0, int64_t j1, int64_t& next) const {
     const int64_t stop = begin_[i + 1];
@@ -82,15 +85,25 @@ struct KeyPrefetch {
   static constexpr int64_t kChunks = 2;  // how far ahead: 1 to 4 chunks measured the same at 32K
 
   const char* base;
-  int64_t row_stride, row_bytes, row = 0, byte = 0, limit = 0, per_step = 0;
+  int64_t row_stride, row_bytes;
+  int64_t row = 0, byte = 0, limit = 0, per_step = 0;  // the next line: key row `row`, `byte` into it
+  const char *next = nullptr, *stop = nullptr;           // keys in one run (row_stride == row_bytes): lines [next, stop)
 
   void plan(int64_t from_key, int64_t to_key, int64_t steps) {
     if (row < from_key) row = from_key, byte = 0;
-    limit = to_key;
-    const int64_t lines = std::max<int64_t>(0, (to_key - row) * ((row_bytes + 63) / 64) - byte / 64);
+    limit = std::max(to_key, row);
+    const int64_t lines = (limit - row) * ((row_bytes + 63) / 64) - byte / 64;
     per_step = steps > 0 ? (lines + steps - 1) / steps : 0;
+    if (row_stride == row_bytes) {
+      next = base + row * row_bytes + byte, stop = base + limit * row_bytes;
+      row = limit, byte = 0;  // where this plan ends (the next plan starts there)
+    }
   }
   void step() {
+    if (next < stop) {  // one run of lines: no row bookkeeping per line
+      for (int64_t i = 0; i < per_step && next < stop; ++i, next += 64) __builtin_prefetch(next, 0, 2);
+      return;
+    }
     for (int64_t i = 0; i < per_step && row < limit; ++i) {
       __builtin_prefetch(base + row * row_stride + byte, 0, 2);
       byte += 64;
