@@ -1,12 +1,13 @@
 // Fused CPU pass for the vertical-slash estimators' sample scores: the softmax of the last n queries against all keys,
 // reduced to column mass, column mass off the local band, diagonal mass and column mass split by diagonal group,
-// without a [heads, n, Lk] probability tensor (one [Lk, n] fp32 buffer per (batch row, head), reused).
-// Per (batch row, head), two passes: (1) per chunk of keys, scores S^T = K Q^T by a batch-reduce GEMM (the keys'
-// rows are read where they are: no transposed copy), the causal mask on the last n keys, and, while the chunk is in
-// cache, exp(score - chunk max) in place with the rows' running max and sum; (2) one pass over the keys that scales
-// each row of S^T to probabilities and turns it into the reductions.  Also the mass a layout keeps of the softmax
-// of any query rows (rows_kept_mass: the held-out rows on which Auto checks its candidates), without their
-// [heads, rows, Lk] probabilities either.  fp32, or bf16 on the CPU's bf16 GEMMs (fp32 accumulation and softmax).
+// without a [heads, n, Lk] probability tensor (one [Lk, n] buffer per (batch row, head), reused; fp16 on the bf16
+// route).  Per (batch row, head), two passes: (1) per chunk of keys, scores S^T = K Q^T by a batch-reduce GEMM (the
+// keys' rows are read where they are: no transposed copy; fp32 keys for bf16 GEMMs rounded once per KV head), the
+// causal mask on the last n keys, and, while the chunk is in cache, exp(score - chunk max) with the rows' running
+// max and sum; (2) one pass over the keys that scales each row of S^T to probabilities and turns it into the
+// reductions, 16 keys at a time where no special case applies (sample_reduce.h).  Also the mass a layout keeps of
+// the softmax of any query rows (rows_kept_mass: the held-out rows on which Auto checks its candidates), without
+// their [heads, rows, Lk] probabilities either.  fp32, or bf16 on the CPU's bf16 GEMMs (fp32 accumulation and softmax).
 // Readable definitions: sparse_attn.estimators.sample_mass.torch_sample_scores, row_sample.rows_kept_mass.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -21,8 +22,10 @@
 #include <vector>
 
 #include "cpu_exp.h"
+#include "bf16_convert.h"
 #include "kept_mass.h"
 #include "sample_reduce.h"
+#include "vec16.h"
 
 namespace {
 
@@ -69,27 +72,25 @@ void transpose_rows(const std::vector<const T*>& rows, int64_t ldq, int64_t n, i
     }
 }
 
-// Scores of keys [j0, j0 + m) against the N rows into S (key-major, row stride N).  Keys of another type than the
-// GEMM's (fp32 keys, bf16 GEMM) are converted a chunk at a time into kbuf [m, D]: no bf16 copy of all keys.
-template <typename T, typename TK>
-void chunk_scores(const T* qt, const TK* k, int64_t ldk, int64_t N, int64_t D, int64_t j0, int64_t m, float* S,
-                  T* kbuf) {
-  constexpr bool kLow = !std::is_same_v<T, float>;
-  const T* a;
-  int64_t lda = ldk;
-  if constexpr (std::is_same_v<T, TK>) {
-    a = k + j0 * ldk;
-  } else {
-    for (int64_t i = 0; i < m; ++i) {
-      const TK* src = k + (j0 + i) * ldk;
-      T* dst = kbuf + i * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d]);
-    }
-    a = kbuf;
-    lda = D;
-  }
-  at::native::cpublas::brgemm(m, N, D, lda, N, N, false, a, qt, S + j0 * N, kLow);
+// Scores of keys [j0, j0 + m) against the N rows into C [m, N] (key-major): the keys' rows read in place.
+template <typename T>
+void chunk_scores(const T* qt, const T* k, int64_t ldk, int64_t N, int64_t D, int64_t j0, int64_t m, float* C) {
+  at::native::cpublas::brgemm(m, N, D, ldk, N, N, false, k + j0 * ldk, qt, C, !std::is_same_v<T, float>);
 }
+
+// What pass 1 leaves for pass 2 per (key, row): exp(score - chunk max), in [0, 1].  fp16 on the bf16-GEMM route:
+// half the memory traffic of fp32 (at 64K a head's buffer is 16 MiB in fp32), relative error 2^-11, below the bf16
+// scores' own; fp32 on the fp32 route (exact against the torch reference).
+template <typename T>
+struct StoredOf {
+  using type = float;
+};
+#if VEC16_HALF
+template <>
+struct StoredOf<at::BFloat16> {
+  using type = uint16_t;
+};
+#endif
 
 // Softmax statistics kept per chunk, so that each chunk's scores become exp(score - chunk max) while still in cache
 // (pass 1), and a row's probability is that times exp(chunk max - row max) / row sum (pass 2): two passes over the
@@ -101,25 +102,18 @@ struct ChunkSoftmax {
       : n(n_), chunk_max(chunks * n_, -std::numeric_limits<float>::infinity()),
         m(n_, -std::numeric_limits<float>::infinity()), sum(n_, 0.f), csum(n_) {}
 
-  // Chunk c of S (keys from j0, all n rows, hidden entries already -inf): exp in place, statistics merged.
-  void absorb(float* S, int64_t c, int64_t j0, int64_t keys) {
+  // Chunk c: its scores C [keys, n] (hidden entries already -inf) become exponentials in out [keys, n] (may be C
+  // itself), statistics merged.
+  template <typename Stored>
+  void absorb(float* C, Stored* out, int64_t c, int64_t keys) {
     constexpr float ninf = -std::numeric_limits<float>::infinity();
     float* cm = chunk_max.data() + c * n;
     float* cs = csum.data();
-    for (int64_t j = j0; j < j0 + keys; ++j) {
-      const float* s = S + j * n;
-#pragma omp simd
-      for (int64_t r = 0; r < n; ++r) cm[r] = s[r] > cm[r] ? s[r] : cm[r];
-    }
-    std::fill(cs, cs + n, 0.f);
-    for (int64_t j = j0; j < j0 + keys; ++j) {
-      float* s = S + j * n;
-#pragma omp simd
-      for (int64_t r = 0; r < n; ++r) {
-        const float e = exp_nonpositive(s[r] - (cm[r] == ninf ? 0.f : cm[r]));  // -inf (hidden) gives 0
-        s[r] = e;
-        cs[r] += e;
-      }
+    if (n % 16 == 0 && n <= 16 * vec16::kMaxRowVectors) {
+      chunk_exp<1>(C, out, cm, cs, keys);
+    } else {
+      chunk_exp_rows(C, cm, cs, keys);
+      if (static_cast<void*>(out) != static_cast<void*>(C)) vec16::convert(C, out, keys * n);
     }
     for (int64_t r = 0; r < n; ++r) {
       if (cm[r] == ninf) continue;
@@ -128,6 +122,49 @@ struct ChunkSoftmax {
         m[r] = cm[r];
       } else {
         sum[r] += cs[r] * exp_nonpositive(cm[r] - m[r]);
+      }
+    }
+  }
+
+  // n = 16 * NV rows: the chunk's maxima (cm), exponentials (into out) and their sums (cs), rows in registers.
+  template <int NV, typename Stored>
+  void chunk_exp(const float* C, Stored* out, float* cm, float* cs, int64_t keys) {
+    if constexpr (NV < vec16::kMaxRowVectors)
+      if (n != 16 * NV) return chunk_exp<NV + 1>(C, out, cm, cs, keys);
+    using namespace vec16;
+    v16 top[NV], total[NV] = {};
+    for (int k = 0; k < NV; ++k) top[k] = splat(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < keys; ++j)
+      for (int k = 0; k < NV; ++k) top[k] = max(top[k], load(C + j * n + 16 * k));
+    for (int k = 0; k < NV; ++k) {
+      store(cm + 16 * k, top[k]);
+      top[k] = top[k] == -std::numeric_limits<float>::infinity() ? v16{} : top[k];  // a row the chunk hides: 0s
+    }
+    for (int64_t j = 0; j < keys; ++j)
+      for (int k = 0; k < NV; ++k) {
+        const v16 e = exp_nonpositive(load(C + j * n + 16 * k) - top[k]);
+        store(out + j * n + 16 * k, e);
+        total[k] += e;
+      }
+    for (int k = 0; k < NV; ++k) store(cs + 16 * k, total[k]);
+  }
+
+  // Any n: the same in place, row-vectorised plain loops.
+  void chunk_exp_rows(float* C, float* cm, float* cs, int64_t keys) {
+    constexpr float ninf = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < keys; ++j) {
+      const float* s = C + j * n;
+#pragma omp simd
+      for (int64_t r = 0; r < n; ++r) cm[r] = s[r] > cm[r] ? s[r] : cm[r];
+    }
+    std::fill(cs, cs + n, 0.f);
+    for (int64_t j = 0; j < keys; ++j) {
+      float* s = C + j * n;
+#pragma omp simd
+      for (int64_t r = 0; r < n; ++r) {
+        const float e = exp_nonpositive(s[r] - (cm[r] == ninf ? 0.f : cm[r]));  // -inf (hidden) gives 0
+        s[r] = e;
+        cs[r] += e;
       }
     }
   }
@@ -145,9 +182,10 @@ struct ChunkSoftmax {
 // positions pos0 .. pos0 + n - 1; out[i] says where head i's column, off_local, diagonal [Lk], by_group [Lk, G]
 // go, lse[i] its [n].  Pass 1 scores a chunk of keys against every row of the unit and turns it into exponentials
 // while it is in cache; pass 2 reduces each key's row of S, head by head (sample_reduce.h).
-template <typename T, typename TK>
-void score_unit(const std::vector<const T*>& q_rows, int64_t ldq, const TK* k, int64_t ldk, int64_t n, int64_t Lk,
-                int64_t D, int64_t pos0, bool causal, float* S, T* qt, T* kbuf,
+// S [Lk, N] holds pass 1's exponentials; C [chunk_keys(N), N] is the GEMM's fp32 output where S is fp16.
+template <typename T, typename Stored>
+void score_unit(const std::vector<const T*>& q_rows, int64_t ldq, const T* k, int64_t ldk, int64_t n, int64_t Lk,
+                int64_t D, int64_t pos0, bool causal, Stored* S, float* C, T* qt,
                 const std::vector<KeyOut>& out, const std::vector<float*>& lse) {
   const float ninf = -std::numeric_limits<float>::infinity();
   const int64_t heads = static_cast<int64_t>(q_rows.size()), N = heads * n;
@@ -156,12 +194,14 @@ void score_unit(const std::vector<const T*>& q_rows, int64_t ldq, const TK* k, i
   ChunkSoftmax soft(chunks, N);
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t j0 = c * step, keys = std::min(step, Lk - j0);
-    chunk_scores<T, TK>(qt, k, ldk, N, D, j0, keys, S, kbuf);
+    float* scores = C;
+    if constexpr (std::is_same_v<Stored, float>) scores = S + j0 * N;  // exponentials in place
+    chunk_scores<T>(qt, k, ldk, N, D, j0, keys, scores);
     if (causal)  // only the last n keys can lie after a sample row: key j hides it from rows r < j - pos0
       for (int64_t j = std::max<int64_t>(pos0 + 1, j0); j < j0 + keys; ++j)
         for (int64_t i = 0; i < heads; ++i)
-          for (int64_t r = 0; r < std::min(n, j - pos0); ++r) S[j * N + i * n + r] = ninf;
-    soft.absorb(S, c, j0, keys);
+          for (int64_t r = 0; r < std::min(n, j - pos0); ++r) scores[(j - j0) * N + i * n + r] = ninf;
+    soft.absorb(scores, S + j0 * N, c, keys);
   }
   for (int64_t c = 0; c < N; ++c)
     lse[c / n][c % n] = soft.sum[c] > 0.f ? soft.m[c] + std::log(soft.sum[c]) : ninf;
@@ -169,16 +209,47 @@ void score_unit(const std::vector<const T*>& q_rows, int64_t ldq, const TK* k, i
     std::fill(o.diagonal, o.diagonal + Lk, 0.f);
     std::fill(o.by_group, o.by_group + Lk * o.G, 0.f);
   }
-  std::vector<float> f(N), p(n);
+  std::vector<float> f(N), p(n), row(n);
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t j0 = c * step, keys = std::min(step, Lk - j0);
     soft.factors(c, f.data());
-    for (int64_t j = j0; j < j0 + keys; ++j) {
-      const float* s = S + j * N;
-      for (int64_t i = 0; i < heads; ++i) reduce_key(s + i * n, f.data() + i * n, p.data(), n, j, out[i]);
-    }
+    for (int64_t i = 0; i < heads; ++i)
+      for (int64_t j = j0; j < j0 + keys;) {
+        if (j + 16 <= j0 + keys && bulk::is_bulk(j, n, out[i])) {
+          bulk::reduce_bulk(S + j * N + i * n, N, f.data() + i * n, n, j, out[i]);
+          j += 16;
+        } else {
+          const float* s;
+          if constexpr (std::is_same_v<Stored, float>) {
+            s = S + j * N + i * n;
+          } else {
+            vec16::convert(S + j * N + i * n, row.data(), n);
+            s = row.data();
+          }
+          reduce_key(s, f.data() + i * n, p.data(), n, j, out[i]);
+          ++j;
+        }
+      }
   }
 }
+
+// A unit's keys rounded to bf16: in a buffer each worker thread keeps across calls (up to kKeptBytes), because a
+// fresh one per call measured about 10K page faults per call at 64K on 2 threads (glibc hands a worker arena's freed
+// pages back to the OS); larger ones are allocated per call.
+template <typename T>
+struct RoundedKeys {
+  static constexpr int64_t kKeptBytes = int64_t{64} << 20;
+  std::unique_ptr<T[]> own;
+  T* get(int64_t count) {
+    if (count * static_cast<int64_t>(sizeof(T)) > kKeptBytes) {
+      own.reset(new T[count]);
+      return own.get();
+    }
+    static thread_local std::vector<T> kept;
+    if (static_cast<int64_t>(kept.size()) < count) kept.resize(count);
+    return kept.data();
+  }
+};
 
 template <typename T, typename TK>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, const at::Tensor& sink,
@@ -209,12 +280,27 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, cons
       // One head at a time, so that its [Lk, n] scores stay in the last-level cache between the two passes.
       // (a buffer kept across calls instead measured slower: freeing this one raises glibc's mmap threshold, so
       // the torch ops after the pass reuse heap pages instead of faulting in fresh ones)
-      std::unique_ptr<float[]> S(new float[Lk * n]);  // uninitialised: every entry read is written first
-      std::vector<T> qt(D * n), kbuf(std::is_same_v<T, TK> ? 0 : chunk_keys(n) * D);
+      using Stored = typename StoredOf<T>::type;
+      std::unique_ptr<Stored[]> S(new Stored[Lk * n]);  // uninitialised: every entry read is written first
+      std::vector<float> C(std::is_same_v<Stored, float> ? 0 : chunk_keys(n) * n);
+      std::vector<T> qt(D * n);
+      // fp32 keys for bf16 GEMMs: rounded once per unit, for all of its heads (rounded per head, the fp32 keys
+      // were read from memory once per query head: 3-4 ms more per call at 32K on one thread)
+      const TK* keys = kp + unit.b * k.stride(0) + unit.kvh * k.stride(1);
+      const T* gemm_keys;
+      int64_t ldk = k.stride(2);
+      RoundedKeys<T> rounded;
+      if constexpr (std::is_same_v<T, TK>) {
+        gemm_keys = keys;
+      } else {
+        T* buffer = rounded.get(Lk * D);
+        for (int64_t j = 0; j < Lk; ++j) bf16_convert::to_bf16(keys + j * ldk, buffer + j * D, D);
+        gemm_keys = buffer;
+        ldk = D;
+      }
       for (int64_t i = 0; i < heads; ++i)
-        score_unit<T, TK>({rows[i]}, q.stride(2), kp + unit.b * k.stride(0) + unit.kvh * k.stride(1), k.stride(2), n,
-                          Lk, D, pos0, causal, S.get(), qt.data(), kbuf.data(),
-                          {outs[i]}, {lses[i]});
+        score_unit<T, Stored>({rows[i]}, q.stride(2), gemm_keys, ldk, n, Lk, D, pos0, causal, S.get(), C.data(),
+                              qt.data(), {outs[i]}, {lses[i]});
     }
     if constexpr (!std::is_same_v<T, float>) at::native::cpublas::brgemm_release(true);
   });

@@ -22,6 +22,11 @@ CASES = {
     "q30k300_lastq_gt_lq": (2, 2, 1, 30, 300, 32, 64, True, "contiguous", [1, 0], 8),
     "q113_noncausal": (2, 3, 3, 113, 113, 16, 100, False, "contiguous", [2, 0, 1], 32),
     "q70k1000_gqa": (1, 8, 2, 70, 1000, 64, 64, True, "contiguous", [0, 3, 4, 7], 64),
+    # long enough for the 16-key blocks of pass 2 with 64, 32, 48 and 128 sample rows and 2 to 5 diagonal groups
+    "q96k700_group16": (2, 4, 2, 96, 700, 64, 64, True, "contiguous", [0, 1, 2, 3], 16),
+    "q80k400_n32_noncausal": (1, 2, 1, 80, 400, 32, 32, False, "blhd", [1, 0], 64),
+    "q48k500_n48_group128": (2, 2, 2, 48, 500, 32, 48, True, "contiguous", [0, 1], 128),
+    "q160k900_n128": (1, 2, 1, 160, 900, 32, 128, True, "contiguous", [1, 0], 64),
 }
 
 
