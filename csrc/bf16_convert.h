@@ -1,7 +1,8 @@
-// fp32 -> bf16 (round to nearest even) for the CPU kernels that feed fp32 keys to bf16 GEMMs.  Where the compiler targets AVX512_BF16 (-march=native on such a CPU)
-// the conversion is one instruction per 16 values (VCVTNEPS2BF16); elsewhere, or with native=false (the tests'
-// switch), c10's rounding (about six vector integer ops per 16 values).  The two agree on every finite value except
-// fp32 denormals, which the instruction turns into zeros of the same sign (|x| < 1.2e-38: nothing a score notices).
+// fp32 -> bf16 (round to nearest even) for the CPU kernels that feed fp32 keys to bf16 GEMMs.  Where the compiler
+// targets AVX512_BF16 (-march=native on such a CPU) the conversion is one instruction per 16 values
+// (VCVTNEPS2BF16); elsewhere, or with native=false (the tests' switch), c10's rounding (about six vector integer ops
+// per 16 values).  The two agree on every finite value except fp32 denormals, which the instruction turns into
+// zeros of the same sign (|x| < 1.2e-38: nothing a score notices).
 #pragma once
 
 #include <c10/util/BFloat16.h>
