@@ -74,6 +74,12 @@ class RangeTable {
   std::vector<int64_t> begin_{0};
 };
 
+// p rounded up to a multiple of 64 bytes (a cache line; the buffer has room for it).
+template <typename T>
+T* aligned64(T* p) {
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) / 64 * 64);
+}
+
 // Rows per vector step: one 512-bit register of fp32 (the loops over a block's rows compile to one vector op each).
 constexpr int64_t kLanes = 16;
 
@@ -87,7 +93,7 @@ struct KeyPrefetch {
   const char* base;
   int64_t row_stride, row_bytes;
   int64_t row = 0, byte = 0, limit = 0, per_step = 0;  // the next line: key row `row`, `byte` into it
-  const char *next = nullptr, *stop = nullptr;           // keys in one run (row_stride == row_bytes): lines [next, stop)
+  const char *next = nullptr, *stop = nullptr;  // keys in one run (row_stride == row_bytes): lines [next, stop)
 
   void plan(int64_t from_key, int64_t to_key, int64_t steps) {
     if (row < from_key) row = from_key, byte = 0;
@@ -218,33 +224,37 @@ inline void softmax_prefix_avx512(float* s, int64_t ld, int64_t keys, const int3
 #endif
 
 // One unit: rows[c] (query row c, D values, pre-scaled) sees keys [0, lim[c]) with lim ascending, keeps the key
-// ranges of row span[c] of `ranges`; writes mass[c], the kept share of its softmax mass (0 for a row that sees no key).  Per chunk
-// of keys: S^T = K Q^T for the rows that see it (keys' rows read where they are; rows side by side, padded to a
-// multiple of kLanes, so the softmax steps vectorise over rows), the online softmax as prefix sums
+// ranges of row span[c] of `ranges`; writes mass[c], the kept share of its softmax mass (0 for a row that sees no
+// key).  Per chunk of keys: S^T = K Q^T for the rows that see it (keys' rows read where they are; rows side by
+// side, padded to a multiple of kLanes, so the softmax steps vectorise over rows), the online softmax as prefix sums
 // (`softmax_prefix`), and each kept range's mass as one difference of them.
 // Keys of another type than the GEMM's (fp32 keys, bf16 GEMMs) are converted a chunk at a time.  `native`: the
 // AVX512_BF16 conversion and the AVX-512 softmax where the build has them; false: the portable loops everywhere
 // (c10's rounding, `softmax_prefix`), which the tests check on this machine too.
 template <typename T, typename TK>
-void rows_mass(const std::vector<const T*>& rows, const std::vector<int64_t>& lim,
-               const RangeTable& ranges, const std::vector<int64_t>& span, const TK* k, int64_t ldk, int64_t Lk, int64_t D, float* mass,
+void rows_mass(const std::vector<const T*>& rows, const std::vector<int64_t>& lim, const RangeTable& ranges,
+               const std::vector<int64_t>& span, const TK* k, int64_t ldk, int64_t Lk, int64_t D, float* mass,
                bool native = true) {
   constexpr bool kLow = !std::is_same_v<T, float>;
   constexpr bool kConvert = !std::is_same_v<T, TK>;
   constexpr float ninf = -std::numeric_limits<float>::infinity();
   const int64_t N = static_cast<int64_t>(rows.size()), Np = (N + kLanes - 1) / kLanes * kLanes;
-  std::vector<T> qt(Np * D);  // Q^T [D, Np], zeros past N; bf16: VNNI (element (d, c) at (d / 2) * 2Np + 2c + d % 2)
+  // Q^T [D, Np], zeros past N; bf16: VNNI (element (d, c) at (d / 2) * 2Np + 2c + d % 2); 64-byte aligned
+  std::vector<T> qt_buffer(Np * D + 64 / sizeof(T));
+  T* qt = aligned64(qt_buffer.data());
   for (int64_t c = 0; c < N; ++c)
     for (int64_t d = 0; d < D; ++d) qt[kLow ? (d / 2) * 2 * Np + 2 * c + d % 2 : d * Np + c] = rows[c][d];
   const int64_t step = std::clamp<int64_t>(16384 / std::max<int64_t>(N, 1) / 16 * 16, 64, 256);
   // S^T's row stride: an odd number of cache lines, so a block's column of scores (one line per key) spreads over
   // all of L1's sets (at 128 rows, 512 bytes apart, it fell on an eighth of them and came from L2 at each pass)
   const int64_t ldS = (Np / kLanes) % 2 ? Np : Np + kLanes;
-  std::vector<float> S(ldS * step), m(Np, ninf), sum(Np, 0.f), kept(Np, 0.f);
+  std::vector<float> S_buffer(ldS * step + 16), m(Np, ninf), sum(Np, 0.f), kept(Np, 0.f);
+  float* S = aligned64(S_buffer.data());
   std::vector<int32_t> vis(Np, 0);   // per row: how many of the chunk's keys it sees
   std::vector<int64_t> cursor(N);  // per row: its first range not yet summed (see RangeTable::sum)
   for (int64_t c = 0; c < N; ++c) cursor[c] = ranges.start(span[c]);
-  std::vector<T> kbuf(kConvert ? step * D : 0);
+  std::vector<T> kbuf_buffer(kConvert ? step * D + 64 / sizeof(T) : 0);
+  T* kbuf = aligned64(kbuf_buffer.data());
   const int64_t end = lim.empty() ? 0 : std::min(Lk, lim.back());  // no row sees a key past it
   KeyPrefetch ahead{reinterpret_cast<const char*>(k), ldk * static_cast<int64_t>(sizeof(TK)),
                     D * static_cast<int64_t>(sizeof(TK))};
@@ -255,30 +265,32 @@ void rows_mass(const std::vector<const T*>& rows, const std::vector<int64_t>& li
     int64_t lda = ldk;
     if constexpr (kConvert) {
       if (ldk == D)
-        bf16_convert::to_bf16(k + j0 * ldk, kbuf.data(), keys * D, native);
+        bf16_convert::to_bf16(k + j0 * ldk, kbuf, keys * D, native);
       else
         for (int64_t i = 0; i < keys; ++i)
-          bf16_convert::to_bf16(k + (j0 + i) * ldk, kbuf.data() + i * D, D, native);
-      a = kbuf.data();
+          bf16_convert::to_bf16(k + (j0 + i) * ldk, kbuf + i * D, D, native);
+      a = kbuf;
       lda = D;
     } else {
       a = k + j0 * ldk;
     }
-    at::native::cpublas::brgemm(keys, N - first, D, lda, Np, ldS, false, a, qt.data() + (kLow ? 2 : 1) * first,
-                                S.data() + first, kLow);
-    // the rows before `first` in its block of kLanes see none of the chunk's keys (their scores are stale)
+    // the GEMM from the start of `first`'s block of kLanes rows: whole vectors, aligned loads of Q^T (with first
+    // as the edge, the GEMM was 13% slower for all its fewer rows); the rows before `first` see none of the chunk's
+    // keys: their scores are not read
     const int64_t c_start = first / kLanes * kLanes;
+    at::native::cpublas::brgemm(keys, Np - c_start, D, lda, Np, ldS, false, a, qt + (kLow ? 2 : 1) * c_start,
+                                S + c_start, kLow);
     for (int64_t c = c_start; c < N; ++c) vis[c] = static_cast<int32_t>(std::clamp<int64_t>(lim[c] - j0, 0, keys));
     ahead.plan(j0 + keys, std::min(end, j0 + (1 + KeyPrefetch::kChunks) * step), keys * ((Np - c_start) / kLanes));
     for (int64_t c0 = c_start; c0 < Np; c0 += kLanes) {
 #if defined(__AVX512F__)
       if (native) {
-        softmax_prefix_avx512(S.data() + c0, ldS, keys, vis.data() + c0, m.data() + c0, sum.data() + c0,
+        softmax_prefix_avx512(S + c0, ldS, keys, vis.data() + c0, m.data() + c0, sum.data() + c0,
                               kept.data() + c0, ahead);
         continue;
       }
 #endif
-      softmax_prefix(S.data() + c0, ldS, keys, vis.data() + c0, m.data() + c0, sum.data() + c0, kept.data() + c0,
+      softmax_prefix(S + c0, ldS, keys, vis.data() + c0, m.data() + c0, sum.data() + c0, kept.data() + c0,
                      ahead);
     }
     for (int64_t c = first; c < N; ++c) {
