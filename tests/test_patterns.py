@@ -227,6 +227,22 @@ def _pooled_logits(q, k, bm=64, bn=64):
     return pool(q, bm) @ pool(k, bn).repeat_interleave(g, 1).transpose(-1, -2) / q.shape[-1] ** 0.5
 
 
+@pytest.mark.parametrize("lq,lk", [(1000, 1000), (333, 1111), (65, 300)])
+def test_causal_antidiagonal_scoring_in_chunks_gives_the_same_layout(lq, lk, monkeypatch):
+    """Causal antidiagonal scoring runs in chunks of query blocks, each scoring only the keys its last row sees
+    (`CAUSAL_CHUNKS`): the layout must equal the one-chunk layout, whatever the chunk count."""
+    from sparse_attn.patterns import block_sparse
+    q, k, _ = make_qkv(2, 4, 2, lq, lk, 32, seed=lq + lk, structured=True)
+    layouts = []
+    for chunks in (1, 3, block_sparse.CAUSAL_CHUNKS):
+        monkeypatch.setattr(block_sparse, "CAUSAL_CHUNKS", chunks)
+        layouts.append(sa.estimate(q, k, sa.BlockSparse(gamma=0.9, scoring="antidiagonal")).check())
+    for other in layouts[1:]:
+        assert torch.equal(other.block_count, layouts[0].block_count)
+        n = int(layouts[0].block_count.max())
+        assert torch.equal(other.block_offset[..., :n], layouts[0].block_offset[..., :n])
+
+
 def test_block_sparse_top_k_1_keeps_sink_and_diagonal():
     q, k, _ = make_qkv(1, 2, 2, 300, 300, 64, seed=1)
     blocks = sa.estimate(q, k, sa.BlockSparse(top_k=1)).to_block_mask()
