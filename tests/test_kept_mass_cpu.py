@@ -14,15 +14,19 @@ from helpers import causal_mask, make_qkv, random_layout
 
 pytestmark = pytest.mark.skipif("not cpu_scores.available()", reason="the fused CPU score pass cannot be built")
 
-# B, Hq, Hkv, Lq, Lk, D, heads, dtype, rows: lengths off the 64 grid, Lq < Lk, MHA / GQA / MQA, head subsets out of
-# order, rows at the first query, in the first block, on block edges and at the last query; a unit of 15 rows (not
-# a multiple of the 16-row vector blocks) and one of 3 x 40 rows (blocks that the GEMM's first row cuts in the
-# middle); keys spanning several chunks; fp32 and bf16 inputs.
+# B, Hq, Hkv, Lq, Lk, D, heads, dtype, rows, layout of q and k: lengths off the 64 grid, Lq < Lk, MHA / GQA / MQA,
+# head subsets out of order, rows at the first query, in the first block, on block edges and at the last query; a
+# unit of 15 rows (not a multiple of the 16-row vector blocks) and one of 3 x 40 rows (blocks that the GEMM's first
+# row cuts in the middle); keys spanning several chunks; fp32 and bf16 inputs; keys read in place with a row stride
+# other than D (BLHD: converted and prefetched row by row).
 CASES = {
-    "mha_15rows_lq_lt_lk": (2, 3, 3, 777, 1000, 64, [2, 0, 1], torch.float32, [0, 1, 63, 64, 776]),
-    "gqa_3x40rows": (2, 6, 2, 1000, 1000, 128, [0, 1, 2, 3, 4, 5], torch.float32, list(range(5, 1000, 25))),
-    "mqa_subset_bf16": (2, 4, 1, 300, 1111, 64, [3, 1], torch.bfloat16, [0, 37, 150, 255, 256, 299]),
-    "d48_rows_at_end": (1, 2, 1, 520, 520, 48, [1, 0], torch.float32, [448, 500, 511, 512, 519]),
+    "mha_15rows_lq_lt_lk": (2, 3, 3, 777, 1000, 64, [2, 0, 1], torch.float32, [0, 1, 63, 64, 776], "contiguous"),
+    "gqa_3x40rows_blhd": (2, 6, 2, 1000, 1000, 128, [0, 1, 2, 3, 4, 5], torch.float32, list(range(5, 1000, 25)),
+                          "blhd"),
+    "mqa_subset_bf16": (2, 4, 1, 300, 1111, 64, [3, 1], torch.bfloat16, [0, 37, 150, 255, 256, 299], "contiguous"),
+    "d48_rows_at_end_blhd_bf16": (1, 4, 2, 520, 520, 48, [1, 0, 3], torch.bfloat16, [448, 500, 511, 512, 519],
+                                  "blhd"),
+    "d48_rows_at_end": (1, 2, 1, 520, 520, 48, [1, 0], torch.float32, [448, 500, 511, 512, 519], "contiguous"),
 }
 
 
@@ -37,9 +41,9 @@ def oracle(q, k, rows, heads, layout, scale):
 
 
 def inputs(name, order):
-    B, Hq, Hkv, Lq, Lk, D, heads, dtype, rows = CASES[name]
-    q, k, _ = make_qkv(B, Hq, Hkv, Lq, Lk, D, seed=17, structured=True)
-    q, k = q.to(dtype), k.to(dtype)
+    B, Hq, Hkv, Lq, Lk, D, heads, dtype, rows, contiguity = CASES[name]
+    q, k, _ = make_qkv(B, Hq, Hkv, Lq, Lk, D, dtype=dtype, seed=17, structured=True, contiguity=contiguity)
+    assert contiguity == "contiguous" or (k.stride(-1) == 1 and k.stride(2) != D)
     layout, *_ = random_layout(random.Random(5), B, len(heads), Lq, Lk, 64, 64, shuffle=order == "shuffled")
     return q, k, torch.tensor(rows), torch.tensor(heads), layout, D ** -0.5
 
