@@ -1,8 +1,8 @@
-// fp32 -> bf16 (round to nearest even) for the CPU kernels that feed fp32 keys to bf16 GEMMs a chunk at a time,
-// and a prefetch of the next chunk's rows.  Where the compiler targets AVX512_BF16 (-march=native on such a CPU)
-// the conversion is one instruction per 16 values (VCVTNEPS2BF16); elsewhere, or with native=false (the tests'
-// switch), c10's rounding (about six vector integer ops per 16 values).  The two agree on every finite value except
-// fp32 denormals, which the instruction turns into zeros of the same sign (|x| < 1.2e-38: nothing a score notices).
+// fp32 -> bf16 (round to nearest even) for the CPU kernels that feed fp32 keys to bf16 GEMMs.  Where the compiler
+// targets AVX512_BF16 (-march=native on such a CPU) the conversion is one instruction per 16 values
+// (VCVTNEPS2BF16); elsewhere, or with native=false (the tests' switch), c10's rounding (about six vector integer ops
+// per 16 values).  The two agree on every finite value except fp32 denormals, which the instruction turns into
+// zeros of the same sign (|x| < 1.2e-38: nothing a score notices).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -45,16 +45,6 @@ inline void to_bf16(const float* src, c10::BFloat16* dst, int64_t n, bool native
   }
 #endif
   to_bf16_portable(src, dst, n);
-}
-
-// Asks for `rows` rows of `bytes` bytes each, `ld` elements apart from `p`, to come into the cache while other work
-// runs (the keys of a later chunk: the hardware prefetcher loses a stream that the GEMM interrupts).
-template <typename T>
-inline void prefetch_rows(const T* p, int64_t rows, int64_t ld, int64_t bytes) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const char* row = reinterpret_cast<const char*>(p + r * ld);
-    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
-  }
 }
 
 }  // namespace bf16_convert

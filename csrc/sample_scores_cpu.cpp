@@ -309,7 +309,7 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, cons
 template <typename T, typename TK>
 void run_kept(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, const at::Tensor& pos,
               const at::Tensor& blocks, bool causal, const at::Tensor& offsets, const at::Tensor& counts,
-              const at::Tensor& columns, const at::Tensor& col_counts, int64_t block_n, at::Tensor& out) {
+              const at::Tensor& columns, const at::Tensor& col_counts, int64_t block_n, bool native, at::Tensor& out) {
   const int64_t B = q.size(0), Hs = q.size(1), R = q.size(2), D = q.size(3), Hkv = k.size(1), Lk = k.size(2);
   const int64_t n_qb = counts.size(2), width = offsets.size(3), col_width = columns.size(3);
   const T* qp = q.data_ptr<T>();
@@ -327,27 +327,26 @@ void run_kept(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of,
     for (int64_t u = begin; u < end; ++u) {
       const Unit& unit = units[u];
       const int64_t heads = static_cast<int64_t>(unit.slots.size());
-      std::vector<std::unique_ptr<kept_mass::Ranges>> ranges(heads * n_qb);  // per (head, query block), as needed
+      kept_mass::RangeTable ranges;
+      std::vector<int64_t> span_of(heads * n_qb, -1);  // per (head, query block), as needed
       std::vector<const T*> rows;
-      std::vector<int64_t> lim;
-      std::vector<const kept_mass::Ranges*> row_ranges;
+      std::vector<int64_t> lim, span;
       for (int64_t r : order)
         for (int64_t i = 0; i < heads; ++i) {
-          const int64_t bh = unit.b * Hs + unit.slots[i], qb = bl[r];
-          auto& rg = ranges[i * n_qb + qb];
-          if (!rg)
-            rg = std::make_unique<kept_mass::Ranges>(
-                offsets.data_ptr<int32_t>() + (bh * n_qb + qb) * width,
-                std::clamp<int64_t>(counts.data_ptr<int32_t>()[bh * n_qb + qb], 0, width),
-                columns.data_ptr<int32_t>() + (bh * n_qb + qb) * col_width,
-                std::clamp<int64_t>(col_counts.data_ptr<int32_t>()[bh * n_qb + qb], 0, col_width), block_n, Lk);
+          const int64_t bh = unit.b * Hs + unit.slots[i], qb = bl[r], at = bh * n_qb + qb;
+          int64_t& sp = span_of[i * n_qb + qb];
+          if (sp < 0)
+            sp = ranges.add(offsets.data_ptr<int32_t>() + at * width,
+                            std::clamp<int64_t>(counts.data_ptr<int32_t>()[at], 0, width),
+                            columns.data_ptr<int32_t>() + at * col_width,
+                            std::clamp<int64_t>(col_counts.data_ptr<int32_t>()[at], 0, col_width), block_n, Lk);
           rows.push_back(qp + unit.b * q.stride(0) + unit.slots[i] * q.stride(1) + r * q.stride(2));
           lim.push_back(lim_of[r]);
-          row_ranges.push_back(rg.get());
+          span.push_back(sp);
         }
       std::vector<float> mass(rows.size());
-      kept_mass::rows_mass<T, TK>(rows, lim, row_ranges, kp + unit.b * k.stride(0) + unit.kvh * k.stride(1),
-                              k.stride(2), Lk, D, mass.data());
+      kept_mass::rows_mass<T, TK>(rows, lim, ranges, span, kp + unit.b * k.stride(0) + unit.kvh * k.stride(1),
+                              k.stride(2), Lk, D, mass.data(), native);
       for (int64_t i = 0; i < heads; ++i) {
         double total = 0.0;
         for (int64_t r = 0; r < R; ++r) total += mass[r * heads + i];
@@ -377,10 +376,11 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv
 // q [B, Hs, R, D]: query rows of the chosen heads at key positions pos (int64 [R]), in the query blocks blocks
 // (int64 [R]), scale folded in; k, kv_of as for sample_scores; the layout of those heads as SparseLayout's int32
 // tensors [B, Hs, nQb(, width)].  Returns [B, Hs] fp32: the mean over the rows of the softmax mass (causal: keys up
-// to the row's position) on the keys the layout lists for the row's query block.  Indices are bounded.
+// to the row's position) on the keys the layout lists for the row's query block.  Indices are bounded.  native:
+// the AVX-512 / AVX512_BF16 code where the build has it (false: the portable loops, so tests check them anywhere).
 at::Tensor rows_kept_mass(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_of, const at::Tensor& pos,
                           const at::Tensor& blocks, bool causal, const at::Tensor& offsets, const at::Tensor& counts,
-                          const at::Tensor& columns, const at::Tensor& col_counts, int64_t block_n) {
+                          const at::Tensor& columns, const at::Tensor& col_counts, int64_t block_n, bool native) {
   check_inputs(q, k, kv_of, /*fp32_keys_ok=*/true);
   for (const at::Tensor* t : {&pos, &blocks})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1 && t->size(0) == q.size(2),
@@ -400,13 +400,14 @@ at::Tensor rows_kept_mass(const at::Tensor& q, const at::Tensor& k, const at::Te
   auto out = at::zeros({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 || q.size(2) == 0) return out;
   if (q.scalar_type() == at::kFloat)
-    run_kept<float, float>(q, k, kv_of, pos, blocks, causal, offsets, counts, columns, col_counts, block_n, out);
+    run_kept<float, float>(q, k, kv_of, pos, blocks, causal, offsets, counts, columns, col_counts, block_n, native,
+                           out);
   else if (k.scalar_type() == at::kFloat)
     run_kept<at::BFloat16, float>(q, k, kv_of, pos, blocks, causal, offsets, counts, columns, col_counts, block_n,
-                                  out);
+                                  native, out);
   else
     run_kept<at::BFloat16, at::BFloat16>(q, k, kv_of, pos, blocks, causal, offsets, counts, columns, col_counts,
-                                         block_n, out);
+                                         block_n, native, out);
   return out;
 }
 
@@ -447,6 +448,6 @@ TORCH_LIBRARY(sparse_attn_cpu_scores, m) {
         "int group) -> Tensor[]");
   m.impl("sample_scores", c10::DispatchKey::CPU, &sample_scores);
   m.def("rows_kept_mass(Tensor q, Tensor k, Tensor kv_of, Tensor pos, Tensor blocks, bool causal, Tensor offsets, "
-        "Tensor counts, Tensor columns, Tensor col_counts, int block_n) -> Tensor");
+        "Tensor counts, Tensor columns, Tensor col_counts, int block_n, bool native=True) -> Tensor");
   m.impl("rows_kept_mass", c10::DispatchKey::CPU, &rows_kept_mass);
 }

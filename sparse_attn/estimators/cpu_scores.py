@@ -63,9 +63,11 @@ def cpu_sample_scores(q, k, last_q: int, scale: float, causal: bool = True, *, h
     return GroupedScores(column, off, diag, by_group, lse, Lk - n, group)
 
 
-def cpu_rows_kept_mass(q, k, rows, scale: float, causal: bool = True, *, heads, layout) -> torch.Tensor:
+def cpu_rows_kept_mass(q, k, rows, scale: float, causal: bool = True, *, heads, layout,
+                       native: bool = True) -> torch.Tensor:
     """`row_sample.rows_kept_mass`'s contract on the fused one-pass check (no [heads, rows, Lk] tensor; bf16 GEMMs
-    where the CPU has them, see `low_precision`, else fp32)."""
+    where the CPU has them, see `low_precision`, else fp32).  ``native=False`` takes the portable loops instead of
+    the AVX-512 / AVX512_BF16 code the build has for this CPU (for tests: both give the same mass within 1e-5)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     dtype = torch.bfloat16 if low_precision(q) else torch.float32
@@ -77,4 +79,4 @@ def cpu_rows_kept_mass(q, k, rows, scale: float, causal: bool = True, *, heads, 
     return load().rows_kept_mass(sample, keys, as_long(heads // (Hq // Hkv)), as_long(rows + (Lk - Lq)),
                                  as_long(rows // layout.block_m), bool(causal), layout.block_offset.contiguous(),
                                  layout.block_count.contiguous(), layout.column_index.contiguous(),
-                                 layout.column_count.contiguous(), layout.block_n)
+                                 layout.column_count.contiguous(), layout.block_n, bool(native))
