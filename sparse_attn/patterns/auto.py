@@ -24,6 +24,7 @@ import torch
 
 from ..layout import SparseLayout
 from ..backends.host_copy import host_tensor
+from ..estimators import cpu_row_need
 from ..estimators.mass_count import keys_for_mass
 from ..estimators.sample_mass import last_query_probs
 from ..estimators.score_backends import select_scores
@@ -172,12 +173,25 @@ def _row_need(q, k, heads, p: Auto, scale, causal) -> torch.Tensor:
     every ``_NEED_KEY_STRIDE``-th key (a sort of all keys cost a third of the estimate at 32K; scoring only
     those keys, an eighth of the GEMM: it is all an all-diffuse input pays before the dense guard), counted from a
     histogram instead of a sort (`keys_for_mass`).  Only ever routes a head to dense early, so an error costs time,
-    never accuracy: the sparse choices are checked on their own."""
-    probs, pos = last_query_probs(q, k, p.need_rows, scale, causal, key_stride=_NEED_KEY_STRIDE)  # [B, Hq, n, Lk/8]
-    keys = keys_for_mass(_of_heads(probs, heads), p.gamma)                            # [B, Hs, n]
-    visible = (pos + 1).clamp(max=k.shape[2]) if causal else torch.full_like(pos, k.shape[2])
+    never accuracy: the sparse choices are checked on their own.  On the CPU one compiled call counts the keys
+    (`cpu_row_need`); `_row_keys_torch` is its readable reference and the path elsewhere."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    n = min(p.need_rows, Lq)
+    kw = dict(heads=heads, key_stride=_NEED_KEY_STRIDE, gamma=p.gamma)
+    if cpu_row_need.takes(q, k):
+        return cpu_row_need.cpu_row_need(q, k, n, scale, causal, **kw)[1]
+    keys = _row_keys_torch(q, k, n, scale, causal, **kw)                              # [B, Hs, n]
+    pos = torch.arange(Lk - n, Lk, device=q.device)
+    visible = (pos + 1) if causal else torch.full_like(pos, Lk)
     visible = (visible + _NEED_KEY_STRIDE - 1) // _NEED_KEY_STRIDE                    # subsampled keys it sees
-    return (keys.float() / visible.float()).amax(-1)
+    return (keys / visible.float()).amax(-1)
+
+
+def _row_keys_torch(q, k, n: int, scale, causal, *, heads, key_stride: int, gamma: float) -> torch.Tensor:
+    """``[B, Hs, n]`` fp32: the keys each of the last ``n`` query rows of the query heads ``heads`` needs among
+    every ``key_stride``-th key for ``gamma`` of its softmax mass over them (causal: those up to its position)."""
+    probs, _ = last_query_probs(q, k, n, scale, causal, key_stride=key_stride)       # [B, Hq, n, Lk / stride]
+    return keys_for_mass(_of_heads(probs, heads), gamma)
 
 
 def _check_rows(q_len: int, p: Auto, block_m: int) -> torch.Tensor:
