@@ -20,6 +20,7 @@
 
 #include "cpu_exp.h"
 #include "mass_histogram.h"
+#include "work_units.h"
 
 namespace {
 
@@ -94,29 +95,6 @@ void unit_keys(const std::vector<const float*>& rows, const TK* k, int64_t ldk, 
   mass_histogram::keys_for_mass(S.get(), lse.data(), N, K, w.per_nat, w.n_buckets, w.gamma, out.data());
 }
 
-// Units: per batch row, the chosen heads of each KV head, split in parts where there are fewer groups than threads.
-struct Unit {
-  int64_t b, kvh;
-  std::vector<int64_t> slots;
-};
-
-std::vector<Unit> units_of(int64_t B, int64_t Hs, int64_t Hkv, const std::vector<int64_t>& kv_of) {
-  std::vector<std::vector<int64_t>> of_kv(Hkv);
-  for (int64_t s = 0; s < Hs; ++s) of_kv[kv_of[s]].push_back(s);
-  int64_t groups = 0;
-  for (const auto& g : of_kv) groups += g.empty() ? 0 : B;
-  const int64_t parts = std::max<int64_t>(1, (at::get_num_threads() + groups - 1) / std::max<int64_t>(groups, 1));
-  std::vector<Unit> units;
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
-      const auto& g = of_kv[kvh];
-      const int64_t size = static_cast<int64_t>(g.size()), p = std::min(parts, size);
-      for (int64_t i = 0; i < p; ++i)
-        units.push_back({b, kvh, std::vector<int64_t>(g.begin() + i * size / p, g.begin() + (i + 1) * size / p)});
-    }
-  return units;
-}
-
 // sample [B, Hs, n, D] fp32 contiguous, keys [B, Hkv, K, D]: every unit's counts into needed [B, Hs, n].
 template <typename TK>
 void run(const at::Tensor& sample, const at::Tensor& keys, const std::vector<int64_t>& kv_of, const Count& w,
@@ -125,7 +103,7 @@ void run(const at::Tensor& sample, const at::Tensor& keys, const std::vector<int
   const float* qp = sample.data_ptr<float>();
   const TK* kp = keys.data_ptr<TK>();
   float* op = needed.data_ptr<float>();
-  const auto units = units_of(B, Hs, keys.size(1), kv_of);
+  const auto units = make_units(B, Hs, keys.size(1), kv_of.data());
   at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const Unit& unit = units[u];

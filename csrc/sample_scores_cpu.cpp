@@ -25,35 +25,11 @@
 #include "bf16_convert.h"
 #include "kept_mass.h"
 #include "sample_reduce.h"
+#include "work_units.h"
 #include "vec16.h"
 
 namespace {
 
-// Work units: the chosen heads of one KV head in one batch row (all of them, or a share where there are fewer
-// (batch row, KV head) pairs than threads), scored together as the rows of one GEMM per chunk of keys: each key
-// chunk is read (and, for fp32 keys and bf16 GEMMs, converted) once for the heads that share it.
-struct Unit {
-  int64_t b, kvh;
-  std::vector<int64_t> slots;  // indices into the chosen heads
-};
-
-std::vector<Unit> make_units(int64_t B, int64_t Hs, int64_t Hkv, const int64_t* kv_of) {
-  std::vector<std::vector<int64_t>> of_kv(Hkv);
-  for (int64_t s = 0; s < Hs; ++s) of_kv[std::clamp<int64_t>(kv_of[s], 0, Hkv - 1)].push_back(s);
-  int64_t groups = 0;
-  for (const auto& g : of_kv) groups += g.empty() ? 0 : B;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t parts = std::max<int64_t>(1, (threads + std::max<int64_t>(groups, 1) - 1) / std::max<int64_t>(groups, 1));
-  std::vector<Unit> units;
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
-      const auto& g = of_kv[kvh];
-      const int64_t m = static_cast<int64_t>(g.size()), p = std::min(parts, m);
-      for (int64_t i = 0; i < p; ++i)
-        units.push_back({b, kvh, std::vector<int64_t>(g.begin() + i * m / p, g.begin() + (i + 1) * m / p)});
-    }
-  return units;
-}
 
 // Keys per GEMM call: about 64 KiB of scores per chunk (so a chunk is still in cache when its exponentials are
 // taken), 64 to 256 keys.
