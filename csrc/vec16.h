@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu_exp.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -36,20 +38,12 @@ inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
 inline v16 splat(float x) { return v16{} + x; }
 inline v16 max(v16 a, v16 b) { return a > b ? a : b; }
 
-// exp(y) lane by lane for y <= 0 (0 below -87, and for -inf): cpu_exp.h's exp_nonpositive written on vectors, so
-// the loops calling it need no masks.
+// exp(y) lane by lane for y <= 0 (0 below -87, and for -inf): cpu_exp.h's exp_nonpositive on vectors, so the loops
+// calling it need no masks.
 inline v16 exp_nonpositive(v16 y) {
-  const v16 z = y < -87.0f ? splat(-87.0f) : y;
-  const v16 nf = (z * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const v16 r = (z - nf * 0.693145751953125f) - nf * 1.428606765330187e-06f;
-  v16 p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const v16i bits = (__builtin_convertvector(nf, v16i) + 127) << 23;
+  v16 n;
+  const v16 p = exp_reduced(y < -87.0f ? splat(-87.0f) : y, n);
+  const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
   v16 scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return y < -87.0f ? v16{} : p * scale;
