@@ -32,7 +32,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 template <typename TK>
 void scores(const float* qt, int64_t N, const TK* k, int64_t ldk, int64_t K, int64_t D,
             const std::vector<int64_t>& lim, float* S, float* lse) {
-  const int64_t step = std::clamp<int64_t>(16384 / N / 16 * 16, 64, 256);
+  const int64_t step = chunk_keys(N);
   const int64_t first_hidden = *std::min_element(lim.begin(), lim.end());
   std::vector<float> m(N, kNegInf), sum(N, 0.f), cm(N), cs(N);
   std::vector<float> kbuf(std::is_same_v<TK, float> ? 0 : step * D);

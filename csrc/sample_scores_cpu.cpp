@@ -31,10 +31,6 @@
 namespace {
 
 
-// Keys per GEMM call: about 64 KiB of scores per chunk (so a chunk is still in cache when its exponentials are
-// taken), 64 to 256 keys.
-int64_t chunk_keys(int64_t rows) { return std::clamp<int64_t>((16384 / std::max<int64_t>(rows, 1)) / 16 * 16, 64, 256); }
-
 // Q^T of the unit's rows (head i's n rows at rows[i], stride ldq) side by side: N = heads * n columns; bf16 in the
 // VNNI layout (element (d, r) at (d / 2) * 2N + 2r + d % 2).
 template <typename T>

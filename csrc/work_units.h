@@ -1,6 +1,6 @@
 // Work units of the CPU estimate passes (sample_scores_cpu.cpp, row_need_cpu.cpp): per batch row, the chosen query
 // heads of one KV head (all of them, or a share where there are fewer (batch row, KV head) pairs than threads),
-// handled by one thread, so a key chunk is read once for the heads that share it.
+// handled by one thread, so a key chunk is read once for the heads that share it; and their key chunks.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -31,4 +31,10 @@ inline std::vector<Unit> make_units(int64_t B, int64_t Hs, int64_t Hkv, const in
         units.push_back({b, kvh, std::vector<int64_t>(g.begin() + i * m / p, g.begin() + (i + 1) * m / p)});
     }
   return units;
+}
+
+// Keys per GEMM call of a unit's rows: about 64 KiB of fp32 scores per chunk (so a chunk is still in cache when its
+// softmax steps run), 64 to 256 keys.
+inline int64_t chunk_keys(int64_t rows) {
+  return std::clamp<int64_t>((16384 / std::max<int64_t>(rows, 1)) / 16 * 16, 64, 256);
 }
